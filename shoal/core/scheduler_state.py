@@ -1,0 +1,694 @@
+"""The scheduler's brain: a pure state machine, events in, instructions out.
+
+`SchedulerState.handle(events, now)` is the only way to change it. It does no I/O, reads no
+clock (``now`` comes with the call) and never unpickles user data: task functions, arguments,
+results and exceptions are opaque bytes here.
+
+Task states and the transitions between them:
+
+    released -> waiting -> processing -> memory
+                   |           |-> erred          (the task raised, retries used up)
+                   |-> no-worker (no worker can run it yet) -> processing
+    memory -> released   (all holders lost, or nobody needs it any more)
+    any -> forgotten     (released, nobody wants it, no dependent needs it)
+
+Invariants (checked by `validate_state`):
+- a task is in ``waiting`` iff some dependency is not in memory, and ``waiting_on`` holds them;
+- a task in ``processing`` sits in exactly one worker's ``processing`` set;
+- a task in ``memory`` has at least one holder, and each holder lists it in ``has_what``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Literal
+
+from ..protocol.messages import (
+    ComputeTask,
+    FreeKeys,
+    KeyCancelled,
+    KeyErred,
+    KeyInMemory,
+    RefreshWhoHas,
+    TaskErred,
+    TaskFinished,
+    TaskSpec,
+)
+from ..protocol.serialize import Serialized
+from .scheduler_events import (
+    ClientConnected,
+    ClientDisconnected,
+    ClientId,
+    DataMissing,
+    DataScattered,
+    Instruction,
+    KeysCancelled,
+    KeysReleased,
+    KeysWanted,
+    ReplicasAdded,
+    SchedulerEvent,
+    TaskErredEvent,
+    TaskFinishedEvent,
+    TasksSubmitted,
+    ToClient,
+    ToWorker,
+    WorkerJoined,
+    WorkerLeft,
+)
+
+TaskStateName = Literal["released", "waiting", "no-worker", "processing", "memory", "erred"]
+
+#: How many transitions one story log keeps (a bounded ring).
+STORY_LOG_SIZE = 100_000
+
+
+class Failure:
+    """Why a task erred: the task's own exception, or the scheduler's verdict."""
+
+    __slots__ = ("kind", "text", "exception", "traceback", "blame")
+
+    def __init__(
+        self,
+        kind: str,
+        text: str,
+        exception: Serialized | None = None,
+        traceback: Serialized | None = None,
+        blame: str = "",
+    ) -> None:
+        self.kind = kind  #: "exception", "killed-worker", "lost", "unknown-dependency"
+        self.text = text
+        self.exception = exception
+        self.traceback = traceback
+        self.blame = blame  #: key of the task that failed first
+
+
+class TaskState:
+    """The scheduler's record of one key."""
+
+    __slots__ = (
+        "key", "state", "spec", "priority", "dependencies", "dependents", "waiting_on",
+        "who_wants", "who_has", "processing_on", "nbytes", "typename", "failure",
+        "retries_left", "suspicious", "warnings", "group",
+    )  # fmt: skip
+
+    def __init__(self, key: str, spec: TaskSpec | None, priority: tuple[int, int]) -> None:
+        self.key = key
+        self.state: TaskStateName = "released"
+        #: None for data that was scattered, not computed: it cannot be recomputed.
+        self.spec = spec
+        self.priority = priority
+        self.dependencies: set[TaskState] = set()
+        self.dependents: set[TaskState] = set()
+        #: dependencies not yet in memory (only while waiting)
+        self.waiting_on: set[TaskState] = set()
+        self.who_wants: set[ClientId] = set()
+        self.who_has: set[WorkerRecord] = set()
+        self.processing_on: WorkerRecord | None = None
+        self.nbytes = 0
+        self.typename = ""
+        self.failure: Failure | None = None
+        self.retries_left = spec.retries if spec is not None else 0
+        #: how many workers died while this task was on them
+        self.suspicious = 0
+        self.warnings: Serialized | None = None
+        self.group = key_group(key)
+
+    def __repr__(self) -> str:
+        return f"<TaskState {self.key!r} {self.state}>"
+
+
+class WorkerRecord:
+    """The scheduler's record of one worker."""
+
+    __slots__ = ("address", "name", "nthreads", "memory_limit", "resources", "processing",
+                 "has_what", "nbytes")  # fmt: skip
+
+    def __init__(self, address: str, nthreads: int, name: str, memory_limit: int,
+                 resources: dict[str, float]) -> None:  # fmt: skip
+        self.address = address
+        self.name = name
+        self.nthreads = max(1, nthreads)
+        self.memory_limit = memory_limit
+        self.resources = resources
+        self.processing: set[TaskState] = set()
+        self.has_what: set[TaskState] = set()
+        self.nbytes = 0
+
+    @property
+    def load(self) -> float:
+        """Tasks assigned per thread: the measure of "least loaded"."""
+        return len(self.processing) / self.nthreads
+
+    def __repr__(self) -> str:
+        return f"<WorkerRecord {self.address} processing={len(self.processing)}>"
+
+
+def key_group(key: str) -> str:
+    """The key's group (its prefix): ``inc-1f3a...`` -> ``inc``; ``('x', 1)`` style -> ``x``."""
+    head, sep, tail = key.rpartition("-")
+    if sep and head and (len(tail) >= 8 or tail.isdigit()):
+        return head
+    return key
+
+
+class SchedulerState:
+    """All tasks, workers and clients the scheduler knows. Mutate only through `handle`."""
+
+    def __init__(self, allowed_failures: int = 3, validate: bool = False) -> None:
+        self.tasks: dict[str, TaskState] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.clients: dict[ClientId, set[TaskState]] = {}
+        #: tasks that are ready but no worker can take them yet
+        self.unrunnable: set[TaskState] = set()
+        #: a task that was on this many workers when they died fails ("killed-worker")
+        self.allowed_failures = allowed_failures
+        self.validate = validate
+        self.story_log: deque[tuple[str, str, str, str, float]] = deque(maxlen=STORY_LOG_SIZE)
+        self.transition_counts: dict[tuple[str, str], int] = {}
+        self._order = 0
+        self._now = 0.0
+        self._stimulus = ""
+        self._out: list[Instruction] = []
+
+    # ------------------------------------------------------------------ entry
+
+    def handle(self, events: Sequence[SchedulerEvent], now: float) -> list[Instruction]:
+        """Apply ``events`` in order; return the messages to send."""
+        self._now = now
+        out: list[Instruction] = []
+        self._out = out
+        for event in events:
+            self._stimulus = event.stimulus_id
+            handler = _HANDLERS[type(event)]
+            handler(self, event)
+        self._out = []
+        if self.validate:
+            self.validate_state()
+        return out
+
+    # -------------------------------------------------------------- handlers
+
+    def _handle_client_connected(self, ev: ClientConnected) -> None:
+        self.clients.setdefault(ev.client, set())
+
+    def _handle_client_disconnected(self, ev: ClientDisconnected) -> None:
+        wanted = self.clients.pop(ev.client, set())
+        for ts in wanted:
+            ts.who_wants.discard(ev.client)
+        for ts in wanted:
+            self._release_if_unneeded(ts)
+
+    def _handle_tasks_submitted(self, ev: TasksSubmitted) -> None:
+        client_keys = self.clients.setdefault(ev.client, set())
+        new: list[TaskState] = []
+        for spec in ev.tasks:
+            ts = self.tasks.get(spec.key)
+            if ts is None:
+                self._order += 1
+                ts = TaskState(spec.key, spec, (-spec.priority, self._order))
+                self.tasks[spec.key] = ts
+                new.append(ts)
+            elif ts.spec is None and ts.state == "released":
+                ts.spec = spec  # a lost scattered key given a recipe again
+                new.append(ts)
+        for ts in new:
+            assert ts.spec is not None
+            for dep_key in ts.spec.dependencies:
+                dep = self.tasks.get(dep_key)
+                if dep is None:
+                    self._fail(ts, Failure("unknown-dependency",
+                                           f"task {ts.key!r} depends on unknown key {dep_key!r}"
+                                           " (it was released or never submitted)"))  # fmt: skip
+                    break
+                ts.dependencies.add(dep)
+                dep.dependents.add(ts)
+        for key in ev.wanted:
+            ts = self.tasks.get(key)
+            if ts is not None:
+                ts.who_wants.add(ev.client)
+                client_keys.add(ts)
+        for key in ev.wanted:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            self._make_needed(ts)
+            self._report_to_client(ts, ev.client)
+
+    def _handle_keys_wanted(self, ev: KeysWanted) -> None:
+        client_keys = self.clients.setdefault(ev.client, set())
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                self._out.append(ToClient(ev.client, KeyErred(
+                    key, "lost", f"key {key!r} is not known to the scheduler"
+                    " (it was released by every client that held it)")))  # fmt: skip
+                continue
+            ts.who_wants.add(ev.client)
+            client_keys.add(ts)
+            self._make_needed(ts)
+            self._report_to_client(ts, ev.client)
+
+    def _handle_keys_released(self, ev: KeysReleased) -> None:
+        client_keys = self.clients.get(ev.client, set())
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ev.client not in ts.who_wants:
+                continue
+            ts.who_wants.discard(ev.client)
+            client_keys.discard(ts)
+            self._release_if_unneeded(ts)
+
+    def _handle_keys_cancelled(self, ev: KeysCancelled) -> None:
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            # Cancelling drops this client's interest in the key and in what depends on it.
+            for t in [ts, *self._dependents_closure(ts)]:
+                if ev.client in t.who_wants:
+                    t.who_wants.discard(ev.client)
+                    self.clients.get(ev.client, set()).discard(t)
+                    self._out.append(ToClient(ev.client, KeyCancelled(t.key, "cancelled")))
+            for t in [ts, *self._dependents_closure(ts)]:
+                self._release_if_unneeded(t)
+
+    def _handle_data_scattered(self, ev: DataScattered) -> None:
+        client_keys = self.clients.setdefault(ev.client, set())
+        for key, addresses, nbytes in zip(ev.keys, ev.workers, ev.nbytes):
+            ts = self.tasks.get(key)
+            if ts is None:
+                self._order += 1
+                ts = TaskState(key, None, (0, self._order))
+                self.tasks[key] = ts
+            ts.who_wants.add(ev.client)
+            client_keys.add(ts)
+            holders = [self.workers[a] for a in addresses if a in self.workers]
+            if ts.state == "memory":
+                for ws in holders:
+                    self._add_replica(ts, ws, nbytes)
+            elif holders:
+                ts.nbytes = nbytes
+                for ws in holders:
+                    self._add_replica(ts, ws, nbytes)
+                self._to_memory(ts)
+            else:
+                self._fail(ts, Failure("lost", f"scattered key {key!r} has no live worker"))
+            self._report_to_client(ts, ev.client)
+
+    def _handle_worker_joined(self, ev: WorkerJoined) -> None:
+        ws = self.workers.get(ev.address)
+        if ws is None:
+            ws = WorkerRecord(ev.address, ev.nthreads, ev.name, ev.memory_limit, ev.resources)
+            self.workers[ev.address] = ws
+        for key, nbytes in zip(ev.keys, ev.nbytes):
+            ts = self.tasks.get(key)
+            if ts is None or ts.state not in ("memory",):
+                # Data we no longer track (or will recompute): have the worker drop it.
+                self._out.append(ToWorker(ws.address, FreeKeys([key], self._stimulus)))
+                continue
+            self._add_replica(ts, ws, nbytes)
+        for ts in sorted(self.unrunnable, key=_by_priority):
+            if ts.state == "no-worker":
+                self._transition(ts, "waiting")
+                self._try_schedule(ts)
+
+    def _handle_worker_left(self, ev: WorkerLeft) -> None:
+        ws = self.workers.pop(ev.address, None)
+        if ws is None:
+            return
+        # First the data that died with it, so that rescheduled tasks see true holders.
+        lost: list[TaskState] = []
+        for ts in ws.has_what:
+            ts.who_has.discard(ws)
+            if not ts.who_has and ts.state == "memory":
+                lost.append(ts)
+        ws.has_what.clear()
+        for ts in sorted(lost, key=_by_priority):
+            if ts.state == "memory":
+                self._lose(ts, f"its only holder {ws.address} left ({ev.reason or 'no reason'})")
+        for ts in sorted(ws.processing, key=_by_priority):
+            if ts.processing_on is not ws:
+                continue
+            ws.processing.discard(ts)
+            ts.processing_on = None
+            if not ev.graceful:
+                ts.suspicious += 1
+            if ts.suspicious >= self.allowed_failures:
+                self._fail(ts, Failure(
+                    "killed-worker",
+                    f"task {ts.key!r} was on {ts.suspicious} workers that died"
+                    f" (the last: {ws.address}, {ev.reason or 'no reason given'});"
+                    " it may be what kills them",
+                ))  # fmt: skip
+            else:
+                self._transition(ts, "waiting")
+                self._try_schedule(ts)
+        ws.processing.clear()
+
+    def _handle_task_finished(self, ev: TaskFinishedEvent) -> None:
+        msg: TaskFinished = ev.msg
+        ts = self.tasks.get(msg.key)
+        ws = self.workers.get(ev.worker)
+        if ts is None or ws is None:
+            if ws is not None:
+                self._out.append(ToWorker(ws.address, FreeKeys([msg.key], self._stimulus)))
+            return
+        if ts.state != "processing" or ts.processing_on is not ws:
+            # A late or duplicate report (the task was moved, released or already done).
+            if ts.state == "memory":
+                self._add_replica(ts, ws, msg.nbytes)
+            else:
+                self._out.append(ToWorker(ws.address, FreeKeys([msg.key], self._stimulus)))
+            return
+        ws.processing.discard(ts)
+        ts.processing_on = None
+        ts.nbytes = msg.nbytes
+        ts.typename = msg.typename
+        ts.warnings = msg.warnings
+        self._add_replica(ts, ws, msg.nbytes)
+        self._to_memory(ts)
+
+    def _handle_task_erred(self, ev: TaskErredEvent) -> None:
+        msg: TaskErred = ev.msg
+        ts = self.tasks.get(msg.key)
+        ws = self.workers.get(ev.worker)
+        if ts is None or ws is None or ts.state != "processing" or ts.processing_on is not ws:
+            return
+        ws.processing.discard(ts)
+        ts.processing_on = None
+        if ts.retries_left > 0:
+            ts.retries_left -= 1
+            self._transition(ts, "waiting")
+            self._try_schedule(ts)
+            return
+        ts.warnings = msg.warnings
+        self._fail(ts, Failure("exception", msg.text, msg.exception, msg.traceback, ts.key))
+
+    def _handle_replicas_added(self, ev: ReplicasAdded) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None:
+            return
+        for key, nbytes in zip(ev.keys, ev.nbytes):
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state == "memory":
+                self._add_replica(ts, ws, nbytes)
+            else:
+                self._out.append(ToWorker(ws.address, FreeKeys([key], self._stimulus)))
+
+    def _handle_data_missing(self, ev: DataMissing) -> None:
+        ts = self.tasks.get(ev.key)
+        holder = self.workers.get(ev.holder)
+        if ts is None:
+            return
+        if holder is not None and holder in ts.who_has:
+            ts.who_has.discard(holder)
+            holder.has_what.discard(ts)
+            holder.nbytes -= ts.nbytes
+        if ts.state != "memory":
+            return
+        if ts.who_has:
+            self._out.append(ToWorker(ev.worker, RefreshWhoHas(
+                {ts.key: [w.address for w in ts.who_has]}, self._stimulus)))  # fmt: skip
+        else:
+            self._lose(ts, f"no worker holds it any more (last tried: {ev.holder})")
+
+    # ------------------------------------------------------------ mechanics
+
+    def _transition(self, ts: TaskState, finish: TaskStateName) -> None:
+        start = ts.state
+        ts.state = finish
+        self.story_log.append((ts.key, start, finish, self._stimulus, self._now))
+        pair = (start, finish)
+        self.transition_counts[pair] = self.transition_counts.get(pair, 0) + 1
+
+    def _make_needed(self, ts: TaskState) -> None:
+        """Bring ``ts`` and the dependencies it lacks towards memory."""
+        if ts.state != "released":
+            return
+        if ts.spec is None:
+            self._fail(ts, Failure("lost", f"scattered key {ts.key!r} was lost with its worker"))
+            return
+        stack = [ts]
+        ready: list[TaskState] = []
+        while stack:
+            t = stack.pop()
+            if t.state != "released":
+                continue
+            if t.spec is None:
+                self._fail(t, Failure("lost", f"scattered key {t.key!r} was lost with its worker"))
+                continue
+            self._transition(t, "waiting")
+            t.waiting_on = {d for d in t.dependencies if d.state != "memory"}
+            erred = next((d for d in t.dependencies if d.state == "erred"), None)
+            if erred is not None:
+                self._fail(t, _inherited(erred))
+                continue
+            if not t.waiting_on:
+                ready.append(t)
+            for dep in t.waiting_on:
+                if dep.state == "released":
+                    stack.append(dep)
+        for t in sorted(ready, key=_by_priority):
+            if t.state == "waiting" and not t.waiting_on:
+                self._try_schedule(t)
+
+    def _try_schedule(self, ts: TaskState) -> None:
+        """Send a waiting task whose inputs are all in memory to a worker."""
+        ws = self._pick_worker(ts)
+        if ws is None:
+            self._transition(ts, "no-worker")
+            self.unrunnable.add(ts)
+            return
+        self.unrunnable.discard(ts)
+        self._transition(ts, "processing")
+        ts.processing_on = ws
+        ws.processing.add(ts)
+        spec = ts.spec
+        assert spec is not None
+        who_has = {d.key: [w.address for w in d.who_has] for d in ts.dependencies}
+        nbytes = {d.key: d.nbytes for d in ts.dependencies}
+        self._out.append(ToWorker(ws.address, ComputeTask(
+            ts.key, spec.function, spec.args, who_has, nbytes, ts.priority,
+            spec.resources, self._stimulus)))  # fmt: skip
+
+    def _pick_worker(self, ts: TaskState) -> WorkerRecord | None:
+        """The worker holding most input bytes; ties and input-free tasks: the least loaded."""
+        if not self.workers:
+            return None
+        if ts.dependencies:
+            held: dict[WorkerRecord, int] = {}
+            for dep in ts.dependencies:
+                for ws in dep.who_has:
+                    held[ws] = held.get(ws, 0) + dep.nbytes
+            if held:
+                return max(held, key=lambda w: (held[w], -w.load))
+        return min(self.workers.values(), key=_worker_load)
+
+    def _add_replica(self, ts: TaskState, ws: WorkerRecord, nbytes: int) -> None:
+        if ws not in ts.who_has:
+            ts.who_has.add(ws)
+            ws.has_what.add(ts)
+            ws.nbytes += nbytes
+
+    def _to_memory(self, ts: TaskState) -> None:
+        self._transition(ts, "memory")
+        ts.failure = None
+        for client in ts.who_wants:
+            self._report_to_client(ts, client)
+        ready: list[TaskState] = []
+        for dependent in ts.dependents:
+            if dependent.state == "waiting":
+                dependent.waiting_on.discard(ts)
+                if not dependent.waiting_on:
+                    ready.append(dependent)
+        for dependent in sorted(ready, key=_by_priority):
+            self._try_schedule(dependent)
+        for dep in ts.dependencies:
+            self._release_if_unneeded(dep)
+        self._release_if_unneeded(ts)
+
+    def _fail(self, ts: TaskState, failure: Failure) -> None:
+        """Err ``ts`` and every dependent that was waiting for it."""
+        stack = [(ts, failure)]
+        while stack:
+            t, f = stack.pop()
+            if t.state == "erred":
+                continue
+            if t.processing_on is not None:
+                t.processing_on.processing.discard(t)
+                self._out.append(ToWorker(t.processing_on.address, FreeKeys([t.key], self._stimulus)))
+                t.processing_on = None
+            self.unrunnable.discard(t)
+            self._transition(t, "erred")
+            t.failure = f
+            for client in t.who_wants:
+                self._report_to_client(t, client)
+            inherited = _inherited(t)
+            for dependent in t.dependents:
+                if dependent.state in ("waiting", "no-worker", "processing"):
+                    stack.append((dependent, inherited))
+            for dep in t.dependencies:
+                self._release_if_unneeded(dep)
+
+    def _lose(self, ts: TaskState, why: str) -> None:
+        """A key in memory lost its last holder: recompute it if anything still needs it."""
+        self._transition(ts, "released")
+        for dependent in ts.dependents:
+            if dependent.state == "processing":
+                # Its worker cannot fetch the input: take the task back and wait for it again.
+                ws = dependent.processing_on
+                assert ws is not None
+                ws.processing.discard(dependent)
+                dependent.processing_on = None
+                self._out.append(ToWorker(ws.address, FreeKeys([dependent.key], self._stimulus)))
+                self._transition(dependent, "waiting")
+                dependent.waiting_on = {d for d in dependent.dependencies if d.state != "memory"}
+            elif dependent.state == "waiting":
+                dependent.waiting_on.add(ts)
+        if self._is_needed(ts):
+            if ts.spec is None:
+                self._fail(ts, Failure("lost", f"scattered key {ts.key!r} was lost: {why}"))
+            else:
+                self._make_needed(ts)
+        else:
+            self._forget_if_unused(ts)
+
+    def _is_needed(self, ts: TaskState) -> bool:
+        if ts.who_wants:
+            return True
+        return any(d.state in ("waiting", "no-worker", "processing") for d in ts.dependents)
+
+    def _release_if_unneeded(self, ts: TaskState) -> None:
+        if self._is_needed(ts):
+            return
+        state = ts.state
+        if state == "memory":
+            for ws in ts.who_has:
+                ws.has_what.discard(ts)
+                ws.nbytes -= ts.nbytes
+                self._out.append(ToWorker(ws.address, FreeKeys([ts.key], self._stimulus)))
+            ts.who_has.clear()
+            self._transition(ts, "released")
+        elif state in ("waiting", "no-worker", "processing"):
+            if ts.processing_on is not None:
+                ts.processing_on.processing.discard(ts)
+                self._out.append(ToWorker(ts.processing_on.address,
+                                          FreeKeys([ts.key], self._stimulus)))  # fmt: skip
+                ts.processing_on = None
+            self.unrunnable.discard(ts)
+            ts.waiting_on.clear()
+            self._transition(ts, "released")
+            for dep in ts.dependencies:
+                self._release_if_unneeded(dep)
+        self._forget_if_unused(ts)
+
+    def _forget_if_unused(self, ts: TaskState) -> None:
+        """Drop a released or erred task that nobody wants and no live dependent refers to."""
+        stack = [ts]
+        while stack:
+            t = stack.pop()
+            if t.state not in ("released", "erred") or t.who_wants or t.dependents:
+                continue
+            if self.tasks.get(t.key) is not t:
+                continue
+            del self.tasks[t.key]
+            self.story_log.append((t.key, t.state, "forgotten", self._stimulus, self._now))
+            for dep in t.dependencies:
+                dep.dependents.discard(t)
+                stack.append(dep)
+                if dep.state in ("memory", "waiting", "no-worker", "processing"):
+                    self._release_if_unneeded(dep)
+            t.dependencies.clear()
+
+    def _report_to_client(self, ts: TaskState, client: ClientId) -> None:
+        if ts.state == "memory":
+            self._out.append(ToClient(client, KeyInMemory(
+                ts.key, [w.address for w in ts.who_has], ts.nbytes, ts.typename, ts.warnings)))  # fmt: skip
+        elif ts.state == "erred" and ts.failure is not None:
+            f = ts.failure
+            self._out.append(ToClient(client, KeyErred(
+                ts.key, f.kind, f.text, f.exception, f.traceback, ts.warnings)))  # fmt: skip
+
+    def _dependents_closure(self, ts: TaskState) -> list[TaskState]:
+        seen: set[TaskState] = set()
+        stack = list(ts.dependents)
+        while stack:
+            t = stack.pop()
+            if t not in seen:
+                seen.add(t)
+                stack.extend(t.dependents)
+        return list(seen)
+
+    # ---------------------------------------------------------------- queries
+
+    def story(self, key: str) -> list[tuple[str, str, str, str, float]]:
+        """Every logged transition of ``key``: (key, start, finish, stimulus_id, time)."""
+        return [row for row in self.story_log if row[0] == key]
+
+    def validate_state(self) -> None:
+        """Check the invariants in the module docstring; raise AssertionError on a breach."""
+        for key, ts in self.tasks.items():
+            assert ts.key == key
+            if ts.state == "waiting":
+                assert ts.waiting_on, f"{ts} waits on nothing"
+                assert all(d.state != "memory" for d in ts.waiting_on), ts
+            if ts.state == "processing":
+                ws = ts.processing_on
+                assert ws is not None and ts in ws.processing, ts
+                assert ws.address in self.workers, ts
+                assert all(d.state == "memory" for d in ts.dependencies), ts
+            else:
+                assert ts.processing_on is None, ts
+            if ts.state == "memory":
+                assert ts.who_has, f"{ts} has no holder"
+                for ws in ts.who_has:
+                    assert ts in ws.has_what and ws.address in self.workers, ts
+            else:
+                assert not ts.who_has, f"{ts} has holders but is not in memory"
+            if ts.state == "no-worker":
+                assert ts in self.unrunnable
+            for dep in ts.dependencies:
+                assert ts in dep.dependents, (ts, dep)
+                assert self.tasks.get(dep.key) is dep, f"{ts} depends on forgotten {dep}"
+            for client in ts.who_wants:
+                assert ts in self.clients.get(client, ()), (ts, client)
+        for ws in self.workers.values():
+            for ts in ws.processing:
+                assert ts.processing_on is ws, (ws, ts)
+            for ts in ws.has_what:
+                assert ws in ts.who_has, (ws, ts)
+        for client, keys in self.clients.items():
+            for ts in keys:
+                assert client in ts.who_wants, (client, ts)
+
+
+def _by_priority(ts: TaskState) -> tuple[int, int]:
+    return ts.priority
+
+
+def _worker_load(ws: WorkerRecord) -> float:
+    return ws.load
+
+
+def _inherited(erred: TaskState) -> Failure:
+    f = erred.failure
+    assert f is not None
+    return Failure(f.kind, f.text, f.exception, f.traceback, f.blame or erred.key)
+
+
+_HANDLERS = {
+    ClientConnected: SchedulerState._handle_client_connected,
+    ClientDisconnected: SchedulerState._handle_client_disconnected,
+    TasksSubmitted: SchedulerState._handle_tasks_submitted,
+    KeysWanted: SchedulerState._handle_keys_wanted,
+    KeysReleased: SchedulerState._handle_keys_released,
+    KeysCancelled: SchedulerState._handle_keys_cancelled,
+    DataScattered: SchedulerState._handle_data_scattered,
+    WorkerJoined: SchedulerState._handle_worker_joined,
+    WorkerLeft: SchedulerState._handle_worker_left,
+    TaskFinishedEvent: SchedulerState._handle_task_finished,
+    TaskErredEvent: SchedulerState._handle_task_erred,
+    ReplicasAdded: SchedulerState._handle_replicas_added,
+    DataMissing: SchedulerState._handle_data_missing,
+}

@@ -1,0 +1,108 @@
+"""Events the worker's state machine consumes and instructions it emits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..protocol.messages import ComputeTask, Msg
+from ..protocol.serialize import Serialized
+
+
+@dataclass(slots=True)
+class WorkerEvent:
+    stimulus_id: str
+
+
+@dataclass(slots=True)
+class ComputeTaskEvent(WorkerEvent):
+    msg: ComputeTask
+
+
+@dataclass(slots=True)
+class FreeKeysEvent(WorkerEvent):
+    keys: list[str]
+
+
+@dataclass(slots=True)
+class RefreshWhoHasEvent(WorkerEvent):
+    who_has: dict[str, list[str]]
+
+
+@dataclass(slots=True)
+class GatherDone(WorkerEvent):
+    """A `GatherDep` came back: the server stored ``nbytes``' keys; ``missing`` the peer lacked."""
+
+    peer: str
+    nbytes: dict[str, int]
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class GatherFailed(WorkerEvent):
+    """A `GatherDep` could not reach ``peer``."""
+
+    peer: str
+    keys: list[str]
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class ExecuteDone(WorkerEvent):
+    key: str
+    nbytes: int
+    typename: str
+    start: float
+    stop: float
+    warnings: Serialized | None = None
+
+
+@dataclass(slots=True)
+class ExecuteFailed(WorkerEvent):
+    key: str
+    exception: Serialized
+    traceback: Serialized | None
+    text: str
+    start: float
+    stop: float
+    warnings: Serialized | None = None
+
+
+@dataclass(slots=True)
+class DataPut(WorkerEvent):
+    """Data was put on this worker directly (scatter)."""
+
+    nbytes: dict[str, int]
+
+
+# ---------------------------------------------------------------- instructions
+
+
+@dataclass(slots=True)
+class GatherDep:
+    """Fetch ``keys`` from ``peer`` and report `GatherDone` or `GatherFailed`."""
+
+    peer: str
+    keys: list[str]
+    total_nbytes: int
+
+
+@dataclass(slots=True)
+class Execute:
+    """Run task ``key`` on a thread and report `ExecuteDone` or `ExecuteFailed`."""
+
+    key: str
+
+
+@dataclass(slots=True)
+class ReleaseData:
+    """Drop ``key``'s data from the store."""
+
+    key: str
+
+
+@dataclass(slots=True)
+class ToScheduler:
+    msg: Msg
+
+
+WorkerInstruction = GatherDep | Execute | ReleaseData | ToScheduler

@@ -1,0 +1,387 @@
+"""The worker's brain: a pure state machine deciding what to fetch, run and drop.
+
+`WorkerState.handle(events, now)` is the only way to change it; the worker server runs the
+instructions (fetch from a peer, run on a thread, delete data, tell the scheduler) and feeds
+the outcomes back as events. The data itself lives in the server's store; this keeps sizes.
+
+Task states on a worker:
+
+    waiting  -> ready -> executing -> memory | error     (tasks the scheduler asked us to run)
+    fetch -> flight -> memory                            (inputs held by other workers)
+    executing --FreeKeys--> cancelled --ComputeTask--> executing (resumed)
+
+Invariants (checked by `validate_state`):
+- ``executing`` + ``cancelled`` tasks never exceed ``nthreads``;
+- a ``waiting`` task waits on exactly its dependencies that are not in memory;
+- every key in flight belongs to exactly one in-flight gather.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from typing import Literal
+
+from ..protocol.messages import AddKeys, ComputeTask, MissingData, TaskErred, TaskFinished
+from .worker_events import (
+    ComputeTaskEvent,
+    DataPut,
+    Execute,
+    ExecuteDone,
+    ExecuteFailed,
+    FreeKeysEvent,
+    GatherDep,
+    GatherDone,
+    GatherFailed,
+    RefreshWhoHasEvent,
+    ReleaseData,
+    ToScheduler,
+    WorkerEvent,
+    WorkerInstruction,
+)
+
+WTaskStateName = Literal[
+    "waiting", "ready", "executing", "cancelled", "memory", "error", "fetch", "flight"
+]
+
+#: Stop adding keys to one gather once it carries this many bytes.
+GATHER_BATCH_BYTES = 64 * 2**20
+#: Peers we fetch from at the same time.
+MAX_CONCURRENT_GATHERS = 16
+
+
+class WorkerTask:
+    """The worker's record of one key (a task to run, or an input to fetch)."""
+
+    __slots__ = ("key", "state", "priority", "compute", "dependencies", "dependents",
+                 "waiting_for", "who_has", "nbytes", "wanted", "resumed")  # fmt: skip
+
+    def __init__(self, key: str, state: WTaskStateName) -> None:
+        self.key = key
+        self.state: WTaskStateName = state
+        self.priority: tuple[int, int] = (0, 0)
+        #: the scheduler's instruction, for tasks we run (None for fetched inputs)
+        self.compute: ComputeTask | None = None
+        self.dependencies: set[WorkerTask] = set()
+        self.dependents: set[WorkerTask] = set()
+        self.waiting_for: set[WorkerTask] = set()
+        #: peers that hold this key (for inputs to fetch)
+        self.who_has: list[str] = []
+        self.nbytes = 0
+        #: the scheduler counts on this worker to keep the key (computed, reported, scattered)
+        self.wanted = False
+        #: a ComputeTask arrived again while the task was cancelled
+        self.resumed = False
+
+    def __repr__(self) -> str:
+        return f"<WorkerTask {self.key!r} {self.state}>"
+
+
+class WorkerState:
+    """What one worker holds, runs and fetches. Mutate only through `handle`."""
+
+    def __init__(self, address: str, nthreads: int, validate: bool = False) -> None:
+        self.address = address
+        self.nthreads = max(1, nthreads)
+        self.tasks: dict[str, WorkerTask] = {}
+        self.ready: list[tuple[tuple[int, int], str]] = []  # heap of (priority, key)
+        self.executing: set[WorkerTask] = set()
+        self.in_flight: dict[str, list[str]] = {}  # peer -> keys being fetched
+        #: tasks that were put in "fetch" (some may have moved on since; pruned lazily)
+        self.fetch_candidates: set[WorkerTask] = set()
+        self.validate = validate
+        self.nbytes_in_memory = 0
+        self._now = 0.0
+        self._stimulus = ""
+        self._out: list[WorkerInstruction] = []
+
+    # ------------------------------------------------------------------ entry
+
+    def handle(self, events: Sequence[WorkerEvent], now: float) -> list[WorkerInstruction]:
+        self._now = now
+        out: list[WorkerInstruction] = []
+        self._out = out
+        for event in events:
+            self._stimulus = event.stimulus_id
+            _HANDLERS[type(event)](self, event)
+        self._start_fetches()
+        self._start_tasks()
+        self._out = []
+        if self.validate:
+            self.validate_state()
+        return out
+
+    # -------------------------------------------------------------- handlers
+
+    def _handle_compute(self, ev: ComputeTaskEvent) -> None:
+        msg = ev.msg
+        ts = self.tasks.get(msg.key)
+        if ts is not None:
+            if ts.state == "cancelled":
+                ts.state = "executing"
+                ts.resumed = True
+                ts.compute = msg
+                ts.wanted = True
+                return
+            if ts.state in ("memory", "executing", "ready", "waiting"):
+                ts.wanted = True
+                if ts.state == "memory":  # we already have it: say so again
+                    self._report_done(ts, 0.0, 0.0, None)
+                return
+            if ts.state in ("fetch", "flight"):
+                # We were fetching it as an input, and are now asked to compute it: fetch wins
+                # and is reported as done when it lands.
+                ts.wanted = True
+                ts.compute = msg
+                return
+            self._forget(ts)  # "error": a retry
+        ts = WorkerTask(msg.key, "waiting")
+        ts.compute = msg
+        ts.priority = msg.priority
+        ts.wanted = True
+        self.tasks[msg.key] = ts
+        for dep_key, holders in msg.who_has.items():
+            dep = self.tasks.get(dep_key)
+            if dep is None:
+                dep = WorkerTask(dep_key, "fetch")
+                dep.nbytes = msg.nbytes.get(dep_key, 0)
+                self.tasks[dep_key] = dep
+                self.fetch_candidates.add(dep)
+            if dep.state == "fetch":
+                dep.who_has = [h for h in holders if h != self.address] or dep.who_has
+            ts.dependencies.add(dep)
+            dep.dependents.add(ts)
+            if dep.state != "memory":
+                ts.waiting_for.add(dep)
+        if not ts.waiting_for:
+            self._make_ready(ts)
+
+    def _handle_free_keys(self, ev: FreeKeysEvent) -> None:
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            ts.wanted = False
+            if ts.state == "executing":
+                ts.state = "cancelled"
+                ts.resumed = False
+            elif ts.state in ("waiting", "ready", "error"):
+                self._forget(ts)
+            elif ts.state in ("memory", "fetch"):
+                self._forget_if_unneeded(ts)
+            # "flight": dropped when the gather lands; "cancelled": stays cancelled
+
+    def _handle_refresh_who_has(self, ev: RefreshWhoHasEvent) -> None:
+        for key, holders in ev.who_has.items():
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state == "fetch":
+                ts.who_has = [h for h in holders if h != self.address]
+                self.fetch_candidates.add(ts)
+
+    def _handle_gather_done(self, ev: GatherDone) -> None:
+        keys = self.in_flight.pop(ev.peer, [])
+        added: list[str] = []
+        sizes: list[int] = []
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "flight":
+                if key in ev.nbytes:
+                    self._out.append(ReleaseData(key))
+                continue
+            if key in ev.nbytes:
+                ts.nbytes = ev.nbytes[key]
+                self._to_memory(ts)
+                if ts.state != "memory":
+                    continue  # nobody needed it any more
+                if ts.compute is not None:
+                    self._report_done(ts, 0.0, 0.0, None)
+                else:
+                    ts.wanted = True
+                    added.append(key)
+                    sizes.append(ts.nbytes)
+            else:
+                self._holder_failed(ts, ev.peer)
+        if added:
+            self._out.append(ToScheduler(AddKeys(added, sizes, self._stimulus)))
+
+    def _handle_gather_failed(self, ev: GatherFailed) -> None:
+        keys = self.in_flight.pop(ev.peer, [])
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state == "flight":
+                self._holder_failed(ts, ev.peer)
+
+    def _handle_execute_done(self, ev: ExecuteDone) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.state not in ("executing", "cancelled"):
+            self._out.append(ReleaseData(ev.key))
+            return
+        self.executing.discard(ts)
+        if ts.state == "cancelled":
+            self._forget(ts)
+            self._out.append(ReleaseData(ev.key))
+            return
+        ts.nbytes = ev.nbytes
+        self._to_memory(ts)
+        self._report_done(ts, ev.start, ev.stop, ev)
+
+    def _handle_execute_failed(self, ev: ExecuteFailed) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts.state not in ("executing", "cancelled"):
+            return
+        self.executing.discard(ts)
+        if ts.state == "cancelled":
+            self._forget(ts)
+            return
+        ts.state = "error"
+        self._out.append(ToScheduler(TaskErred(
+            ts.key, ev.exception, ev.traceback, ev.text, ev.start, ev.stop, ev.warnings,
+            self._stimulus)))  # fmt: skip
+        self._release_dependencies(ts)
+
+    def _handle_data_put(self, ev: DataPut) -> None:
+        for key, nbytes in ev.nbytes.items():
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = WorkerTask(key, "fetch")
+                self.tasks[key] = ts
+            if ts.state in ("fetch", "flight"):
+                if ts.state == "flight":
+                    for keys in self.in_flight.values():
+                        if key in keys:
+                            keys.remove(key)
+                ts.nbytes = nbytes
+                ts.wanted = True
+                self._to_memory(ts)
+
+    # ------------------------------------------------------------ mechanics
+
+    def _make_ready(self, ts: WorkerTask) -> None:
+        ts.state = "ready"
+        heapq.heappush(self.ready, (ts.priority, ts.key))
+
+    def _to_memory(self, ts: WorkerTask) -> None:
+        ts.state = "memory"
+        self.nbytes_in_memory += ts.nbytes
+        for dependent in ts.dependents:
+            if dependent.state == "waiting":
+                dependent.waiting_for.discard(ts)
+                if not dependent.waiting_for:
+                    self._make_ready(dependent)
+        if not ts.wanted and not ts.dependents and ts.compute is None:
+            self._forget(ts)
+
+    def _report_done(self, ts: WorkerTask, start: float, stop: float,
+                     ev: ExecuteDone | None) -> None:  # fmt: skip
+        self._out.append(ToScheduler(TaskFinished(
+            ts.key, ts.nbytes, ev.typename if ev else "", start, stop,
+            ev.warnings if ev else None, self._stimulus)))  # fmt: skip
+        self._release_dependencies(ts)
+
+    def _release_dependencies(self, ts: WorkerTask) -> None:
+        """``ts`` no longer needs its inputs locally; drop those nobody else needs."""
+        for dep in list(ts.dependencies):
+            dep.dependents.discard(ts)
+            self._forget_if_unneeded(dep)
+        ts.dependencies.clear()
+        ts.waiting_for.clear()
+
+    def _holder_failed(self, ts: WorkerTask, peer: str) -> None:
+        if peer in ts.who_has:
+            ts.who_has.remove(peer)
+        ts.state = "fetch"
+        self.fetch_candidates.add(ts)
+        self._out.append(ToScheduler(MissingData(ts.key, peer, self._stimulus)))
+
+    def _forget_if_unneeded(self, ts: WorkerTask) -> None:
+        if ts.wanted or ts.state in ("executing", "cancelled", "flight"):
+            return
+        if any(d.state in ("waiting", "ready") for d in ts.dependents):
+            return
+        self._forget(ts)
+
+    def _forget(self, ts: WorkerTask) -> None:
+        if self.tasks.get(ts.key) is not ts:
+            return
+        del self.tasks[ts.key]
+        if ts.state == "memory":
+            self.nbytes_in_memory -= ts.nbytes
+            self._out.append(ReleaseData(ts.key))
+        for dep in list(ts.dependencies):
+            dep.dependents.discard(ts)
+            self._forget_if_unneeded(dep)
+        ts.dependencies.clear()
+        ts.waiting_for.clear()
+        for dependent in ts.dependents:
+            dependent.dependencies.discard(ts)
+
+    def _start_tasks(self) -> None:
+        while self.ready and len(self.executing) < self.nthreads:
+            _, key = heapq.heappop(self.ready)
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "ready":
+                continue  # freed while it was queued
+            ts.state = "executing"
+            self.executing.add(ts)
+            self._out.append(Execute(key))
+
+    def _start_fetches(self) -> None:
+        if len(self.in_flight) >= MAX_CONCURRENT_GATHERS:
+            return
+        by_peer: dict[str, list[WorkerTask]] = {}
+        for ts in list(self.fetch_candidates):
+            if ts.state != "fetch" or self.tasks.get(ts.key) is not ts:
+                self.fetch_candidates.discard(ts)
+                continue
+            if not ts.who_has:
+                continue
+            if not any(d.state == "waiting" for d in ts.dependents) and not ts.wanted:
+                continue
+            free = [p for p in ts.who_has if p not in self.in_flight]
+            if free:
+                by_peer.setdefault(free[0], []).append(ts)
+        for peer, wanted in by_peer.items():
+            if len(self.in_flight) >= MAX_CONCURRENT_GATHERS:
+                break
+            keys: list[str] = []
+            total = 0
+            for ts in wanted:
+                if keys and total + ts.nbytes > GATHER_BATCH_BYTES:
+                    break
+                ts.state = "flight"
+                self.fetch_candidates.discard(ts)
+                keys.append(ts.key)
+                total += ts.nbytes
+            self.in_flight[peer] = keys
+            self._out.append(GatherDep(peer, keys, total))
+
+    # ---------------------------------------------------------------- queries
+
+    def validate_state(self) -> None:
+        busy = [t for t in self.tasks.values() if t.state in ("executing", "cancelled")]
+        assert len(busy) <= self.nthreads, busy
+        assert set(busy) == self.executing, (busy, self.executing)
+        flying = [k for keys in self.in_flight.values() for k in keys]
+        assert len(flying) == len(set(flying)), flying
+        for key, ts in self.tasks.items():
+            assert ts.key == key
+            if ts.state == "flight":
+                assert key in flying, ts
+            if ts.state == "waiting":
+                assert ts.waiting_for, ts
+                assert ts.waiting_for == {d for d in ts.dependencies if d.state != "memory"}, ts
+            for dep in ts.dependencies:
+                assert ts in dep.dependents, (ts, dep)
+                assert self.tasks.get(dep.key) is dep, (ts, dep)
+
+
+_HANDLERS = {
+    ComputeTaskEvent: WorkerState._handle_compute,
+    FreeKeysEvent: WorkerState._handle_free_keys,
+    RefreshWhoHasEvent: WorkerState._handle_refresh_who_has,
+    GatherDone: WorkerState._handle_gather_done,
+    GatherFailed: WorkerState._handle_gather_failed,
+    ExecuteDone: WorkerState._handle_execute_done,
+    ExecuteFailed: WorkerState._handle_execute_failed,
+    DataPut: WorkerState._handle_data_put,
+}
