@@ -1,0 +1,29 @@
+"""shoal: distributed computing for Python.
+
+Layers, bottom to top (arrows point down only):
+  protocol/  typed messages, framing, serialization
+  comm/      transports (tcp://, inproc://), handshake, batched writes
+  core/      pure state machines: SchedulerState, WorkerState (no I/O)
+  scheduler.py, worker.py, client.py   thin servers binding comm <-> core
+  cluster/   LocalCluster
+  cli.py     the `shoal` command
+
+The public API is re-exported here explicitly and pinned by tests/test_exports.py.
+"""
+
+from .client import Client as Client
+from .client import default_client as default_client
+from .cluster.local import LocalCluster as LocalCluster
+from .exceptions import CancelledError as CancelledError
+from .exceptions import FutureLostError as FutureLostError
+from .exceptions import KilledWorkerError as KilledWorkerError
+from .exceptions import RemoteTraceback as RemoteTraceback
+from .exceptions import SchedulerGoneError as SchedulerGoneError
+from .future import Future as Future
+from .future import as_completed as as_completed
+from .future import wait as wait
+from .protocol.serialize import SerializationError as SerializationError
+from .scheduler import Scheduler as Scheduler
+from .worker import Worker as Worker
+
+__version__ = "0.1.0"

@@ -19,6 +19,10 @@ from .serialize import MIN_OOB_BYTES, Buffer, Serialized
 
 EXT_SERIALIZED = 1
 
+#: What msgspec raises on hostile input: besides its own errors, invalid UTF-8 in a string
+#: raises UnicodeDecodeError and deep nesting raises RecursionError.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+
 
 class ProtocolError(ValueError):
     """A peer sent something that is not a valid shoal message."""
@@ -33,7 +37,7 @@ class Codec:
         self._encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._inner_encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(
-            list[Message], ext_hook=self._ext_hook, dec_hook=_dec_hook  # type: ignore[arg-type]
+            list[Message], ext_hook=self._ext_hook, dec_hook=_dec_hook
         )
         self._inner_decoder = msgspec.msgpack.Decoder(list[Any])
 
@@ -71,7 +75,7 @@ class Codec:
         for item in items:
             if isinstance(item, bytes):
                 frames.append(item)
-            elif isinstance(item, int) and 0 < item <= len(self._oob_in):
+            elif type(item) is int and 0 < item <= len(self._oob_in):  # not a bool
                 frames.append(self._oob_in[item - 1])
             else:
                 raise ProtocolError("bad out-of-band reference in a serialized value")
@@ -84,7 +88,7 @@ class Codec:
         self._oob_in = parts[1:]
         try:
             return self._decoder.decode(parts[0])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _DECODE_ERRORS as exc:
             raise ProtocolError(f"malformed message: {exc}") from exc
         finally:
             self._oob_in = []
@@ -115,11 +119,11 @@ def decode_handshake(parts: list[memoryview], expected: type[Msg] = Hello) -> Ms
     )
     try:
         msgs = decoder.decode(parts[0])
-    except (msgspec.DecodeError, msgspec.ValidationError, ProtocolError) as exc:
+    except (*_DECODE_ERRORS, ProtocolError) as exc:
         raise ProtocolError(f"bad handshake: {exc}") from exc
     if len(msgs) != 1:
         raise ProtocolError("handshake frame must hold exactly one message")
-    return msgs[0]  # type: ignore[no-any-return]
+    return msgs[0]
 
 
 def encode_handshake(msg: Msg) -> list[Buffer]:

@@ -1,0 +1,655 @@
+"""The user's entry point: submit work, hold futures, gather results.
+
+`Client()` with no address starts a `LocalCluster` (scheduler on the client's event loop,
+worker processes beside it). A synchronous client runs its own event-loop thread, so it
+works the same from a script and from Jupyter; ``asynchronous=True`` uses the caller's loop.
+Data is fetched straight from the workers that hold it, never through the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import hashlib
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .comm.batched import BatchedSend
+from .comm.core import Comm, CommClosedError
+from .comm.registry import connect
+from .exceptions import FutureLostError
+from .future import Future, FutureState, as_completed, wait
+from .protocol.messages import (
+    PROTOCOL_VERSION,
+    CancelKeys,
+    DataReply,
+    GetData,
+    Hello,
+    Identity,
+    KeyCancelled,
+    KeyErred,
+    KeyInMemory,
+    Msg,
+    Nthreads,
+    ReleaseKeys,
+    Reply,
+    RunOnWorkers,
+    Scattered,
+    ScatterTargets,
+    SchedulerClosing,
+    Story,
+    SubmitTasks,
+    TaskSpec,
+    UpdateData,
+    WantKeys,
+    WhoHas,
+)
+from .protocol.refs import collecting
+from .protocol.serialize import Serialized, deserialize, dumps_function, serialize
+from .rpc import PeerPool, next_rid
+from .utils.loop import LoopThread
+
+__all__ = ["Client", "as_completed", "default_client", "wait"]
+
+_default: weakref.ReferenceType[Client] | None = None
+_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def default_client() -> Client:
+    """The most recent open client in this process."""
+    client = _default() if _default is not None else None
+    if client is None or client.status != "running":
+        raise ValueError("no shoal client is running: create one with shoal.Client()")
+    return client
+
+
+class Client:
+    """Connects to a scheduler (or starts a local cluster) and runs work on it."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        asynchronous: bool = False,
+        timeout: float = 10.0,
+        name: str | None = None,
+        token: str | None = None,
+        set_as_default: bool = True,
+        **cluster_kwargs: Any,
+    ) -> None:
+        self.asynchronous = asynchronous
+        self.timeout = timeout
+        self.name = name or f"client-{os.getpid()}"
+        self.token = token if token is not None else os.environ.get("SHOAL_TOKEN") or None
+        self.cluster: Any = None
+        self._cluster_kwargs = cluster_kwargs
+        self._address = address
+        self.scheduler_address = ""
+        self.status = "created"
+        self._states: dict[str, FutureState] = {}
+        self._refcount: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._function_cache: dict[int, tuple[Any, bytes]] = {}
+        self._comm: Comm | None = None
+        self._send_batch: BatchedSend | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._peers: PeerPool | None = None
+        self._callback_pool: ThreadPoolExecutor | None = None
+        self._set_as_default = set_as_default
+        self._loop_thread: LoopThread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if address is None and cluster_kwargs.get("processes", True) is False:
+            pass
+        if not asynchronous:
+            self._loop_thread = LoopThread(name=f"shoal-{self.name}")
+            self.loop = self._loop_thread.loop
+            try:
+                self._loop_thread.run(self._start(), timeout=None)
+            except BaseException:
+                self._loop_thread.run(self._stop_everything())
+                self._loop_thread.stop()
+                raise
+
+    # --------------------------------------------------------------- lifecycle
+
+    def __await__(self) -> Any:
+        async def start() -> Client:
+            if self.status == "created":
+                self.loop = asyncio.get_running_loop()
+                await self._start()
+            return self
+
+        return start().__await__()
+
+    async def _start(self) -> None:
+        from .cluster.local import LocalCluster
+
+        self.loop = asyncio.get_running_loop()
+        address = self._address
+        if address is None:
+            self.cluster = LocalCluster(token=self.token, **self._cluster_kwargs)
+            await self.cluster._start()
+            address = self.cluster.scheduler_address
+        elif self._cluster_kwargs:
+            raise TypeError(f"unexpected arguments {sorted(self._cluster_kwargs)}"
+                            " (cluster options apply only when no address is given)")  # fmt: skip
+        elif hasattr(address, "scheduler_address"):
+            self.cluster, address = address, address.scheduler_address  # a cluster object
+        self.scheduler_address = address
+        hello = Hello(PROTOCOL_VERSION, "client", self.name, self.token, os.getpid())
+        self._comm = await connect(address, hello, timeout=self.timeout)
+        self._send_batch = BatchedSend(self._comm)
+        self._peers = PeerPool(hello, connect_timeout=self.timeout)
+        self._reader = asyncio.ensure_future(self._read_scheduler(self._comm))
+        self._callback_pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-callbacks")
+        self.status = "running"
+        _live_clients.add(self)
+        if self._set_as_default:
+            global _default
+            _default = weakref.ref(self)
+
+    def close(self, timeout: float | None = None) -> Any:
+        """Close the connection, and the local cluster if this client started it."""
+        if self.asynchronous:
+            return self._close_async()
+        if self.status in ("closing", "closed") or self._loop_thread is None:
+            return None
+        self.status = "closing"
+        try:
+            self._loop_thread.run(self._stop_everything(), timeout=timeout or 30)
+        finally:
+            self._loop_thread.stop()
+            if self._callback_pool is not None:
+                self._callback_pool.shutdown(wait=False)
+            self.status = "closed"
+        return None
+
+    async def _close_async(self) -> None:
+        if self.status in ("closing", "closed"):
+            return
+        self.status = "closing"
+        await self._stop_everything()
+        if self._callback_pool is not None:
+            self._callback_pool.shutdown(wait=False)
+        self.status = "closed"
+
+    async def _stop_everything(self) -> None:
+        if self._send_batch is not None:
+            await self._send_batch.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._peers is not None:
+            await self._peers.close()
+        if self.cluster is not None and self._address is None:
+            await self.cluster._close()
+        self._fail_pending("lost", "the client was closed")
+        global _default
+        if _default is not None and _default() is self:
+            _default = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Client:
+        return await self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._close_async()
+
+    def __del__(self) -> None:
+        if self.status == "running" and not self.asynchronous:
+            try:
+                self.close(timeout=5)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+    def __repr__(self) -> str:
+        return f"<Client {self.scheduler_address!r} {self.status}>"
+
+    # ------------------------------------------------------------ loop plumbing
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.call_soon(fn, *args)
+        elif self.loop is not None:
+            if _on_loop(self.loop):
+                fn(*args)
+            else:
+                self.loop.call_soon_threadsafe(fn, *args)
+
+    def _send(self, msg: Msg) -> None:
+        self._call_soon(self._send_now, msg)
+
+    def _send_now(self, msg: Msg) -> None:
+        if self._send_batch is not None and self.status in ("running", "closing"):
+            self._send_batch.send(msg)
+
+    def _sync(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the client's loop (sync mode) or hand it back (async mode)."""
+        if self.asynchronous:
+            return coro
+        assert self._loop_thread is not None
+        return self._loop_thread.run(coro, timeout)
+
+    async def _request(self, msg: Msg) -> Any:
+        rid: int = msg.rid  # type: ignore[attr-defined]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        self._send_now(msg)
+        try:
+            reply = await asyncio.wait_for(fut, self.timeout * 6)
+        finally:
+            self._replies.pop(rid, None)
+        if reply.error:
+            raise RuntimeError(reply.error)
+        return reply.value
+
+    async def _read_scheduler(self, comm: Comm) -> None:
+        reason = "the connection to the scheduler closed"
+        try:
+            while True:
+                for msg in await comm.read():
+                    self._on_message(msg)
+        except CommClosedError as exc:
+            reason = f"lost the scheduler at {self.scheduler_address}: {exc}"
+        finally:
+            if self.status == "running":
+                self._fail_pending("scheduler-gone", reason)
+
+    def _on_message(self, msg: Msg) -> None:
+        if isinstance(msg, KeyInMemory):
+            st = self._states.get(msg.key)
+            if st is not None:
+                st.finish(msg.workers, msg.nbytes, msg.typename, msg.warnings)
+        elif isinstance(msg, KeyErred):
+            st = self._states.get(msg.key)
+            if st is not None:
+                status = "error" if msg.kind == "exception" else "lost"
+                st.fail(msg.kind, msg.text, msg.exception, msg.traceback, msg.warnings, status)
+        elif isinstance(msg, KeyCancelled):
+            st = self._states.get(msg.key)
+            if st is not None and st.status != "cancelled":
+                st.fail("cancelled", msg.reason, status="cancelled")
+        elif isinstance(msg, Reply):
+            fut = self._replies.pop(msg.rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, SchedulerClosing):
+            self._fail_pending("scheduler-gone", f"the scheduler closed: {msg.reason}")
+
+    def _fail_pending(self, kind: str, reason: str) -> None:
+        for st in list(self._states.values()):
+            if not st.done():
+                st.fail(kind, reason, status="lost")
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(FutureLostError(reason))
+
+    # --------------------------------------------------- reference counting
+
+    def _acquire(self, key: str) -> FutureState:
+        with self._lock:
+            st = self._states.get(key)
+            if st is None:
+                st = self._states[key] = FutureState(key)
+            self._refcount[key] = self._refcount.get(key, 0) + 1
+            return st
+
+    def _release(self, key: str) -> None:
+        with self._lock:
+            count = self._refcount.get(key, 0) - 1
+            if count > 0:
+                self._refcount[key] = count
+                return
+            self._refcount.pop(key, None)
+            self._states.pop(key, None)
+        if self.status == "running":
+            self._send(ReleaseKeys([key]))
+
+    def _on_done(self, state: FutureState, fn: Callable[[FutureState], None]) -> None:
+        """Run ``fn(state)`` on the loop thread when ``state`` is done (now if it is)."""
+
+        def register() -> None:
+            if state.done():
+                fn(state)
+            else:
+                state.callbacks.append(fn)
+
+        self._call_soon(register)
+
+    def _add_done_callback(self, future: Future, fn: Callable[[Future], Any]) -> None:
+        pool = self._callback_pool
+
+        def run(_: FutureState) -> None:
+            if pool is not None:
+                try:
+                    pool.submit(fn, future)
+                except RuntimeError:  # the client is closed; run it here
+                    fn(future)
+
+        self._on_done(future._state, run)
+
+    # --------------------------------------------------------------- submit
+
+    def _pickled_function(self, fn: Callable[..., Any]) -> bytes:
+        cached = self._function_cache.get(id(fn))
+        if cached is not None and cached[0] is fn:
+            return cached[1]
+        payload = dumps_function(fn)
+        if len(self._function_cache) > 256:
+            self._function_cache.clear()
+        self._function_cache[id(fn)] = (fn, payload)
+        return payload
+
+    def _make_spec(self, fn: Callable[..., Any], function: bytes, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], key: str | None, pure: bool,
+                   priority: int = 0, retries: int = 0) -> TaskSpec:  # fmt: skip
+        with collecting() as deps:
+            packed = serialize((args, kwargs), f"argument of {_funcname(fn)}")
+        if key is None:
+            if pure:
+                h = hashlib.blake2b(function, digest_size=16)
+                for frame in packed.frames:
+                    h.update(frame)
+                key = f"{_funcname(fn)}-{h.hexdigest()}"
+            else:
+                key = f"{_funcname(fn)}-{uuid.uuid4().hex}"
+        return TaskSpec(key, function, packed, list(dict.fromkeys(deps)), priority, retries)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, key: str | None = None,
+               pure: bool = True, priority: int = 0, retries: int = 0,
+               **kwargs: Any) -> Future:  # fmt: skip
+        """Run ``fn(*args, **kwargs)`` in the cluster; futures among the arguments become
+        dependencies (their values are passed in). Pure calls get a key from their inputs,
+        so the same call submitted twice runs once."""
+        if not callable(fn):
+            raise TypeError(f"submit expects a callable, got {type(fn).__name__}")
+        self._check_running()
+        spec = self._make_spec(fn, self._pickled_function(fn), args, kwargs, key, pure,
+                               priority, retries)  # fmt: skip
+        future = Future(spec.key, self)
+        self._send(SubmitTasks([spec], [spec.key]))
+        return future
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], key: str | list[str] | None = None,
+            pure: bool = True, priority: int = 0, retries: int = 0,
+            **kwargs: Any) -> list[Future]:  # fmt: skip
+        """``submit(fn, *args)`` for each tuple of arguments zipped from ``iterables``."""
+        if not callable(fn):
+            raise TypeError(f"map expects a callable, got {type(fn).__name__}")
+        self._check_running()
+        function = self._pickled_function(fn)
+        columns = [list(it) for it in iterables]
+        keys = key if isinstance(key, list) else None
+        specs = []
+        for i, args in enumerate(zip(*columns)):
+            k = keys[i] if keys is not None else (f"{key}-{i}" if isinstance(key, str) else None)
+            specs.append(self._make_spec(fn, function, args, kwargs, k, pure, priority, retries))
+        futures = [Future(s.key, self) for s in specs]
+        self._send(SubmitTasks(specs, [s.key for s in specs]))
+        return futures
+
+    def _check_running(self) -> None:
+        if self.status != "running":
+            raise RuntimeError(f"the client is {self.status}; create a new Client")
+
+    # ---------------------------------------------------------------- gather
+
+    def gather(self, futures: Any, errors: str = "raise") -> Any:
+        """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
+        found: list[Future] = []
+        _collect_futures(futures, found)
+        states = list({f.key: f._state for f in found}.values())
+        if self.asynchronous:
+            return self._gather_async(futures, states, errors)
+        wait(found)
+        values = self._sync(self._fetch_async(_fetchable(states, errors)))
+        return _rebuild(futures, self._unpack(states, values, errors))
+
+    async def _gather_async(self, futures: Any, states: list[FutureState], errors: str) -> Any:
+        for st in states:
+            if not st.done():
+                waiter = asyncio.get_running_loop().create_future()
+                st.async_waiters.append(waiter)
+                await waiter
+        values = await self._fetch_async(_fetchable(states, errors))
+        return _rebuild(futures, self._unpack(states, values, errors))
+
+    def _unpack(self, states: list[FutureState], values: dict[str, Serialized],
+                errors: str) -> dict[str, Any]:  # fmt: skip
+        result: dict[str, Any] = {}
+        for st in states:
+            st.emit_warnings()
+            if st.status == "finished":
+                result[st.key] = deserialize(values[st.key])
+            elif errors == "raise":
+                error = st.exception_object()
+                assert error is not None
+                raise error
+            else:
+                result[st.key] = st.exception_object()
+        return result
+
+    def _fetch_one(self, state: FutureState, timeout: float | None) -> Any:
+        values = self._sync(self._fetch_async([state]), timeout)
+        return deserialize(values[state.key])
+
+    async def _fetch_async(self, states: list[FutureState]) -> dict[str, Serialized]:
+        """Fetch finished keys straight from workers; retry via the scheduler's who_has."""
+        assert self._peers is not None
+        out: dict[str, Serialized] = {}
+        todo = {st.key: list(st.workers) for st in states}
+        for _attempt in range(5):
+            by_worker: dict[str, list[str]] = {}
+            for key, holders in todo.items():
+                if holders:
+                    by_worker.setdefault(holders[hash(key) % len(holders)], []).append(key)
+            replies = await asyncio.gather(
+                *(self._peers.request(w, GetData(next_rid(), keys)) for w, keys in by_worker.items()),
+                return_exceptions=True,
+            )  # fmt: skip
+            for (worker, keys), reply in zip(by_worker.items(), replies):
+                if isinstance(reply, DataReply):
+                    for key, ser in reply.data.items():
+                        out[key] = ser
+                        todo.pop(key, None)
+            if not todo:
+                return out
+            who_has = await self._request(WhoHas(next_rid(), list(todo)))
+            todo = {k: list(who_has.get(k) or []) for k in todo}
+            missing = [k for k, holders in todo.items() if not holders]
+            if missing:
+                raise FutureLostError(f"no worker holds {missing[:5]} any more")
+        raise FutureLostError(f"could not fetch {sorted(todo)[:5]} from their workers")
+
+    # --------------------------------------------------------------- scatter
+
+    def scatter(self, data: Any, broadcast: bool = False, workers: list[str] | None = None,
+                hash: bool = True) -> Any:  # noqa: A002 - dask's name  # fmt: skip
+        """Put data on workers directly; returns futures in the shape of ``data``."""
+        self._check_running()
+        if isinstance(data, dict):
+            names, values = list(data), list(data.values())
+        elif isinstance(data, (list, tuple, set, frozenset)):
+            names, values = None, list(data)
+        else:
+            names, values = None, [data]
+        packed = [serialize(v, f"scattered {type(v).__name__}") for v in values]
+        keys = [str(n) for n in names] if names is not None else [
+            f"{type(v).__name__}-" + (_hash_frames(p) if hash else uuid.uuid4().hex)
+            for v, p in zip(values, packed)]  # fmt: skip
+        futures = [Future(k, self) for k in keys]
+        coro = self._scatter_async(keys, packed, broadcast, workers)
+        if self.asynchronous:
+            async def finish() -> Any:
+                await coro
+                return _scatter_shape(data, futures)
+
+            return finish()
+        self._sync(coro)
+        return _scatter_shape(data, futures)
+
+    async def _scatter_async(self, keys: list[str], packed: list[Serialized], broadcast: bool,
+                             workers: list[str] | None) -> None:  # fmt: skip
+        assert self._peers is not None
+        targets: list[list[str]] = await self._request(
+            ScatterTargets(next_rid(), len(keys), broadcast, workers))
+        if len(targets) != len(keys):
+            raise RuntimeError("no workers to scatter to: start some workers first")
+        per_worker: dict[str, dict[str, Serialized]] = {}
+        for key, ser, where in zip(keys, packed, targets):
+            for w in where:
+                per_worker.setdefault(w, {})[key] = ser
+        await asyncio.gather(*(self._peers.request(w, UpdateData(next_rid(), d))
+                               for w, d in per_worker.items()))  # fmt: skip
+        self._send_now(Scattered(keys, targets, [p.nbytes for p in packed]))
+
+    # ------------------------------------------------------------- controls
+
+    def cancel(self, futures: Iterable[Future] | Future) -> None:
+        """Cancel futures for this client (what depends on them too)."""
+        fs = [futures] if isinstance(futures, Future) else list(futures)
+
+        def mark() -> None:
+            for f in fs:
+                if not f._state.done():
+                    f._state.fail("cancelled", "cancelled by the client", status="cancelled")
+
+        self._call_soon(mark)
+        self._send(CancelKeys([f.key for f in fs]))
+
+    def want(self, futures: Iterable[Future]) -> None:
+        self._send(WantKeys([f.key for f in futures]))
+
+    # --------------------------------------------------------------- queries
+
+    def who_has(self, futures: Iterable[Future] | None = None) -> Any:
+        keys = None if futures is None else [f.key for f in futures]
+        return self._sync(self._request(WhoHas(next_rid(), keys)))
+
+    def nthreads(self) -> Any:
+        return self._sync(self._request(Nthreads(next_rid())))
+
+    ncores = nthreads
+
+    def scheduler_info(self) -> Any:
+        return self._sync(self._request(Identity(next_rid())))
+
+    def story(self, key: str | Future) -> Any:
+        k = key.key if isinstance(key, Future) else key
+        return self._sync(self._request(Story(next_rid(), k)))
+
+    def run(self, fn: Callable[..., Any], *args: Any, workers: list[str] | None = None,
+            **kwargs: Any) -> Any:  # fmt: skip
+        """Run ``fn(*args, **kwargs)`` once on every worker; returns ``{address: result}``."""
+        packed = serialize(lambda: fn(*args, **kwargs), "function")
+
+        async def go() -> dict[str, Any]:
+            replies = await self._request(RunOnWorkers(next_rid(), packed, workers))
+            out: dict[str, Any] = {}
+            for address, answer in replies.items():
+                if not answer.get("ok"):
+                    if answer.get("result") is not None:
+                        raise deserialize(answer["result"])
+                    raise ConnectionError(f"worker {address}: {answer.get('error')}")
+                out[address] = deserialize(answer["result"])
+            return out
+
+        return self._sync(go())
+
+    def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> Any:
+        async def go() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (timeout if timeout is not None else 60)
+            while True:
+                info = await self._request(Identity(next_rid()))
+                if len(info["workers"]) >= n_workers:
+                    return
+                if loop.time() > deadline:
+                    raise TimeoutError(f"only {len(info['workers'])} of {n_workers} workers"
+                                       f" arrived within {timeout}s")  # fmt: skip
+                await asyncio.sleep(0.05)
+
+        return self._sync(go())
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _funcname(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "lambda" if name == "<lambda>" else str(name)
+
+
+def _hash_frames(ser: Serialized) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for frame in ser.frames:
+        h.update(frame)
+    return h.hexdigest()
+
+
+def _collect_futures(obj: Any, out: list[Future]) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for x in obj:
+            _collect_futures(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _collect_futures(x, out)
+
+
+def _rebuild(obj: Any, values: dict[str, Any]) -> Any:
+    if isinstance(obj, Future):
+        return values[obj.key]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return type(obj)(_rebuild(x, values) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, values) for k, v in obj.items()}
+    return obj
+
+
+def _fetchable(states: list[FutureState], errors: str) -> list[FutureState]:
+    if errors == "raise":
+        for st in states:
+            if st.status != "finished":
+                error = st.exception_object()
+                assert error is not None
+                st.emit_warnings()
+                raise error
+    return [st for st in states if st.status == "finished"]
+
+
+def _scatter_shape(data: Any, futures: list[Future]) -> Any:
+    if isinstance(data, dict):
+        return dict(zip(data, futures))
+    if isinstance(data, (list, tuple, set, frozenset)):
+        return type(data)(futures)
+    return futures[0]
+
+
+@atexit.register
+def _close_clients_at_exit() -> None:
+    for client in list(_live_clients):
+        if client.status == "running" and not client.asynchronous:
+            try:
+                client.close(timeout=10)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass

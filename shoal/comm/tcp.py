@@ -1,0 +1,332 @@
+"""TCP transport: frames (see `protocol.framing`) over an asyncio ``BufferedProtocol``.
+
+Reads land where they belong: a large part goes straight from the kernel into its own
+``bytearray``, and the decoded `Serialized` values are memoryviews of it, so a NumPy array
+is rebuilt without a copy. Writes hand the parts to the transport one by one (small ones
+joined, so a small frame is one packet) and wait while the transport says it is full.
+Works on the default event loop and on uvloop, IPv4 and IPv6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+from ..protocol.codec import Codec, ProtocolError, decode_handshake, encode_handshake
+from ..protocol.framing import HANDSHAKE_MAX_FRAME_BYTES, FrameReader, frame_prefix, max_frame_bytes
+from ..protocol.messages import Message, Msg, Welcome
+from ..protocol.serialize import Buffer
+from .addressing import format_address, parse_host_port
+from .core import Backend, Comm, CommClosedError, Listener
+
+logger = logging.getLogger("shoal.comm")
+
+DEFAULT_HOST = "127.0.0.1"
+#: Stop reading from the socket while this many received bytes wait for `read()`.
+READ_PAUSE_BYTES = 64 * 1024 * 1024
+#: Consecutive parts smaller than this are joined into one write: one syscall, one packet.
+COALESCE_BYTES = 64 * 1024
+#: A graceful close that cannot flush within this many seconds becomes an abort.
+CLOSE_TIMEOUT = 5.0
+#: Pending connections the kernel queues; many workers may connect at once.
+BACKLOG = 1024
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """The state of one TCP connection: parsed frames waiting to be read, write pausing,
+    and why it ended. `TCPComm` is the face of it."""
+
+    def __init__(
+        self, max_frame_bytes: int, on_connect: Callable[[_FrameProtocol], None] | None = None
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_connect = on_connect
+        self._max_frame_bytes = max_frame_bytes
+        # Until the handshake passes, a frame may be no bigger than a Hello needs.
+        self.reader = FrameReader(HANDSHAKE_MAX_FRAME_BYTES)
+        self.transport = cast(asyncio.Transport, None)  # set in connection_made
+        self.frames: deque[list[memoryview]] = deque()
+        self.queued_bytes = 0
+        self.established = False  #: the handshake passed
+        self.closing = False  #: we closed or aborted
+        self.lost = False  #: the connection is gone
+        self.lost_future: asyncio.Future[None] = self._loop.create_future()
+        self.error: BaseException | None = None  #: why it ended, unless by a clean close
+        self.peer_address = "tcp://?"
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._write_paused = False
+        self._read_paused = False
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer_address = _format_sockname(transport.get_extra_info("peername"))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # Small control messages must not wait for Nagle's algorithm.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self.reader.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self.violation(exc)
+            return
+        if frames:
+            for frame in frames:
+                self.queued_bytes += _frame_nbytes(frame)
+            self.frames.extend(frames)
+            self._wake_reader()
+            if self.queued_bytes > READ_PAUSE_BYTES and not self._read_paused:
+                self._read_paused = True
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self.reader.mid_frame and self.error is None:
+            self.error = ProtocolError("connection closed in the middle of a frame")
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.error is None:
+            self.error = exc
+        self._wake_reader()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self.lost_future.done():
+            self.lost_future.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- used by TCPComm
+
+    def establish(self) -> None:
+        """The handshake passed: frames may now be as big as the configured limit."""
+        self.established = True
+        self.reader.max_frame_bytes = self._max_frame_bytes
+
+    def violation(self, exc: ProtocolError) -> None:
+        """The peer broke the protocol: drop the connection."""
+        if self.error is None:
+            self.error = exc
+        if self.established:  # before that, the handshake reports it
+            logger.warning("closing connection with %s: %s", self.peer_address, exc)
+        self.abort()
+
+    def abort(self) -> None:
+        self.closing = True
+        self._wake_reader()
+        self.transport.abort()
+
+    async def wait_for_frame(self) -> None:
+        if self._read_waiter is not None:
+            raise RuntimeError("another task is already reading from this comm")
+        self._read_waiter = self._loop.create_future()
+        try:
+            await self._read_waiter
+        finally:
+            self._read_waiter = None
+
+    def pop_frame(self) -> list[memoryview]:
+        frame = self.frames.popleft()
+        self.queued_bytes -= _frame_nbytes(frame)
+        if self._read_paused and self.queued_bytes <= READ_PAUSE_BYTES // 2 and not self.lost:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return frame
+
+    def write_frame(self, parts: list[Buffer]) -> None:
+        """Hand one frame to the transport. Small parts are joined (one syscall); large
+        ones are passed as they are, never joined into one big buffer."""
+        pending: list[Buffer] = [frame_prefix(parts)]
+        for part in parts:
+            view = memoryview(part)
+            if view.nbytes < COALESCE_BYTES:
+                pending.append(part)
+                continue
+            self.transport.write(b"".join(pending))
+            pending = []
+            self.transport.write(view if view.ndim == 1 and view.format == "B" else view.cast("B"))
+        if pending:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.lost:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._drain_waiters.remove(waiter)
+        if self.lost:
+            raise CommClosedError(f"connection with {self.peer_address} was lost while writing")
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _frame_nbytes(frame: list[memoryview]) -> int:
+    return sum(part.nbytes for part in frame)
+
+
+def _format_sockname(sockname: object) -> str:
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return format_address("tcp", str(sockname[0]), int(sockname[1]))
+    return f"tcp://{sockname}"
+
+
+class TCPComm(Comm):
+    def __init__(self, protocol: _FrameProtocol) -> None:
+        self._protocol = protocol
+        self._encoder = Codec()
+        self._decoder = Codec()
+        self._local_address = _format_sockname(protocol.transport.get_extra_info("sockname"))
+
+    @property
+    def closed(self) -> bool:
+        return self._protocol.closing or self._protocol.lost
+
+    @property
+    def peer_address(self) -> str:
+        return self._protocol.peer_address
+
+    @property
+    def local_address(self) -> str:
+        return self._local_address
+
+    async def read(self) -> list[Message]:
+        if not self._protocol.established:
+            raise RuntimeError("read() before the handshake passed")
+        parts = await self._read_frame()
+        try:
+            return self._decoder.decode(parts)
+        except Exception as exc:  # any decoding failure is the peer's fault
+            error = exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc))
+            self._protocol.violation(error)
+            raise CommClosedError(f"{self.peer_address} sent a bad message: {error}") from error
+
+    async def write(self, msgs: list[Msg]) -> None:
+        self._check_writable()
+        self._protocol.write_frame(self._encoder.encode(msgs))
+        await self._protocol.drain()
+
+    async def close(self) -> None:
+        protocol = self._protocol
+        if not protocol.closing:
+            protocol.closing = True
+            protocol.transport.close()  # flushes what is buffered, then closes
+        if not protocol.lost_future.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(protocol.lost_future), CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:  # the peer does not read: give up on the rest
+                protocol.abort()
+                await protocol.lost_future
+
+    def abort(self) -> None:
+        self._protocol.abort()
+
+    async def write_handshake(self, msg: Msg) -> None:
+        self._check_writable()
+        self._protocol.write_frame(encode_handshake(msg))
+        if isinstance(msg, Welcome):
+            self._protocol.establish()
+        await self._protocol.drain()
+
+    async def read_handshake(self, expect: tuple[type[Msg], ...]) -> Msg:
+        parts = await self._read_frame()
+        error = ProtocolError("no handshake message type expected")
+        for typ in expect:  # decode_handshake takes one type: try each
+            try:
+                msg = decode_handshake(parts, typ)
+            except ProtocolError as exc:
+                error = exc
+                continue
+            if isinstance(msg, Welcome):
+                self._protocol.establish()
+            return msg
+        raise error
+
+    async def _read_frame(self) -> list[memoryview]:
+        protocol = self._protocol
+        while True:
+            if protocol.closing:
+                raise CommClosedError(f"connection with {self.peer_address} is closed")
+            if protocol.frames:
+                return protocol.pop_frame()
+            if protocol.lost:
+                # Everything the peer sent before closing has been read.
+                reason = protocol.error
+                text = f"connection with {self.peer_address} was closed"
+                raise CommClosedError(f"{text}: {reason}" if reason else text) from reason
+            await protocol.wait_for_frame()
+
+    def _check_writable(self) -> None:
+        if self.closed:
+            raise CommClosedError(f"connection with {self.peer_address} is closed")
+
+
+class TCPListener(Listener):
+    def __init__(self, server: asyncio.AbstractServer, address: str) -> None:
+        self._server = server
+        self._address = address
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def stop(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+class TCPBackend(Backend):
+    async def connect(self, location: str) -> Comm:
+        host, port = parse_host_port(location)
+        if not host or port is None:
+            raise ValueError(f"a tcp address needs a host and a port, not {location!r}")
+        limit = max_frame_bytes()
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(lambda: _FrameProtocol(limit), host, port)
+        return TCPComm(protocol)
+
+    async def listen(self, location: str, on_comm: Callable[[Comm], None]) -> Listener:
+        host, port = parse_host_port(location)
+        limit = max_frame_bytes()
+
+        def accepted(protocol: _FrameProtocol) -> None:
+            on_comm(TCPComm(protocol))
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _FrameProtocol(limit, on_connect=accepted),
+            host or DEFAULT_HOST,
+            port or 0,
+            backlog=BACKLOG,
+        )
+        # With port 0 and a name that resolves to several addresses, each socket gets its
+        # own port; the first one is the address we report.
+        address = _format_sockname(server.sockets[0].getsockname())
+        return TCPListener(server, address)

@@ -1,0 +1,156 @@
+"""Running one task on a worker thread: load the function, build the arguments, call it.
+
+Everything user-facing about a task's outcome is shaped here: the result's size, the
+exception as the client will see it (pickled, with the remote traceback as text) and the
+warnings the task raised (captured per thread and sent back with the outcome).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import threading
+import traceback
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from .protocol.refs import providing
+from .protocol.serialize import Serialized, deserialize, serialize
+
+_capture = threading.local()
+_hook_lock = threading.Lock()
+_installed = False
+
+
+def install_warning_capture(always: bool) -> None:
+    """Route warnings raised inside tasks to the running task (idempotent).
+
+    ``always`` (worker processes only) shows every warning, not just the first per place,
+    so each task run reports its own; an in-process worker leaves the user's filters alone.
+    """
+    global _installed
+    with _hook_lock:
+        if _installed:
+            return
+        original = warnings.showwarning
+
+        def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
+                        file: Any = None, line: str | None = None) -> None:  # fmt: skip
+            records: list[tuple[Any, ...]] | None = getattr(_capture, "records", None)
+            if records is None:
+                original(message, category, filename, lineno, file, line)
+            else:
+                records.append((category, str(message), filename, lineno))
+
+        warnings.showwarning = showwarning
+        if always:
+            warnings.simplefilter("always")
+        _installed = True
+
+
+class FunctionCache:
+    """Unpickled task functions by their pickled bytes (a `map` shares one function)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._cache: OrderedDict[bytes, Any] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def load(self, payload: bytes) -> Any:
+        with self._lock:
+            fn = self._cache.get(payload)
+            if fn is not None:
+                self._cache.move_to_end(payload)
+                return fn
+        fn = pickle.loads(payload)
+        with self._lock:
+            self._cache[payload] = fn
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return fn
+
+
+class Outcome:
+    """What running a task produced, ready for the worker's state machine."""
+
+    __slots__ = ("key", "ok", "value", "nbytes", "typename", "exception", "traceback", "text",
+                 "start", "stop", "warnings")  # fmt: skip
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ok = False
+        self.value: Any = None
+        self.nbytes = 0
+        self.typename = ""
+        self.exception: Serialized | None = None
+        self.traceback: Serialized | None = None
+        self.text = ""
+        self.start = 0.0
+        self.stop = 0.0
+        self.warnings: Serialized | None = None
+
+
+def run_task(key: str, function: bytes, args: Serialized, data: Mapping[str, Any],
+             functions: FunctionCache, clock: Any) -> Outcome:  # fmt: skip
+    """Run a task; never raises (a failure is reported in the `Outcome`)."""
+    out = Outcome(key)
+    records: list[tuple[Any, ...]] = []
+    _capture.records = records
+    out.start = clock()
+    try:
+        fn = functions.load(function)
+        with providing(data):
+            call_args, call_kwargs = deserialize(args)
+        value = fn(*call_args, **call_kwargs)
+        out.ok = True
+        out.value = value
+        out.nbytes = sizeof(value)
+        out.typename = type(value).__qualname__
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the client
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        out.ok = False
+        out.exception, out.traceback, out.text = pack_exception(exc)
+    finally:
+        out.stop = clock()
+        _capture.records = None
+    if records:
+        try:
+            out.warnings = serialize(records, "warnings")
+        except TypeError:
+            out.warnings = serialize([(UserWarning, str(r[1]), r[2], r[3]) for r in records])
+    return out
+
+
+def pack_exception(exc: BaseException) -> tuple[Serialized, Serialized, str]:
+    """The exception pickled (or a stand-in naming it), its traceback as text, its repr."""
+    text = f"{type(exc).__name__}: {exc}"
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        exc.__traceback__ = None
+        packed = serialize(exc, "exception")
+        pickle.loads(packed.frames[0], buffers=packed.frames[1:])  # must round-trip
+    except Exception:  # noqa: BLE001 - fall back to a plain error that keeps the text
+        packed = serialize(RuntimeError(f"{text} (the original exception could not be pickled)"))
+    return packed, serialize(tb_text), text
+
+
+def sizeof(obj: object) -> int:
+    """Bytes an object holds, roughly: exact for buffers and arrays, shallow for the rest."""
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, memoryview):
+        return obj.nbytes
+    if isinstance(obj, (list, tuple, set, frozenset)) and len(obj) < 10_000:
+        return sys.getsizeof(obj) + sum(sizeof(x) for x in list(obj)[:1000])
+    if isinstance(obj, dict) and len(obj) < 10_000:
+        return sys.getsizeof(obj) + sum(sizeof(k) + sizeof(v) for k, v in obj.items())
+    try:
+        return sys.getsizeof(obj)
+    except TypeError:
+        return 64

@@ -1,0 +1,320 @@
+"""Futures: handles to results that live in the cluster, and ways to wait on many.
+
+A `Future` is a handle; many handles to one key share one `FutureState`, updated only on the
+client's event loop. While any handle to a key is alive the client holds the key on the
+scheduler; when the last one goes, the key is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from .exceptions import FAILURE_KINDS, CancelledError, RemoteTraceback
+from .protocol.refs import collected_keys, resolve_ref
+from .protocol.serialize import Serialized, deserialize
+
+if TYPE_CHECKING:
+    from .client import Client
+
+Status = Literal["pending", "finished", "error", "cancelled", "lost"]
+
+
+class FutureState:
+    """What the client knows of one key. Changed only on the client's loop thread."""
+
+    __slots__ = ("key", "status", "workers", "nbytes", "typename", "failure", "event",
+                 "callbacks", "warnings", "async_waiters")  # fmt: skip
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.status: Status = "pending"
+        self.workers: list[str] = []
+        self.nbytes = 0
+        self.typename = ""
+        #: (kind, text, exception, traceback) once erred, lost or cancelled
+        self.failure: tuple[str, str, Serialized | None, Serialized | None] | None = None
+        self.event = threading.Event()
+        #: called with the state on the loop thread when the key is done (internal use)
+        self.callbacks: list[Callable[[FutureState], None]] = []
+        self.warnings: Serialized | None = None
+        self.async_waiters: list[asyncio.Future[None]] = []
+
+    def done(self) -> bool:
+        return self.status != "pending"
+
+    def finish(self, workers: list[str], nbytes: int, typename: str,
+               warnings_: Serialized | None) -> None:  # fmt: skip
+        self.workers = workers
+        self.nbytes = nbytes
+        self.typename = typename
+        self.warnings = warnings_
+        self.failure = None
+        self._set("finished")
+
+    def fail(self, kind: str, text: str, exception: Serialized | None = None,
+             traceback: Serialized | None = None, warnings_: Serialized | None = None,
+             status: Status = "error") -> None:  # fmt: skip
+        self.failure = (kind, text, exception, traceback)
+        self.warnings = warnings_
+        self._set(status)
+
+    def reset(self) -> None:
+        """The key went back to pending (e.g. recomputed after a loss)."""
+        self.status = "pending"
+        self.event.clear()
+
+    def _set(self, status: Status) -> None:
+        self.status = status
+        self.event.set()
+        for waiter in self.async_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.async_waiters.clear()
+        callbacks, self.callbacks = self.callbacks, []
+        for cb in callbacks:
+            cb(self)
+
+    def exception_object(self) -> BaseException | None:
+        """The exception a waiter should see, rebuilt from what the scheduler sent."""
+        if self.failure is None:
+            return None
+        kind, text, exc, tb = self.failure
+        if self.status == "cancelled":
+            return CancelledError(f"{self.key}: {text or 'cancelled'}")
+        if kind == "exception" and exc is not None:
+            try:
+                error: BaseException = deserialize(exc)
+            except Exception as err:  # noqa: BLE001 - the client may lack the exception's module
+                error = RuntimeError(f"{text} (could not unpickle the exception here: {err})")
+            if tb is not None:
+                try:
+                    error.__cause__ = RemoteTraceback(deserialize(tb))
+                except Exception:  # noqa: BLE001 - a traceback is a courtesy
+                    pass
+            return error
+        cls = FAILURE_KINDS.get(kind, FAILURE_KINDS["lost"])
+        return cls(text)
+
+    def emit_warnings(self) -> None:
+        """Re-raise the task's warnings here, once, so the caller's filters see them."""
+        packed, self.warnings = self.warnings, None
+        if packed is None:
+            return
+        try:
+            records = deserialize(packed)
+        except Exception:  # noqa: BLE001 - an unpicklable warning category
+            return
+        for category, message, filename, lineno in records:
+            warnings.warn_explicit(message, category, filename, lineno)
+
+
+class Future:
+    """A handle to the result of a task (or to scattered data) held in the cluster."""
+
+    __slots__ = ("key", "client", "_state", "__weakref__")
+
+    def __init__(self, key: str, client: Client, state: FutureState | None = None) -> None:
+        self.key = key
+        self.client = client
+        self._state = state if state is not None else client._acquire(key)
+
+    # -- status
+
+    @property
+    def status(self) -> Status:
+        return self._state.status
+
+    def done(self) -> bool:
+        return self._state.done()
+
+    def cancelled(self) -> bool:
+        return self._state.status == "cancelled"
+
+    # -- results
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's result; raises its exception (original type, remote traceback attached)."""
+        if self.client.asynchronous:
+            return self._result_async(timeout)
+        if not self._state.event.wait(timeout):
+            raise TimeoutError(f"{self.key} did not finish within {timeout}s")
+        self._state.emit_warnings()
+        error = self._state.exception_object()
+        if error is not None:
+            raise error
+        return self.client._fetch_one(self._state, timeout)
+
+    async def _result_async(self, timeout: float | None = None) -> Any:
+        await self._wait_async(timeout)
+        self._state.emit_warnings()
+        error = self._state.exception_object()
+        if error is not None:
+            raise error
+        values = await self.client._fetch_async([self._state])
+        return deserialize(values[self.key])
+
+    async def _wait_async(self, timeout: float | None = None) -> None:
+        if not self._state.done():
+            waiter = asyncio.get_running_loop().create_future()
+            self._state.async_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"{self.key} did not finish within {timeout}s") from None
+
+    def __await__(self) -> Any:
+        return self._result_async().__await__()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's exception, or None if it succeeded; waits up to ``timeout``."""
+        if not self._state.event.wait(timeout):
+            raise TimeoutError(f"{self.key} did not finish within {timeout}s")
+        if self._state.status == "finished":
+            return None
+        return self._state.exception_object()
+
+    def traceback(self, timeout: float | None = None) -> str | None:
+        """The remote traceback as text, or None."""
+        error = self.exception(timeout)
+        cause = getattr(error, "__cause__", None)
+        return cause.tb if isinstance(cause, RemoteTraceback) else None
+
+    # -- control
+
+    def cancel(self) -> bool:
+        """Cancel this key for this client; returns True unless it already finished."""
+        if self._state.status == "finished":
+            return False
+        self.client.cancel([self])
+        return True
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(self)`` on a client thread once the future is done."""
+        self.client._add_done_callback(self, fn)
+
+    def release(self) -> None:
+        """Drop this handle's hold on the key now rather than at garbage collection."""
+        state, self._state = self._state, _RELEASED
+        if state is not _RELEASED:
+            self.client._release(self.key)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, client already gone
+            pass
+
+    # -- pickling: inside task arguments a future becomes its value on the worker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        keys = collected_keys()
+        if keys is not None:
+            keys.append(self.key)
+            return (resolve_ref, (self.key,))
+        return (_rebuild_future, (self.key,))
+
+    def __repr__(self) -> str:
+        typename = f", type: {self._state.typename}" if self._state.typename else ""
+        return f"<Future: {self.status}{typename}, key: {self.key}>"
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Future) and other.key == self.key
+
+
+_RELEASED = FutureState("<released>")
+
+
+def _rebuild_future(key: str) -> Future:
+    from .client import default_client
+
+    client = default_client()
+    return Future(key, client)
+
+
+# ------------------------------------------------------------------ waiting
+
+
+def wait(
+    futures: Iterable[Future] | Future,
+    timeout: float | None = None,
+    return_when: str = "ALL_COMPLETED",
+) -> tuple[set[Future], set[Future]]:
+    """Wait like `concurrent.futures.wait`: returns ``(done, not_done)``."""
+    fs = [futures] if isinstance(futures, Future) else list(futures)
+    if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"):
+        raise ValueError(f"unknown return_when {return_when!r}")
+    changed = threading.Event()
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def satisfied() -> bool:
+        done = [f for f in fs if f.done()]
+        if return_when == "ALL_COMPLETED":
+            return len(done) == len(fs)
+        if return_when == "FIRST_COMPLETED":
+            return bool(done) or not fs
+        return len(done) == len(fs) or any(f.status != "finished" for f in done)
+
+    for f in fs:
+        if not f.done():
+            f.client._on_done(f._state, lambda _s: changed.set())
+    while not satisfied():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            break
+        changed.wait(remaining)
+        changed.clear()
+    done = {f for f in fs if f.done()}
+    return done, {f for f in fs if f not in done}
+
+
+class as_completed:  # noqa: N801 - named like concurrent.futures.as_completed
+    """Iterate over futures as they complete (and, with ``with_results``, their results)."""
+
+    def __init__(self, futures: Iterable[Future] = (), with_results: bool = False,
+                 raise_errors: bool = True) -> None:  # fmt: skip
+        self.with_results = with_results
+        self.raise_errors = raise_errors
+        self._queue: queue.Queue[Future] = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        for f in futures:
+            self.add(f)
+
+    def add(self, future: Future) -> None:
+        with self._lock:
+            self._pending += 1
+        future.client._on_done(future._state, lambda _s: self._queue.put(future))
+
+    def count(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def is_empty(self) -> bool:
+        return self.count() == 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        with self._lock:
+            if self._pending == 0:
+                raise StopIteration
+            self._pending -= 1
+        future = self._queue.get()
+        if self.with_results:
+            try:
+                return future, future.result()
+            except Exception as exc:
+                if self.raise_errors:
+                    raise
+                return future, exc
+        return future

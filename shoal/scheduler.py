@@ -1,0 +1,349 @@
+"""The scheduler server: binds client and worker connections to a pure `SchedulerState`.
+
+Wire messages become events, the state machine decides, and its instructions go out on each
+peer's batched connection. Requests that only read state (who_has, nthreads, story) are
+answered here directly. User data never passes through: `Serialized` payloads are carried
+as opaque bytes, and `run` is forwarded to workers without being unpickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from typing import Any
+
+from .comm.batched import BatchedSend
+from .comm.core import Comm, CommClosedError
+from .comm.registry import listen
+from .core.scheduler_events import (
+    ClientConnected,
+    ClientDisconnected,
+    DataMissing,
+    DataScattered,
+    Instruction,
+    KeysCancelled,
+    KeysReleased,
+    KeysWanted,
+    ReplicasAdded,
+    SchedulerEvent,
+    TaskErredEvent,
+    TaskFinishedEvent,
+    TasksSubmitted,
+    ToClient,
+    WorkerJoined,
+    WorkerLeft,
+)
+from .core.scheduler_state import SchedulerState
+from .protocol.messages import (
+    PROTOCOL_VERSION,
+    AddKeys,
+    CancelKeys,
+    CloseWorker,
+    Heartbeat,
+    Hello,
+    Identity,
+    MissingData,
+    Msg,
+    Nthreads,
+    RegisterWorker,
+    ReleaseKeys,
+    Reply,
+    RunFunction,
+    RunOnWorkers,
+    Scattered,
+    ScatterTargets,
+    SchedulerClosing,
+    Story,
+    SubmitTasks,
+    TaskErred,
+    TaskFinished,
+    WantKeys,
+    WhoHas,
+)
+from .rpc import PeerPool, next_rid
+
+logger = logging.getLogger("shoal.scheduler")
+
+
+class Scheduler:
+    """The scheduler's server. ``await start()``; ``address`` is where clients and workers go."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8786,
+        *,
+        token: str | None = None,
+        name: str = "scheduler",
+        validate: bool = False,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.listen_address = f"tcp://{host}:{port}" if "://" not in host else host
+        self.token = token
+        self.name = name
+        self.handshake_timeout = handshake_timeout
+        self.state = SchedulerState(validate=validate)
+        self.address = ""
+        self.started = 0.0
+        self._listener: Any = None
+        self._clients: dict[str, BatchedSend] = {}
+        self._workers: dict[str, BatchedSend] = {}
+        self._worker_comms: dict[str, Comm] = {}
+        self._client_ids = itertools.count(1)
+        self._peers: PeerPool | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = asyncio.Event()
+        self._closing = False
+        #: address -> the latest heartbeat (for metrics and the dashboard)
+        self.heartbeats: dict[str, Heartbeat] = {}
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def start(self) -> Scheduler:
+        self._listener = await listen(
+            self.listen_address, self._serve, name=self.name, token=self.token,
+            handshake_timeout=self.handshake_timeout, roles={"client", "worker"},
+        )  # fmt: skip
+        self.address = self._listener.address
+        self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
+                                     os.getpid()))  # fmt: skip
+        self.started = time.time()
+        logger.info("scheduler at %s", self.address)
+        return self
+
+    def __await__(self) -> Any:
+        return self.start().__await__()
+
+    async def finished(self) -> None:
+        await self._closed.wait()
+
+    async def close(self, close_workers: bool = False) -> None:
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        logger.info("scheduler %s closing", self.address)
+        if self._listener is not None:
+            await self._listener.stop()
+        for send in list(self._workers.values()):
+            if close_workers:
+                send.send(CloseWorker("scheduler is closing"))
+            await send.close()
+        for send in list(self._clients.values()):
+            send.send(SchedulerClosing("scheduler is closing"))
+            await send.close()
+        if self._peers is not None:
+            await self._peers.close()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current),
+                             return_exceptions=True)  # fmt: skip
+        self._closed.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ state driving
+
+    def _handle(self, events: list[SchedulerEvent]) -> None:
+        self._dispatch(self.state.handle(events, time.time()))
+
+    def _dispatch(self, instructions: list[Instruction]) -> None:
+        for ins in instructions:
+            if isinstance(ins, ToClient):
+                client = self._clients.get(ins.client)
+                if client is not None:
+                    client.send(ins.msg)
+            else:
+                worker = self._workers.get(ins.address)
+                if worker is not None:
+                    worker.send(ins.msg)
+
+    # ---------------------------------------------------------------- serving
+
+    async def _serve(self, comm: Comm) -> None:
+        hello = comm.peer
+        assert hello is not None
+        if hello.role == "worker":
+            self._current_task_track()
+            await self._serve_worker(comm)
+        else:
+            self._current_task_track()
+            await self._serve_client(comm, hello)
+
+    def _current_task_track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_client(self, comm: Comm, hello: Hello) -> None:
+        client = f"{hello.name}-{next(self._client_ids)}"
+        send = BatchedSend(comm)
+        self._clients[client] = send
+        self._handle([ClientConnected(f"connect-{client}", client)])
+        logger.info("client %s connected from %s", client, comm.peer_address)
+        try:
+            while True:
+                events: list[SchedulerEvent] = []
+                for msg in await comm.read():
+                    event = self._client_event(client, msg, send)
+                    if event is not None:
+                        events.append(event)
+                if events:
+                    self._handle(events)
+        except CommClosedError:
+            pass
+        except Exception:
+            logger.exception("closing connection to client %s", client)
+        finally:
+            self._clients.pop(client, None)
+            self._handle([ClientDisconnected(f"disconnect-{client}", client)])
+            await send.close()
+            logger.info("client %s disconnected", client)
+
+    def _client_event(self, client: str, msg: Msg, send: BatchedSend) -> SchedulerEvent | None:
+        if isinstance(msg, SubmitTasks):
+            return TasksSubmitted(msg.stimulus_id or "submit", client, msg.tasks, msg.wanted)
+        if isinstance(msg, ReleaseKeys):
+            return KeysReleased(msg.stimulus_id or "release", client, msg.keys)
+        if isinstance(msg, WantKeys):
+            return KeysWanted("want", client, msg.keys)
+        if isinstance(msg, CancelKeys):
+            return KeysCancelled(msg.stimulus_id or "cancel", client, msg.keys)
+        if isinstance(msg, Scattered):
+            return DataScattered(msg.stimulus_id or "scatter", client, msg.keys, msg.workers,
+                                 msg.nbytes)  # fmt: skip
+        if isinstance(msg, WhoHas):
+            send.send(Reply(msg.rid, self.who_has(msg.keys)))
+        elif isinstance(msg, Nthreads):
+            send.send(Reply(msg.rid, {a: w.nthreads for a, w in self.state.workers.items()}))
+        elif isinstance(msg, Identity):
+            send.send(Reply(msg.rid, self.identity()))
+        elif isinstance(msg, Story):
+            send.send(Reply(msg.rid, [list(row) for row in self.state.story(msg.key)]))
+        elif isinstance(msg, ScatterTargets):
+            send.send(Reply(msg.rid, self._scatter_targets(msg)))
+        elif isinstance(msg, RunOnWorkers):
+            self._spawn(self._run_on_workers(msg, send))
+        else:
+            raise ValueError(f"a client may not send {type(msg).__name__}")
+        return None
+
+    async def _serve_worker(self, comm: Comm) -> None:
+        try:
+            first = await asyncio.wait_for(comm.read(), self.handshake_timeout)
+        except (CommClosedError, asyncio.TimeoutError):
+            comm.abort()
+            return
+        if len(first) != 1 or not isinstance(first[0], RegisterWorker):
+            logger.warning("worker at %s did not register; closing", comm.peer_address)
+            comm.abort()
+            return
+        reg = first[0]
+        address = reg.address
+        if address in self._workers:
+            await comm.write([Reply(reg.rid, error=f"a worker at {address} is already here")])
+            comm.abort()
+            return
+        send = BatchedSend(comm)
+        self._workers[address] = send
+        self._worker_comms[address] = comm
+        send.send(Reply(reg.rid, {"address": self.address}))
+        self._handle([WorkerJoined(f"worker-join-{address}", address, reg.nthreads, reg.name,
+                                   reg.memory_limit, dict(reg.resources or {}), list(reg.keys),
+                                   list(reg.nbytes))])  # fmt: skip
+        logger.info("worker %s (%s, %d threads) joined", address, reg.name, reg.nthreads)
+        reason, graceful = "connection closed", False
+        try:
+            while True:
+                events: list[SchedulerEvent] = []
+                for msg in await comm.read():
+                    if isinstance(msg, TaskFinished):
+                        events.append(TaskFinishedEvent(msg.stimulus_id, address, msg))
+                    elif isinstance(msg, TaskErred):
+                        events.append(TaskErredEvent(msg.stimulus_id, address, msg))
+                    elif isinstance(msg, AddKeys):
+                        events.append(ReplicasAdded(msg.stimulus_id, address, msg.keys,
+                                                    msg.nbytes))  # fmt: skip
+                    elif isinstance(msg, MissingData):
+                        events.append(DataMissing(msg.stimulus_id, address, msg.key,
+                                                  msg.holder))  # fmt: skip
+                    elif isinstance(msg, Heartbeat):
+                        self.heartbeats[address] = msg
+                    else:
+                        raise ValueError(f"a worker may not send {type(msg).__name__}")
+                if events:
+                    self._handle(events)
+        except CommClosedError as exc:
+            reason = str(exc) or reason
+            graceful = self._closing
+        except Exception as exc:
+            logger.exception("closing connection to worker %s", address)
+            reason = f"protocol error: {exc}"
+        finally:
+            self._workers.pop(address, None)
+            self._worker_comms.pop(address, None)
+            self.heartbeats.pop(address, None)
+            if self._peers is not None:
+                self._peers.forget(address)
+            if not self._closing:
+                self._handle([WorkerLeft(f"worker-left-{address}", address, reason, graceful)])
+            await send.close()
+            logger.info("worker %s left: %s", address, reason)
+
+    # ------------------------------------------------------------------ queries
+
+    def who_has(self, keys: list[str] | None) -> dict[str, list[str]]:
+        tasks = self.state.tasks
+        if keys is None:
+            keys = [k for k, ts in tasks.items() if ts.who_has]
+        return {k: sorted(w.address for w in tasks[k].who_has) if k in tasks else []
+                for k in keys}  # fmt: skip
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "name": self.name,
+            "started": self.started,
+            "workers": {
+                a: {"name": w.name, "nthreads": w.nthreads, "memory_limit": w.memory_limit,
+                    "processing": len(w.processing), "nbytes": w.nbytes}
+                for a, w in self.state.workers.items()
+            },
+            "tasks": len(self.state.tasks),
+            "clients": len(self.state.clients),
+        }  # fmt: skip
+
+    def _scatter_targets(self, msg: ScatterTargets) -> list[list[str]]:
+        workers = [w for a, w in self.state.workers.items()
+                   if msg.workers is None or a in msg.workers or w.name in msg.workers]  # fmt: skip
+        if not workers:
+            return []
+        if msg.broadcast:
+            return [[w.address for w in workers] for _ in range(msg.count)]
+        # Spread over the workers, the emptiest first.
+        ordered = sorted(workers, key=lambda w: (w.nbytes, len(w.has_what)))
+        return [[ordered[i % len(ordered)].address] for i in range(msg.count)]
+
+    async def _run_on_workers(self, msg: RunOnWorkers, send: BatchedSend) -> None:
+        assert self._peers is not None
+        targets = [a for a in self.state.workers if msg.workers is None or a in msg.workers]
+
+        async def one(address: str) -> tuple[str, Any]:
+            assert self._peers is not None
+            try:
+                reply = await self._peers.request(address, RunFunction(next_rid(), msg.function))
+                return address, reply.value
+            except OSError as exc:
+                return address, {"ok": False, "result": None, "error": str(exc)}
+
+        results = dict(await asyncio.gather(*(one(a) for a in targets)))
+        send.send(Reply(msg.rid, results))
