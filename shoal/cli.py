@@ -1,0 +1,107 @@
+"""The `shoal` command: scheduler, worker and demo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+import click
+
+from .utils.loop import run
+
+DEFAULT_PORT = 8786
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+async def _serve_until_signal(server: Any, started: str) -> None:
+    await server.start()
+    click.echo(started.format(address=server.address), err=False)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(server.finished())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    await server.close()
+    waiter.cancel()
+    await asyncio.gather(waiter, stopper, return_exceptions=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shoal")
+def main() -> None:
+    """shoal: run Python futures and task graphs across many machines.
+
+    Start a scheduler, then workers that join it; connect with shoal.Client(ADDRESS).
+    shoal.Client() with no address starts a local cluster instead.
+    """
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
+              help="Port to listen on (0 picks a free one).")
+@click.option("--token", default=None, envvar="SHOAL_TOKEN",
+              help="Shared secret every client and worker must present [env: SHOAL_TOKEN].")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
+def scheduler(host: str, port: int, token: str | None, log_level: str) -> None:
+    """Run a scheduler; prints the address workers and clients connect to."""
+    from .scheduler import Scheduler
+
+    _setup_logging(log_level)
+    server = Scheduler(host, port, token=token)
+    run(_serve_until_signal(server, "shoal scheduler listening at {address}"))
+
+
+@main.command()
+@click.argument("scheduler_address")
+@click.option("--nthreads", default=1, show_default=True, type=int,
+              help="Threads that run tasks in this worker.")
+@click.option("--name", default=None, help="A name for this worker (default: worker-PID).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface this worker listens on for peers fetching its data.")
+@click.option("--port", default=0, show_default=True, type=int, help="Port for peers (0: any).")
+@click.option("--token", default=None, envvar="SHOAL_TOKEN",
+              help="Shared secret the scheduler expects [env: SHOAL_TOKEN].")
+@click.option("--memory-limit", default=0, type=int, help="Bytes of memory this worker may use.")
+@click.option("--connect-timeout", default=10.0, show_default=True, type=float,
+              help="Seconds to wait for the scheduler before giving up.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
+def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, port: int,
+           token: str | None, memory_limit: int, connect_timeout: float, log_level: str) -> None:
+    """Run a worker that joins the scheduler at SCHEDULER_ADDRESS (e.g. tcp://host:8786)."""
+    from .worker import Worker
+
+    _setup_logging(log_level)
+    server = Worker(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
+                    token=token, memory_limit=memory_limit, connect_timeout=connect_timeout)
+    try:
+        run(_serve_until_signal(server, "shoal worker listening at {address}"))
+    except ConnectionError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--tasks", default=10_000, show_default=True, type=int,
+              help="Monte Carlo tasks to run.")
+@click.option("--n-workers", default=None, type=int, help="Worker processes (default: one per core).")
+def demo(tasks: int, n_workers: int | None) -> None:
+    """A short showcase on a local cluster: Monte Carlo, a task graph, an error."""
+    from .demo import run_demo
+
+    run_demo(tasks=tasks, n_workers=n_workers or os.cpu_count() or 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
