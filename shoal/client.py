@@ -23,7 +23,7 @@ from .comm.batched import BatchedSend
 from .comm.core import Comm, CommClosedError
 from .comm.registry import connect
 from .exceptions import FutureLostError
-from .future import Future, FutureState, as_completed, wait
+from .future import Future, FutureState, Status, as_completed, wait
 from .protocol.messages import (
     PROTOCOL_VERSION,
     CancelKeys,
@@ -201,7 +201,8 @@ class Client:
         self.close()
 
     async def __aenter__(self) -> Client:
-        return await self
+        await self
+        return self
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._close_async()
@@ -231,8 +232,9 @@ class Client:
         self._call_soon(self._send_now, msg)
 
     def _send_now(self, msg: Msg) -> None:
-        if self._send_batch is not None and self.status in ("running", "closing"):
-            self._send_batch.send(msg)
+        batch = self._send_batch
+        if batch is not None and not batch.closed and self.status in ("running", "closing"):
+            batch.send(msg)
 
     def _sync(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the client's loop (sync mode) or hand it back (async mode)."""
@@ -274,7 +276,7 @@ class Client:
         elif isinstance(msg, KeyErred):
             st = self._states.get(msg.key)
             if st is not None:
-                status = "error" if msg.kind == "exception" else "lost"
+                status: Status = "error" if msg.kind == "exception" else "lost"
                 st.fail(msg.kind, msg.text, msg.exception, msg.traceback, msg.warnings, status)
         elif isinstance(msg, KeyCancelled):
             st = self._states.get(msg.key)

@@ -126,15 +126,17 @@ class Scheduler:
             return
         self._closing = True
         logger.info("scheduler %s closing", self.address)
-        if self._listener is not None:
-            await self._listener.stop()
+        # Say goodbye before the listener aborts the connections it still serves.
         for send in list(self._workers.values()):
-            if close_workers:
+            if close_workers and not send.closed:
                 send.send(CloseWorker("scheduler is closing"))
             await send.close()
         for send in list(self._clients.values()):
-            send.send(SchedulerClosing("scheduler is closing"))
+            if not send.closed:
+                send.send(SchedulerClosing("scheduler is closing"))
             await send.close()
+        if self._listener is not None:
+            await self._listener.stop()
         if self._peers is not None:
             await self._peers.close()
         current = asyncio.current_task()
@@ -158,13 +160,12 @@ class Scheduler:
     def _dispatch(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
             if isinstance(ins, ToClient):
-                client = self._clients.get(ins.client)
-                if client is not None:
-                    client.send(ins.msg)
+                send = self._clients.get(ins.client)
             else:
-                worker = self._workers.get(ins.address)
-                if worker is not None:
-                    worker.send(ins.msg)
+                send = self._workers.get(ins.address)
+            # A peer that is going away is handled when its connection's reader ends.
+            if send is not None and not send.closed:
+                send.send(ins.msg)
 
     # ---------------------------------------------------------------- serving
 

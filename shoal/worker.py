@@ -210,7 +210,7 @@ class Worker:
         if isinstance(ins, Execute):
             self._execute(ins.key)
         elif isinstance(ins, ToScheduler):
-            if self._scheduler is not None:
+            if self._scheduler is not None and not self._scheduler.closed:
                 self._scheduler.send(ins.msg)
         elif isinstance(ins, ReleaseData):
             self.data.pop(ins.key, None)
@@ -293,6 +293,8 @@ class Worker:
         try:
             while True:
                 for msg in await comm.read():
+                    if send.closed:
+                        return
                     if isinstance(msg, GetData):
                         send.send(self._get_data(msg))
                     elif isinstance(msg, UpdateData):
@@ -343,4 +345,5 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         reply = await loop.run_in_executor(None, call)
-        send.send(reply)
+        if not send.closed:
+            send.send(reply)

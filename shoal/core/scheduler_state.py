@@ -21,8 +21,8 @@ Invariants (checked by `validate_state`):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from ..protocol.messages import (
     ComputeTask,
@@ -223,20 +223,17 @@ class SchedulerState:
                     break
                 ts.dependencies.add(dep)
                 dep.dependents.add(ts)
-        for key in ev.wanted:
-            ts = self.tasks.get(key)
-            if ts is not None:
-                ts.who_wants.add(ev.client)
-                client_keys.add(ts)
-        for key in ev.wanted:
-            ts = self.tasks.get(key)
-            if ts is None:
-                continue
-            self._make_needed(ts)
-            self._report_to_client(ts, ev.client)
+        wanted = [self.tasks[key] for key in ev.wanted if key in self.tasks]
+        for ts in wanted:
+            ts.who_wants.add(ev.client)
+            client_keys.add(ts)
+        self._want(wanted, ev.client)
+        for ts in new:
+            self._forget_if_unused(ts)  # submitted but wanted by nobody, directly or not
 
     def _handle_keys_wanted(self, ev: KeysWanted) -> None:
         client_keys = self.clients.setdefault(ev.client, set())
+        wanted: list[TaskState] = []
         for key in ev.keys:
             ts = self.tasks.get(key)
             if ts is None:
@@ -246,8 +243,20 @@ class SchedulerState:
                 continue
             ts.who_wants.add(ev.client)
             client_keys.add(ts)
+            wanted.append(ts)
+        self._want(wanted, ev.client)
+
+    def _want(self, wanted: list[TaskState], client: ClientId) -> None:
+        """``client`` now wants ``wanted``: compute what is missing, tell it what is done.
+
+        A key that reaches memory or erred later is reported then (to every client that wants
+        it); reporting here too would tell the client twice.
+        """
+        done = [ts for ts in wanted if ts.state in ("memory", "erred")]
+        for ts in wanted:
             self._make_needed(ts)
-            self._report_to_client(ts, ev.client)
+        for ts in done:
+            self._report_to_client(ts, client)
 
     def _handle_keys_released(self, ev: KeysReleased) -> None:
         client_keys = self.clients.get(ev.client, set())
@@ -287,14 +296,23 @@ class SchedulerState:
             if ts.state == "memory":
                 for ws in holders:
                     self._add_replica(ts, ws, nbytes)
+                self._report_to_client(ts, ev.client)
             elif holders:
+                # The key names its value: a pending computation of it is no longer needed.
+                if ts.processing_on is not None:
+                    ts.processing_on.processing.discard(ts)
+                    self._free(ts.processing_on, ts.key)
+                    ts.processing_on = None
+                self.unrunnable.discard(ts)
+                ts.waiting_on.clear()
                 ts.nbytes = nbytes
                 for ws in holders:
                     self._add_replica(ts, ws, nbytes)
-                self._to_memory(ts)
+                self._to_memory(ts)  # reports to every client that wants it
+            elif ts.state == "erred":
+                self._report_to_client(ts, ev.client)
             else:
                 self._fail(ts, Failure("lost", f"scattered key {key!r} has no live worker"))
-            self._report_to_client(ts, ev.client)
 
     def _handle_worker_joined(self, ev: WorkerJoined) -> None:
         ws = self.workers.get(ev.address)
@@ -324,9 +342,8 @@ class SchedulerState:
             if not ts.who_has and ts.state == "memory":
                 lost.append(ts)
         ws.has_what.clear()
-        for ts in sorted(lost, key=_by_priority):
-            if ts.state == "memory":
-                self._lose(ts, f"its only holder {ws.address} left ({ev.reason or 'no reason'})")
+        self._lose(sorted(lost, key=_by_priority),
+                   f"its only holder {ws.address} left ({ev.reason or 'no reason'})")
         for ts in sorted(ws.processing, key=_by_priority):
             if ts.processing_on is not ws:
                 continue
@@ -352,14 +369,14 @@ class SchedulerState:
         ws = self.workers.get(ev.worker)
         if ts is None or ws is None:
             if ws is not None:
-                self._out.append(ToWorker(ws.address, FreeKeys([msg.key], self._stimulus)))
+                self._free(ws, msg.key)
             return
         if ts.state != "processing" or ts.processing_on is not ws:
             # A late or duplicate report (the task was moved, released or already done).
             if ts.state == "memory":
                 self._add_replica(ts, ws, msg.nbytes)
             else:
-                self._out.append(ToWorker(ws.address, FreeKeys([msg.key], self._stimulus)))
+                self._free(ws, msg.key)
             return
         ws.processing.discard(ts)
         ts.processing_on = None
@@ -411,7 +428,7 @@ class SchedulerState:
             self._out.append(ToWorker(ev.worker, RefreshWhoHas(
                 {ts.key: [w.address for w in ts.who_has]}, self._stimulus)))  # fmt: skip
         else:
-            self._lose(ts, f"no worker holds it any more (last tried: {ev.holder})")
+            self._lose([ts], f"no worker holds it any more (last tried: {ev.holder})")
 
     # ------------------------------------------------------------ mechanics
 
@@ -517,7 +534,7 @@ class SchedulerState:
                 continue
             if t.processing_on is not None:
                 t.processing_on.processing.discard(t)
-                self._out.append(ToWorker(t.processing_on.address, FreeKeys([t.key], self._stimulus)))
+                self._free(t.processing_on, t.key)
                 t.processing_on = None
             self.unrunnable.discard(t)
             self._transition(t, "erred")
@@ -531,28 +548,37 @@ class SchedulerState:
             for dep in t.dependencies:
                 self._release_if_unneeded(dep)
 
-    def _lose(self, ts: TaskState, why: str) -> None:
-        """A key in memory lost its last holder: recompute it if anything still needs it."""
-        self._transition(ts, "released")
-        for dependent in ts.dependents:
-            if dependent.state == "processing":
-                # Its worker cannot fetch the input: take the task back and wait for it again.
-                ws = dependent.processing_on
-                assert ws is not None
-                ws.processing.discard(dependent)
-                dependent.processing_on = None
-                self._out.append(ToWorker(ws.address, FreeKeys([dependent.key], self._stimulus)))
-                self._transition(dependent, "waiting")
-                dependent.waiting_on = {d for d in dependent.dependencies if d.state != "memory"}
-            elif dependent.state == "waiting":
-                dependent.waiting_on.add(ts)
-        if self._is_needed(ts):
-            if ts.spec is None:
+    def _lose(self, lost: list[TaskState], why: str) -> None:
+        """Keys in memory lost their last holder: recompute those that are still needed.
+
+        All of them leave memory before any is recomputed, so that no task is sent to a worker
+        with an input that has no holder.
+        """
+        for ts in lost:
+            self._transition(ts, "released")
+        for ts in lost:
+            for dependent in ts.dependents:
+                if dependent.state == "processing":
+                    # Its worker cannot fetch the input: take the task back and wait again.
+                    ws = dependent.processing_on
+                    assert ws is not None
+                    ws.processing.discard(dependent)
+                    dependent.processing_on = None
+                    self._free(ws, dependent.key)
+                    self._transition(dependent, "waiting")
+                    dependent.waiting_on = {d for d in dependent.dependencies
+                                            if d.state != "memory"}  # fmt: skip
+                elif dependent.state == "waiting":
+                    dependent.waiting_on.add(ts)
+        for ts in lost:
+            if ts.state != "released":
+                continue  # brought back already, as the input of another lost key
+            if not self._is_needed(ts):
+                self._forget_if_unused(ts)
+            elif ts.spec is None:
                 self._fail(ts, Failure("lost", f"scattered key {ts.key!r} was lost: {why}"))
             else:
                 self._make_needed(ts)
-        else:
-            self._forget_if_unused(ts)
 
     def _is_needed(self, ts: TaskState) -> bool:
         if ts.who_wants:
@@ -567,14 +593,13 @@ class SchedulerState:
             for ws in ts.who_has:
                 ws.has_what.discard(ts)
                 ws.nbytes -= ts.nbytes
-                self._out.append(ToWorker(ws.address, FreeKeys([ts.key], self._stimulus)))
+                self._free(ws, ts.key)
             ts.who_has.clear()
             self._transition(ts, "released")
         elif state in ("waiting", "no-worker", "processing"):
             if ts.processing_on is not None:
                 ts.processing_on.processing.discard(ts)
-                self._out.append(ToWorker(ts.processing_on.address,
-                                          FreeKeys([ts.key], self._stimulus)))  # fmt: skip
+                self._free(ts.processing_on, ts.key)
                 ts.processing_on = None
             self.unrunnable.discard(ts)
             ts.waiting_on.clear()
@@ -582,6 +607,11 @@ class SchedulerState:
             for dep in ts.dependencies:
                 self._release_if_unneeded(dep)
         self._forget_if_unused(ts)
+
+    def _free(self, ws: WorkerRecord, key: str) -> None:
+        """Tell ``ws`` to drop ``key``, unless it left (a new worker may reuse its address)."""
+        if self.workers.get(ws.address) is ws:
+            self._out.append(ToWorker(ws.address, FreeKeys([key], self._stimulus)))
 
     def _forget_if_unused(self, ts: TaskState) -> None:
         """Drop a released or erred task that nobody wants and no live dependent refers to."""
@@ -677,7 +707,7 @@ def _inherited(erred: TaskState) -> Failure:
     return Failure(f.kind, f.text, f.exception, f.traceback, f.blame or erred.key)
 
 
-_HANDLERS = {
+_HANDLERS: dict[type[SchedulerEvent], Callable[[SchedulerState, Any], None]] = {
     ClientConnected: SchedulerState._handle_client_connected,
     ClientDisconnected: SchedulerState._handle_client_disconnected,
     TasksSubmitted: SchedulerState._handle_tasks_submitted,

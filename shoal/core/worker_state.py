@@ -19,8 +19,8 @@ Invariants (checked by `validate_state`):
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from ..protocol.messages import AddKeys, ComputeTask, MissingData, TaskErred, TaskFinished
 from .worker_events import (
@@ -191,7 +191,7 @@ class WorkerState:
             if key in ev.nbytes:
                 ts.nbytes = ev.nbytes[key]
                 self._to_memory(ts)
-                if ts.state != "memory":
+                if self.tasks.get(key) is not ts:
                     continue  # nobody needed it any more
                 if ts.compute is not None:
                     self._report_done(ts, 0.0, 0.0, None)
@@ -375,7 +375,7 @@ class WorkerState:
                 assert self.tasks.get(dep.key) is dep, (ts, dep)
 
 
-_HANDLERS = {
+_HANDLERS: dict[type[WorkerEvent], Callable[[WorkerState, Any], None]] = {
     ComputeTaskEvent: WorkerState._handle_compute,
     FreeKeysEvent: WorkerState._handle_free_keys,
     RefreshWhoHasEvent: WorkerState._handle_refresh_who_has,

@@ -85,8 +85,9 @@ def deserialize(ser: Serialized) -> Any:
 def dumps_function(fn: object) -> bytes:
     """Pickle a function on its own; used to cache and deduplicate task functions."""
     try:
-        return cloudpickle.dumps(fn, protocol=5)
+        payload: bytes = cloudpickle.dumps(fn, protocol=5)
     except Exception as exc:
         raise SerializationError(
             f"cannot serialize function {_describe(fn)}: {type(exc).__name__}: {exc}"
         ) from exc
+    return payload
