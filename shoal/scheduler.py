@@ -68,6 +68,28 @@ from .rpc import PeerPool, next_rid
 logger = logging.getLogger("shoal.scheduler")
 
 
+class Extension:
+    """A service the scheduler hosts beside task scheduling (coordination, datasets...).
+
+    It answers the client messages whose types are in ``handles``, on the scheduler's loop,
+    and hears when a client leaves (to release what that client held).
+    """
+
+    handles: tuple[type[Msg], ...] = ()
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def handle(self, client: str, msg: Msg, send: BatchedSend) -> None:
+        raise NotImplementedError
+
+    def client_left(self, client: str) -> None:
+        """``client`` disconnected."""
+
+    async def close(self) -> None:
+        """The scheduler is closing."""
+
+
 class Scheduler:
     """The scheduler's server. ``await start()``; ``address`` is where clients and workers go."""
 
@@ -99,6 +121,8 @@ class Scheduler:
         self._closing = False
         #: address -> the latest heartbeat (for metrics and the dashboard)
         self.heartbeats: dict[str, Heartbeat] = {}
+        #: services beside task scheduling (locks, queues, datasets...), see `Extension`
+        self.extensions: list[Extension] = []
 
     # --------------------------------------------------------------- lifecycle
 
@@ -137,6 +161,8 @@ class Scheduler:
             await send.close()
         if self._listener is not None:
             await self._listener.stop()
+        for ext in self.extensions:
+            await ext.close()
         if self._peers is not None:
             await self._peers.close()
         current = asyncio.current_task()
@@ -206,6 +232,8 @@ class Scheduler:
             logger.exception("closing connection to client %s", client)
         finally:
             self._clients.pop(client, None)
+            for ext in self.extensions:
+                ext.client_left(client)
             self._handle([ClientDisconnected(f"disconnect-{client}", client)])
             await send.close()
             logger.info("client %s disconnected", client)
@@ -235,6 +263,10 @@ class Scheduler:
         elif isinstance(msg, RunOnWorkers):
             self._spawn(self._run_on_workers(msg, send))
         else:
+            for ext in self.extensions:
+                if isinstance(msg, ext.handles):
+                    ext.handle(client, msg, send)
+                    return None
             raise ValueError(f"a client may not send {type(msg).__name__}")
         return None
 
@@ -299,6 +331,13 @@ class Scheduler:
                 self._handle([WorkerLeft(f"worker-left-{address}", address, reason, graceful)])
             await send.close()
             logger.info("worker %s left: %s", address, reason)
+
+    def hold_keys(self, holder: str, keys: list[str]) -> None:
+        """Keep ``keys`` alive for ``holder`` (a name, e.g. ``dataset:x``) like a client would."""
+        self._handle([KeysWanted(f"hold-{holder}", holder, keys)])
+
+    def release_keys(self, holder: str, keys: list[str]) -> None:
+        self._handle([KeysReleased(f"release-{holder}", holder, keys)])
 
     # ------------------------------------------------------------------ queries
 
