@@ -14,6 +14,13 @@ The public API is re-exported here explicitly and pinned by tests/test_exports.p
 from .client import Client as Client
 from .client import default_client as default_client
 from .cluster.local import LocalCluster as LocalCluster
+from .coordination.primitives import Event as Event
+from .coordination.primitives import Lock as Lock
+from .coordination.primitives import Pub as Pub
+from .coordination.primitives import Queue as Queue
+from .coordination.primitives import Semaphore as Semaphore
+from .coordination.primitives import Sub as Sub
+from .coordination.primitives import Variable as Variable
 from .exceptions import CancelledError as CancelledError
 from .exceptions import FutureLostError as FutureLostError
 from .exceptions import KilledWorkerError as KilledWorkerError

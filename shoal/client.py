@@ -22,7 +22,8 @@ from typing import Any
 from .comm.batched import BatchedSend
 from .comm.core import Comm, CommClosedError
 from .comm.registry import connect
-from .exceptions import FutureLostError
+from .coordination.datasets import DatasetsMixin
+from .exceptions import FutureLostError, SchedulerGoneError
 from .future import Future, FutureState, Status, as_completed, wait
 from .protocol.messages import (
     PROTOCOL_VERSION,
@@ -68,7 +69,7 @@ def default_client() -> Client:
     return client
 
 
-class Client:
+class Client(DatasetsMixin):
     """Connects to a scheduler (or starts a local cluster) and runs work on it."""
 
     def __init__(
@@ -103,6 +104,12 @@ class Client:
         self._callback_pool: ThreadPoolExecutor | None = None
         self._set_as_default = set_as_default
         self._loop_thread: LoopThread | None = None
+        #: why the scheduler connection ended, once it has (set on the loop thread)
+        self._scheduler_lost: str | None = None
+        #: key -> KeyCancelled answers still due for cancels of states no longer in _states
+        self._cancel_acks: dict[str, int] = {}
+        #: handlers of other scheduler messages, by type (e.g. topic messages for `Sub`)
+        self._message_handlers: dict[type[Msg], Callable[[Any], None]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         if address is None and cluster_kwargs.get("processes", True) is False:
             pass
@@ -279,6 +286,12 @@ class Client:
                 status: Status = "error" if msg.kind == "exception" else "lost"
                 st.fail(msg.kind, msg.text, msg.exception, msg.traceback, msg.warnings, status)
         elif isinstance(msg, KeyCancelled):
+            with self._lock:
+                acks = self._cancel_acks.pop(msg.key, 0)
+                if acks > 1:
+                    self._cancel_acks[msg.key] = acks - 1
+            if acks:
+                return  # answers our own cancel: the handles it concerns are marked already
             st = self._states.get(msg.key)
             if st is not None and st.status != "cancelled":
                 st.fail("cancelled", msg.reason, status="cancelled")
@@ -288,8 +301,14 @@ class Client:
                 fut.set_result(msg)
         elif isinstance(msg, SchedulerClosing):
             self._fail_pending("scheduler-gone", f"the scheduler closed: {msg.reason}")
+        else:
+            handler = self._message_handlers.get(type(msg))
+            if handler is not None:
+                handler(msg)
 
     def _fail_pending(self, kind: str, reason: str) -> None:
+        if kind == "scheduler-gone" and self._scheduler_lost is None:
+            self._scheduler_lost = reason  # new work is refused from now on (_check_running)
         for st in list(self._states.values()):
             if not st.done():
                 st.fail(kind, reason, status="lost")
@@ -404,6 +423,9 @@ class Client:
     def _check_running(self) -> None:
         if self.status != "running":
             raise RuntimeError(f"the client is {self.status}; create a new Client")
+        if self._scheduler_lost is not None:
+            # Submitting now would leave futures pending forever: nobody will answer.
+            raise SchedulerGoneError(f"{self._scheduler_lost}; create a new Client")
 
     # ---------------------------------------------------------------- gather
 
@@ -521,6 +543,15 @@ class Client:
     def cancel(self, futures: Iterable[Future] | Future) -> None:
         """Cancel futures for this client (what depends on them too)."""
         fs = [futures] if isinstance(futures, Future) else list(futures)
+
+        with self._lock:
+            for f in fs:
+                # The same call submitted again from now on gets a fresh state; the cancelled
+                # handles keep theirs, and the scheduler's KeyCancelled answering this cancel
+                # is for them (it comes before anything about the new submission).
+                if not f._state.done() and self._states.get(f.key) is f._state:
+                    del self._states[f.key]
+                    self._cancel_acks[f.key] = self._cancel_acks.get(f.key, 0) + 1
 
         def mark() -> None:
             for f in fs:

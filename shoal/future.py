@@ -171,19 +171,31 @@ class Future:
     def __await__(self) -> Any:
         return self._result_async().__await__()
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The task's exception, or None if it succeeded; waits up to ``timeout``."""
+    def exception(self, timeout: float | None = None) -> Any:
+        """The task's exception, or None if it succeeded; waits up to ``timeout``.
+        With an asynchronous client, a coroutine to await (waiting must not block the loop)."""
+        if self.client.asynchronous:
+            return self._exception_async(timeout)
         if not self._state.event.wait(timeout):
             raise TimeoutError(f"{self.key} did not finish within {timeout}s")
         if self._state.status == "finished":
             return None
         return self._state.exception_object()
 
-    def traceback(self, timeout: float | None = None) -> str | None:
-        """The remote traceback as text, or None."""
-        error = self.exception(timeout)
-        cause = getattr(error, "__cause__", None)
-        return cause.tb if isinstance(cause, RemoteTraceback) else None
+    async def _exception_async(self, timeout: float | None = None) -> BaseException | None:
+        await self._wait_async(timeout)
+        if self._state.status == "finished":
+            return None
+        return self._state.exception_object()
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The remote traceback as text, or None (a coroutine with an asynchronous client)."""
+        if self.client.asynchronous:
+            return self._traceback_async(timeout)
+        return _traceback_text(self.exception(timeout))
+
+    async def _traceback_async(self, timeout: float | None = None) -> str | None:
+        return _traceback_text(await self._exception_async(timeout))
 
     # -- control
 
@@ -231,6 +243,11 @@ class Future:
 
 
 _RELEASED = FutureState("<released>")
+
+
+def _traceback_text(error: BaseException | None) -> str | None:
+    cause = getattr(error, "__cause__", None)
+    return cause.tb if isinstance(cause, RemoteTraceback) else None
 
 
 def _rebuild_future(key: str) -> Future:

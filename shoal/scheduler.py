@@ -123,6 +123,9 @@ class Scheduler:
         self.heartbeats: dict[str, Heartbeat] = {}
         #: services beside task scheduling (locks, queues, datasets...), see `Extension`
         self.extensions: list[Extension] = []
+        from .coordination.service import coordination_extensions  # it imports this module
+
+        self.extensions.extend(coordination_extensions(self))
 
     # --------------------------------------------------------------- lifecycle
 
@@ -221,6 +224,10 @@ class Scheduler:
             while True:
                 events: list[SchedulerEvent] = []
                 for msg in await comm.read():
+                    if events and any(isinstance(msg, ext.handles) for ext in self.extensions):
+                        # An extension may hold keys submitted earlier in this batch.
+                        self._handle(events)
+                        events = []
                     event = self._client_event(client, msg, send)
                     if event is not None:
                         events.append(event)

@@ -35,7 +35,9 @@ def parse_host_port(location: str) -> tuple[str, int | None]:
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(f"invalid address {location!r}: port {port_text!r} is not a number") from None
+        raise ValueError(
+            f"invalid address {location!r}: port {port_text!r} is not a number"
+        ) from None
     if not 0 <= port <= 65535:
         raise ValueError(f"invalid address {location!r}: port {port} is out of range")
     return host, port

@@ -24,9 +24,7 @@ class BatchedSend:
     is called once with the error, and every later ``send`` raises `CommClosedError`.
     """
 
-    def __init__(
-        self, comm: Comm, on_error: Callable[[BaseException], None] | None = None
-    ) -> None:
+    def __init__(self, comm: Comm, on_error: Callable[[BaseException], None] | None = None) -> None:
         self.comm = comm
         self._on_error = on_error
         self._buffer: list[Msg] = []
@@ -50,7 +48,8 @@ class BatchedSend:
         """Write what is queued, then close the comm."""
         self._closing = True
         if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+            # wait() neither raises the flusher's outcome nor cancels it if we are cancelled.
+            await asyncio.wait([self._flusher])
         await self.comm.close()
 
     def abort(self) -> None:
@@ -85,7 +84,7 @@ class BatchedSend:
                 await self.comm.write(batch)
                 self.batches_sent += 1
                 self.messages_sent += len(batch)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever broke the write, report it
             # What was in the batch is lost, so the stream is no longer whole: drop it.
             self._buffer = []
             self._error = exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Collection
 
 from ..protocol.codec import ProtocolError
@@ -51,7 +52,8 @@ async def connect(address: str, hello: Hello, timeout: float = 10.0) -> Comm:
     deadline = loop.time() + timeout
 
     def failed(reason: object) -> ShoalConnectionError:
-        return ShoalConnectionError(f"could not connect to {address} within {timeout}s: {reason}")
+        text = _describe(reason) if isinstance(reason, BaseException) else reason
+        return ShoalConnectionError(f"could not connect to {address} within {timeout}s: {text}")
 
     refused: ConnectionRefusedError | None = None
     delay = RETRY_DELAY
@@ -83,6 +85,14 @@ async def connect(address: str, hello: Hello, timeout: float = 10.0) -> Comm:
         comm.abort()
         raise
     return comm
+
+
+def _describe(exc: BaseException) -> str:
+    # asyncio words a refusal "Connect call failed ('127.0.0.1', 1)": our message already
+    # names the address, what it lacks is the reason.
+    if isinstance(exc, OSError) and exc.errno and str(exc.strerror).startswith("Connect call"):
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
+    return str(exc)
 
 
 async def listen(
@@ -183,8 +193,7 @@ class _HandshakingListener(Listener):
             comm.abort()
 
     async def stop(self) -> None:
-        self._stopped = True
-        await self.inner.stop()
+        self._stopped = True  # connections still arriving are dropped in `on_comm`
         # A handler may stop its own listener: do not cancel (and wait for) ourselves.
         current = asyncio.current_task()
         tasks = [task for task in self._tasks if task is not current]
@@ -192,3 +201,4 @@ class _HandshakingListener(Listener):
             self._tasks[task].abort()
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.inner.stop()

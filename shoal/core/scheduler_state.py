@@ -14,8 +14,10 @@ Task states and the transitions between them:
 
 Invariants (checked by `validate_state`):
 - a task is in ``waiting`` iff some dependency is not in memory, and ``waiting_on`` holds them;
+  each of those is itself on its way (waiting, no-worker or processing), so nothing waits forever;
 - a task in ``processing`` sits in exactly one worker's ``processing`` set;
-- a task in ``memory`` has at least one holder, and each holder lists it in ``has_what``.
+- a task in ``memory`` has at least one holder, and each holder lists it in ``has_what``;
+- tasks are ``no-worker`` only while there is no worker at all.
 """
 
 from __future__ import annotations
@@ -295,19 +297,20 @@ class SchedulerState:
             holders = [self.workers[a] for a in addresses if a in self.workers]
             if ts.state == "memory":
                 for ws in holders:
-                    self._add_replica(ts, ws, nbytes)
+                    self._add_replica(ts, ws)
                 self._report_to_client(ts, ev.client)
             elif holders:
                 # The key names its value: a pending computation of it is no longer needed.
                 if ts.processing_on is not None:
                     ts.processing_on.processing.discard(ts)
-                    self._free(ts.processing_on, ts.key)
+                    if ts.processing_on not in holders:
+                        self._free(ts.processing_on, ts.key)
                     ts.processing_on = None
                 self.unrunnable.discard(ts)
                 ts.waiting_on.clear()
                 ts.nbytes = nbytes
                 for ws in holders:
-                    self._add_replica(ts, ws, nbytes)
+                    self._add_replica(ts, ws)
                 self._to_memory(ts)  # reports to every client that wants it
             elif ts.state == "erred":
                 self._report_to_client(ts, ev.client)
@@ -319,13 +322,14 @@ class SchedulerState:
         if ws is None:
             ws = WorkerRecord(ev.address, ev.nthreads, ev.name, ev.memory_limit, ev.resources)
             self.workers[ev.address] = ws
-        for key, nbytes in zip(ev.keys, ev.nbytes):
+        for key in ev.keys:
             ts = self.tasks.get(key)
             if ts is None or ts.state not in ("memory",):
                 # Data we no longer track (or will recompute): have the worker drop it.
-                self._out.append(ToWorker(ws.address, FreeKeys([key], self._stimulus)))
+                if ts is None or ts.processing_on is not ws:
+                    self._out.append(ToWorker(ws.address, FreeKeys([key], self._stimulus)))
                 continue
-            self._add_replica(ts, ws, nbytes)
+            self._add_replica(ts, ws)
         for ts in sorted(self.unrunnable, key=_by_priority):
             if ts.state == "no-worker":
                 self._transition(ts, "waiting")
@@ -374,7 +378,7 @@ class SchedulerState:
         if ts.state != "processing" or ts.processing_on is not ws:
             # A late or duplicate report (the task was moved, released or already done).
             if ts.state == "memory":
-                self._add_replica(ts, ws, msg.nbytes)
+                self._add_replica(ts, ws)
             else:
                 self._free(ws, msg.key)
             return
@@ -383,7 +387,7 @@ class SchedulerState:
         ts.nbytes = msg.nbytes
         ts.typename = msg.typename
         ts.warnings = msg.warnings
-        self._add_replica(ts, ws, msg.nbytes)
+        self._add_replica(ts, ws)
         self._to_memory(ts)
 
     def _handle_task_erred(self, ev: TaskErredEvent) -> None:
@@ -406,12 +410,14 @@ class SchedulerState:
         ws = self.workers.get(ev.worker)
         if ws is None:
             return
-        for key, nbytes in zip(ev.keys, ev.nbytes):
+        for key in ev.keys:
             ts = self.tasks.get(key)
             if ts is not None and ts.state == "memory":
-                self._add_replica(ts, ws, nbytes)
-            else:
+                self._add_replica(ts, ws)
+            elif ts is None or ts.processing_on is not ws:
                 self._out.append(ToWorker(ws.address, FreeKeys([key], self._stimulus)))
+            # else: it fetched the key before we asked it to compute it; it reports that
+            # as the task's result (FreeKeys would cancel the task we wait for).
 
     def _handle_data_missing(self, ev: DataMissing) -> None:
         ts = self.tasks.get(ev.key)
@@ -502,11 +508,13 @@ class SchedulerState:
                 return max(held, key=lambda w: (held[w], -w.load))
         return min(self.workers.values(), key=_worker_load)
 
-    def _add_replica(self, ts: TaskState, ws: WorkerRecord, nbytes: int) -> None:
+    def _add_replica(self, ts: TaskState, ws: WorkerRecord) -> None:
+        # Counted at the key's size (not the size the reporter measured), so that dropping
+        # the replica takes off exactly what was added.
         if ws not in ts.who_has:
             ts.who_has.add(ws)
             ws.has_what.add(ts)
-            ws.nbytes += nbytes
+            ws.nbytes += ts.nbytes
 
     def _to_memory(self, ts: TaskState) -> None:
         self._transition(ts, "memory")
@@ -662,7 +670,9 @@ class SchedulerState:
             assert ts.key == key
             if ts.state == "waiting":
                 assert ts.waiting_on, f"{ts} waits on nothing"
-                assert all(d.state != "memory" for d in ts.waiting_on), ts
+                assert ts.waiting_on == {d for d in ts.dependencies if d.state != "memory"}, ts
+                for d in ts.waiting_on:
+                    assert d.state in ("waiting", "no-worker", "processing"), (ts, d)
             if ts.state == "processing":
                 ws = ts.processing_on
                 assert ws is not None and ts in ws.processing, ts
@@ -678,16 +688,20 @@ class SchedulerState:
                 assert not ts.who_has, f"{ts} has holders but is not in memory"
             if ts.state == "no-worker":
                 assert ts in self.unrunnable
+                assert not self.workers, f"{ts} is no-worker, but there are workers"
             for dep in ts.dependencies:
                 assert ts in dep.dependents, (ts, dep)
                 assert self.tasks.get(dep.key) is dep, f"{ts} depends on forgotten {dep}"
             for client in ts.who_wants:
                 assert ts in self.clients.get(client, ()), (ts, client)
+        for ts in self.unrunnable:
+            assert ts.state == "no-worker" and self.tasks.get(ts.key) is ts, ts
         for ws in self.workers.values():
             for ts in ws.processing:
                 assert ts.processing_on is ws, (ws, ts)
             for ts in ws.has_what:
                 assert ws in ts.who_has, (ws, ts)
+            assert ws.nbytes == sum(ts.nbytes for ts in ws.has_what), ws
         for client, keys in self.clients.items():
             for ts in keys:
                 assert client in ts.who_wants, (client, ts)

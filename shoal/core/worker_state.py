@@ -6,14 +6,20 @@ the outcomes back as events. The data itself lives in the server's store; this k
 
 Task states on a worker:
 
-    waiting  -> ready -> executing -> memory | error     (tasks the scheduler asked us to run)
-    fetch -> flight -> memory                            (inputs held by other workers)
+    waiting  -> ready -> executing -> memory      (tasks the scheduler asked us to run; a task
+                                                  that fails is reported and forgotten)
+    fetch -> flight -> memory                     (inputs held by other workers)
     executing --FreeKeys--> cancelled --ComputeTask--> executing (resumed)
+    fetch/flight --ComputeTask--> waiting         (the scheduler recomputes a lost input here;
+                                                  a flight that lands first wins)
+    a run that ends without a result we keep --> fetch, if a task here waits for it as an input
 
 Invariants (checked by `validate_state`):
 - ``executing`` + ``cancelled`` tasks never exceed ``nthreads``;
 - a ``waiting`` task waits on exactly its dependencies that are not in memory;
-- every key in flight belongs to exactly one in-flight gather.
+- every key in flight belongs to exactly one in-flight gather, and every key of an in-flight
+  gather is in flight (or was put here meanwhile and left the gather);
+- a key in memory is kept for a reason: the scheduler counts on it, or a task here needs it.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .worker_events import (
 )
 
 WTaskStateName = Literal[
-    "waiting", "ready", "executing", "cancelled", "memory", "error", "fetch", "flight"
+    "waiting", "ready", "executing", "cancelled", "memory", "fetch", "flight"
 ]
 
 #: Stop adding keys to one gather once it carries this many bytes.
@@ -65,7 +71,7 @@ class WorkerTask:
         self.dependencies: set[WorkerTask] = set()
         self.dependents: set[WorkerTask] = set()
         self.waiting_for: set[WorkerTask] = set()
-        #: peers that hold this key (for inputs to fetch)
+        #: peers that hold this key, as the scheduler last said (for inputs to fetch)
         self.who_has: list[str] = []
         self.nbytes = 0
         #: the scheduler counts on this worker to keep the key (computed, reported, scattered)
@@ -116,45 +122,28 @@ class WorkerState:
     def _handle_compute(self, ev: ComputeTaskEvent) -> None:
         msg = ev.msg
         ts = self.tasks.get(msg.key)
-        if ts is not None:
-            if ts.state == "cancelled":
-                ts.state = "executing"
-                ts.resumed = True
-                ts.compute = msg
-                ts.wanted = True
-                return
-            if ts.state in ("memory", "executing", "ready", "waiting"):
-                ts.wanted = True
-                if ts.state == "memory":  # we already have it: say so again
-                    self._report_done(ts, 0.0, 0.0, None)
-                return
-            if ts.state in ("fetch", "flight"):
-                # We were fetching it as an input, and are now asked to compute it: fetch wins
-                # and is reported as done when it lands.
-                ts.wanted = True
-                ts.compute = msg
-                return
-            self._forget(ts)  # "error": a retry
-        ts = WorkerTask(msg.key, "waiting")
-        ts.compute = msg
-        ts.priority = msg.priority
-        ts.wanted = True
-        self.tasks[msg.key] = ts
-        for dep_key, holders in msg.who_has.items():
-            dep = self.tasks.get(dep_key)
-            if dep is None:
-                dep = WorkerTask(dep_key, "fetch")
-                dep.nbytes = msg.nbytes.get(dep_key, 0)
-                self.tasks[dep_key] = dep
-                self.fetch_candidates.add(dep)
-            if dep.state == "fetch":
-                dep.who_has = [h for h in holders if h != self.address] or dep.who_has
-            ts.dependencies.add(dep)
-            dep.dependents.add(ts)
-            if dep.state != "memory":
-                ts.waiting_for.add(dep)
-        if not ts.waiting_for:
-            self._make_ready(ts)
+        if ts is None:
+            ts = WorkerTask(msg.key, "waiting")
+            self.tasks[msg.key] = ts
+        elif ts.state == "cancelled":
+            ts.state = "executing"
+            ts.resumed = True
+            ts.compute = msg
+            ts.wanted = True
+            return
+        elif ts.state in ("memory", "executing", "ready", "waiting"):
+            ts.wanted = True
+            if ts.state == "memory":  # we already have it: say so again
+                self._report_done(ts, 0.0, 0.0, None)
+            return
+        elif ts.state == "flight":
+            # We are fetching it as an input, and are now asked to compute it: the fetch wins
+            # and is reported as done when it lands; if it fails, we compute it.
+            ts.wanted = True
+            ts.compute = msg
+            return
+        # New, or an input waiting for a holder: the scheduler knows of no copy; compute it.
+        self._compute_here(ts, msg)
 
     def _handle_free_keys(self, ev: FreeKeysEvent) -> None:
         for key in ev.keys:
@@ -165,11 +154,13 @@ class WorkerState:
             if ts.state == "executing":
                 ts.state = "cancelled"
                 ts.resumed = False
-            elif ts.state in ("waiting", "ready", "error"):
-                self._forget(ts)
+            elif ts.state in ("waiting", "ready"):
+                self._drop_run(ts)
             elif ts.state in ("memory", "fetch"):
                 self._forget_if_unneeded(ts)
-            # "flight": dropped when the gather lands; "cancelled": stays cancelled
+            elif ts.state == "flight":
+                ts.compute = None  # not to be reported when it lands; dropped then if unneeded
+            # "cancelled": stays cancelled
 
     def _handle_refresh_who_has(self, ev: RefreshWhoHasEvent) -> None:
         for key, holders in ev.who_has.items():
@@ -201,6 +192,11 @@ class WorkerState:
                     sizes.append(ts.nbytes)
             else:
                 self._holder_failed(ts, ev.peer)
+        for key in ev.nbytes.keys() - set(keys):
+            # Put here directly while in flight (`DataPut`): keep that copy, or drop this one.
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "memory":
+                self._out.append(ReleaseData(key))
         if added:
             self._out.append(ToScheduler(AddKeys(added, sizes, self._stimulus)))
 
@@ -217,11 +213,18 @@ class WorkerState:
             self._out.append(ReleaseData(ev.key))
             return
         self.executing.discard(ts)
-        if ts.state == "cancelled":
-            self._forget(ts)
-            self._out.append(ReleaseData(ev.key))
-            return
         ts.nbytes = ev.nbytes
+        if ts.state == "cancelled":
+            if any(d.state == "waiting" for d in ts.dependents):
+                # Nobody asked for it any more, but a task here needs it as an input: keep
+                # the result for that task (unreported: the scheduler counts on another copy).
+                ts.compute = None
+                self._release_dependencies(ts)
+                self._to_memory(ts)
+            else:
+                self._forget(ts)
+                self._out.append(ReleaseData(ev.key))
+            return
         self._to_memory(ts)
         self._report_done(ts, ev.start, ev.stop, ev)
 
@@ -230,14 +233,13 @@ class WorkerState:
         if ts is None or ts.state not in ("executing", "cancelled"):
             return
         self.executing.discard(ts)
-        if ts.state == "cancelled":
-            self._forget(ts)
-            return
-        ts.state = "error"
-        self._out.append(ToScheduler(TaskErred(
-            ts.key, ev.exception, ev.traceback, ev.text, ev.start, ev.stop, ev.warnings,
-            self._stimulus)))  # fmt: skip
-        self._release_dependencies(ts)
+        if ts.state == "executing":
+            self._out.append(ToScheduler(TaskErred(
+                ts.key, ev.exception, ev.traceback, ev.text, ev.start, ev.stop, ev.warnings,
+                self._stimulus)))  # fmt: skip
+        # Nothing to keep: the scheduler never frees an erred key on the worker, and a retry
+        # comes as a new ComputeTask.
+        self._drop_run(ts)
 
     def _handle_data_put(self, ev: DataPut) -> None:
         for key, nbytes in ev.nbytes.items():
@@ -253,8 +255,50 @@ class WorkerState:
                 ts.nbytes = nbytes
                 ts.wanted = True
                 self._to_memory(ts)
+                if ts.compute is not None:  # asked to compute it while it was in flight
+                    self._report_done(ts, 0.0, 0.0, None)
 
     # ------------------------------------------------------------ mechanics
+
+    def _compute_here(self, ts: WorkerTask, msg: ComputeTask) -> None:
+        """Make ``ts`` a task to run here: link its inputs, ready it once it has them all."""
+        ts.state = "waiting"
+        ts.compute = msg
+        ts.priority = msg.priority
+        ts.wanted = True
+        for dep_key, holders in msg.who_has.items():
+            dep = self.tasks.get(dep_key)
+            if dep is None:
+                dep = WorkerTask(dep_key, "fetch")
+                dep.nbytes = msg.nbytes.get(dep_key, 0)
+                self.tasks[dep_key] = dep
+                self.fetch_candidates.add(dep)
+            if dep.state != "memory":
+                # Where to fetch it from; kept even while it is not "fetch" (see `_drop_run`).
+                dep.who_has = [h for h in holders if h != self.address] or dep.who_has
+                dep.nbytes = msg.nbytes.get(dep_key, dep.nbytes)
+            ts.dependencies.add(dep)
+            dep.dependents.add(ts)
+            if dep.state != "memory":
+                ts.waiting_for.add(dep)
+        if not ts.waiting_for:
+            self._make_ready(ts)
+
+    def _drop_run(self, ts: WorkerTask) -> None:
+        """``ts`` will not be computed here (freed, failed, or cancelled and ended).
+
+        If a task here waits for it as an input (the scheduler said another worker holds it),
+        fetch it from there; otherwise forget it.
+        """
+        self._release_dependencies(ts)
+        if any(d.state == "waiting" for d in ts.dependents):
+            ts.state = "fetch"
+            ts.compute = None
+            ts.wanted = False
+            ts.resumed = False
+            self.fetch_candidates.add(ts)
+        else:
+            self._forget(ts)
 
     def _make_ready(self, ts: WorkerTask) -> None:
         ts.state = "ready"
@@ -289,9 +333,14 @@ class WorkerState:
     def _holder_failed(self, ts: WorkerTask, peer: str) -> None:
         if peer in ts.who_has:
             ts.who_has.remove(peer)
-        ts.state = "fetch"
-        self.fetch_candidates.add(ts)
         self._out.append(ToScheduler(MissingData(ts.key, peer, self._stimulus)))
+        if ts.compute is not None:
+            # The scheduler asked us to compute it meanwhile: do, rather than wait for a copy.
+            self._compute_here(ts, ts.compute)
+        else:
+            ts.state = "fetch"
+            self.fetch_candidates.add(ts)
+            self._forget_if_unneeded(ts)  # its dependents went while it was in flight
 
     def _forget_if_unneeded(self, ts: WorkerTask) -> None:
         if ts.wanted or ts.state in ("executing", "cancelled", "flight"):
@@ -353,7 +402,7 @@ class WorkerState:
                 keys.append(ts.key)
                 total += ts.nbytes
             self.in_flight[peer] = keys
-            self._out.append(GatherDep(peer, keys, total))
+            self._out.append(GatherDep(peer, list(keys), total))  # a copy: `keys` may shrink
 
     # ---------------------------------------------------------------- queries
 
@@ -363,16 +412,30 @@ class WorkerState:
         assert set(busy) == self.executing, (busy, self.executing)
         flying = [k for keys in self.in_flight.values() for k in keys]
         assert len(flying) == len(set(flying)), flying
+        for key in flying:
+            assert self.tasks[key].state == "flight", self.tasks[key]
+        queued = {key for _, key in self.ready}
+        memory = 0
         for key, ts in self.tasks.items():
             assert ts.key == key
             if ts.state == "flight":
                 assert key in flying, ts
+            if ts.state == "fetch":
+                assert ts in self.fetch_candidates, ts
             if ts.state == "waiting":
                 assert ts.waiting_for, ts
                 assert ts.waiting_for == {d for d in ts.dependencies if d.state != "memory"}, ts
+            if ts.state == "ready":
+                assert key in queued, ts
+            if ts.state in ("waiting", "ready", "executing"):
+                assert ts.compute is not None, ts
+            if ts.state == "memory":
+                memory += ts.nbytes
+                assert ts.wanted or ts.dependents or ts.compute is not None, f"{ts} kept for nothing"
             for dep in ts.dependencies:
                 assert ts in dep.dependents, (ts, dep)
                 assert self.tasks.get(dep.key) is dep, (ts, dep)
+        assert memory == self.nbytes_in_memory, (memory, self.nbytes_in_memory)
 
 
 _HANDLERS: dict[type[WorkerEvent], Callable[[WorkerState, Any], None]] = {

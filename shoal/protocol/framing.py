@@ -29,10 +29,11 @@ HANDSHAKE_MAX_FRAME_BYTES = 64 * 1024
 #: Frame size limit after the handshake, unless ``SHOAL_MAX_FRAME_BYTES`` says otherwise.
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024**3
 #: Parts (and length tables) at least this big are read straight into their own buffer.
-DIRECT_READ_BYTES = 64 * 1024
-#: Size of the shared buffer small parts are read into; larger than `DIRECT_READ_BYTES`
-#: so a small item always fits once the buffer is compacted.
-READ_BUFFER_BYTES = 256 * 1024
+DIRECT_READ_BYTES = 16 * 1024
+#: Size of the shared buffer small parts are read into, one per connection (so not big:
+#: a scheduler has thousands). At least twice `DIRECT_READ_BYTES`, so that compacting it
+#: always leaves room for a whole small item.
+READ_BUFFER_BYTES = 64 * 1024
 
 #: Parts at least this big get a fresh anonymous mapping instead of a ``bytearray``: glibc
 #: maps allocations this big afresh anyway (its largest mmap threshold), the kernel zeroes
@@ -96,13 +97,18 @@ class FrameReader:
         self,
         max_frame_bytes: int,
         *,
+        first_frame_max_bytes: int | None = None,
         max_parts: int = MAX_PARTS,
         buffer_size: int = READ_BUFFER_BYTES,
     ) -> None:
-        if buffer_size <= DIRECT_READ_BYTES:
-            raise ValueError("buffer_size must be larger than DIRECT_READ_BYTES")
+        if buffer_size < 2 * DIRECT_READ_BYTES:
+            raise ValueError("buffer_size must be at least twice DIRECT_READ_BYTES")
         #: Largest frame accepted, prefix included; may be raised once the handshake passes.
         self.max_frame_bytes = max_frame_bytes
+        # A lower limit for the first frame only. The connecting side reads the server's
+        # handshake answer under it, and what follows under the normal limit, even when both
+        # arrive in one read: the server may write right after its Welcome.
+        self._first_frame_max_bytes = first_frame_max_bytes
         self.max_parts = max_parts
         self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
@@ -183,27 +189,32 @@ class FrameReader:
         if self._start == self._end:
             self._start = self._end = 0
 
+    @property
+    def _limit(self) -> int:
+        if self._first_frame_max_bytes is None:
+            return self.max_frame_bytes
+        return min(self._first_frame_max_bytes, self.max_frame_bytes)
+
     def _accept(self, item: memoryview, frames: list[list[memoryview]], owned: bool) -> None:
         """Take one complete item (count, length table or part) and move to the next."""
+        limit = self._limit
         if self._nparts < 0:
             (nparts,) = _COUNT.unpack(item)
             if nparts == 0:
                 raise ProtocolError("frame with no parts")
             if nparts > self.max_parts:
-                raise ProtocolError(f"frame of {nparts} parts exceeds the limit of {self.max_parts}")
-            if _COUNT.size + 8 * nparts > self.max_frame_bytes:
                 raise ProtocolError(
-                    f"frame of {nparts} parts exceeds the limit of {self.max_frame_bytes} bytes"
+                    f"frame of {nparts} parts exceeds the limit of {self.max_parts}"
                 )
+            if _COUNT.size + 8 * nparts > limit:
+                raise ProtocolError(f"frame of {nparts} parts exceeds the limit of {limit} bytes")
             self._nparts = nparts
             self._want = 8 * nparts
         elif not self._lengths:
             lengths = struct.unpack(f"<{self._nparts}Q", item)
             total = _COUNT.size + 8 * self._nparts + sum(lengths)
-            if total > self.max_frame_bytes:
-                raise ProtocolError(
-                    f"frame of {total} bytes exceeds the limit of {self.max_frame_bytes} bytes"
-                )
+            if total > limit:
+                raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limit} bytes")
             self._lengths = lengths
             self._want = lengths[0]
         else:
@@ -214,4 +225,5 @@ class FrameReader:
             else:
                 frames.append(self._parts)
                 self._parts, self._lengths, self._nparts = [], (), -1
+                self._first_frame_max_bytes = None
                 self._want = _COUNT.size

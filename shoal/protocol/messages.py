@@ -317,6 +317,170 @@ class RunFunction(Msg, tag="run-function"):
     function: Serialized
 
 
+# ------------------------------------- coordination and datasets (client <-> scheduler)
+# Served by the scheduler's extensions in `shoal.coordination.service`. A blocking request
+# carries ``timeout`` (None: wait until answered or the client leaves); the scheduler enforces
+# it and then answers with ``error`` "TimeoutError: ..." (leases and events answer False).
+# An error names its exception type first ("ValueError: ...", "KeyError: ...").
+# A user value travels as an opaque `Serialized` (``value``); a future as its ``key``.
+
+
+class LeaseAcquire(Msg, tag="lease-acquire"):
+    """Take lease ``lease`` (an id the client makes up) on the semaphore ``kind``/``name``
+    (a Lock is a semaphore of one lease); `Reply` value True when granted, False on timeout.
+    Leases are held by the client connection and given back when it closes."""
+
+    rid: int
+    kind: str
+    name: str
+    lease: str
+    max_leases: int = 1
+    timeout: float | None = None
+
+
+class LeaseRelease(Msg, tag="lease-release"):
+    """Give ``lease`` back, or stop waiting for it; `Reply` value: whether it was held."""
+
+    rid: int
+    kind: str
+    name: str
+    lease: str
+
+
+class LeaseCount(Msg, tag="lease-count"):
+    """`Reply` value: how many leases on ``kind``/``name`` are held."""
+
+    rid: int
+    kind: str
+    name: str
+
+
+class EventSet(Msg, tag="event-set"):
+    """Set the event ``name`` (waking every waiter), or clear it when ``value`` is False."""
+
+    rid: int
+    name: str
+    value: bool = True
+
+
+class EventWait(Msg, tag="event-wait"):
+    """`Reply` value True once the event is set, False when ``timeout`` passes first
+    (``timeout`` 0 asks whether it is set now)."""
+
+    rid: int
+    name: str
+    timeout: float | None = None
+
+
+class QueuePut(Msg, tag="queue-put"):
+    """Append ``value`` or the future ``key`` to queue ``name`` (created with ``maxsize``, 0
+    for unbounded); waits for room up to ``timeout``. A key is held until it is taken."""
+
+    rid: int
+    name: str
+    value: Serialized | None = None
+    key: str | None = None
+    maxsize: int = 0
+    timeout: float | None = None
+
+
+class QueueGet(Msg, tag="queue-get"):
+    """Take from queue ``name``. ``batch`` 0: one item, `Reply` value ``[value, key]``;
+    n > 0: n items (waits for all n); -1: every item there now (maybe none). Batches are
+    lists of ``[value, key]``."""
+
+    rid: int
+    name: str
+    batch: int = 0
+    timeout: float | None = None
+
+
+class QueueSize(Msg, tag="queue-size"):
+    rid: int
+    name: str
+
+
+class VariableSet(Msg, tag="variable-set"):
+    """Set variable ``name`` to ``value`` or to the future ``key`` (held while it is set)."""
+
+    rid: int
+    name: str
+    value: Serialized | None = None
+    key: str | None = None
+
+
+class VariableGet(Msg, tag="variable-get"):
+    """`Reply` value ``[value, key]`` once the variable is set (now or within ``timeout``)."""
+
+    rid: int
+    name: str
+    timeout: float | None = None
+
+
+class VariableDelete(Msg, tag="variable-delete"):
+    rid: int
+    name: str
+
+
+class StopWaiting(Msg, tag="stop-waiting"):
+    """The client no longer waits for its blocking request ``rid``: drop it, answer nothing."""
+
+    rid: int
+
+
+class Subscribe(Msg, tag="subscribe"):
+    """Send this client the messages published on ``topic`` from now on; `Reply` None once
+    the subscription is in place. Counted: each Subscribe needs its own Unsubscribe."""
+
+    rid: int
+    topic: str
+
+
+class Unsubscribe(Msg, tag="unsubscribe"):
+    topic: str
+
+
+class Publish(Msg, tag="publish"):
+    """Fan ``payload`` out to the clients subscribed to ``topic`` now (as `TopicMessage`)."""
+
+    topic: str
+    payload: Serialized
+
+
+class TopicMessage(Msg, tag="topic-message"):
+    """Scheduler -> client: ``payload`` was published on ``topic``."""
+
+    topic: str
+    payload: Serialized
+
+
+class DatasetPublish(Msg, tag="dataset-publish"):
+    """Name keys as datasets (name -> key), held by the scheduler until unpublished.
+    ``scattered`` names the ones the client scattered from plain objects. All or nothing:
+    a name already taken fails the lot unless ``override``."""
+
+    rid: int
+    datasets: dict[str, str]
+    scattered: list[str] = []
+    override: bool = False
+
+
+class DatasetGet(Msg, tag="dataset-get"):
+    """`Reply` value ``[key, scattered]``, or None when there is no such dataset."""
+
+    rid: int
+    name: str
+
+
+class DatasetList(Msg, tag="dataset-list"):
+    rid: int
+
+
+class DatasetUnpublish(Msg, tag="dataset-unpublish"):
+    rid: int
+    name: str
+
+
 Message = Union[
     Hello,
     Welcome,
@@ -351,6 +515,27 @@ Message = Union[
     DataReply,
     UpdateData,
     RunFunction,
+    # coordination and datasets
+    LeaseAcquire,
+    LeaseRelease,
+    LeaseCount,
+    EventSet,
+    EventWait,
+    QueuePut,
+    QueueGet,
+    QueueSize,
+    VariableSet,
+    VariableGet,
+    VariableDelete,
+    StopWaiting,
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    TopicMessage,
+    DatasetPublish,
+    DatasetGet,
+    DatasetList,
+    DatasetUnpublish,
 ]
 
 #: Messages a client may send to a scheduler.
@@ -366,6 +551,35 @@ CLIENT_TO_SCHEDULER: tuple[type[Msg], ...] = (
     Identity,
     RunOnWorkers,
     Story,
+    # coordination and datasets (answered by the scheduler's extensions)
+    LeaseAcquire,
+    LeaseRelease,
+    LeaseCount,
+    EventSet,
+    EventWait,
+    QueuePut,
+    QueueGet,
+    QueueSize,
+    VariableSet,
+    VariableGet,
+    VariableDelete,
+    StopWaiting,
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    DatasetPublish,
+    DatasetGet,
+    DatasetList,
+    DatasetUnpublish,
+)
+
+#: Messages a scheduler may send to a client (besides `Reply`).
+SCHEDULER_TO_CLIENT: tuple[type[Msg], ...] = (
+    KeyInMemory,
+    KeyErred,
+    KeyCancelled,
+    SchedulerClosing,
+    TopicMessage,
 )
 
 #: Messages a worker may send to a scheduler.

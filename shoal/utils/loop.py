@@ -80,6 +80,8 @@ class LoopThread:
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
+            if fut.done():  # the coroutine raised TimeoutError itself (the same class on 3.11+)
+                raise
             fut.cancel()
             raise TimeoutError(f"operation did not finish within {timeout}s") from None
 

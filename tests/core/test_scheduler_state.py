@@ -924,7 +924,8 @@ class SchedulerSim:
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.state = SchedulerState(allowed_failures=3, validate=True)
+        allowed = self.rng.choice([1, 2, 3])
+        self.state = SchedulerState(allowed_failures=allowed, validate=True)
         self.workers: dict[str, SimWorker] = {}
         self.gone: dict[str, SimWorker] = {}  # workers that may come back (reconnect)
         self.clients = ["c0", "c1", "c2"]
@@ -994,6 +995,9 @@ class SchedulerSim:
                                  keys=keys, nbytes=[8] * len(keys)))  # fmt: skip
 
     def remove_worker(self) -> None:
+        if self.rng.random() < 0.05:  # twice, or never joined
+            self.handle(WorkerLeft(self.fresh("leave"), self.fresh("w"), "unknown"))
+            return
         address = self.rng.choice(self.live())
         w = self.workers.pop(address)
         if self.rng.random() < 0.5:
@@ -1039,16 +1043,22 @@ class SchedulerSim:
             self.handle(task_finished(address, key, self.rng.randint(1, 100),
                                       stimulus_id=self.fresh("finished")))  # fmt: skip
 
-    def stale_finish(self) -> None:
-        """A worker reports a key it was not (or no longer) asked to compute."""
-        if not self.workers or not self.state.tasks:
+    def stale_report(self) -> None:
+        """A worker reports a key it was not (or no longer) asked to compute, or a worker
+        that left reports one."""
+        if not self.workers:
             return
         address = self.rng.choice(self.live())
-        key = self.rng.choice(sorted(self.state.tasks))
+        key = self.rng.choice(sorted(self.state.tasks) + [f"t-{self.rng.randint(1, self.n)}"])
         if key in self.workers[address].assigned:
             return
-        self.workers[address].data.add(key)
-        self.handle(task_finished(address, key, stimulus_id=self.fresh("stale")))
+        if self.rng.random() < 0.3:
+            self.handle(task_erred(address, key, stimulus_id=self.fresh("stale")))
+        elif self.rng.random() < 0.2:
+            self.handle(task_finished(self.fresh("w"), key, stimulus_id=self.fresh("stale")))
+        else:
+            self.workers[address].data.add(key)
+            self.handle(task_finished(address, key, stimulus_id=self.fresh("stale")))
 
     def client_keys(self, client: str) -> list[str]:
         return sorted(ts.key for ts in self.state.clients.get(client, ()))
@@ -1056,14 +1066,20 @@ class SchedulerSim:
     def release(self) -> None:
         client = self.rng.choice(self.clients)
         keys = self.client_keys(client)
-        if keys:
+        if self.rng.random() < 0.1:  # keys it does not hold (any more), or never did
+            self.handle(KeysReleased(self.fresh("release"), client,
+                                     [self.fresh("t"), *sorted(self.state.tasks)[:2]]))  # fmt: skip
+        elif keys:
             chosen = self.rng.sample(keys, self.rng.randint(1, len(keys)))
             self.handle(KeysReleased(self.fresh("release"), client, chosen))
 
     def cancel(self) -> None:
         client = self.rng.choice(self.clients)
         keys = self.client_keys(client)
-        if keys:
+        if self.rng.random() < 0.1:
+            self.handle(KeysCancelled(self.fresh("cancel"), client,
+                                      [self.fresh("t"), *sorted(self.state.tasks)[:1]]))  # fmt: skip
+        elif keys:
             self.handle(KeysCancelled(self.fresh("cancel"), client, [self.rng.choice(keys)]))
 
     def disconnect(self) -> None:
@@ -1071,11 +1087,18 @@ class SchedulerSim:
 
     def want(self) -> None:
         keys = sorted(self.state.tasks) + [self.fresh("unknown")]
-        self.handle(KeysWanted(self.fresh("want"), self.rng.choice(self.clients),
-                               [self.rng.choice(keys)]))  # fmt: skip
+        chosen = self.rng.sample(keys, min(len(keys), self.rng.randint(1, 3)))
+        self.handle(KeysWanted(self.fresh("want"), self.rng.choice(self.clients), chosen))
 
     def missing(self) -> None:
         in_memory = sorted(k for k, ts in self.state.tasks.items() if ts.state == "memory")
+        if self.rng.random() < 0.2:  # a stale complaint: a key not in memory, or a gone holder
+            key = self.rng.choice(sorted(self.state.tasks) + [self.fresh("t")])
+            holder = self.rng.choice(self.live() + [self.fresh("w")])
+            if key not in self.workers.get(holder, SimWorker()).data:
+                self.handle(DataMissing(self.fresh("missing"), self.rng.choice(self.live()),
+                                        key, holder))  # fmt: skip
+            return
         if not in_memory:
             return
         key = self.rng.choice(in_memory)
@@ -1086,6 +1109,13 @@ class SchedulerSim:
 
     def replicate(self) -> None:
         in_memory = sorted(k for k, ts in self.state.tasks.items() if ts.state == "memory")
+        if self.rng.random() < 0.2:  # a copy of a key that is no longer in memory
+            key = self.rng.choice(sorted(self.state.tasks) + [self.fresh("t")])
+            address = self.rng.choice(self.live())
+            if self.state.tasks.get(key) is None or self.state.tasks[key].state != "memory":
+                self.workers[address].data.add(key)
+                self.handle(ReplicasAdded(self.fresh("replica"), address, [key], [8]))
+            return
         if not in_memory or not self.workers:
             return
         key = self.rng.choice(in_memory)
@@ -1096,27 +1126,33 @@ class SchedulerSim:
     def scatter(self) -> None:
         client = self.rng.choice(self.clients)
         key = self.fresh("s")
+        if self.state.tasks and self.rng.random() < 0.15:
+            key = self.rng.choice(sorted(self.state.tasks))  # a value for an existing key
         targets = self.rng.sample(self.live(), min(len(self.workers), self.rng.randint(1, 2)))
+        if self.rng.random() < 0.1:
+            targets = []  # it went to workers that died on the way
         for a in targets:
             self.workers[a].data.add(key)
+        if self.rng.random() < 0.1:
+            targets.append(self.fresh("dead-worker"))
         self.handle(DataScattered(self.fresh("scatter"), client, [key], [targets], [64]))
 
     # ---------------------------------------------------------------- run
 
     def step(self) -> None:
         r = self.rng.random()
-        if not self.workers or r < 0.04:
+        if not self.workers or r < 0.05:
             self.add_worker()
-        elif r < 0.07 and len(self.workers) > 0:
+        elif r < 0.09:
             self.remove_worker()
         elif r < 0.25:
             self.submit()
-        elif r < 0.55:
+        elif r < 0.57:
             self.finish()
         elif r < 0.60:
             self.finish(err=True)
         elif r < 0.63:
-            self.stale_finish()
+            self.stale_report()
         elif r < 0.70:
             self.release()
         elif r < 0.73:
@@ -1154,7 +1190,6 @@ class SchedulerSim:
                 report = self.reports.get((client, ts.key))
                 if ts.state == "memory":
                     assert isinstance(report, KeyInMemory), (client, ts, report)
-                    assert set(report.workers) >= {w.address for w in ts.who_has} or True
                 else:
                     assert ts.state == "erred", (client, ts)
                     assert isinstance(report, KeyErred), (client, ts, report)
@@ -1179,11 +1214,13 @@ class SchedulerSim:
             assert self.workers[address].data == set(), (address, self.workers[address].data)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(20))
 def test_randomized_scheduler(seed: int) -> None:
+    # given random clients and workers; when they do thousands of random things,
+    # pausing now and then to let every task run to an end; then everything adds up
     sim = SchedulerSim(seed)
-    for _ in range(3):
-        for _ in range(300):
+    for _ in range(4):
+        for _ in range(400):
             sim.step()
         sim.drain()
         sim.check_settled()

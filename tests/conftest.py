@@ -1,0 +1,56 @@
+"""Shared fixtures: clients on fresh local clusters that fail the test if they leak.
+
+- ``client``: 2 in-process workers (fast; use it unless processes are the point).
+- ``process_client``: 2 worker processes.
+- ``gate``: a `shoal.testing.Gate` for tasks on ``client`` (in-process workers only).
+- ``tally``: a `shoal.testing.Tally` in a temporary directory, to count task runs.
+
+Helpers tests import live in `shoal.testing`, not here: test modules cannot reliably import
+a conftest (pytest may load several under the one name ``conftest``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import shoal
+from shoal.testing import Gate, Tally, gen_cluster
+
+
+@pytest.fixture
+def client() -> Iterator[shoal.Client]:
+    """A client on 2 in-process workers with 1 thread each."""
+    with gen_cluster(n_workers=2, threads_per_worker=1, processes=False) as c:
+        yield c
+
+
+@pytest.fixture
+def process_client() -> Iterator[shoal.Client]:
+    """A client on 2 worker processes with 1 thread each."""
+    with gen_cluster(n_workers=2, threads_per_worker=1, processes=True) as c:
+        yield c
+
+
+@pytest.fixture
+def gate(client: shoal.Client) -> Iterator[Gate]:
+    """A gate for tasks on the ``client`` fixture's cluster, opened before that closes."""
+    g = Gate()
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+@pytest.fixture
+def tally() -> Iterator[Tally]:
+    """A tally file in a temporary directory, removed afterwards."""
+    directory = tempfile.mkdtemp(prefix="shoal-tally-")
+    try:
+        yield Tally(Path(directory) / "tally.txt")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

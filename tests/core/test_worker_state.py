@@ -1,0 +1,814 @@
+"""Pure tests of `WorkerState`: feed events, check the instructions and the state.
+
+Every state here is built with ``validate=True``, so `validate_state` runs after each
+``handle``. Each test reads as given / when / then.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shoal.core.worker_events import (
+    DataPut,
+    Execute,
+    FreeKeysEvent,
+    GatherDep,
+    GatherDone,
+    GatherFailed,
+    RefreshWhoHasEvent,
+    ReleaseData,
+    ToScheduler,
+    WorkerEvent,
+    WorkerInstruction,
+)
+from shoal.core.worker_state import GATHER_BATCH_BYTES, WorkerState
+from shoal.protocol.messages import AddKeys, MissingData, TaskErred, TaskFinished
+from shoal.testing.core import (
+    DUMMY_EXCEPTION,
+    compute_task,
+    execute_done,
+    execute_failed,
+    make_worker,
+    messages,
+)
+
+
+def free(*keys: str) -> FreeKeysEvent:
+    return FreeKeysEvent("free", list(keys))
+
+
+def gather_done(peer: str, nbytes: dict[str, int], missing: list[str] = []) -> GatherDone:
+    return GatherDone(f"gather-{peer}", peer, nbytes, list(missing))
+
+
+def executes(out: list[WorkerInstruction]) -> list[str]:
+    return [i.key for i in out if isinstance(i, Execute)]
+
+
+def finished(out: list[WorkerInstruction]) -> list[str]:
+    return [m.key for m in messages(out, TaskFinished)]
+
+
+def released(out: list[WorkerInstruction]) -> list[str]:
+    return [i.key for i in out if isinstance(i, ReleaseData)]
+
+
+def state_of(ws: WorkerState, key: str) -> str | None:
+    ts = ws.tasks.get(key)
+    return None if ts is None else ts.state
+
+
+# ------------------------------------------------------------------- running
+
+
+def test_compute_task_without_dependencies_executes() -> None:
+    # given
+    ws = make_worker(nthreads=1)
+
+    # when
+    out = ws.handle([compute_task("x")], now=0.0)
+
+    # then
+    assert out == [Execute("x")]
+    assert state_of(ws, "x") == "executing"
+
+
+def test_execute_done_reports_task_finished() -> None:
+    # given
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+
+    # when
+    out = ws.handle([execute_done("x", nbytes=100, stimulus_id="run-x")], now=1.0)
+
+    # then
+    assert out == [ToScheduler(TaskFinished("x", 100, "int", 0.0, 1.0, None, "run-x"))]
+    assert state_of(ws, "x") == "memory"
+    assert ws.nbytes_in_memory == 100
+    assert ws.executing == set()
+
+
+def test_nthreads_limit_and_priority_order() -> None:
+    # given: two threads
+    ws = make_worker(nthreads=2)
+
+    # when four tasks arrive at once
+    out = ws.handle([compute_task("low", priority=(1, 1)), compute_task("top", priority=(-5, 2)),
+                     compute_task("mid-a", priority=(0, 3)), compute_task("mid-b", priority=(0, 4))],
+                    now=0.0)  # fmt: skip
+
+    # then: the two of highest priority (lowest tuple) run, the others wait their turn
+    assert executes(out) == ["top", "mid-a"]
+    assert state_of(ws, "mid-b") == "ready" and state_of(ws, "low") == "ready"
+
+    # when one finishes: the next by priority starts
+    out = ws.handle([execute_done("top")], now=1.0)
+    assert executes(out) == ["mid-b"]
+    out = ws.handle([execute_done("mid-a"), execute_done("mid-b")], now=2.0)
+    assert executes(out) == ["low"]
+
+
+def test_execute_failed_reports_task_erred() -> None:
+    # given
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+
+    # when
+    out = ws.handle([execute_failed("x", text="ValueError: boom", stimulus_id="run-x")], now=1.0)
+
+    # then
+    assert out == [ToScheduler(TaskErred("x", DUMMY_EXCEPTION, None, "ValueError: boom", 0.0, 1.0,
+                                         None, "run-x"))]  # fmt: skip
+    assert ws.executing == set()
+    assert state_of(ws, "x") in (None, "error")
+
+
+def test_failed_task_can_be_retried_on_the_same_worker() -> None:
+    # given: x failed here
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+    ws.handle([execute_failed("x")], now=1.0)
+
+    # when the scheduler sends it again
+    out = ws.handle([compute_task("x")], now=2.0)
+
+    # then
+    assert executes(out) == ["x"]
+    assert finished(ws.handle([execute_done("x")], now=3.0)) == ["x"]
+
+
+def test_failed_task_leaves_nothing_behind() -> None:
+    # given: x = f(a) with a fetched from a peer, and x fails
+    ws = make_worker()
+    ws.handle([compute_task("x", {"a": ["peer"]})], now=0.0)
+    ws.handle([gather_done("peer", {"a": 8})], now=1.0)
+
+    # when
+    ws.handle([execute_failed("x")], now=2.0)
+    out = ws.handle([free("a")], now=3.0)
+
+    # then: the scheduler never frees an erred key on the worker, so nothing may stay
+    assert released(out) == ["a"]
+    assert ws.tasks == {}
+
+
+def test_duplicate_compute_of_a_key_in_memory_reports_it_again() -> None:
+    # given
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+    ws.handle([execute_done("x", nbytes=5)], now=1.0)
+
+    # when
+    out = ws.handle([compute_task("x")], now=2.0)
+
+    # then: not run again, reported again
+    assert executes(out) == []
+    assert [(m.key, m.nbytes) for m in messages(out, TaskFinished)] == [("x", 5)]
+
+
+def test_duplicate_compute_of_a_running_key_is_ignored() -> None:
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+
+    assert ws.handle([compute_task("x")], now=1.0) == []
+    assert finished(ws.handle([execute_done("x")], now=2.0)) == ["x"]
+
+
+# ------------------------------------------------------------------ fetching
+
+
+def test_dependencies_on_other_workers_are_gathered_batched_per_peer() -> None:
+    # given
+    ws = make_worker("w1")
+
+    # when: x needs a and b (on p1) and c (on p2)
+    out = ws.handle([compute_task("x", {"a": ["p1"], "b": ["p1"], "c": ["p2"]},
+                                  nbytes={"a": 10, "b": 20, "c": 30})], now=0.0)  # fmt: skip
+
+    # then: one gather per peer, nothing runs yet
+    gathers = {g.peer: g for g in messages(out, GatherDep)}
+    assert set(gathers) == {"p1", "p2"}
+    assert sorted(gathers["p1"].keys) == ["a", "b"] and gathers["p1"].total_nbytes == 30
+    assert gathers["p2"].keys == ["c"] and gathers["p2"].total_nbytes == 30
+    assert executes(out) == []
+    assert state_of(ws, "x") == "waiting"
+    assert {state_of(ws, k) for k in "abc"} == {"flight"}
+
+
+def test_gather_done_executes_and_reports_added_keys() -> None:
+    # given
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"], "c": ["p2"]})], now=0.0)
+
+    # when the first gather lands: still waiting for c
+    out = ws.handle([gather_done("p1", {"a": 10})], now=1.0)
+    assert executes(out) == []
+    assert messages(out, AddKeys) == [AddKeys(["a"], [10], "gather-p1")]
+
+    # when the second lands: x runs
+    out = ws.handle([gather_done("p2", {"c": 30})], now=2.0)
+    assert executes(out) == ["x"]
+    assert messages(out, AddKeys) == [AddKeys(["c"], [30], "gather-p2")]
+    assert ws.nbytes_in_memory == 40
+
+
+def test_inputs_are_kept_for_the_scheduler_until_freed() -> None:
+    # given: x = f(a), a fetched, x done
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
+    ws.handle([gather_done("p1", {"a": 10})], now=1.0)
+    ws.handle([execute_done("x")], now=2.0)
+
+    # then a stays: the scheduler was told this worker holds a copy
+    assert state_of(ws, "a") == "memory"
+
+    # when the scheduler frees them
+    out = ws.handle([free("a", "x")], now=3.0)
+    assert sorted(released(out)) == ["a", "x"]
+    assert ws.tasks == {} and ws.nbytes_in_memory == 0
+
+
+def test_input_held_locally_is_not_fetched() -> None:
+    # given: a computed here
+    ws = make_worker("w1")
+    ws.handle([compute_task("a")], now=0.0)
+    ws.handle([execute_done("a")], now=1.0)
+
+    # when x = f(a) arrives, saying a is here (and on p1)
+    out = ws.handle([compute_task("x", {"a": ["w1", "p1"]})], now=2.0)
+
+    # then
+    assert out == [Execute("x")]
+
+
+def test_two_tasks_sharing_an_input_fetch_it_once() -> None:
+    ws = make_worker("w1", nthreads=2)
+
+    out = ws.handle([compute_task("x", {"a": ["p1"]}), compute_task("y", {"a": ["p1"]})], now=0.0)
+
+    assert messages(out, GatherDep) == [GatherDep("p1", ["a"], 8)]
+    out = ws.handle([gather_done("p1", {"a": 8})], now=1.0)
+    assert sorted(executes(out)) == ["x", "y"]
+
+
+def test_gathers_are_split_into_batches_of_bounded_size() -> None:
+    # given: three big inputs on one peer
+    ws = make_worker("w1")
+    big = GATHER_BATCH_BYTES // 2 + 1
+    sizes = {"a": big, "b": big, "c": big}
+
+    # when
+    out = ws.handle([compute_task("x", {k: ["p1"] for k in sizes}, nbytes=sizes)], now=0.0)
+
+    # then: one batch at a time per peer, each under the limit (or a single key)
+    [g] = messages(out, GatherDep)
+    assert len(g.keys) == 1
+    fetched = list(g.keys)
+    while len(fetched) < 3:
+        out = ws.handle([gather_done("p1", {k: big for k in g.keys})], now=1.0)
+        [g] = messages(out, GatherDep)
+        fetched += g.keys
+    assert sorted(fetched) == ["a", "b", "c"]
+    out = ws.handle([gather_done("p1", {k: big for k in g.keys})], now=2.0)
+    assert executes(out) == ["x"]
+
+
+def test_missing_data_with_another_holder_retries_it_and_tells_the_scheduler() -> None:
+    # given: a is on p1 and p2; we asked p1
+    ws = make_worker("w1")
+    out = ws.handle([compute_task("x", {"a": ["p1", "p2"]})], now=0.0)
+    assert messages(out, GatherDep) == [GatherDep("p1", ["a"], 8)]
+
+    # when p1 answers that it does not have a
+    out = ws.handle([gather_done("p1", {}, missing=["a"])], now=1.0)
+
+    # then: we ask p2, and tell the scheduler p1's copy is gone
+    assert messages(out, GatherDep) == [GatherDep("p2", ["a"], 8)]
+    assert messages(out, MissingData) == [MissingData("a", "p1", "gather-p1")]
+    out = ws.handle([gather_done("p2", {"a": 8})], now=2.0)
+    assert executes(out) == ["x"]
+
+
+def test_gather_failed_reports_missing_data() -> None:
+    # given: a and b on p1 only, c on p1 and p2
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"], "b": ["p1"], "c": ["p1", "p2"]})], now=0.0)
+    assert ws.in_flight.keys() == {"p1"}
+
+    # when p1 cannot be reached
+    out = ws.handle([GatherFailed("gather-p1", "p1", sorted(ws.in_flight["p1"]), "refused")],
+                    now=1.0)  # fmt: skip
+
+    # then: every key is reported missing on p1; c is asked from p2; a, b wait for news
+    assert sorted(m.key for m in messages(out, MissingData)) == ["a", "b", "c"]
+    assert {m.holder for m in messages(out, MissingData)} == {"p1"}
+    assert messages(out, GatherDep) == [GatherDep("p2", ["c"], 8)]
+    assert state_of(ws, "a") == "fetch" and state_of(ws, "b") == "fetch"
+
+    # when the scheduler says where a and b are now
+    out = ws.handle([RefreshWhoHasEvent("refresh", {"a": ["p3"], "b": ["p3", "w1"]})], now=2.0)
+    [g] = messages(out, GatherDep)
+    assert g.peer == "p3" and sorted(g.keys) == ["a", "b"]
+
+
+def test_data_put_puts_keys_in_memory() -> None:
+    # given
+    ws = make_worker("w1")
+
+    # when a client scatters data here
+    out = ws.handle([DataPut("put", {"s": 100})], now=0.0)
+
+    # then: nothing to say (the client tells the scheduler), the key is kept
+    assert out == []
+    assert state_of(ws, "s") == "memory" and ws.nbytes_in_memory == 100
+
+    # and a task using it runs at once
+    assert executes(ws.handle([compute_task("x", {"s": ["w1"]})], now=1.0)) == ["x"]
+
+    # and it goes when the scheduler frees it
+    ws.handle([execute_done("x")], now=2.0)
+    assert sorted(released(ws.handle([free("s", "x")], now=3.0))) == ["s", "x"]
+    assert ws.tasks == {}
+
+
+def test_data_put_for_a_key_in_flight_completes_the_fetch() -> None:
+    # given: a being fetched from p1
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
+
+    # when a is put here directly
+    out = ws.handle([DataPut("put", {"a": 8})], now=1.0)
+
+    # then x runs; the late gather changes nothing
+    assert executes(out) == ["x"]
+    out = ws.handle([gather_done("p1", {"a": 8})], now=2.0)
+    assert out == []
+    assert state_of(ws, "a") == "memory"
+
+
+# --------------------------------------------------------------- cancelling
+
+
+def test_free_keys_on_executing_task_cancels_it_and_drops_its_result() -> None:
+    # given: x runs, y waits for the only thread
+    ws = make_worker("w1", nthreads=1)
+    ws.handle([compute_task("x"), compute_task("y", priority=(1, 0))], now=0.0)
+
+    # when the scheduler frees x
+    out = ws.handle([free("x")], now=1.0)
+
+    # then: x is cancelled but still holds its thread
+    assert out == []
+    assert state_of(ws, "x") == "cancelled"
+
+    # when x's run ends: its result is dropped, not reported, and y gets the thread
+    out = ws.handle([execute_done("x")], now=2.0)
+    assert released(out) == ["x"]
+    assert finished(out) == []
+    assert executes(out) == ["y"]
+    assert "x" not in ws.tasks
+
+
+def test_cancelled_task_that_fails_is_not_reported() -> None:
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+    ws.handle([free("x")], now=1.0)
+
+    out = ws.handle([execute_failed("x")], now=2.0)
+
+    assert messages(out, TaskErred) == [] and ws.tasks == {}
+
+
+def test_compute_again_while_cancelled_resumes_and_reports_once() -> None:
+    # given: x was cancelled while running
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+    ws.handle([free("x")], now=1.0)
+
+    # when the scheduler wants it again
+    out = ws.handle([compute_task("x")], now=2.0)
+
+    # then: the run already under way is kept (no second Execute)
+    assert out == []
+    assert state_of(ws, "x") == "executing"
+
+    # when it ends: reported once
+    out = ws.handle([execute_done("x")], now=3.0)
+    assert finished(out) == ["x"] and released(out) == []
+
+
+def test_free_keys_of_memory_key_releases_data() -> None:
+    # given
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+    ws.handle([execute_done("x", nbytes=50)], now=1.0)
+
+    # when
+    out = ws.handle([free("x")], now=2.0)
+
+    # then
+    assert out == [ReleaseData("x")]
+    assert ws.tasks == {} and ws.nbytes_in_memory == 0
+
+
+def test_free_keys_of_an_input_still_needed_here_keeps_it_until_used() -> None:
+    # given: a computed here, y = f(a) waiting for b from p1
+    ws = make_worker("w1")
+    ws.handle([compute_task("a")], now=0.0)
+    ws.handle([execute_done("a")], now=1.0)
+    ws.handle([compute_task("y", {"a": ["w1"], "b": ["p1"]})], now=2.0)
+
+    # when the scheduler frees a (a race: it thinks nobody needs it)
+    out = ws.handle([free("a")], now=3.0)
+
+    # then: kept for y
+    assert out == [] and state_of(ws, "a") == "memory"
+
+    # and dropped once y has run
+    ws.handle([gather_done("p1", {"b": 8})], now=4.0)
+    out = ws.handle([execute_done("y")], now=5.0)
+    assert released(out) == ["a"]
+
+
+def test_free_keys_of_waiting_and_ready_tasks_drops_them() -> None:
+    # given: x runs on the only thread, y ready, z waiting on a fetch
+    ws = make_worker("w1", nthreads=1)
+    ws.handle([compute_task("x"), compute_task("y", priority=(1, 0)),
+               compute_task("z", {"a": ["p1"]})], now=0.0)  # fmt: skip
+    assert (state_of(ws, "y"), state_of(ws, "z")) == ("ready", "waiting")
+
+    # when
+    out = ws.handle([free("y", "z")], now=1.0)
+
+    # then: they are gone; a, in flight, is dropped when it lands
+    assert out == []
+    assert set(ws.tasks) == {"x", "a"}
+    out = ws.handle([gather_done("p1", {"a": 8})], now=2.0)
+    assert released(out) == ["a"] and messages(out, AddKeys) == []
+    out = ws.handle([execute_done("x")], now=3.0)
+    assert executes(out) == [] and finished(out) == ["x"]
+    assert set(ws.tasks) == {"x"}
+
+
+def test_free_keys_of_unknown_keys_is_harmless() -> None:
+    ws = make_worker()
+    assert ws.handle([free("nope")], now=0.0) == []
+
+
+def test_late_outcomes_of_unknown_tasks_release_their_data() -> None:
+    ws = make_worker()
+    assert ws.handle([execute_done("ghost")], now=0.0) == [ReleaseData("ghost")]
+    assert ws.handle([execute_failed("ghost")], now=0.0) == []
+
+
+# ---------------------------------------------- a key both fetched and computed
+
+
+def test_compute_of_a_key_being_fetched_reports_it_when_it_lands() -> None:
+    # given: a is being fetched from p1 as x's input
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
+
+    # when the scheduler asks us to compute a too
+    out = ws.handle([compute_task("a")], now=1.0)
+    assert executes(out) == []
+
+    # when the fetch lands: a is reported done, x runs
+    out = ws.handle([gather_done("p1", {"a": 8})], now=2.0)
+    assert finished(out) == ["a"]
+    assert executes(out) == ["x"]
+
+
+def test_compute_of_a_key_whose_fetch_fails_computes_it() -> None:
+    # given: a was being fetched from p1, which then died; the scheduler recomputes a here
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
+    ws.handle([free("x"), compute_task("a")], now=1.0)
+
+    # when the fetch fails
+    out = ws.handle([GatherFailed("gather-p1", "p1", ["a"], "refused")], now=2.0)
+
+    # then: a runs here instead of waiting for a copy that is gone
+    assert executes(out) == ["a"]
+    out = ws.handle([execute_done("a")], now=3.0)
+    assert finished(out) == ["a"]
+
+
+def test_compute_of_a_key_waiting_to_be_fetched_computes_it() -> None:
+    # given: a waits to be fetched, but no holder is known
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
+    ws.handle([GatherFailed("gather-p1", "p1", ["a"], "refused")], now=1.0)
+    assert state_of(ws, "a") == "fetch"
+
+    # when the scheduler asks us to compute a (it recomputes the lost key)
+    out = ws.handle([compute_task("a")], now=2.0)
+
+    # then it runs, and x after it
+    assert executes(out) == ["a"]
+    out = ws.handle([execute_done("a")], now=3.0)
+    assert finished(out) == ["a"] and executes(out) == ["x"]
+
+
+def test_input_that_erred_here_before_is_fetched_from_its_new_holder() -> None:
+    # given: a failed here once; the scheduler retried it elsewhere, where it worked
+    ws = make_worker("w1")
+    ws.handle([compute_task("a")], now=0.0)
+    ws.handle([execute_failed("a")], now=1.0)
+
+    # when x = f(a) is sent here
+    out = ws.handle([compute_task("x", {"a": ["w2"]})], now=2.0)
+
+    # then a is fetched from w2 and x runs
+    assert messages(out, GatherDep) == [GatherDep("w2", ["a"], 8)]
+    out = ws.handle([gather_done("w2", {"a": 8})], now=3.0)
+    assert executes(out) == ["x"]
+
+
+def test_input_cancelled_here_is_not_waited_on_forever() -> None:
+    # given: a was cancelled while running here (and was then computed on w2)
+    ws = make_worker("w1", nthreads=2)
+    ws.handle([compute_task("a")], now=0.0)
+    ws.handle([free("a")], now=1.0)
+
+    # when x = f(a) is sent here
+    ws.handle([compute_task("x", {"a": ["w2"]})], now=2.0)
+
+    # when the cancelled run ends, one way or the other, x still gets its input and runs
+    out = ws.handle([execute_failed("a")], now=3.0)
+    if not executes(out):
+        [g] = messages(out, GatherDep)
+        assert g == GatherDep("w2", ["a"], 8)
+        out = ws.handle([gather_done("w2", {"a": 8})], now=4.0)
+    assert executes(out) == ["x"]
+
+
+def test_input_cancelled_here_that_finishes_is_used() -> None:
+    ws = make_worker("w1", nthreads=2)
+    ws.handle([compute_task("a")], now=0.0)
+    ws.handle([free("a")], now=1.0)
+    ws.handle([compute_task("x", {"a": ["w2"]})], now=2.0)
+
+    out = ws.handle([execute_done("a")], now=3.0)
+    if not executes(out):
+        out = ws.handle([gather_done("w2", {"a": 8})], now=4.0)
+    assert executes(out) == ["x"]
+    assert finished(out) == []  # a was cancelled: never reported as computed here
+
+
+def test_validate_state_catches_a_broken_invariant() -> None:
+    ws = make_worker()
+    ws.handle([compute_task("x")], now=0.0)
+    ws.executing.clear()
+    with pytest.raises(AssertionError):
+        ws.validate_state()
+
+
+# -------------------------------------------------------------- randomized
+
+
+class WorkerSim:
+    """Plays the scheduler, the peers, the thread pool and the data store around a validating
+    `WorkerState`, at random, and checks that the instructions make sense for all of them."""
+
+    ADDRESS = "w0"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        # few peers (the same ones again and again), or many (more gathers than allowed at once)
+        self.PEERS = [f"p{i}" for i in range(self.rng.choice([3, 30]))]
+        self.nthreads = self.rng.randint(1, 3)
+        self.ws = WorkerState(self.ADDRESS, self.nthreads, validate=True)
+        #: keys in the server's data store
+        self.store: set[str] = set()
+        #: keys handed to the thread pool and not yet reported back
+        self.running: set[str] = set()
+        #: gathers sent out and not yet answered: peer -> keys
+        self.gathers: dict[str, list[str]] = {}
+        #: keys the "scheduler" asked us to compute and did not free since
+        self.computing: dict[str, list[str]] = {}
+        #: keys the scheduler believes we hold
+        self.held: set[str] = set()
+        #: keys reported done/erred since the last ComputeTask for them
+        self.answered: set[str] = set()
+        self.remote: list[str] = []  # keys that live on peers
+        self.ever_computed: list[str] = []  # keys we were asked to compute, ever
+        self.now = 0.0
+        self.n = 0
+
+    def fresh(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}-{self.n}"
+
+    def handle(self, *events: WorkerEvent) -> list[WorkerInstruction]:
+        self.now += 1.0
+        out = self.ws.handle(list(events), self.now)
+        for inst in out:
+            if isinstance(inst, Execute):
+                assert inst.key not in self.running, f"second run of {inst.key} at once"
+                ts = self.ws.tasks[inst.key]
+                assert ts.compute is not None
+                for dep in ts.compute.who_has:
+                    assert dep in self.store, f"{inst.key} started without its input {dep}"
+                self.running.add(inst.key)
+            elif isinstance(inst, GatherDep):
+                assert inst.peer not in self.gathers, f"two gathers from {inst.peer}"
+                assert inst.keys
+                self.gathers[inst.peer] = list(inst.keys)
+            elif isinstance(inst, ReleaseData):
+                assert inst.key in self.store, f"release of {inst.key} that is not stored"
+                self.store.discard(inst.key)
+            elif isinstance(inst, ToScheduler):
+                msg = inst.msg
+                if isinstance(msg, TaskFinished):
+                    assert msg.key in self.computing, f"unasked report of {msg.key}"
+                    assert msg.key in self.store
+                    self.answered.add(msg.key)
+                    self.held.add(msg.key)
+                elif isinstance(msg, TaskErred):
+                    assert msg.key in self.computing, f"unasked report of {msg.key}"
+                    self.answered.add(msg.key)
+                    # The scheduler retries it elsewhere (or fails it): not ours any more.
+                    del self.computing[msg.key]
+                elif isinstance(msg, AddKeys):
+                    assert all(k in self.store for k in msg.keys), msg
+                    self.held.update(msg.keys)
+                elif isinstance(msg, MissingData):
+                    pass
+                else:  # pragma: no cover
+                    raise AssertionError(msg)
+        assert len(self.running) <= self.nthreads
+        memory = {k for k, t in self.ws.tasks.items() if t.state == "memory"}
+        assert memory <= self.store, memory - self.store
+        stray = self.store - memory - self.running
+        assert not stray, f"stored but not known: {stray}"
+        assert self.ws.nbytes_in_memory == sum(self.ws.tasks[k].nbytes for k in memory)
+        return out
+
+    # ------------------------------------------------------------ actions
+
+    def compute(self) -> None:
+        r = self.rng.random()
+        elsewhere = [k for k in self.ever_computed if k not in self.computing
+                     and k not in self.held]  # fmt: skip
+        cancelled = sorted(k for k, t in self.ws.tasks.items() if t.state == "cancelled")
+        if cancelled and r < 0.1:
+            key = self.rng.choice(cancelled)  # freed while running, now wanted again
+            deps = []
+        elif self.computing and r < 0.2:
+            key = self.rng.choice(sorted(self.computing))  # again (a duplicate)
+            deps = self.computing[key]
+        elif elsewhere and r < 0.25:
+            key = self.rng.choice(elsewhere)  # again, after it was freed (resumed?)
+            deps = []
+        elif self.remote and r < 0.3:
+            key = self.rng.choice(self.remote)  # an input that was lost: recompute it here
+            self.remote.remove(key)
+            deps = []
+        else:
+            key = self.fresh("t")
+            deps = []
+            for _ in range(self.rng.randint(0, 5)):
+                if self.held and self.rng.random() < 0.3:
+                    deps.append(self.rng.choice(sorted(self.held)))
+                elif elsewhere and self.rng.random() < 0.2:
+                    # once ours, now (says the scheduler) on a peer
+                    deps.append(self.rng.choice(elsewhere))
+                elif self.remote and self.rng.random() < 0.5:
+                    deps.append(self.rng.choice(self.remote))
+                else:
+                    deps.append(self.fresh("r"))
+                    self.remote.append(deps[-1])
+        deps = sorted(set(deps) - {key})
+        if key not in self.ever_computed:
+            self.ever_computed.append(key)
+        who_has = {}
+        for d in deps:
+            holders = self.rng.sample(self.PEERS, self.rng.randint(0, 2) if d not in self.held
+                                      else self.rng.randint(0, 1))  # fmt: skip
+            if d in self.held:
+                holders.append(self.ADDRESS)
+            elif not holders:
+                holders = [self.rng.choice(self.PEERS)]
+            who_has[d] = holders
+        self.computing[key] = deps
+        self.answered.discard(key)
+        self.handle(compute_task(key, who_has, {d: self.rng.randint(1, 100) for d in deps},
+                                 (self.rng.randint(-2, 2), self.n), self.fresh("compute")))  # fmt: skip
+
+    def finish_run(self) -> None:
+        if self.rng.random() < 0.02:  # a stray outcome for a key we do not run
+            self.store.add("stray")
+            self.handle(execute_done("stray", stimulus_id=self.fresh("stray")))
+            self.handle(execute_failed("stray", stimulus_id=self.fresh("stray")))
+            return
+        if not self.running:
+            return
+        key = self.rng.choice(sorted(self.running))
+        self.running.discard(key)
+        if self.rng.random() < 0.15:
+            self.handle(execute_failed(key, stimulus_id=self.fresh("failed")))
+        else:
+            self.store.add(key)  # the server stores the result before it reports
+            self.handle(execute_done(key, self.rng.randint(1, 100), self.fresh("done")))
+
+    def finish_gather(self, fail_rate: float = 0.15) -> None:
+        if not self.gathers:
+            return
+        peer = self.rng.choice(sorted(self.gathers))
+        keys = self.gathers.pop(peer)
+        r = self.rng.random()
+        if r < fail_rate:
+            self.handle(GatherFailed(self.fresh("gather-failed"), peer, keys, "refused"))
+            return
+        missing = [k for k in keys if self.rng.random() < fail_rate]
+        got = {k: 8 for k in keys if k not in missing}
+        self.store.update(k for k in got if k not in self.store)
+        self.handle(GatherDone(self.fresh("gather"), peer, got, missing))
+
+    def free(self) -> None:
+        known = sorted(set(self.ws.tasks) | set(self.computing) | self.held)
+        if not known:
+            return
+        keys = self.rng.sample(known, self.rng.randint(1, min(3, len(known))))
+        for k in keys:
+            self.computing.pop(k, None)
+            self.held.discard(k)
+        self.handle(FreeKeysEvent(self.fresh("free"), keys))
+
+    def refresh(self) -> None:
+        fetching = sorted(k for k, t in self.ws.tasks.items() if t.state == "fetch")
+        if fetching:
+            key = self.rng.choice(fetching)
+            holders = self.rng.sample(self.PEERS, self.rng.choice([0, 1, 2]))
+            self.handle(RefreshWhoHasEvent(self.fresh("refresh"), {key: holders}))
+
+    def put(self) -> None:
+        flying = sorted(k for k, t in self.ws.tasks.items() if t.state == "flight")
+        if flying and self.rng.random() < 0.5:
+            key = self.rng.choice(flying)
+        else:
+            key = self.fresh("s")
+        self.store.add(key)
+        self.held.add(key)
+        self.handle(DataPut(self.fresh("put"), {key: 64}))
+
+    def step(self) -> None:
+        r = self.rng.random()
+        if r < 0.25:
+            self.compute()
+        elif r < 0.50:
+            self.finish_run()
+        elif r < 0.75:
+            self.finish_gather()
+        elif r < 0.88:
+            self.free()
+        elif r < 0.95:
+            self.refresh()
+        else:
+            self.put()
+
+    def drain(self) -> None:
+        """No more failures: every fetch succeeds, every run ends; the scheduler answers
+        every fetch that has no holder with a good one."""
+        for _ in range(10_000):
+            if self.running:
+                self.finish_run()
+            elif self.gathers:
+                self.finish_gather(fail_rate=0.0)
+            else:
+                stuck = {k: list(self.PEERS) for k, t in self.ws.tasks.items()
+                         if t.state == "fetch"}  # fmt: skip
+                if not stuck:
+                    break
+                self.handle(RefreshWhoHasEvent(self.fresh("refresh"), stuck))
+        else:  # pragma: no cover
+            raise AssertionError("did not settle")
+        # Every task the scheduler still wants was answered.
+        for key in self.computing:
+            assert key in self.answered, (key, self.ws.tasks.get(key))
+        assert not self.ws.executing and not self.ws.in_flight
+
+    def free_everything(self) -> None:
+        keys = sorted(set(self.ws.tasks) | set(self.computing) | self.held)
+        self.computing.clear()
+        self.held.clear()
+        self.handle(FreeKeysEvent(self.fresh("free-all"), keys))
+        assert self.ws.tasks == {}, self.ws.tasks
+        assert self.store == set()
+        assert self.ws.nbytes_in_memory == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_randomized_worker(seed: int) -> None:
+    # given a worker; when the scheduler, peers and threads do thousands of random things,
+    # pausing to let everything finish; then every task asked for is answered, and
+    # freeing every key leaves nothing behind
+    sim = WorkerSim(seed)
+    for _ in range(4):
+        for _ in range(300):
+            sim.step()
+        sim.drain()
+    sim.free_everything()
