@@ -27,7 +27,9 @@ from .exceptions import KilledWorkerError as KilledWorkerError
 from .exceptions import RemoteTraceback as RemoteTraceback
 from .exceptions import SchedulerGoneError as SchedulerGoneError
 from .future import Future as Future
+from .annotate import annotate as annotate
 from .future import as_completed as as_completed
+from .future import fire_and_forget as fire_and_forget
 from .future import wait as wait
 from .protocol.serialize import SerializationError as SerializationError
 from .scheduler import Scheduler as Scheduler

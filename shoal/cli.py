@@ -35,6 +35,20 @@ async def _serve_until_signal(server: Any, started: str) -> None:
     await asyncio.gather(waiter, stopper, return_exceptions=True)
 
 
+def parse_resources(text: str) -> dict[str, float]:
+    """``"GPU=2,MEM=16e9"`` -> ``{"GPU": 2.0, "MEM": 16e9}``; a bad item is a usage error."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, amount = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(amount)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not NAME=AMOUNT", param_hint="--resources") from None
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shoal")
 def main() -> None:
@@ -74,18 +88,21 @@ def scheduler(host: str, port: int, token: str | None, log_level: str) -> None:
 @click.option("--token", default=None, envvar="SHOAL_TOKEN",
               help="Shared secret the scheduler expects [env: SHOAL_TOKEN].")
 @click.option("--memory-limit", default=0, type=int, help="Bytes of memory this worker may use.")
+@click.option("--resources", default="", help='Abstract resources tasks can ask for, e.g. "GPU=2,MEM=16e9".')
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float,
               help="Seconds to wait for the scheduler before giving up.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
 def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, port: int,
-           token: str | None, memory_limit: int, connect_timeout: float, log_level: str) -> None:
+           token: str | None, memory_limit: int, resources: str, connect_timeout: float,
+           log_level: str) -> None:
     """Run a worker that joins the scheduler at SCHEDULER_ADDRESS (e.g. tcp://host:8786)."""
     from .worker import Worker
 
     _setup_logging(log_level)
     server = Worker(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
-                    token=token, memory_limit=memory_limit, connect_timeout=connect_timeout)
+                    token=token, memory_limit=memory_limit, connect_timeout=connect_timeout,
+                    resources=parse_resources(resources))
     try:
         run(_serve_until_signal(server, "shoal worker listening at {address}"))
     except ConnectionError as exc:

@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from .protocol.messages import (
     PROTOCOL_VERSION,
     CancelKeys,
     DataReply,
+    FireAndForgetKeys,
     GetData,
     Hello,
     Identity,
@@ -45,11 +47,13 @@ from .protocol.messages import (
     SchedulerClosing,
     Story,
     SubmitTasks,
+    TaskWarning,
     TaskSpec,
     UpdateData,
     WantKeys,
     WhoHas,
 )
+from .annotate import resolve_options
 from .protocol.refs import collecting
 from .protocol.serialize import Serialized, deserialize, dumps_function, serialize
 from .rpc import PeerPool, next_rid
@@ -299,6 +303,8 @@ class Client(DatasetsMixin):
             fut = self._replies.pop(msg.rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+        elif isinstance(msg, TaskWarning):
+            warnings.warn(msg.text, RuntimeWarning, stacklevel=1)
         elif isinstance(msg, SchedulerClosing):
             self._fail_pending("scheduler-gone", f"the scheduler closed: {msg.reason}")
         else:
@@ -374,7 +380,7 @@ class Client(DatasetsMixin):
 
     def _make_spec(self, fn: Callable[..., Any], function: bytes, args: tuple[Any, ...],
                    kwargs: dict[str, Any], key: str | None, pure: bool,
-                   priority: int = 0, retries: int = 0) -> TaskSpec:  # fmt: skip
+                   options: dict[str, Any]) -> TaskSpec:  # fmt: skip
         with collecting() as deps:
             packed = serialize((args, kwargs), f"argument of {_funcname(fn)}")
         if key is None:
@@ -385,37 +391,61 @@ class Client(DatasetsMixin):
                 key = f"{_funcname(fn)}-{h.hexdigest()}"
             else:
                 key = f"{_funcname(fn)}-{uuid.uuid4().hex}"
-        return TaskSpec(key, function, packed, list(dict.fromkeys(deps)), priority, retries)
+        workers = options.get("workers")
+        return TaskSpec(
+            key, function, packed, list(dict.fromkeys(deps)),
+            priority=int(options.get("priority") or 0),
+            retries=int(options.get("retries") or 0),
+            resources={k: float(v) for k, v in options["resources"].items()}
+            if options.get("resources") else None,
+            workers=[workers] if isinstance(workers, str) else list(workers) if workers else None,
+            allow_other_workers=bool(options.get("allow_other_workers", False)),
+            retry_delay=float(options.get("retry_delay", 0.1)),
+        )  # fmt: skip
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str | None = None,
-               pure: bool = True, priority: int = 0, retries: int = 0,
+               pure: bool = True, priority: int | None = None, retries: int | None = None,
+               resources: dict[str, float] | None = None, workers: list[str] | str | None = None,
+               allow_other_workers: bool | None = None, retry_delay: float | None = None,
                **kwargs: Any) -> Future:  # fmt: skip
         """Run ``fn(*args, **kwargs)`` in the cluster; futures among the arguments become
         dependencies (their values are passed in). Pure calls get a key from their inputs,
-        so the same call submitted twice runs once."""
+        so the same call submitted twice runs once.
+
+        ``priority`` (higher first), ``retries`` (with ``retry_delay`` seconds before the
+        first, doubling), ``resources`` (e.g. ``{"GPU": 1}``, against what workers declare),
+        ``workers`` (addresses, names or hosts) with ``allow_other_workers``; unset options
+        come from an enclosing `shoal.annotate`."""
         if not callable(fn):
             raise TypeError(f"submit expects a callable, got {type(fn).__name__}")
         self._check_running()
-        spec = self._make_spec(fn, self._pickled_function(fn), args, kwargs, key, pure,
-                               priority, retries)  # fmt: skip
+        options = resolve_options(dict(
+            priority=priority, retries=retries, resources=resources, workers=workers,
+            allow_other_workers=allow_other_workers, retry_delay=retry_delay))  # fmt: skip
+        spec = self._make_spec(fn, self._pickled_function(fn), args, kwargs, key, pure, options)
         future = Future(spec.key, self)
         self._send(SubmitTasks([spec], [spec.key]))
         return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], key: str | list[str] | None = None,
-            pure: bool = True, priority: int = 0, retries: int = 0,
-            **kwargs: Any) -> list[Future]:  # fmt: skip
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            key: str | list[str] | None = None, pure: bool = True, priority: int | None = None,
+            retries: int | None = None, resources: dict[str, float] | None = None,
+            workers: list[str] | str | None = None, allow_other_workers: bool | None = None,
+            retry_delay: float | None = None, **kwargs: Any) -> list[Future]:  # fmt: skip
         """``submit(fn, *args)`` for each tuple of arguments zipped from ``iterables``."""
         if not callable(fn):
             raise TypeError(f"map expects a callable, got {type(fn).__name__}")
         self._check_running()
+        options = resolve_options(dict(
+            priority=priority, retries=retries, resources=resources, workers=workers,
+            allow_other_workers=allow_other_workers, retry_delay=retry_delay))  # fmt: skip
         function = self._pickled_function(fn)
         columns = [list(it) for it in iterables]
         keys = key if isinstance(key, list) else None
         specs = []
         for i, args in enumerate(zip(*columns)):
             k = keys[i] if keys is not None else (f"{key}-{i}" if isinstance(key, str) else None)
-            specs.append(self._make_spec(fn, function, args, kwargs, k, pure, priority, retries))
+            specs.append(self._make_spec(fn, function, args, kwargs, k, pure, options))
         futures = [Future(s.key, self) for s in specs]
         self._send(SubmitTasks(specs, [s.key for s in specs]))
         return futures
@@ -560,6 +590,11 @@ class Client(DatasetsMixin):
 
         self._call_soon(mark)
         self._send(CancelKeys([f.key for f in fs]))
+
+    def fire_and_forget(self, futures: Iterable[Future] | Future) -> None:
+        """Run these to the end even if every future for them is dropped."""
+        fs = [futures] if isinstance(futures, Future) else list(futures)
+        self._send(FireAndForgetKeys([f.key for f in fs]))
 
     def want(self, futures: Iterable[Future]) -> None:
         self._send(WantKeys([f.key for f in futures]))

@@ -335,3 +335,10 @@ class as_completed:  # noqa: N801 - named like concurrent.futures.as_completed
                     raise
                 return future, exc
         return future
+
+
+def fire_and_forget(futures: Iterable[Future] | Future) -> None:
+    """Compute these to the end even if every future for them is dropped (e.g. side effects)."""
+    fs = [futures] if isinstance(futures, Future) else list(futures)
+    for f in fs:
+        f.client.fire_and_forget(f)

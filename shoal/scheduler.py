@@ -23,6 +23,7 @@ from .core.scheduler_events import (
     ClientDisconnected,
     DataMissing,
     DataScattered,
+    FireAndForget,
     Instruction,
     KeysCancelled,
     KeysReleased,
@@ -32,7 +33,9 @@ from .core.scheduler_events import (
     TaskErredEvent,
     TaskFinishedEvent,
     TasksSubmitted,
+    Tick,
     ToClient,
+    WakeAt,
     WorkerJoined,
     WorkerLeft,
 )
@@ -42,6 +45,7 @@ from .protocol.messages import (
     AddKeys,
     CancelKeys,
     CloseWorker,
+    FireAndForgetKeys,
     Heartbeat,
     Hello,
     Identity,
@@ -188,6 +192,9 @@ class Scheduler:
 
     def _dispatch(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
+            if isinstance(ins, WakeAt):
+                self._wake_at(ins.when)
+                continue
             if isinstance(ins, ToClient):
                 send = self._clients.get(ins.client)
             else:
@@ -195,6 +202,14 @@ class Scheduler:
             # A peer that is going away is handled when its connection's reader ends.
             if send is not None and not send.closed:
                 send.send(ins.msg)
+
+    def _wake_at(self, when: float) -> None:
+        """Feed the state a `Tick` at ``when`` (it reads no clock itself)."""
+        if self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - time.time())
+        loop.call_later(delay, lambda: None if self._closing else self._handle([Tick("tick")]))
 
     # ---------------------------------------------------------------- serving
 
@@ -252,6 +267,8 @@ class Scheduler:
             return KeysReleased(msg.stimulus_id or "release", client, msg.keys)
         if isinstance(msg, WantKeys):
             return KeysWanted("want", client, msg.keys)
+        if isinstance(msg, FireAndForgetKeys):
+            return FireAndForget("fire-and-forget", msg.keys)
         if isinstance(msg, CancelKeys):
             return KeysCancelled(msg.stimulus_id or "cancel", client, msg.keys)
         if isinstance(msg, Scattered):

@@ -5,7 +5,7 @@ import shoal
 PUBLIC = {
     "CancelledError", "Client", "Future", "FutureLostError", "KilledWorkerError", "LocalCluster",
     "RemoteTraceback", "Scheduler", "SchedulerGoneError", "SerializationError", "Worker",
-    "as_completed", "default_client", "wait",
+    "as_completed", "default_client", "wait", "annotate", "fire_and_forget",
     # coordination
     "Event", "Lock", "Pub", "Queue", "Semaphore", "Sub", "Variable",
 }  # fmt: skip
@@ -19,7 +19,7 @@ def test_public_names_are_exported() -> None:
 
 def test_every_public_name_is_pinned() -> None:
     modules = {"protocol", "comm", "core", "cluster", "utils", "client", "future", "scheduler",
-               "worker", "exceptions", "execution", "rpc", "testing", "cli", "demo",
+               "worker", "annotate", "exceptions", "execution", "rpc", "testing", "cli", "demo",
                "coordination"}  # fmt: skip
     exported = {n for n in vars(shoal) if not n.startswith("_")} - modules
     assert exported <= PUBLIC, f"exported but not pinned here: {sorted(exported - PUBLIC)}"

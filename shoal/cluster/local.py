@@ -36,6 +36,7 @@ class LocalCluster:
         memory_limit: int | None = None,
         validate: bool = False,
         worker_start_timeout: float = 60.0,
+        resources: dict[str, float] | None = None,
     ) -> None:
         cores = os.cpu_count() or 1
         if n_workers is None:
@@ -50,6 +51,8 @@ class LocalCluster:
         total = psutil.virtual_memory().total
         self.memory_limit = memory_limit if memory_limit is not None else total // max(1, n_workers)
         self.validate = validate
+        #: what each worker offers to tasks that ask for resources
+        self.resources = dict(resources or {})
         self.worker_start_timeout = worker_start_timeout
         self.scheduler: Scheduler | None = None
         self.workers: list[Worker] = []
@@ -69,6 +72,7 @@ class LocalCluster:
                     w = Worker(self.scheduler_address, nthreads=self.threads_per_worker,
                                name=f"local-{i}", host=self.host, token=self.token,
                                memory_limit=self.memory_limit, in_process=True,
+                               resources=self.resources,
                                validate=self.validate)  # fmt: skip
                     self.workers.append(w)
                 await asyncio.gather(*(w.start() for w in self.workers))
@@ -85,7 +89,8 @@ class LocalCluster:
         for i in range(self.n_workers):
             cmd = [sys.executable, "-m", "shoal.cluster.worker_process", self.scheduler_address,
                    "--nthreads", str(self.threads_per_worker), "--name", f"local-{i}",
-                   "--host", self.host, "--memory-limit", str(self.memory_limit), "--lifeline"]  # fmt: skip
+                   "--host", self.host, "--memory-limit", str(self.memory_limit), "--lifeline",
+                   "--resources", ",".join(f"{k}={v!r}" for k, v in self.resources.items())]  # fmt: skip
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env))
 
     async def _wait_for_workers(self) -> None:

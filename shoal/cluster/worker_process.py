@@ -19,7 +19,9 @@ from ..worker import Worker
 async def serve(args: argparse.Namespace) -> None:
     worker = Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.host,
                     token=os.environ.get("SHOAL_TOKEN") or None,
-                    memory_limit=args.memory_limit)  # fmt: skip
+                    memory_limit=args.memory_limit,
+                    resources={k: float(v) for k, _, v in (item.partition("=") for item in
+                               args.resources.split(",") if item)})  # fmt: skip
     await worker.start()
     loop = asyncio.get_running_loop()
     stop = lambda: asyncio.ensure_future(worker.close("signal"))  # noqa: E731
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--memory-limit", type=int, default=0)
     parser.add_argument("--lifeline", action="store_true")
+    parser.add_argument("--resources", default="")
     args = parser.parse_args(argv)
     run(serve(args))
 

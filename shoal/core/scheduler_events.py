@@ -109,6 +109,18 @@ class DataMissing(SchedulerEvent):
     holder: str
 
 
+@dataclass(slots=True)
+class Tick(SchedulerEvent):
+    """Time passed (answers a `WakeAt`): delayed retries may be due."""
+
+
+@dataclass(slots=True)
+class FireAndForget(SchedulerEvent):
+    """Keep computing these keys until they finish, even when no client holds them."""
+
+    keys: list[str]
+
+
 # ---------------------------------------------------------------- instructions
 
 
@@ -124,4 +136,11 @@ class ToClient:
     msg: Msg
 
 
-Instruction = ToWorker | ToClient
+@dataclass(slots=True)
+class WakeAt:
+    """Feed a `Tick` back at time ``when`` (the core reads no clock)."""
+
+    when: float
+
+
+Instruction = ToWorker | ToClient | WakeAt

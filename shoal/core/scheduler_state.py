@@ -6,22 +6,27 @@ results and exceptions are opaque bytes here.
 
 Task states and the transitions between them:
 
-    released -> waiting -> processing -> memory
-                   |           |-> erred          (the task raised, retries used up)
-                   |-> no-worker (no worker can run it yet) -> processing
+    released -> waiting -> queued -> processing -> memory
+                   |                  |-> erred       (the task raised, retries used up)
+                   |                  |-> queued      (a retry, after its delay)
+                   |-> no-worker (no valid worker is connected) -> waiting
     memory -> released   (all holders lost, or nobody needs it any more)
     any -> forgotten     (released, nobody wants it, no dependent needs it)
 
 Invariants (checked by `validate_state`):
 - a task is in ``waiting`` iff some dependency is not in memory, and ``waiting_on`` holds them;
   each of those is itself on its way (waiting, no-worker or processing), so nothing waits forever;
-- a task in ``processing`` sits in exactly one worker's ``processing`` set;
+- a task in ``processing`` sits in exactly one worker's ``processing`` set, and that
+  worker's ``occupancy`` and ``used_resources`` are the sums over that set;
+- a task is ``queued`` iff its inputs are all in memory and no valid worker had room: it
+  waits in ``queue`` (placement policy: `placement`);
 - a task in ``memory`` has at least one holder, and each holder lists it in ``has_what``;
 - tasks are ``no-worker`` only while there is no worker at all.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -36,14 +41,17 @@ from ..protocol.messages import (
     TaskErred,
     TaskFinished,
     TaskSpec,
+    TaskWarning,
 )
 from ..protocol.serialize import Serialized
+from . import placement
 from .scheduler_events import (
     ClientConnected,
     ClientDisconnected,
     ClientId,
     DataMissing,
     DataScattered,
+    FireAndForget,
     Instruction,
     KeysCancelled,
     KeysReleased,
@@ -53,13 +61,22 @@ from .scheduler_events import (
     TaskErredEvent,
     TaskFinishedEvent,
     TasksSubmitted,
+    Tick,
     ToClient,
     ToWorker,
+    WakeAt,
     WorkerJoined,
     WorkerLeft,
 )
 
-TaskStateName = Literal["released", "waiting", "no-worker", "processing", "memory", "erred"]
+TaskStateName = Literal[
+    "released", "waiting", "queued", "no-worker", "processing", "memory", "erred"
+]
+
+#: The pseudo-client holding keys passed to `fire_and_forget`.
+FIRE_AND_FORGET = "fire-and-forget"
+#: States in which a task still needs its inputs.
+_NEEDS_INPUTS = ("waiting", "queued", "no-worker", "processing")
 
 #: How many transitions one story log keeps (a bounded ring).
 STORY_LOG_SIZE = 100_000
@@ -91,7 +108,7 @@ class TaskState:
     __slots__ = (
         "key", "state", "spec", "priority", "dependencies", "dependents", "waiting_on",
         "who_wants", "who_has", "processing_on", "nbytes", "typename", "failure",
-        "retries_left", "suspicious", "warnings", "group",
+        "retries_left", "suspicious", "warnings", "group", "est", "not_before", "attempts",
     )  # fmt: skip
 
     def __init__(self, key: str, spec: TaskSpec | None, priority: tuple[int, int]) -> None:
@@ -115,6 +132,11 @@ class TaskState:
         self.suspicious = 0
         self.warnings: Serialized | None = None
         self.group = key_group(key)
+        #: expected duration, fixed while the task is processing (so sums stay exact)
+        self.est = 0.0
+        #: a retry waits in the queue until this time
+        self.not_before = 0.0
+        self.attempts = 0
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state}>"
@@ -124,7 +146,7 @@ class WorkerRecord:
     """The scheduler's record of one worker."""
 
     __slots__ = ("address", "name", "nthreads", "memory_limit", "resources", "processing",
-                 "has_what", "nbytes")  # fmt: skip
+                 "has_what", "nbytes", "occupancy", "used_resources")  # fmt: skip
 
     def __init__(self, address: str, nthreads: int, name: str, memory_limit: int,
                  resources: dict[str, float]) -> None:  # fmt: skip
@@ -136,6 +158,9 @@ class WorkerRecord:
         self.processing: set[TaskState] = set()
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
+        #: expected seconds of work in ``processing``
+        self.occupancy = 0.0
+        self.used_resources: dict[str, float] = {}
 
     @property
     def load(self) -> float:
@@ -161,8 +186,12 @@ class SchedulerState:
         self.tasks: dict[str, TaskState] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.clients: dict[ClientId, set[TaskState]] = {}
-        #: tasks that are ready but no worker can take them yet
+        #: tasks that are ready but no valid worker is connected
         self.unrunnable: set[TaskState] = set()
+        #: ready tasks waiting for room on a worker: heap of (priority, key)
+        self.queue: list[tuple[tuple[int, int], str]] = []
+        #: mean duration of each task group (exponentially weighted), for placement
+        self.group_duration: dict[str, float] = {}
         #: a task that was on this many workers when they died fails ("killed-worker")
         self.allowed_failures = allowed_failures
         self.validate = validate
@@ -172,6 +201,9 @@ class SchedulerState:
         self._now = 0.0
         self._stimulus = ""
         self._out: list[Instruction] = []
+        #: workers that lost processing tasks in this call: fill them from the queue
+        self._freed: set[WorkerRecord] = set()
+        self._wake_requested = float("inf")
 
     # ------------------------------------------------------------------ entry
 
@@ -184,6 +216,11 @@ class SchedulerState:
             self._stimulus = event.stimulus_id
             handler = _HANDLERS[type(event)]
             handler(self, event)
+        if self._freed and self.queue:
+            for ws in sorted(self._freed, key=_worker_load):
+                if self.workers.get(ws.address) is ws:
+                    self._fill(ws)
+        self._freed.clear()
         self._out = []
         if self.validate:
             self.validate_state()
@@ -301,11 +338,11 @@ class SchedulerState:
                 self._report_to_client(ts, ev.client)
             elif holders:
                 # The key names its value: a pending computation of it is no longer needed.
-                if ts.processing_on is not None:
-                    ts.processing_on.processing.discard(ts)
-                    if ts.processing_on not in holders:
-                        self._free(ts.processing_on, ts.key)
-                    ts.processing_on = None
+                running_on = ts.processing_on
+                if running_on is not None:
+                    self._unassign(ts)
+                    if running_on not in holders:
+                        self._free(running_on, ts.key)
                 self.unrunnable.discard(ts)
                 ts.waiting_on.clear()
                 ts.nbytes = nbytes
@@ -334,6 +371,7 @@ class SchedulerState:
             if ts.state == "no-worker":
                 self._transition(ts, "waiting")
                 self._try_schedule(ts)
+        self._freed.add(ws)  # a new worker has room: give it queued work
 
     def _handle_worker_left(self, ev: WorkerLeft) -> None:
         ws = self.workers.pop(ev.address, None)
@@ -351,8 +389,7 @@ class SchedulerState:
         for ts in sorted(ws.processing, key=_by_priority):
             if ts.processing_on is not ws:
                 continue
-            ws.processing.discard(ts)
-            ts.processing_on = None
+            self._unassign(ts)
             if not ev.graceful:
                 ts.suspicious += 1
             if ts.suspicious >= self.allowed_failures:
@@ -382,8 +419,11 @@ class SchedulerState:
             else:
                 self._free(ws, msg.key)
             return
-        ws.processing.discard(ts)
-        ts.processing_on = None
+        self._unassign(ts)
+        if msg.stop > msg.start:
+            old = self.group_duration.get(ts.group)
+            took = msg.stop - msg.start
+            self.group_duration[ts.group] = took if old is None else 0.8 * old + 0.2 * took
         ts.nbytes = msg.nbytes
         ts.typename = msg.typename
         ts.warnings = msg.warnings
@@ -396,15 +436,40 @@ class SchedulerState:
         ws = self.workers.get(ev.worker)
         if ts is None or ws is None or ts.state != "processing" or ts.processing_on is not ws:
             return
-        ws.processing.discard(ts)
-        ts.processing_on = None
+        self._unassign(ts)
         if ts.retries_left > 0:
+            assert ts.spec is not None
             ts.retries_left -= 1
+            ts.attempts += 1
+            ts.not_before = self._now + ts.spec.retry_delay * 2 ** (ts.attempts - 1)
             self._transition(ts, "waiting")
             self._try_schedule(ts)
             return
         ts.warnings = msg.warnings
         self._fail(ts, Failure("exception", msg.text, msg.exception, msg.traceback, ts.key))
+
+    def _handle_tick(self, ev: Tick) -> None:
+        self._wake_requested = float("inf")
+        self._fill_all()
+        delayed = [self.tasks[k].not_before for _, k in self.queue
+                   if k in self.tasks and self.tasks[k].not_before > self._now]  # fmt: skip
+        if delayed:
+            self._wake_requested = min(delayed)
+            self._out.append(WakeAt(self._wake_requested))
+
+    def _handle_fire_and_forget(self, ev: FireAndForget) -> None:
+        self._handle_keys_wanted(KeysWanted(ev.stimulus_id, FIRE_AND_FORGET, ev.keys))
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state in ("memory", "erred"):
+                self._let_go_if_forgotten(ts)  # already done: nothing left to see through
+                self._release_if_unneeded(ts)
+
+    def _let_go_if_forgotten(self, ts: TaskState) -> None:
+        """A fire-and-forget key is done: stop holding it on the user's behalf."""
+        if FIRE_AND_FORGET in ts.who_wants:
+            ts.who_wants.discard(FIRE_AND_FORGET)
+            self.clients.get(FIRE_AND_FORGET, set()).discard(ts)
 
     def _handle_replicas_added(self, ev: ReplicasAdded) -> None:
         ws = self.workers.get(ev.worker)
@@ -438,10 +503,11 @@ class SchedulerState:
 
     # ------------------------------------------------------------ mechanics
 
-    def _transition(self, ts: TaskState, finish: TaskStateName) -> None:
+    def _transition(self, ts: TaskState, finish: TaskStateName, why: str = "") -> None:
         start = ts.state
         ts.state = finish
-        self.story_log.append((ts.key, start, finish, self._stimulus, self._now))
+        stimulus = f"{self._stimulus} ({why})" if why else self._stimulus
+        self.story_log.append((ts.key, start, finish, stimulus, self._now))
         pair = (start, finish)
         self.transition_counts[pair] = self.transition_counts.get(pair, 0) + 1
 
@@ -477,36 +543,106 @@ class SchedulerState:
                 self._try_schedule(t)
 
     def _try_schedule(self, ts: TaskState) -> None:
-        """Send a waiting task whose inputs are all in memory to a worker."""
-        ws = self._pick_worker(ts)
-        if ws is None:
-            self._transition(ts, "no-worker")
+        """Place a waiting task whose inputs are all in memory: on a worker, or in the queue."""
+        valid, why = placement.valid_workers(ts, self.workers.values())
+        if not valid:
+            self._transition(ts, "no-worker", why)
             self.unrunnable.add(ts)
+            self._warn_unrunnable(ts, why)
             return
         self.unrunnable.discard(ts)
-        self._transition(ts, "processing")
-        ts.processing_on = ws
-        ws.processing.add(ts)
+        if ts.not_before > self._now:
+            self._queue(ts)
+            return
+        best = placement.best_worker(ts, valid)
+        if placement.has_room(best, ts):
+            self._assign(ts, best)
+            return
+        # Steal at placement: a worker with room takes it if moving inputs beats waiting.
+        roomy = [w for w in valid if w is not best and placement.has_room(w, ts)]
+        if roomy:
+            alt = min(roomy, key=_worker_load)
+            if placement.transfer_time(ts, alt) < placement.wait_time(best):
+                self._assign(ts, alt)
+                return
+        self._queue(ts)
+
+    def _queue(self, ts: TaskState) -> None:
+        self._transition(ts, "queued")
+        heapq.heappush(self.queue, (ts.priority, ts.key))
+        if self._now < ts.not_before < self._wake_requested:
+            self._wake_requested = ts.not_before
+            self._out.append(WakeAt(ts.not_before))
+
+    def _fill(self, ws: WorkerRecord) -> None:
+        """Give ``ws`` queued tasks while it has room: its own first, others' when cheap."""
+        skipped: list[tuple[tuple[int, int], str]] = []
+        scans = 0
+        budget = ws.nthreads * placement.QUEUE_BUDGET_S
+        while self.queue and scans < 64:
+            if len(ws.processing) >= ws.nthreads and ws.occupancy >= budget:
+                break
+            entry = heapq.heappop(self.queue)
+            ts = self.tasks.get(entry[1])
+            if ts is None or ts.state != "queued" or ts.priority != entry[0]:
+                continue  # stale entry: the task moved on
+            scans += 1
+            if ts.not_before > self._now:
+                skipped.append(entry)
+                continue
+            valid, _ = placement.valid_workers(ts, self.workers.values())
+            if ws not in valid or not placement.has_room(ws, ts):
+                skipped.append(entry)
+                continue
+            best = placement.best_worker(ts, valid)
+            if best is not ws and placement.has_room(best, ts):
+                self._assign(ts, best)
+            elif best is ws or placement.transfer_time(ts, ws) < placement.wait_time(best):
+                self._assign(ts, ws)
+            else:
+                skipped.append(entry)  # cheaper to wait for the worker holding its inputs
+        for entry in skipped:
+            heapq.heappush(self.queue, entry)
+
+    def _fill_all(self) -> None:
+        for ws in sorted(self.workers.values(), key=_worker_load):
+            self._fill(ws)
+
+    def _assign(self, ts: TaskState, ws: WorkerRecord) -> None:
         spec = ts.spec
         assert spec is not None
+        self._transition(ts, "processing")
+        ts.processing_on = ws
+        ts.est = self.group_duration.get(ts.group, placement.UNKNOWN_DURATION_S)
+        ws.processing.add(ts)
+        ws.occupancy += ts.est
+        if spec.resources:
+            for r, need in spec.resources.items():
+                ws.used_resources[r] = ws.used_resources.get(r, 0.0) + need
         who_has = {d.key: [w.address for w in d.who_has] for d in ts.dependencies}
         nbytes = {d.key: d.nbytes for d in ts.dependencies}
         self._out.append(ToWorker(ws.address, ComputeTask(
             ts.key, spec.function, spec.args, who_has, nbytes, ts.priority,
             spec.resources, self._stimulus)))  # fmt: skip
 
-    def _pick_worker(self, ts: TaskState) -> WorkerRecord | None:
-        """The worker holding most input bytes; ties and input-free tasks: the least loaded."""
-        if not self.workers:
-            return None
-        if ts.dependencies:
-            held: dict[WorkerRecord, int] = {}
-            for dep in ts.dependencies:
-                for ws in dep.who_has:
-                    held[ws] = held.get(ws, 0) + dep.nbytes
-            if held:
-                return max(held, key=lambda w: (held[w], -w.load))
-        return min(self.workers.values(), key=_worker_load)
+    def _unassign(self, ts: TaskState) -> None:
+        """Take ``ts`` off its worker's books (the caller decides what the worker is told)."""
+        ws = ts.processing_on
+        assert ws is not None
+        ws.processing.discard(ts)
+        ws.occupancy = ws.occupancy - ts.est if ws.processing else 0.0
+        spec = ts.spec
+        if spec is not None and spec.resources:
+            for r, need in spec.resources.items():
+                ws.used_resources[r] = ws.used_resources.get(r, 0.0) - need
+        ts.processing_on = None
+        self._freed.add(ws)
+
+    def _warn_unrunnable(self, ts: TaskState, why: str) -> None:
+        if self.workers:  # with no workers at all, waiting for one is expected
+            for client in ts.who_wants:
+                self._out.append(ToClient(client, TaskWarning(
+                    ts.key, f"task {ts.key!r} cannot run on any connected worker: {why}")))  # fmt: skip
 
     def _add_replica(self, ts: TaskState, ws: WorkerRecord) -> None:
         # Counted at the key's size (not the size the reporter measured), so that dropping
@@ -521,6 +657,7 @@ class SchedulerState:
         ts.failure = None
         for client in ts.who_wants:
             self._report_to_client(ts, client)
+        self._let_go_if_forgotten(ts)
         ready: list[TaskState] = []
         for dependent in ts.dependents:
             if dependent.state == "waiting":
@@ -540,18 +677,19 @@ class SchedulerState:
             t, f = stack.pop()
             if t.state == "erred":
                 continue
-            if t.processing_on is not None:
-                t.processing_on.processing.discard(t)
-                self._free(t.processing_on, t.key)
-                t.processing_on = None
+            running_on = t.processing_on
+            if running_on is not None:
+                self._unassign(t)
+                self._free(running_on, t.key)
             self.unrunnable.discard(t)
             self._transition(t, "erred")
             t.failure = f
             for client in t.who_wants:
                 self._report_to_client(t, client)
+            self._let_go_if_forgotten(t)
             inherited = _inherited(t)
             for dependent in t.dependents:
-                if dependent.state in ("waiting", "no-worker", "processing"):
+                if dependent.state in _NEEDS_INPUTS:
                     stack.append((dependent, inherited))
             for dep in t.dependencies:
                 self._release_if_unneeded(dep)
@@ -566,13 +704,12 @@ class SchedulerState:
             self._transition(ts, "released")
         for ts in lost:
             for dependent in ts.dependents:
-                if dependent.state == "processing":
+                if dependent.state in ("processing", "queued"):
                     # Its worker cannot fetch the input: take the task back and wait again.
                     ws = dependent.processing_on
-                    assert ws is not None
-                    ws.processing.discard(dependent)
-                    dependent.processing_on = None
-                    self._free(ws, dependent.key)
+                    if ws is not None:
+                        self._unassign(dependent)
+                        self._free(ws, dependent.key)
                     self._transition(dependent, "waiting")
                     dependent.waiting_on = {d for d in dependent.dependencies
                                             if d.state != "memory"}  # fmt: skip
@@ -591,7 +728,7 @@ class SchedulerState:
     def _is_needed(self, ts: TaskState) -> bool:
         if ts.who_wants:
             return True
-        return any(d.state in ("waiting", "no-worker", "processing") for d in ts.dependents)
+        return any(d.state in _NEEDS_INPUTS for d in ts.dependents)
 
     def _release_if_unneeded(self, ts: TaskState) -> None:
         if self._is_needed(ts):
@@ -604,11 +741,11 @@ class SchedulerState:
                 self._free(ws, ts.key)
             ts.who_has.clear()
             self._transition(ts, "released")
-        elif state in ("waiting", "no-worker", "processing"):
-            if ts.processing_on is not None:
-                ts.processing_on.processing.discard(ts)
-                self._free(ts.processing_on, ts.key)
-                ts.processing_on = None
+        elif state in _NEEDS_INPUTS:
+            running_on = ts.processing_on
+            if running_on is not None:
+                self._unassign(ts)
+                self._free(running_on, ts.key)
             self.unrunnable.discard(ts)
             ts.waiting_on.clear()
             self._transition(ts, "released")
@@ -635,7 +772,7 @@ class SchedulerState:
             for dep in t.dependencies:
                 dep.dependents.discard(t)
                 stack.append(dep)
-                if dep.state in ("memory", "waiting", "no-worker", "processing"):
+                if dep.state == "memory" or dep.state in _NEEDS_INPUTS:
                     self._release_if_unneeded(dep)
             t.dependencies.clear()
 
@@ -672,7 +809,7 @@ class SchedulerState:
                 assert ts.waiting_on, f"{ts} waits on nothing"
                 assert ts.waiting_on == {d for d in ts.dependencies if d.state != "memory"}, ts
                 for d in ts.waiting_on:
-                    assert d.state in ("waiting", "no-worker", "processing"), (ts, d)
+                    assert d.state in _NEEDS_INPUTS, (ts, d)
             if ts.state == "processing":
                 ws = ts.processing_on
                 assert ws is not None and ts in ws.processing, ts
@@ -688,7 +825,11 @@ class SchedulerState:
                 assert not ts.who_has, f"{ts} has holders but is not in memory"
             if ts.state == "no-worker":
                 assert ts in self.unrunnable
-                assert not self.workers, f"{ts} is no-worker, but there are workers"
+                valid, _ = placement.valid_workers(ts, self.workers.values())
+                assert not valid, f"{ts} is no-worker, but {valid} could run it"
+            if ts.state == "queued":
+                assert all(d.state == "memory" for d in ts.dependencies), ts
+                assert (ts.priority, ts.key) in self.queue, f"{ts} is not in the queue"
             for dep in ts.dependencies:
                 assert ts in dep.dependents, (ts, dep)
                 assert self.tasks.get(dep.key) is dep, f"{ts} depends on forgotten {dep}"
@@ -702,6 +843,8 @@ class SchedulerState:
             for ts in ws.has_what:
                 assert ws in ts.who_has, (ws, ts)
             assert ws.nbytes == sum(ts.nbytes for ts in ws.has_what), ws
+            expected = sum(ts.est for ts in ws.processing)
+            assert abs(ws.occupancy - expected) < 1e-6 * max(1.0, expected), (ws, expected)
         for client, keys in self.clients.items():
             for ts in keys:
                 assert client in ts.who_wants, (client, ts)
@@ -735,4 +878,6 @@ _HANDLERS: dict[type[SchedulerEvent], Callable[[SchedulerState, Any], None]] = {
     TaskErredEvent: SchedulerState._handle_task_erred,
     ReplicasAdded: SchedulerState._handle_replicas_added,
     DataMissing: SchedulerState._handle_data_missing,
+    Tick: SchedulerState._handle_tick,
+    FireAndForget: SchedulerState._handle_fire_and_forget,
 }

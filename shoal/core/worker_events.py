@@ -74,6 +74,21 @@ class DataPut(WorkerEvent):
     nbytes: dict[str, int]
 
 
+@dataclass(slots=True)
+class SecedeEvent(WorkerEvent):
+    """Running task ``key`` gave its thread slot back (it waits on other tasks, or said
+    `shoal.secede`): it keeps running, "long-running", and the next ready task may start."""
+
+    key: str
+
+
+@dataclass(slots=True)
+class RejoinEvent(WorkerEvent):
+    """Long-running task ``key`` wants a thread slot again; its thread waits for `Rejoin`."""
+
+    key: str
+
+
 # ---------------------------------------------------------------- instructions
 
 
@@ -94,6 +109,13 @@ class Execute:
 
 
 @dataclass(slots=True)
+class Rejoin:
+    """Let task ``key``'s thread, waiting in `shoal.rejoin`, go on: it holds a slot again."""
+
+    key: str
+
+
+@dataclass(slots=True)
 class ReleaseData:
     """Drop ``key``'s data from the store."""
 
@@ -105,4 +127,4 @@ class ToScheduler:
     msg: Msg
 
 
-WorkerInstruction = GatherDep | Execute | ReleaseData | ToScheduler
+WorkerInstruction = GatherDep | Execute | Rejoin | ReleaseData | ToScheduler

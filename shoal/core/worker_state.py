@@ -10,12 +10,17 @@ Task states on a worker:
                                                   that fails is reported and forgotten)
     fetch -> flight -> memory                     (inputs held by other workers)
     executing --FreeKeys--> cancelled --ComputeTask--> executing (resumed)
+    executing --Secede--> long-running --Rejoin (once a slot is free)--> executing
+                                                 (a task that waits on other tasks gives its
+                                                 thread slot back; it still reports its result)
     fetch/flight --ComputeTask--> waiting         (the scheduler recomputes a lost input here;
                                                   a flight that lands first wins)
     a run that ends without a result we keep --> fetch, if a task here waits for it as an input
 
 Invariants (checked by `validate_state`):
-- ``executing`` + ``cancelled`` tasks never exceed ``nthreads``;
+- tasks holding a thread slot (`executing`: state ``executing``, or ``cancelled`` while
+  holding one) never exceed ``nthreads``; seceded tasks (`long_running`: ``long-running``,
+  or ``cancelled`` after seceding) hold none; every running task is in exactly one of them;
 - a ``waiting`` task waits on exactly its dependencies that are not in memory;
 - every key in flight belongs to exactly one in-flight gather, and every key of an in-flight
   gather is in flight (or was put here meanwhile and left the gather);
@@ -40,14 +45,17 @@ from .worker_events import (
     GatherDone,
     GatherFailed,
     RefreshWhoHasEvent,
+    Rejoin,
+    RejoinEvent,
     ReleaseData,
+    SecedeEvent,
     ToScheduler,
     WorkerEvent,
     WorkerInstruction,
 )
 
 WTaskStateName = Literal[
-    "waiting", "ready", "executing", "cancelled", "memory", "fetch", "flight"
+    "waiting", "ready", "executing", "long-running", "cancelled", "memory", "fetch", "flight"
 ]
 
 #: Stop adding keys to one gather once it carries this many bytes.
@@ -91,7 +99,12 @@ class WorkerState:
         self.nthreads = max(1, nthreads)
         self.tasks: dict[str, WorkerTask] = {}
         self.ready: list[tuple[tuple[int, int], str]] = []  # heap of (priority, key)
+        #: running tasks that hold a thread slot (at most ``nthreads``)
         self.executing: set[WorkerTask] = set()
+        #: running tasks that gave their slot back (`SecedeEvent`); not bounded
+        self.long_running: set[WorkerTask] = set()
+        #: long-running tasks waiting for a slot again, first come first served
+        self.rejoining: list[WorkerTask] = []
         self.in_flight: dict[str, list[str]] = {}  # peer -> keys being fetched
         #: tasks that were put in "fetch" (some may have moved on since; pruned lazily)
         self.fetch_candidates: set[WorkerTask] = set()
@@ -126,12 +139,12 @@ class WorkerState:
             ts = WorkerTask(msg.key, "waiting")
             self.tasks[msg.key] = ts
         elif ts.state == "cancelled":
-            ts.state = "executing"
+            ts.state = "long-running" if ts in self.long_running else "executing"
             ts.resumed = True
             ts.compute = msg
             ts.wanted = True
             return
-        elif ts.state in ("memory", "executing", "ready", "waiting"):
+        elif ts.state in ("memory", "executing", "long-running", "ready", "waiting"):
             ts.wanted = True
             if ts.state == "memory":  # we already have it: say so again
                 self._report_done(ts, 0.0, 0.0, None)
@@ -151,7 +164,7 @@ class WorkerState:
             if ts is None:
                 continue
             ts.wanted = False
-            if ts.state == "executing":
+            if ts.state in ("executing", "long-running"):
                 ts.state = "cancelled"
                 ts.resumed = False
             elif ts.state in ("waiting", "ready"):
@@ -209,10 +222,10 @@ class WorkerState:
 
     def _handle_execute_done(self, ev: ExecuteDone) -> None:
         ts = self.tasks.get(ev.key)
-        if ts is None or ts.state not in ("executing", "cancelled"):
+        if ts is None or ts.state not in ("executing", "long-running", "cancelled"):
             self._out.append(ReleaseData(ev.key))
             return
-        self.executing.discard(ts)
+        self._stop_running(ts)
         ts.nbytes = ev.nbytes
         if ts.state == "cancelled":
             if any(d.state == "waiting" for d in ts.dependents):
@@ -230,10 +243,10 @@ class WorkerState:
 
     def _handle_execute_failed(self, ev: ExecuteFailed) -> None:
         ts = self.tasks.get(ev.key)
-        if ts is None or ts.state not in ("executing", "cancelled"):
+        if ts is None or ts.state not in ("executing", "long-running", "cancelled"):
             return
-        self.executing.discard(ts)
-        if ts.state == "executing":
+        self._stop_running(ts)
+        if ts.state != "cancelled":
             self._out.append(ToScheduler(TaskErred(
                 ts.key, ev.exception, ev.traceback, ev.text, ev.start, ev.stop, ev.warnings,
                 self._stimulus)))  # fmt: skip
@@ -258,7 +271,33 @@ class WorkerState:
                 if ts.compute is not None:  # asked to compute it while it was in flight
                     self._report_done(ts, 0.0, 0.0, None)
 
+    def _handle_secede(self, ev: SecedeEvent) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts not in self.executing:
+            return  # already seceded, or no longer running
+        self.executing.discard(ts)
+        self.long_running.add(ts)
+        if ts.state == "executing":
+            ts.state = "long-running"
+        # `_start_tasks` gives the freed slot to a rejoining or ready task.
+
+    def _handle_rejoin(self, ev: RejoinEvent) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts not in self.long_running:
+            # It holds a slot already (or is gone): never leave its thread waiting.
+            self._out.append(Rejoin(ev.key))
+            return
+        if ts not in self.rejoining:
+            self.rejoining.append(ts)
+
     # ------------------------------------------------------------ mechanics
+
+    def _stop_running(self, ts: WorkerTask) -> None:
+        """``ts``'s run ended: it holds no slot and waits for none any more."""
+        self.executing.discard(ts)
+        self.long_running.discard(ts)
+        if ts in self.rejoining:
+            self.rejoining.remove(ts)
 
     def _compute_here(self, ts: WorkerTask, msg: ComputeTask) -> None:
         """Make ``ts`` a task to run here: link its inputs, ready it once it has them all."""
@@ -343,7 +382,7 @@ class WorkerState:
             self._forget_if_unneeded(ts)  # its dependents went while it was in flight
 
     def _forget_if_unneeded(self, ts: WorkerTask) -> None:
-        if ts.wanted or ts.state in ("executing", "cancelled", "flight"):
+        if ts.wanted or ts.state in ("executing", "long-running", "cancelled", "flight"):
             return
         if any(d.state in ("waiting", "ready") for d in ts.dependents):
             return
@@ -365,6 +404,14 @@ class WorkerState:
             dependent.dependencies.discard(ts)
 
     def _start_tasks(self) -> None:
+        # Tasks already started come first: finishing them frees what they hold.
+        while self.rejoining and len(self.executing) < self.nthreads:
+            ts = self.rejoining.pop(0)
+            self.long_running.discard(ts)
+            self.executing.add(ts)
+            if ts.state == "long-running":
+                ts.state = "executing"
+            self._out.append(Rejoin(ts.key))
         while self.ready and len(self.executing) < self.nthreads:
             _, key = heapq.heappop(self.ready)
             ts = self.tasks.get(key)
@@ -407,9 +454,19 @@ class WorkerState:
     # ---------------------------------------------------------------- queries
 
     def validate_state(self) -> None:
-        busy = [t for t in self.tasks.values() if t.state in ("executing", "cancelled")]
-        assert len(busy) <= self.nthreads, busy
-        assert set(busy) == self.executing, (busy, self.executing)
+        busy = [t for t in self.tasks.values()
+                if t.state in ("executing", "long-running", "cancelled")]  # fmt: skip
+        assert len(self.executing) <= self.nthreads, self.executing
+        assert not self.executing & self.long_running, self.executing & self.long_running
+        assert set(busy) == self.executing | self.long_running, (busy, self.executing,
+                                                                 self.long_running)  # fmt: skip
+        for ts in self.executing:
+            assert ts.state in ("executing", "cancelled"), ts
+        for ts in self.long_running:
+            assert ts.state in ("long-running", "cancelled"), ts
+        assert len(set(self.rejoining)) == len(self.rejoining), self.rejoining
+        for ts in self.rejoining:
+            assert ts in self.long_running, ts
         flying = [k for keys in self.in_flight.values() for k in keys]
         assert len(flying) == len(set(flying)), flying
         for key in flying:
@@ -427,7 +484,7 @@ class WorkerState:
                 assert ts.waiting_for == {d for d in ts.dependencies if d.state != "memory"}, ts
             if ts.state == "ready":
                 assert key in queued, ts
-            if ts.state in ("waiting", "ready", "executing"):
+            if ts.state in ("waiting", "ready", "executing", "long-running"):
                 assert ts.compute is not None, ts
             if ts.state == "memory":
                 memory += ts.nbytes
@@ -447,4 +504,6 @@ _HANDLERS: dict[type[WorkerEvent], Callable[[WorkerState, Any], None]] = {
     ExecuteDone: WorkerState._handle_execute_done,
     ExecuteFailed: WorkerState._handle_execute_failed,
     DataPut: WorkerState._handle_data_put,
+    SecedeEvent: WorkerState._handle_secede,
+    RejoinEvent: WorkerState._handle_rejoin,
 }

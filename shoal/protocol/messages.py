@@ -81,6 +81,8 @@ class TaskSpec(msgspec.Struct, array_like=True, gc=False):
     resources: dict[str, float] | None = None
     workers: list[str] | None = None
     allow_other_workers: bool = False
+    #: seconds before the first retry; doubles with each further retry
+    retry_delay: float = 0.1
 
 
 class SubmitTasks(Msg, tag="submit"):
@@ -95,6 +97,20 @@ class WantKeys(Msg, tag="want"):
     """The client holds futures for these existing keys (e.g. a future passed between clients)."""
 
     keys: list[str]
+
+
+class FireAndForgetKeys(Msg, tag="fire-and-forget"):
+    """Compute these keys to the end even if every client lets go of them."""
+
+    keys: list[str]
+
+
+class TaskWarning(Msg, tag="task-warning"):
+    """Scheduler -> client: something about a task the user should know (e.g. no worker
+    can ever run it); the client re-emits it as a `RuntimeWarning`."""
+
+    key: str
+    text: str
 
 
 class ReleaseKeys(Msg, tag="release"):
@@ -488,6 +504,8 @@ Message = Union[
     Reply,
     SubmitTasks,
     WantKeys,
+    FireAndForgetKeys,
+    TaskWarning,
     ReleaseKeys,
     CancelKeys,
     ScatterTargets,
@@ -542,6 +560,7 @@ Message = Union[
 CLIENT_TO_SCHEDULER: tuple[type[Msg], ...] = (
     SubmitTasks,
     WantKeys,
+    FireAndForgetKeys,
     ReleaseKeys,
     CancelKeys,
     ScatterTargets,

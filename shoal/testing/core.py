@@ -58,7 +58,15 @@ def stimulus(name: str = "test") -> str:
 
 
 def make_spec(
-    key: str, deps: Sequence[str] = (), priority: int = 0, retries: int = 0
+    key: str,
+    deps: Sequence[str] = (),
+    priority: int = 0,
+    retries: int = 0,
+    *,
+    workers: list[str] | None = None,
+    allow_other_workers: bool = False,
+    resources: dict[str, float] | None = None,
+    retry_delay: float = 0.0,
 ) -> TaskSpec:
     """A `TaskSpec` with dummy function bytes and empty arguments."""
     return TaskSpec(
@@ -68,6 +76,10 @@ def make_spec(
         dependencies=list(deps),
         priority=priority,
         retries=retries,
+        resources=resources,
+        workers=workers,
+        allow_other_workers=allow_other_workers,
+        retry_delay=retry_delay,
     )
 
 

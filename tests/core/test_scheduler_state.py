@@ -171,19 +171,39 @@ def test_task_goes_to_worker_holding_most_input_bytes() -> None:
     state = make_scheduler({"w1": 1, "w2": 1, "w3": 1})
     out = state.handle([submit("c1", make_spec("big"), make_spec("small"))], now=0.0)
     big_on, small_on = where(out, "big")[0], where(out, "small")[0]
-    state.handle([task_finished(big_on, "big", nbytes=10_000),
+    state.handle([task_finished(big_on, "big", nbytes=2_000_000_000),
                   task_finished(small_on, "small", nbytes=10)], now=1.0)  # fmt: skip
-    out = state.handle([submit("c1", make_spec("busy"))], now=1.0)
+    out = state.handle([submit("c1", make_spec("busy", workers=[big_on]))], now=1.0)
     assert where(out, "busy") == [big_on]
 
     # when
     out = state.handle([submit("c1", make_spec("sum", ["big", "small"]))], now=2.0)
 
-    # then: it runs where the 10 kB are, not on an idle worker
+    # then: it stays where the 2 GB are (moving them costs more than waiting there),
+    # queued until that worker has room
+    assert where(out, "sum") == []
+    assert state.tasks["sum"].state == "queued"
+    out = state.handle([task_finished(big_on, "busy")], now=3.0)
     assert where(out, "sum") == [big_on]
     [msg] = messages(out, ComputeTask)
     assert msg.who_has == {"big": [big_on], "small": [small_on]}
-    assert msg.nbytes == {"big": 10_000, "small": 10}
+    assert msg.nbytes == {"big": 2_000_000_000, "small": 10}
+
+
+def test_idle_worker_takes_queued_work_when_moving_inputs_is_cheap() -> None:
+    # given: the only holder of a small input is busy; another worker is idle
+    state = make_scheduler({"w1": 1, "w2": 1})
+    out = state.handle([submit("c1", make_spec("x"))], now=0.0)
+    [holder] = where(out, "x")
+    other = "w2" if holder == "w1" else "w1"
+    state.handle([task_finished(holder, "x", nbytes=1_000)], now=1.0)
+    state.handle([submit("c1", make_spec("busy", workers=[holder]))], now=1.0)
+
+    # when: a task needing x is submitted
+    out = state.handle([submit("c1", make_spec("y", ["x"]))], now=2.0)
+
+    # then: the idle worker takes it (1 kB moves faster than the holder frees up)
+    assert where(out, "y") == [other]
 
 
 def test_same_key_submitted_twice_runs_once_and_both_clients_hear() -> None:
@@ -213,12 +233,14 @@ def test_priority_orders_ready_tasks() -> None:
     state.handle([submit("c1", make_spec("low", priority=-1), make_spec("mid"),
                          make_spec("high", priority=5))], now=0.0)  # fmt: skip
 
-    # when a worker joins
-    out = state.handle([worker_joined("w1")], now=1.0)
+    # when a worker joins, and then finishes what it gets
+    sent = compute_keys(state.handle([worker_joined("w1")], now=1.0))
+    sent += compute_keys(state.handle([task_finished("w1", sent[-1])], now=2.0))
+    sent += compute_keys(state.handle([task_finished("w1", sent[-1])], now=3.0))
 
-    # then: they are sent highest priority first; ties go in submission order
-    assert compute_keys(out) == ["high", "mid", "low"]
-    assert [m.priority for m in messages(out, ComputeTask)] == [(-5, 3), (0, 2), (1, 1)]
+    # then: they are handed out one per free thread, highest priority first
+    assert sent == ["high", "mid", "low"]
+    assert [state.tasks[k].priority for k in sent] == [(-5, 3), (0, 2), (1, 1)]
 
 
 def test_key_group() -> None:
@@ -329,8 +351,10 @@ def test_client_disconnect_releases_its_keys() -> None:
     # when
     out = state.handle([ClientDisconnected("bye", "c1")], now=1.0)
 
-    # then: b and lone stop, a stays for c2
-    assert sorted(freed_keys(out, "w1")) == ["b", "lone"]
+    # then: b and lone stop (lone was still queued in the scheduler: nothing to tell the
+    # worker), a stays for c2
+    assert state.tasks.get("lone") is None
+    assert sorted(freed_keys(out, "w1")) == ["b"]
     assert set(state.tasks) == {"a"}
     assert state.tasks["a"].who_wants == {"c2"}
     assert "c1" not in state.clients
@@ -891,6 +915,12 @@ def test_validate_state_catches_a_broken_invariant() -> None:
 #: Every transition the scheduler may make (see the module docstring of scheduler_state).
 ALLOWED_TRANSITIONS = {
     ("released", "waiting"),
+    ("waiting", "queued"),  # no valid worker has room
+    ("queued", "processing"),
+    ("queued", "released"),
+    ("queued", "erred"),
+    ("queued", "waiting"),  # an input was lost
+    ("queued", "memory"),  # scattered over
     ("released", "erred"),  # unknown dependency, scattered data lost
     ("released", "memory"),  # scattered
     ("waiting", "processing"),

@@ -1,0 +1,99 @@
+"""Where a ready task should run: pure functions over the scheduler's records.
+
+Policy, in order:
+1. Only *valid* workers: those named by the task's ``workers=`` restriction (unless
+   ``allow_other_workers``), offering every resource the task asks for.
+2. The best valid worker holds the most bytes of the task's inputs; ties, and tasks without
+   inputs, go to the least occupied (expected seconds of assigned work per thread).
+3. A worker takes a task only while it has *room*: fewer tasks than threads, or less than
+   `QUEUE_BUDGET_S` seconds of expected work per thread, and free resources. Everything else
+   waits in the scheduler's queue, so a huge graph is released in step with free threads.
+4. An idle worker takes queued work preferred elsewhere when moving the inputs costs less
+   than the wait at the preferred worker (work stealing, weighed by transfer vs. compute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .scheduler_state import TaskState, WorkerRecord
+
+#: Expected work (seconds per thread) a worker may hold beyond its running tasks. Tiny
+#: tasks flow freely (no round trip per task); long ones are handed out one per thread.
+QUEUE_BUDGET_S = 0.05
+#: Duration assumed for a task group never seen finishing.
+UNKNOWN_DURATION_S = 0.5
+#: Bandwidth assumed between workers, to price moving inputs.
+BANDWIDTH_BYTES_S = 200e6
+
+
+def valid_workers(ts: TaskState, workers: Iterable[WorkerRecord]) -> tuple[list[WorkerRecord], str]:
+    """The workers that may run ``ts`` and, when there are none, why not."""
+    spec = ts.spec
+    pool = list(workers)
+    if not pool:
+        return [], "no workers are connected"
+    if spec is None:
+        return pool, ""
+    if spec.workers and not spec.allow_other_workers:
+        wanted = set(spec.workers)
+        pool = [w for w in pool if w.address in wanted or w.name in wanted or _host(w) in wanted]
+        if not pool:
+            return [], f"restricted to workers {sorted(wanted)}, none of which is connected"
+    if spec.resources:
+        fitting = [w for w in pool if all(w.resources.get(r, 0.0) >= need
+                                          for r, need in spec.resources.items())]  # fmt: skip
+        if not fitting:
+            offered = sorted({f"{r}={v:g}" for w in pool for r, v in w.resources.items()})
+            return [], (f"needs resources {_fmt(spec.resources)}; no worker offers that"
+                        f" (offered: {', '.join(offered) or 'none'})")  # fmt: skip
+        pool = fitting
+    return pool, ""
+
+
+def has_room(ws: WorkerRecord, ts: TaskState) -> bool:
+    spec = ts.spec
+    if spec is not None and spec.resources:
+        for r, need in spec.resources.items():
+            if ws.resources.get(r, 0.0) - ws.used_resources.get(r, 0.0) < need:
+                return False
+    return len(ws.processing) < ws.nthreads or ws.occupancy < ws.nthreads * QUEUE_BUDGET_S
+
+
+def input_bytes_on(ts: TaskState, ws: WorkerRecord) -> int:
+    return sum(d.nbytes for d in ts.dependencies if ws in d.who_has)
+
+
+def transfer_time(ts: TaskState, ws: WorkerRecord) -> float:
+    """Seconds to move the inputs ``ws`` lacks."""
+    missing = sum(d.nbytes for d in ts.dependencies if ws not in d.who_has)
+    return missing / BANDWIDTH_BYTES_S
+
+
+def wait_time(ws: WorkerRecord) -> float:
+    """Expected seconds before ``ws`` frees a thread."""
+    return ws.occupancy / ws.nthreads
+
+
+def best_worker(ts: TaskState, valid: list[WorkerRecord]) -> WorkerRecord:
+    """The valid worker holding most input bytes; ties: preferred, then least occupied."""
+    spec = ts.spec
+    preferred = set(spec.workers) if spec is not None and spec.workers else set()
+
+    def score(w: WorkerRecord) -> tuple[int, bool, float, int]:
+        held = input_bytes_on(ts, w) if ts.dependencies else 0
+        liked = not preferred or w.address in preferred or w.name in preferred
+        return (held, liked, -w.occupancy / w.nthreads, -len(w.processing))
+
+    return max(valid, key=score)
+
+
+def _host(ws: WorkerRecord) -> str:
+    location = ws.address.split("://", 1)[-1]
+    return location.rsplit(":", 1)[0].strip("[]")
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()))
