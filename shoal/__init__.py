@@ -11,6 +11,8 @@ Layers, bottom to top (arrows point down only):
 The public API is re-exported here explicitly and pinned by tests/test_exports.py.
 """
 
+from .actor import Actor as Actor
+from .actor import ActorFuture as ActorFuture
 from .client import Client as Client
 from .client import default_client as default_client
 from .cluster.local import LocalCluster as LocalCluster
@@ -21,6 +23,7 @@ from .coordination.primitives import Queue as Queue
 from .coordination.primitives import Semaphore as Semaphore
 from .coordination.primitives import Sub as Sub
 from .coordination.primitives import Variable as Variable
+from .exceptions import ActorLostError as ActorLostError
 from .exceptions import CancelledError as CancelledError
 from .exceptions import FutureLostError as FutureLostError
 from .exceptions import KilledWorkerError as KilledWorkerError
@@ -32,7 +35,11 @@ from .future import as_completed as as_completed
 from .future import fire_and_forget as fire_and_forget
 from .future import wait as wait
 from .protocol.serialize import SerializationError as SerializationError
+from .remote_function import remote as remote
 from .scheduler import Scheduler as Scheduler
 from .worker import Worker as Worker
+from .worker_client import get_client as get_client
+from .worker_client import rejoin as rejoin
+from .worker_client import secede as secede
 
 __version__ = "0.1.0"

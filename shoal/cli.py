@@ -68,12 +68,14 @@ def main() -> None:
               help="Shared secret every client and worker must present [env: SHOAL_TOKEN].")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
-def scheduler(host: str, port: int, token: str | None, log_level: str) -> None:
+@click.option("--worker-ttl", default=30.0, show_default=True, type=float,
+              help="Seconds of silence after which a worker is removed and its work moved.")
+def scheduler(host: str, port: int, token: str | None, log_level: str, worker_ttl: float) -> None:
     """Run a scheduler; prints the address workers and clients connect to."""
     from .scheduler import Scheduler
 
     _setup_logging(log_level)
-    server = Scheduler(host, port, token=token)
+    server = Scheduler(host, port, token=token, worker_ttl=worker_ttl)
     run(_serve_until_signal(server, "shoal scheduler listening at {address}"))
 
 
@@ -91,18 +93,23 @@ def scheduler(host: str, port: int, token: str | None, log_level: str) -> None:
 @click.option("--resources", default="", help='Abstract resources tasks can ask for, e.g. "GPU=2,MEM=16e9".')
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float,
               help="Seconds to wait for the scheduler before giving up.")
+@click.option("--heartbeat-interval", default=0.5, show_default=True, type=float,
+              help="Seconds between heartbeats to the scheduler.")
+@click.option("--death-timeout", default=60.0, show_default=True, type=float,
+              help="Seconds to keep trying to reconnect to a lost scheduler before exiting.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
 def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, port: int,
            token: str | None, memory_limit: int, resources: str, connect_timeout: float,
-           log_level: str) -> None:
+           heartbeat_interval: float, death_timeout: float, log_level: str) -> None:
     """Run a worker that joins the scheduler at SCHEDULER_ADDRESS (e.g. tcp://host:8786)."""
     from .worker import Worker
 
     _setup_logging(log_level)
     server = Worker(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
                     token=token, memory_limit=memory_limit, connect_timeout=connect_timeout,
-                    resources=parse_resources(resources))
+                    resources=parse_resources(resources), heartbeat_interval=heartbeat_interval,
+                    reconnect_timeout=death_timeout)
     try:
         run(_serve_until_signal(server, "shoal worker listening at {address}"))
     except ConnectionError as exc:
@@ -119,6 +126,15 @@ def demo(tasks: int, n_workers: int | None) -> None:
 
     run_demo(tasks=tasks, n_workers=n_workers or os.cpu_count() or 1)
 
+
+def _add_jobs_commands() -> None:
+    """``shoal jobs ...``: durable job workers and queue tools (shoal.jobs)."""
+    from .jobs.cli import jobs
+
+    main.add_command(jobs)
+
+
+_add_jobs_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

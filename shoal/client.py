@@ -18,7 +18,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comm.batched import BatchedSend
 from .comm.core import Comm, CommClosedError
@@ -59,6 +59,10 @@ from .protocol.serialize import Serialized, deserialize, dumps_function, seriali
 from .rpc import PeerPool, next_rid
 from .utils.loop import LoopThread
 
+if TYPE_CHECKING:
+    from .integrations.dask import DaskScheduler
+    from .integrations.executor import ShoalExecutor
+
 __all__ = ["Client", "as_completed", "default_client", "wait"]
 
 _default: weakref.ReferenceType[Client] | None = None
@@ -66,8 +70,10 @@ _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 def default_client() -> Client:
-    """The most recent open client in this process."""
-    client = _default() if _default is not None else None
+    """The most recent open client in this process; inside a task, its worker's client."""
+    from .worker_client import task_client
+
+    client = task_client() or (_default() if _default is not None else None)
     if client is None or client.status != "running":
         raise ValueError("no shoal client is running: create one with shoal.Client()")
     return client
@@ -407,10 +413,11 @@ class Client(DatasetsMixin):
                pure: bool = True, priority: int | None = None, retries: int | None = None,
                resources: dict[str, float] | None = None, workers: list[str] | str | None = None,
                allow_other_workers: bool | None = None, retry_delay: float | None = None,
-               **kwargs: Any) -> Future:  # fmt: skip
+               actor: bool = False, **kwargs: Any) -> Future:  # fmt: skip
         """Run ``fn(*args, **kwargs)`` in the cluster; futures among the arguments become
         dependencies (their values are passed in). Pure calls get a key from their inputs,
-        so the same call submitted twice runs once.
+        so the same call submitted twice runs once. With ``actor=True``, ``fn`` is a class
+        whose instance lives on the worker that makes it: the result is a `shoal.Actor`.
 
         ``priority`` (higher first), ``retries`` (with ``retry_delay`` seconds before the
         first, doubling), ``resources`` (e.g. ``{"GPU": 1}``, against what workers declare),
@@ -419,6 +426,10 @@ class Client(DatasetsMixin):
         if not callable(fn):
             raise TypeError(f"submit expects a callable, got {type(fn).__name__}")
         self._check_running()
+        if actor:
+            from .actor import actor_factory
+
+            fn, pure = actor_factory(fn), False  # each submit makes its own instance
         options = resolve_options(dict(
             priority=priority, retries=retries, resources=resources, workers=workers,
             allow_other_workers=allow_other_workers, retry_delay=retry_delay))  # fmt: skip
@@ -649,6 +660,50 @@ class Client(DatasetsMixin):
                 await asyncio.sleep(0.05)
 
         return self._sync(go())
+
+    # ------------------------------------------------ the ecosystem (integrations/)
+
+    def _submit_specs(self, specs: list[TaskSpec], wanted: list[str]) -> list[Future]:
+        """Submit prebuilt tasks in one batch (any order); a future for each of ``wanted``."""
+        self._check_running()
+        futures = [Future(key, self) for key in wanted]
+        self._send(SubmitTasks(specs, wanted))
+        return futures
+
+    def get_executor(self, **submit_options: Any) -> ShoalExecutor:
+        """A `concurrent.futures.Executor` that runs calls on this cluster; ``submit_options``
+        (``pure``, ``priority``, ``retries``, ``resources``, ``workers``...) apply to each."""
+        from .integrations.executor import ShoalExecutor
+
+        return ShoalExecutor(self, **submit_options)
+
+    def get(self, dsk: Any, keys: Any, **options: Any) -> Any:
+        """Run a dask graph and return the values of ``keys`` (dask's scheduler interface:
+        ``dask.compute(x, scheduler=client.get)``); see `shoal.integrations.dask`."""
+        from .integrations.dask import get
+
+        return get(self, dsk, keys, **options)
+
+    def compute(self, collections: Any, sync: bool = False, optimize_graph: bool = True,
+                traverse: bool = True, **options: Any) -> Any:  # fmt: skip
+        """Start computing dask collections: a `Future` per collection (values if ``sync``)."""
+        from .integrations.dask import compute
+
+        return compute(self, collections, sync=sync, optimize_graph=optimize_graph,
+                       traverse=traverse, **options)  # fmt: skip
+
+    def persist(self, collections: Any, optimize_graph: bool = True, **options: Any) -> Any:
+        """Dask collections whose chunks are computed and held on the workers (as futures)."""
+        from .integrations.dask import persist
+
+        return persist(self, collections, optimize_graph=optimize_graph, **options)
+
+    def as_dask_scheduler(self) -> DaskScheduler:
+        """Make this client dask's default scheduler now, until the returned object's
+        ``restore()`` or the end of ``with client.as_dask_scheduler():``."""
+        from .integrations.dask import DaskScheduler
+
+        return DaskScheduler(self)
 
 
 # --------------------------------------------------------------------- helpers

@@ -21,6 +21,10 @@ class SchedulerGoneError(FutureLostError):
     """The client lost its scheduler; results held only in the cluster are gone."""
 
 
+class ActorLostError(ShoalError):
+    """An actor's worker is gone (or no longer holds it): its state is lost with it."""
+
+
 class RemoteTraceback(Exception):
     """Carries a task's traceback as it was on the worker (set as ``__cause__``)."""
 

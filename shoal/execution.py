@@ -139,7 +139,8 @@ def pack_exception(exc: BaseException) -> tuple[Serialized, Serialized, str]:
 
 def sizeof(obj: object) -> int:
     """Bytes an object holds, roughly: exact for buffers and arrays, shallow for the rest."""
-    nbytes = getattr(obj, "nbytes", None)
+    # Looked up on the type first: a proxy (an actor handle) answers any attribute remotely.
+    nbytes = getattr(obj, "nbytes", None) if hasattr(type(obj), "nbytes") else None
     if isinstance(nbytes, int):
         return nbytes
     if isinstance(obj, (bytes, bytearray)):

@@ -13,11 +13,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext as _nothing
 from typing import TYPE_CHECKING, Any, Literal
 
 from .exceptions import FAILURE_KINDS, CancelledError, RemoteTraceback
 from .protocol.refs import collected_keys, resolve_ref
 from .protocol.serialize import Serialized, deserialize
+from .worker_client import seceded, wait_event
 
 if TYPE_CHECKING:
     from .client import Client
@@ -142,7 +144,7 @@ class Future:
         """The task's result; raises its exception (original type, remote traceback attached)."""
         if self.client.asynchronous:
             return self._result_async(timeout)
-        if not self._state.event.wait(timeout):
+        if not wait_event(self._state.event, timeout):  # a task gives its slot back meanwhile
             raise TimeoutError(f"{self.key} did not finish within {timeout}s")
         self._state.emit_warnings()
         error = self._state.exception_object()
@@ -176,7 +178,7 @@ class Future:
         With an asynchronous client, a coroutine to await (waiting must not block the loop)."""
         if self.client.asynchronous:
             return self._exception_async(timeout)
-        if not self._state.event.wait(timeout):
+        if not wait_event(self._state.event, timeout):  # a task gives its slot back meanwhile
             raise TimeoutError(f"{self.key} did not finish within {timeout}s")
         if self._state.status == "finished":
             return None
@@ -283,12 +285,13 @@ def wait(
     for f in fs:
         if not f.done():
             f.client._on_done(f._state, lambda _s: changed.set())
-    while not satisfied():
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            break
-        changed.wait(remaining)
-        changed.clear()
+    with seceded() if not satisfied() else _nothing():  # a task gives its slot back meanwhile
+        while not satisfied():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            changed.wait(remaining)
+            changed.clear()
     done = {f for f in fs if f.done()}
     return done, {f for f in fs if f not in done}
 
@@ -326,7 +329,11 @@ class as_completed:  # noqa: N801 - named like concurrent.futures.as_completed
             if self._pending == 0:
                 raise StopIteration
             self._pending -= 1
-        future = self._queue.get()
+        try:
+            future = self._queue.get_nowait()
+        except queue.Empty:
+            with seceded():  # a task gives its slot back while it waits
+                future = self._queue.get()
         if self.with_results:
             try:
                 return future, future.result()

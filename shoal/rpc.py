@@ -59,6 +59,21 @@ class PeerPool:
         finally:
             peer.waiting.pop(rid, None)
 
+    async def start_request(self, address: str, msg: Msg) -> asyncio.Future[Any]:
+        """Send ``msg`` (which has a ``rid``) to ``address`` now; return the future of the
+        answer. Requests started one after another reach the peer in that order."""
+        peer = await self._get(address)
+        rid: int = msg.rid  # type: ignore[attr-defined]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        peer.waiting[rid] = fut
+        peer.send.send(msg)
+        return fut
+
+    def connected(self, address: str) -> bool:
+        """Whether a connection to ``address`` is open now."""
+        peer = self._peers.get(address)
+        return peer is not None and not peer.comm.closed
+
     async def _get(self, address: str) -> _Peer:
         if self._closed:
             raise CommClosedError("connection pool is closed")

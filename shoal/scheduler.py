@@ -32,6 +32,7 @@ from .core.scheduler_events import (
     SchedulerEvent,
     TaskErredEvent,
     TaskFinishedEvent,
+    TaskSeceded,
     TasksSubmitted,
     Tick,
     ToClient,
@@ -49,6 +50,7 @@ from .protocol.messages import (
     Heartbeat,
     Hello,
     Identity,
+    LongRunning,
     MissingData,
     Msg,
     Nthreads,
@@ -106,11 +108,15 @@ class Scheduler:
         name: str = "scheduler",
         validate: bool = False,
         handshake_timeout: float = 10.0,
+        worker_ttl: float = 30.0,
     ) -> None:
         self.listen_address = f"tcp://{host}:{port}" if "://" not in host else host
         self.token = token
         self.name = name
         self.handshake_timeout = handshake_timeout
+        #: a worker silent (no message, no heartbeat) this long is removed, its work moved
+        self.worker_ttl = worker_ttl
+        self._last_seen: dict[str, float] = {}
         self.state = SchedulerState(validate=validate)
         self.address = ""
         self.started = 0.0
@@ -142,8 +148,24 @@ class Scheduler:
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
                                      os.getpid()))  # fmt: skip
         self.started = time.time()
+        self._spawn(self._watch_workers())
         logger.info("scheduler at %s", self.address)
         return self
+
+    async def _watch_workers(self) -> None:
+        """Drop workers that stopped answering (stopped process, cut network)."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(min(1.0, self.worker_ttl / 5))
+            now = loop.time()
+            for address, seen in list(self._last_seen.items()):
+                if now - seen > self.worker_ttl:
+                    logger.warning("worker %s silent for %.1fs (worker-ttl %ss): removing it",
+                                   address, now - seen, self.worker_ttl)  # fmt: skip
+                    self._last_seen.pop(address, None)
+                    comm = self._worker_comms.get(address)
+                    if comm is not None:
+                        comm.abort()  # its reader ends and reports the worker gone
 
     def __await__(self) -> Any:
         return self.start().__await__()
@@ -151,7 +173,7 @@ class Scheduler:
     async def finished(self) -> None:
         await self._closed.wait()
 
-    async def close(self, close_workers: bool = False) -> None:
+    async def close(self, close_workers: bool = True) -> None:
         if self._closing:
             await self._closed.wait()
             return
@@ -319,10 +341,16 @@ class Scheduler:
                                    list(reg.nbytes))])  # fmt: skip
         logger.info("worker %s (%s, %d threads) joined", address, reg.name, reg.nthreads)
         reason, graceful = "connection closed", False
+        loop = asyncio.get_running_loop()
+        self._last_seen[address] = loop.time()
         try:
             while True:
                 events: list[SchedulerEvent] = []
-                for msg in await comm.read():
+                batch = await comm.read()
+                if address not in self._last_seen:
+                    break  # declared dead by the watchdog while this batch was in flight
+                self._last_seen[address] = loop.time()
+                for msg in batch:
                     if isinstance(msg, TaskFinished):
                         events.append(TaskFinishedEvent(msg.stimulus_id, address, msg))
                     elif isinstance(msg, TaskErred):
@@ -330,6 +358,8 @@ class Scheduler:
                     elif isinstance(msg, AddKeys):
                         events.append(ReplicasAdded(msg.stimulus_id, address, msg.keys,
                                                     msg.nbytes))  # fmt: skip
+                    elif isinstance(msg, LongRunning):
+                        events.append(TaskSeceded(msg.stimulus_id, address, msg.key))
                     elif isinstance(msg, MissingData):
                         events.append(DataMissing(msg.stimulus_id, address, msg.key,
                                                   msg.holder))  # fmt: skip
@@ -348,6 +378,7 @@ class Scheduler:
         finally:
             self._workers.pop(address, None)
             self._worker_comms.pop(address, None)
+            self._last_seen.pop(address, None)
             self.heartbeats.pop(address, None)
             if self._peers is not None:
                 self._peers.forget(address)

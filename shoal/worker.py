@@ -4,6 +4,11 @@ It listens for peers (other workers and clients fetching data), keeps one batche
 connection to the scheduler, runs tasks on ``nthreads`` threads and holds their results.
 Decisions (what to run, fetch or drop) are the state machine's; this file only carries
 them out and feeds the outcomes back as events.
+
+Tasks may launch tasks through a client the worker makes for them (`shoal.worker_client`);
+a task waiting on others secedes: it keeps its thread, which no longer counts against
+``nthreads``, so the pool runs more threads than that. Actors made here live in `actors`
+and answer calls from the peer listener (`shoal.actor`).
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .actor import ActorRegistry
 from .comm.batched import BatchedSend
 from .comm.core import Comm, CommClosedError
 from .comm.registry import connect, listen
@@ -30,7 +37,10 @@ from .core.worker_events import (
     GatherDone,
     GatherFailed,
     RefreshWhoHasEvent,
+    Rejoin,
+    RejoinEvent,
     ReleaseData,
+    SecedeEvent,
     ToScheduler,
     WorkerEvent,
     WorkerInstruction,
@@ -39,8 +49,11 @@ from .core.worker_state import WorkerState
 from .execution import FunctionCache, Outcome, install_warning_capture, pack_exception, run_task
 from .protocol.messages import (
     PROTOCOL_VERSION,
+    ActorCall,
+    ActorGetAttr,
     CloseWorker,
     ComputeTask,
+    Heartbeat,
     DataReply,
     FreeKeys,
     GetData,
@@ -53,8 +66,14 @@ from .protocol.messages import (
 )
 from .protocol.serialize import Serialized, deserialize, serialize
 from .rpc import PeerPool, next_rid
+from .worker_client import TaskClients, TaskContext, running
 
 logger = logging.getLogger("shoal.worker")
+
+#: Threads the pool may run beyond ``nthreads``: tasks that seceded (they wait on other
+#: tasks) keep their thread while the next tasks start. The state machine bounds the tasks
+#: holding a slot; this only has to be more than will ever wait at once.
+SECEDED_THREADS = 1024
 
 
 class Packed:
@@ -83,8 +102,14 @@ class Worker:
         connect_timeout: float = 10.0,
         in_process: bool = False,
         validate: bool = False,
+        heartbeat_interval: float = 0.5,
+        reconnect_timeout: float = 60.0,
     ) -> None:
         self.scheduler_address = scheduler_address
+        #: seconds between heartbeats; the scheduler drops a worker silent for its worker-ttl
+        self.heartbeat_interval = heartbeat_interval
+        #: how long to keep trying to get back to a lost scheduler before closing
+        self.reconnect_timeout = reconnect_timeout
         self.nthreads = nthreads
         self.name = name or f"worker-{os.getpid()}"
         self.listen_address = f"tcp://{host}:{port}" if "://" not in host else host
@@ -98,7 +123,14 @@ class Worker:
         self.functions = FunctionCache()
         self.address = ""
         self.state: WorkerState | None = None
-        self._executor = ThreadPoolExecutor(nthreads, thread_name_prefix=f"shoal-{self.name}")
+        self._executor = ThreadPoolExecutor(nthreads + SECEDED_THREADS,
+                                            thread_name_prefix=f"shoal-{self.name}")  # fmt: skip
+        #: seceded tasks waiting in `rejoin_task` for a slot: key -> set when they have one
+        self._rejoin_events: dict[str, threading.Event] = {}
+        #: actors living here (see `shoal.actor`)
+        self.actors = ActorRegistry(self)
+        #: the client tasks get from `shoal.get_client()`, made on first use
+        self.task_clients = TaskClients(scheduler_address, token, self.name, connect_timeout)
         self._done: collections.deque[Outcome] = collections.deque()
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,24 +154,85 @@ class Worker:
         )  # fmt: skip
         self.address = self._listener.address
         self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
-        hello = Hello(PROTOCOL_VERSION, "worker", self.name, self.token, os.getpid())
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
                                      os.getpid()), self.connect_timeout)  # fmt: skip
-        comm = await connect(self.scheduler_address, hello, timeout=self.connect_timeout)
+        try:
+            await self._register(timeout=self.connect_timeout)
+        except BaseException:
+            await self.close("could not join the scheduler")
+            raise
+        self._spawn(self._heartbeat_loop())
+        self.status = "running"
+        logger.info("worker %s at %s joined %s", self.name, self.address, self.scheduler_address)
+        return self
+
+    async def _register(self, timeout: float) -> None:
+        """Connect to the scheduler and register, announcing the data we hold."""
+        hello = Hello(PROTOCOL_VERSION, "worker", self.name, self.token, os.getpid())
+        comm = await connect(self.scheduler_address, hello, timeout=timeout)
+        assert self.state is not None
+        held = [key for key, ts in self.state.tasks.items() if ts.state == "memory"]
         rid = next_rid()
         await comm.write([RegisterWorker(
             rid, self.address, self.nthreads, self.name, self.memory_limit, self.resources,
-            os.getpid())])  # fmt: skip
-        answer = await asyncio.wait_for(comm.read(), self.connect_timeout)
+            os.getpid(), held, [self.state.tasks[k].nbytes for k in held])])  # fmt: skip
+        try:
+            answer = await asyncio.wait_for(comm.read(), timeout)
+        except (asyncio.TimeoutError, CommClosedError):
+            comm.abort()
+            raise ConnectionError(f"scheduler {self.scheduler_address} did not answer the"
+                                  f" registration within {timeout}s") from None  # fmt: skip
         if not answer or not isinstance(answer[0], Reply) or answer[0].error:
             await comm.close()
             raise ConnectionError(f"scheduler {self.scheduler_address} refused worker: {answer}")
         self._scheduler_comm = comm
         self._scheduler = BatchedSend(comm)
         self._spawn(self._read_scheduler(comm))
-        self.status = "running"
-        logger.info("worker %s at %s joined %s", self.name, self.address, self.scheduler_address)
-        return self
+
+    async def _reconnect(self) -> None:
+        """The scheduler connection broke: start over with what we hold, or close."""
+        assert self.state is not None
+        # Work in progress was rescheduled elsewhere when we were dropped: forget it and
+        # keep only finished data, which we announce when we register again.
+        held = {k: ts.nbytes for k, ts in self.state.tasks.items() if ts.state == "memory"}
+        self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
+        self._handle([DataPut("reconnect", held)])
+        for key in list(self.data):
+            if key not in held:
+                self.data.pop(key, None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_timeout
+        while not self._closing:
+            try:
+                await self._register(timeout=max(1.0, min(self.connect_timeout,
+                                                          deadline - loop.time())))  # fmt: skip
+                logger.info("worker %s re-registered with %s (%d keys)", self.address,
+                            self.scheduler_address, len(held))  # fmt: skip
+                return
+            except (OSError, asyncio.TimeoutError) as exc:
+                if loop.time() >= deadline:
+                    logger.error("could not get back to the scheduler within %ss: %s",
+                                 self.reconnect_timeout, exc)  # fmt: skip
+                    self._spawn(self.close("lost the scheduler"))
+                    return
+                await asyncio.sleep(0.2)
+
+    async def _heartbeat_loop(self) -> None:
+        """Tell the scheduler we are alive, and how busy, every ``heartbeat_interval``."""
+        import psutil
+
+        proc = psutil.Process()
+        while not self._closing:
+            await asyncio.sleep(self.heartbeat_interval)
+            send = self._scheduler
+            if send is None or send.closed or self.state is None:
+                continue
+            try:
+                rss = proc.memory_info().rss
+            except psutil.Error:
+                rss = 0
+            send.send(Heartbeat(len(self.state.executing), len(self.state.ready), rss,
+                                proc.cpu_percent()))  # fmt: skip
 
     def __await__(self) -> Any:
         return self.start().__await__()
@@ -154,6 +247,11 @@ class Worker:
         self._closing = True
         self.status = "closing"
         logger.info("worker %s closing: %s", self.address, reason)
+        self.actors.close()
+        for event in list(self._rejoin_events.values()):
+            event.set()
+        # Tasks waiting on their futures see them fail when the client closes, and end.
+        await asyncio.to_thread(self.task_clients.close)
         if self._listener is not None:
             await self._listener.stop()
         if self._scheduler is not None:
@@ -198,8 +296,9 @@ class Worker:
                     self._handle(events)
         except CommClosedError:
             if not self._closing:
-                logger.warning("lost connection to scheduler %s", self.scheduler_address)
-                self._spawn(self.close("lost connection to the scheduler"))
+                logger.warning("lost connection to scheduler %s; reconnecting",
+                               self.scheduler_address)  # fmt: skip
+                self._spawn(self._reconnect())
 
     def _handle(self, events: list[WorkerEvent]) -> None:
         assert self.state is not None
@@ -214,6 +313,12 @@ class Worker:
                 self._scheduler.send(ins.msg)
         elif isinstance(ins, ReleaseData):
             self.data.pop(ins.key, None)
+            if ins.key in self.actors:
+                self.actors.remove(ins.key)
+        elif isinstance(ins, Rejoin):
+            event = self._rejoin_events.pop(ins.key, None)
+            if event is not None:
+                event.set()
         elif isinstance(ins, GatherDep):
             self._spawn(self._gather(ins))
 
@@ -230,13 +335,14 @@ class Worker:
     def _run_in_thread(self, key: str, function: bytes, args: Serialized,
                        deps: dict[str, Any]) -> None:  # fmt: skip
         try:
-            for dep, value in deps.items():
-                if isinstance(value, Packed):
-                    deps[dep] = deserialize(value.ser)
-                    # Back into the store, so the next task that needs it need not unpickle it.
-                    if self.data.get(dep) is value:
-                        self.data[dep] = deps[dep]
-            outcome = run_task(key, function, args, deps, self.functions, time.time)
+            with running(TaskContext(self, key)):
+                for dep, value in deps.items():
+                    if isinstance(value, Packed):
+                        deps[dep] = deserialize(value.ser)
+                        # Back into the store, so the next task that needs it need not unpickle it.
+                        if self.data.get(dep) is value:
+                            self.data[dep] = deps[dep]
+                outcome = run_task(key, function, args, deps, self.functions, time.time)
         except Exception as exc:  # noqa: BLE001 - an input that cannot be unpickled
             outcome = Outcome(key)
             outcome.exception, outcome.traceback, outcome.text = pack_exception(exc)
@@ -264,6 +370,38 @@ class Worker:
                                             out.traceback, out.text, out.start, out.stop,
                                             out.warnings))  # fmt: skip
         if events and not self._closing:
+            self._handle(events)
+
+    # ------------------------------------------------- seceding (from task threads)
+
+    def secede_task(self, key: str) -> None:
+        """Task ``key`` (calling from its thread) gives its thread slot back."""
+        self._from_thread(SecedeEvent(f"secede-{key}", key))
+
+    def rejoin_task(self, key: str) -> None:
+        """Task ``key`` (calling from its thread) waits until it holds a thread slot again."""
+        event = threading.Event()
+        self._rejoin_events[key] = event
+        self._from_thread(RejoinEvent(f"rejoin-{key}", key))
+        while not event.wait(1.0):
+            if self._closing:  # nobody will hand out slots any more
+                self._rejoin_events.pop(key, None)
+                return
+            # Ask again: a no-op while it is queued, and an answer at once from a state
+            # machine that was replaced meanwhile (after a reconnect) and does not know it.
+            self._from_thread(RejoinEvent(f"rejoin-{key}", key))
+
+    def _from_thread(self, event: WorkerEvent) -> None:
+        loop = self._loop
+        if loop is None or self._closing:
+            return
+        try:
+            loop.call_soon_threadsafe(self._handle_unless_closing, [event])
+        except RuntimeError:  # the loop closed under us: the worker is going away
+            pass
+
+    def _handle_unless_closing(self, events: list[WorkerEvent]) -> None:
+        if not self._closing:
             self._handle(events)
 
     # ------------------------------------------------------------- data plane
@@ -301,6 +439,8 @@ class Worker:
                         send.send(self._update_data(msg))
                     elif isinstance(msg, RunFunction):
                         self._spawn(self._run_function(msg, send))
+                    elif isinstance(msg, (ActorCall, ActorGetAttr)):
+                        self.actors.serve(msg, send)
                     else:
                         logger.warning("closing %s: unexpected %s", comm.peer_address,
                                        type(msg).__name__)  # fmt: skip

@@ -37,6 +37,7 @@ class LocalCluster:
         validate: bool = False,
         worker_start_timeout: float = 60.0,
         resources: dict[str, float] | None = None,
+        worker_ttl: float = 30.0,
     ) -> None:
         cores = os.cpu_count() or 1
         if n_workers is None:
@@ -53,6 +54,7 @@ class LocalCluster:
         self.validate = validate
         #: what each worker offers to tasks that ask for resources
         self.resources = dict(resources or {})
+        self.worker_ttl = worker_ttl
         self.worker_start_timeout = worker_start_timeout
         self.scheduler: Scheduler | None = None
         self.workers: list[Worker] = []
@@ -61,7 +63,7 @@ class LocalCluster:
 
     async def _start(self) -> LocalCluster:
         self.scheduler = Scheduler(self.host, self.scheduler_port, token=self.token,
-                                   validate=self.validate)  # fmt: skip
+                                   validate=self.validate, worker_ttl=self.worker_ttl)  # fmt: skip
         await self.scheduler.start()
         self.scheduler_address = self.scheduler.address
         try:

@@ -54,11 +54,11 @@ __all__ = ["Event", "Lock", "Pub", "Queue", "Semaphore", "Sub", "Variable"]
 
 
 def _current_client() -> Client:
-    """The client a primitive made without one uses. Inside a task this should be the
-    client its worker provides: swap in ``shoal.get_client`` here once workers have one."""
-    from ..client import default_client
+    """The client a primitive made without one uses: inside a task (or an actor), the one
+    its worker provides; elsewhere the default client."""
+    from ..worker_client import get_client
 
-    return default_client()
+    return get_client()
 
 
 class _Named:

@@ -57,9 +57,13 @@ def has_room(ws: WorkerRecord, ts: TaskState) -> bool:
     spec = ts.spec
     if spec is not None and spec.resources:
         for r, need in spec.resources.items():
-            if ws.resources.get(r, 0.0) - ws.used_resources.get(r, 0.0) < need:
+            total = ws.resources.get(r, 0.0)
+            # With a tolerance: sums of fractions (0.1 + 0.2) leave rounding residue behind,
+            # which must not make a task that asks for all of a resource wait forever.
+            if total - ws.used_resources.get(r, 0.0) < need - 1e-9 * max(1.0, total):
                 return False
-    return len(ws.processing) < ws.nthreads or ws.occupancy < ws.nthreads * QUEUE_BUDGET_S
+    running = len(ws.processing) - len(ws.long_running)  # seceded tasks hold no thread
+    return running < ws.nthreads or ws.occupancy < ws.nthreads * QUEUE_BUDGET_S
 
 
 def input_bytes_on(ts: TaskState, ws: WorkerRecord) -> int:
@@ -84,7 +88,8 @@ def best_worker(ts: TaskState, valid: list[WorkerRecord]) -> WorkerRecord:
 
     def score(w: WorkerRecord) -> tuple[int, bool, float, int]:
         held = input_bytes_on(ts, w) if ts.dependencies else 0
-        liked = not preferred or w.address in preferred or w.name in preferred
+        liked = (not preferred or w.address in preferred or w.name in preferred
+                 or _host(w) in preferred)  # as `valid_workers` matches them  # fmt: skip
         return (held, liked, -w.occupancy / w.nthreads, -len(w.processing))
 
     return max(valid, key=score)

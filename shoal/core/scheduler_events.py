@@ -110,6 +110,15 @@ class DataMissing(SchedulerEvent):
 
 
 @dataclass(slots=True)
+class TaskSeceded(SchedulerEvent):
+    """``worker``'s task ``key`` gave its thread back (it waits on other tasks): it no longer
+    counts against the worker's threads, so queued work may go there."""
+
+    worker: str
+    key: str
+
+
+@dataclass(slots=True)
 class Tick(SchedulerEvent):
     """Time passed (answers a `WakeAt`): delayed retries may be due."""
 

@@ -60,6 +60,7 @@ from .scheduler_events import (
     SchedulerEvent,
     TaskErredEvent,
     TaskFinishedEvent,
+    TaskSeceded,
     TasksSubmitted,
     Tick,
     ToClient,
@@ -146,7 +147,7 @@ class WorkerRecord:
     """The scheduler's record of one worker."""
 
     __slots__ = ("address", "name", "nthreads", "memory_limit", "resources", "processing",
-                 "has_what", "nbytes", "occupancy", "used_resources")  # fmt: skip
+                 "has_what", "nbytes", "occupancy", "used_resources", "long_running")  # fmt: skip
 
     def __init__(self, address: str, nthreads: int, name: str, memory_limit: int,
                  resources: dict[str, float]) -> None:  # fmt: skip
@@ -161,6 +162,8 @@ class WorkerRecord:
         #: expected seconds of work in ``processing``
         self.occupancy = 0.0
         self.used_resources: dict[str, float] = {}
+        #: tasks of ``processing`` that seceded: they hold no thread (and count no time)
+        self.long_running: set[TaskState] = set()
 
     @property
     def load(self) -> float:
@@ -403,6 +406,14 @@ class SchedulerState:
                 self._transition(ts, "waiting")
                 self._try_schedule(ts)
         ws.processing.clear()
+        # Queued tasks that only this worker could run (restrictions, resources) have
+        # nowhere to go now: they become no-worker, and their clients hear why.
+        for _, key in list(self.queue):
+            queued = self.tasks.get(key)
+            if queued is not None and queued.state == "queued":
+                if not placement.valid_workers(queued, self.workers.values())[0]:
+                    self._transition(queued, "waiting")
+                    self._try_schedule(queued)
 
     def _handle_task_finished(self, ev: TaskFinishedEvent) -> None:
         msg: TaskFinished = ev.msg
@@ -484,6 +495,17 @@ class SchedulerState:
             # else: it fetched the key before we asked it to compute it; it reports that
             # as the task's result (FreeKeys would cancel the task we wait for).
 
+    def _handle_task_seceded(self, ev: TaskSeceded) -> None:
+        ts = self.tasks.get(ev.key)
+        ws = self.workers.get(ev.worker)
+        if ts is None or ws is None or ts.processing_on is not ws or ts in ws.long_running:
+            return
+        # It waits on other tasks: its thread (and its expected time) are free for them.
+        ws.long_running.add(ts)
+        ws.occupancy = ws.occupancy - ts.est if len(ws.processing) > 1 else 0.0
+        ts.est = 0.0
+        self._freed.add(ws)
+
     def _handle_data_missing(self, ev: DataMissing) -> None:
         ts = self.tasks.get(ev.key)
         holder = self.workers.get(ev.holder)
@@ -561,7 +583,8 @@ class SchedulerState:
         # Steal at placement: a worker with room takes it if moving inputs beats waiting.
         roomy = [w for w in valid if w is not best and placement.has_room(w, ts)]
         if roomy:
-            alt = min(roomy, key=_worker_load)
+            # The cheapest move (a worker holding some of the inputs), then the least loaded.
+            alt = min(roomy, key=lambda w: (placement.transfer_time(ts, w), w.load))
             if placement.transfer_time(ts, alt) < placement.wait_time(best):
                 self._assign(ts, alt)
                 return
@@ -577,22 +600,28 @@ class SchedulerState:
     def _fill(self, ws: WorkerRecord) -> None:
         """Give ``ws`` queued tasks while it has room: its own first, others' when cheap."""
         skipped: list[tuple[tuple[int, int], str]] = []
-        scans = 0
+        #: tasks ``ws`` cannot take now (restrictions, resources in use, a retry's delay):
+        #: passed over without limit, so that they never starve the work it can do behind
+        #: them (a long queue of GPU tasks must not keep a CPU-only worker idle)
+        passed: list[tuple[tuple[int, int], str]] = []
+        cannot: set[tuple[Any, ...]] = set()  # restriction kinds ``ws`` cannot take
         budget = ws.nthreads * placement.QUEUE_BUDGET_S
-        while self.queue and scans < 64:
-            if len(ws.processing) >= ws.nthreads and ws.occupancy >= budget:
+        # Skipping is bounded (not assigning): a long queue of others' work stays cheap.
+        while self.queue and len(skipped) < 64:
+            if len(ws.processing) - len(ws.long_running) >= ws.nthreads and ws.occupancy >= budget:
                 break
             entry = heapq.heappop(self.queue)
             ts = self.tasks.get(entry[1])
             if ts is None or ts.state != "queued" or ts.priority != entry[0]:
                 continue  # stale entry: the task moved on
-            scans += 1
-            if ts.not_before > self._now:
-                skipped.append(entry)
+            kind = _restriction_kind(ts)
+            if ts.not_before > self._now or kind in cannot:
+                passed.append(entry)
                 continue
             valid, _ = placement.valid_workers(ts, self.workers.values())
             if ws not in valid or not placement.has_room(ws, ts):
-                skipped.append(entry)
+                cannot.add(kind)  # room only shrinks during this fill
+                passed.append(entry)
                 continue
             best = placement.best_worker(ts, valid)
             if best is not ws and placement.has_room(best, ts):
@@ -601,7 +630,7 @@ class SchedulerState:
                 self._assign(ts, ws)
             else:
                 skipped.append(entry)  # cheaper to wait for the worker holding its inputs
-        for entry in skipped:
+        for entry in skipped + passed:
             heapq.heappush(self.queue, entry)
 
     def _fill_all(self) -> None:
@@ -630,19 +659,23 @@ class SchedulerState:
         ws = ts.processing_on
         assert ws is not None
         ws.processing.discard(ts)
+        ws.long_running.discard(ts)
         ws.occupancy = ws.occupancy - ts.est if ws.processing else 0.0
         spec = ts.spec
         if spec is not None and spec.resources:
             for r, need in spec.resources.items():
                 ws.used_resources[r] = ws.used_resources.get(r, 0.0) - need
+        if not ws.processing:  # exactly zero once idle, whatever rounding sums left behind
+            ws.used_resources = dict.fromkeys(ws.used_resources, 0.0)
         ts.processing_on = None
         self._freed.add(ws)
 
     def _warn_unrunnable(self, ts: TaskState, why: str) -> None:
         if self.workers:  # with no workers at all, waiting for one is expected
             for client in ts.who_wants:
-                self._out.append(ToClient(client, TaskWarning(
-                    ts.key, f"task {ts.key!r} cannot run on any connected worker: {why}")))  # fmt: skip
+                if client != FIRE_AND_FORGET:
+                    self._out.append(ToClient(client, TaskWarning(
+                        ts.key, f"task {ts.key!r} cannot run on any connected worker: {why}")))  # fmt: skip
 
     def _add_replica(self, ts: TaskState, ws: WorkerRecord) -> None:
         # Counted at the key's size (not the size the reporter measured), so that dropping
@@ -673,6 +706,7 @@ class SchedulerState:
     def _fail(self, ts: TaskState, failure: Failure) -> None:
         """Err ``ts`` and every dependent that was waiting for it."""
         stack = [(ts, failure)]
+        let_go: list[TaskState] = []
         while stack:
             t, f = stack.pop()
             if t.state == "erred":
@@ -686,13 +720,17 @@ class SchedulerState:
             t.failure = f
             for client in t.who_wants:
                 self._report_to_client(t, client)
-            self._let_go_if_forgotten(t)
+            if FIRE_AND_FORGET in t.who_wants:
+                self._let_go_if_forgotten(t)
+                let_go.append(t)
             inherited = _inherited(t)
             for dependent in t.dependents:
                 if dependent.state in _NEEDS_INPUTS:
                     stack.append((dependent, inherited))
             for dep in t.dependencies:
                 self._release_if_unneeded(dep)
+        for t in let_go:
+            self._forget_if_unused(t)  # nobody will ever ask for this error
 
     def _lose(self, lost: list[TaskState], why: str) -> None:
         """Keys in memory lost their last holder: recompute those that are still needed.
@@ -704,12 +742,13 @@ class SchedulerState:
             self._transition(ts, "released")
         for ts in lost:
             for dependent in ts.dependents:
-                if dependent.state in ("processing", "queued"):
+                if dependent.state in ("processing", "queued", "no-worker"):
                     # Its worker cannot fetch the input: take the task back and wait again.
                     ws = dependent.processing_on
                     if ws is not None:
                         self._unassign(dependent)
                         self._free(ws, dependent.key)
+                    self.unrunnable.discard(dependent)
                     self._transition(dependent, "waiting")
                     dependent.waiting_on = {d for d in dependent.dependencies
                                             if d.state != "memory"}  # fmt: skip
@@ -777,6 +816,8 @@ class SchedulerState:
             t.dependencies.clear()
 
     def _report_to_client(self, ts: TaskState, client: ClientId) -> None:
+        if client == FIRE_AND_FORGET:
+            return  # a pseudo-client: nobody to tell
         if ts.state == "memory":
             self._out.append(ToClient(client, KeyInMemory(
                 ts.key, [w.address for w in ts.who_has], ts.nbytes, ts.typename, ts.warnings)))  # fmt: skip
@@ -803,6 +844,7 @@ class SchedulerState:
 
     def validate_state(self) -> None:
         """Check the invariants in the module docstring; raise AssertionError on a breach."""
+        queue = set(self.queue)
         for key, ts in self.tasks.items():
             assert ts.key == key
             if ts.state == "waiting":
@@ -825,11 +867,12 @@ class SchedulerState:
                 assert not ts.who_has, f"{ts} has holders but is not in memory"
             if ts.state == "no-worker":
                 assert ts in self.unrunnable
+                assert all(d.state == "memory" for d in ts.dependencies), ts
                 valid, _ = placement.valid_workers(ts, self.workers.values())
                 assert not valid, f"{ts} is no-worker, but {valid} could run it"
             if ts.state == "queued":
                 assert all(d.state == "memory" for d in ts.dependencies), ts
-                assert (ts.priority, ts.key) in self.queue, f"{ts} is not in the queue"
+                assert (ts.priority, ts.key) in queue, f"{ts} is not in the queue"
             for dep in ts.dependencies:
                 assert ts in dep.dependents, (ts, dep)
                 assert self.tasks.get(dep.key) is dep, f"{ts} depends on forgotten {dep}"
@@ -840,11 +883,16 @@ class SchedulerState:
         for ws in self.workers.values():
             for ts in ws.processing:
                 assert ts.processing_on is ws, (ws, ts)
+            assert ws.long_running <= ws.processing, (ws, ws.long_running - ws.processing)
             for ts in ws.has_what:
                 assert ws in ts.who_has, (ws, ts)
             assert ws.nbytes == sum(ts.nbytes for ts in ws.has_what), ws
             expected = sum(ts.est for ts in ws.processing)
             assert abs(ws.occupancy - expected) < 1e-6 * max(1.0, expected), (ws, expected)
+            for r, total in ws.resources.items():
+                used = sum((t.spec.resources or {}).get(r, 0.0) for t in ws.processing
+                           if t.spec is not None)  # fmt: skip
+                assert abs(ws.used_resources.get(r, 0.0) - used) < 1e-9 * max(1.0, total), ws
         for client, keys in self.clients.items():
             for ts in keys:
                 assert client in ts.who_wants, (client, ts)
@@ -856,6 +904,15 @@ def _by_priority(ts: TaskState) -> tuple[int, int]:
 
 def _worker_load(ws: WorkerRecord) -> float:
     return ws.load
+
+
+def _restriction_kind(ts: TaskState) -> tuple[Any, ...]:
+    """What decides where ``ts`` may run: tasks of one kind fit the same workers."""
+    spec = ts.spec
+    if spec is None:
+        return ()
+    resources = tuple(sorted(spec.resources.items())) if spec.resources else ()
+    return (tuple(spec.workers or ()), spec.allow_other_workers, resources)
 
 
 def _inherited(erred: TaskState) -> Failure:
@@ -878,6 +935,7 @@ _HANDLERS: dict[type[SchedulerEvent], Callable[[SchedulerState, Any], None]] = {
     TaskErredEvent: SchedulerState._handle_task_erred,
     ReplicasAdded: SchedulerState._handle_replicas_added,
     DataMissing: SchedulerState._handle_data_missing,
+    TaskSeceded: SchedulerState._handle_task_seceded,
     Tick: SchedulerState._handle_tick,
     FireAndForget: SchedulerState._handle_fire_and_forget,
 }

@@ -33,7 +33,14 @@ import heapq
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from ..protocol.messages import AddKeys, ComputeTask, MissingData, TaskErred, TaskFinished
+from ..protocol.messages import (
+    AddKeys,
+    ComputeTask,
+    LongRunning,
+    MissingData,
+    TaskErred,
+    TaskFinished,
+)
 from .worker_events import (
     ComputeTaskEvent,
     DataPut,
@@ -279,6 +286,8 @@ class WorkerState:
         self.long_running.add(ts)
         if ts.state == "executing":
             ts.state = "long-running"
+            # The scheduler stops counting it against our threads, and sends more work.
+            self._out.append(ToScheduler(LongRunning(ts.key, self._stimulus)))
         # `_start_tasks` gives the freed slot to a rejoining or ready task.
 
     def _handle_rejoin(self, ev: RejoinEvent) -> None:
@@ -406,12 +415,12 @@ class WorkerState:
     def _start_tasks(self) -> None:
         # Tasks already started come first: finishing them frees what they hold.
         while self.rejoining and len(self.executing) < self.nthreads:
-            ts = self.rejoining.pop(0)
-            self.long_running.discard(ts)
-            self.executing.add(ts)
-            if ts.state == "long-running":
-                ts.state = "executing"
-            self._out.append(Rejoin(ts.key))
+            back = self.rejoining.pop(0)
+            self.long_running.discard(back)
+            self.executing.add(back)
+            if back.state == "long-running":
+                back.state = "executing"
+            self._out.append(Rejoin(back.key))
         while self.ready and len(self.executing) < self.nthreads:
             _, key = heapq.heappop(self.ready)
             ts = self.tasks.get(key)

@@ -289,6 +289,14 @@ class MissingData(Msg, tag="missing-data"):
     stimulus_id: str = ""
 
 
+class LongRunning(Msg, tag="long-running"):
+    """Worker -> scheduler: task ``key`` seceded (it waits on other tasks) and holds no
+    thread slot now; it still reports its result as usual."""
+
+    key: str
+    stimulus_id: str = ""
+
+
 class RefreshWhoHas(Msg, tag="refresh-who-has"):
     """Scheduler -> worker: where dependencies can be fetched from now."""
 
@@ -331,6 +339,27 @@ class RunFunction(Msg, tag="run-function"):
 
     rid: int
     function: Serialized
+
+
+class ActorCall(Msg, tag="actor-call"):
+    """Call ``method`` of the actor made by task ``key`` on this worker, with the pickled
+    ``(args, kwargs)``. Calls run one at a time on the actor's own thread, in the order they
+    arrive. `Reply` value ``[True, result]`` or ``[False, exception, traceback]`` (each a
+    `Serialized`); ``error`` "ActorLostError: ..." when this worker holds no such actor."""
+
+    rid: int
+    key: str
+    method: str
+    args: Serialized
+
+
+class ActorGetAttr(Msg, tag="actor-getattr"):
+    """Read attribute ``name`` of the actor ``key``, in order with its calls; answered like
+    `ActorCall`."""
+
+    rid: int
+    key: str
+    name: str
 
 
 # ------------------------------------- coordination and datasets (client <-> scheduler)
@@ -527,12 +556,15 @@ Message = Union[
     TaskErred,
     AddKeys,
     MissingData,
+    LongRunning,
     RefreshWhoHas,
     Heartbeat,
     GetData,
     DataReply,
     UpdateData,
     RunFunction,
+    ActorCall,
+    ActorGetAttr,
     # coordination and datasets
     LeaseAcquire,
     LeaseRelease,
@@ -608,9 +640,11 @@ WORKER_TO_SCHEDULER: tuple[type[Msg], ...] = (
     TaskErred,
     AddKeys,
     MissingData,
+    LongRunning,
     Heartbeat,
     Reply,
 )
 
 #: Messages anyone who passed the handshake may send to a worker's data listener.
-PEER_TO_WORKER: tuple[type[Msg], ...] = (GetData, UpdateData, RunFunction)
+PEER_TO_WORKER: tuple[type[Msg], ...] = (GetData, UpdateData, RunFunction, ActorCall,
+                                          ActorGetAttr)

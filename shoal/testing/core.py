@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar, Union
+from typing import TypeVar
 
 from ..core.scheduler_events import (
     Instruction,
@@ -44,7 +44,7 @@ DUMMY_FUNCTION = b"shoal-testing-function"
 DUMMY_EXCEPTION = Serialized([b"shoal-testing-exception"])
 
 T = TypeVar("T")
-AnyInstruction = Union[Instruction, WorkerInstruction]
+AnyInstruction = Instruction | WorkerInstruction
 
 _ids = itertools.count(1)
 

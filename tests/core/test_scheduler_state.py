@@ -7,6 +7,7 @@ Every state here is built with ``validate=True``, so `validate_state` runs after
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,18 +17,21 @@ from shoal.core.scheduler_events import (
     ClientDisconnected,
     DataMissing,
     DataScattered,
+    FireAndForget,
     Instruction,
     KeysCancelled,
     KeysReleased,
     KeysWanted,
     ReplicasAdded,
     SchedulerEvent,
+    Tick,
     ToClient,
     ToWorker,
+    WakeAt,
     WorkerJoined,
     WorkerLeft,
 )
-from shoal.core.scheduler_state import SchedulerState, key_group
+from shoal.core.scheduler_state import FIRE_AND_FORGET, SchedulerState, key_group
 from shoal.protocol.messages import (
     ComputeTask,
     FreeKeys,
@@ -36,6 +40,7 @@ from shoal.protocol.messages import (
     KeyInMemory,
     Msg,
     RefreshWhoHas,
+    TaskWarning,
 )
 from shoal.testing.core import (
     DUMMY_EXCEPTION,
@@ -289,7 +294,7 @@ def test_release_of_a_processing_task_tells_its_worker() -> None:
 
     # and a late report of it is answered with FreeKeys
     out = run(state, "x", "w1")
-    assert out == [ToWorker("w1", FreeKeys(["x"], out[0].msg.stimulus_id))]  # type: ignore[attr-defined]
+    assert len(out) == 1 and freed_keys(out, "w1") == ["x"]
     assert state.tasks == {}
 
 
@@ -707,7 +712,7 @@ def test_late_finish_from_the_worker_a_task_was_moved_from_is_ignored() -> None:
     out = run(state, "x", first)
 
     # then: it is told to drop it; x still waits for the new worker
-    assert out == [ToWorker(first, FreeKeys(["x"], out[0].msg.stimulus_id))]  # type: ignore[attr-defined]
+    assert len(out) == 1 and freed_keys(out, first) == ["x"]
     assert state.tasks["x"].state == "processing"
     assert state.tasks["x"].processing_on is state.workers[second]
 
@@ -910,6 +915,30 @@ def test_validate_state_catches_a_broken_invariant() -> None:
         state.validate_state()
 
 
+# ------------------------------------------------- restrictions and resources
+
+
+def test_lost_input_of_a_task_waiting_for_a_worker_is_recomputed_first() -> None:
+    # given: x (on w1) is the input of t, which needs a GPU no worker has
+    state = make_scheduler({"w1": 1, "w2": 1})
+    out = state.handle([submit("c1", make_spec("x"),
+                               make_spec("t", ["x"], resources={"GPU": 1.0}))], now=0.0)  # fmt: skip
+    [x_on] = where(out, "x")
+    state.handle([task_finished(x_on, "x")], now=1.0)
+    assert state.tasks["t"].state == "no-worker"
+
+    # when x's worker dies, and then a GPU worker joins
+    out = state.handle([left(x_on)], now=2.0)
+    [x_again] = where(out, "x")
+    out = state.handle([WorkerJoined("join", "gpu", 1, resources={"GPU": 1.0})], now=3.0)
+
+    # then: t waits for x to be computed again; it does not run without its input
+    assert where(out, "t") == []
+    assert state.tasks["t"].state == "waiting"
+    out = state.handle([task_finished(x_again, "x")], now=4.0)
+    assert where(out, "t") == ["gpu"]
+
+
 # ------------------------------------------------------------ randomized
 
 #: Every transition the scheduler may make (see the module docstring of scheduler_state).
@@ -961,6 +990,10 @@ class SchedulerSim:
         self.clients = ["c0", "c1", "c2"]
         #: last report each client got for each key
         self.reports: dict[tuple[str, str], Msg] = {}
+        #: times the scheduler asked to be woken at (`WakeAt`)
+        self.wakes: list[float] = []
+        #: the last events and what came of them, for the failure message
+        self.log: deque[str] = deque(maxlen=50)
         self.now = 0.0
         self.n = 0
 
@@ -972,9 +1005,17 @@ class SchedulerSim:
 
     def handle(self, *events: SchedulerEvent) -> None:
         self.now += 1.0
+        self.log.append(f"{list(events)}")
         out = self.state.handle(list(events), self.now)
+        self.log.append(f"    -> {out}")
         for inst in out:
+            if isinstance(inst, WakeAt):
+                assert inst.when > self.now, inst
+                self.wakes.append(inst.when)
+                continue
             if isinstance(inst, ToClient):
+                if isinstance(inst.msg, TaskWarning):
+                    continue
                 assert isinstance(inst.msg, (KeyInMemory, KeyErred, KeyCancelled))
                 self.reports[inst.client, inst.msg.key] = inst.msg
                 continue
@@ -994,7 +1035,7 @@ class SchedulerSim:
                 for key, holders in msg.who_has.items():
                     assert holders and all(key in self.workers[h].data for h in holders)
             else:  # pragma: no cover
-                raise AssertionError(f"unexpected instruction {inst}")
+                raise TypeError(f"unexpected instruction {inst}")
         self.check()
 
     def check(self) -> None:
@@ -1012,16 +1053,22 @@ class SchedulerSim:
 
     # ------------------------------------------------------------ actions
 
-    def add_worker(self) -> None:
-        if self.gone and self.rng.random() < 0.3:
+    def add_worker(self, address: str | None = None, gpus: float | None = None) -> None:
+        if address is None and self.gone and self.rng.random() < 0.3:
             address = self.rng.choice(sorted(self.gone))
-            w = self.gone.pop(address)  # reconnects with the data it kept
+        if address is not None:
+            w = self.gone.pop(address)
             w.assigned.clear()
+            if self.rng.random() < 0.5:
+                w.data.clear()  # a new process at the old address
         else:
             address, w = self.fresh("w"), SimWorker()
         self.workers[address] = w
         keys = sorted(w.data)
+        if gpus is None:
+            gpus = self.rng.choice([0.0, 0.0, 1.0, 2.0])
         self.handle(WorkerJoined(self.fresh("join"), address, self.rng.randint(1, 3),
+                                 resources={"GPU": gpus} if gpus else {},
                                  keys=keys, nbytes=[8] * len(keys)))  # fmt: skip
 
     def remove_worker(self) -> None:
@@ -1029,9 +1076,7 @@ class SchedulerSim:
             self.handle(WorkerLeft(self.fresh("leave"), self.fresh("w"), "unknown"))
             return
         address = self.rng.choice(self.live())
-        w = self.workers.pop(address)
-        if self.rng.random() < 0.5:
-            self.gone[address] = w
+        self.gone[address] = self.workers.pop(address)  # it may come back
         self.handle(WorkerLeft(self.fresh("leave"), address, "chaos",
                                graceful=self.rng.random() < 0.3))  # fmt: skip
 
@@ -1051,8 +1096,15 @@ class SchedulerSim:
                 if self.rng.random() < 0.03:
                     deps.append(self.fresh("ghost"))
             batch.append(key)
-            specs.append(make_spec(key, deps, priority=self.rng.randint(-2, 2),
-                                   retries=self.rng.choice([0, 0, 1])))  # fmt: skip
+            r = self.rng.random()
+            somewhere = sorted(self.workers) + sorted(self.gone)
+            specs.append(make_spec(
+                key, deps, priority=self.rng.randint(-2, 2), retries=self.rng.choice([0, 0, 1]),
+                retry_delay=self.rng.choice([0.0, 0.5, 3.0]),
+                workers=[self.rng.choice(somewhere)] if r < 0.1 and somewhere else None,
+                allow_other_workers=self.rng.random() < 0.5,
+                resources={"GPU": 1.0} if 0.1 <= r < 0.2 else None,
+            ))  # fmt: skip
         wanted = self.rng.sample(batch, self.rng.randint(1, len(batch)))
         self.handle(submit(client, *specs, wanted=wanted, stimulus_id=self.fresh("submit")))
 
@@ -1167,11 +1219,29 @@ class SchedulerSim:
             targets.append(self.fresh("dead-worker"))
         self.handle(DataScattered(self.fresh("scatter"), client, [key], [targets], [64]))
 
+    def fire_and_forget(self) -> None:
+        keys = sorted(self.state.tasks)
+        if keys:
+            chosen = self.rng.sample(keys, min(len(keys), self.rng.randint(1, 2)))
+            self.handle(FireAndForget(self.fresh("fire-and-forget"), chosen))
+
+    def tick_if_due(self) -> bool:
+        due = [w for w in self.wakes if w <= self.now]
+        if not due:
+            return False
+        self.wakes = [w for w in self.wakes if w > self.now]
+        self.handle(Tick(self.fresh("tick")))
+        return True
+
     # ---------------------------------------------------------------- run
 
     def step(self) -> None:
+        if self.tick_if_due():
+            return
         r = self.rng.random()
-        if not self.workers or r < 0.05:
+        if r < 0.01:
+            self.fire_and_forget()
+        elif not self.workers or r < 0.05:
             self.add_worker()
         elif r < 0.09:
             self.remove_worker()
@@ -1201,13 +1271,19 @@ class SchedulerSim:
             self.finish()
 
     def drain(self) -> None:
-        """No more chaos: run every assigned task to an end."""
-        if not self.workers:
-            self.add_worker()
+        """No more chaos: every worker that left comes back, one with a GPU joins, and every
+        task runs to an end."""
+        for address in sorted(self.gone):
+            self.add_worker(address)
+        self.add_worker(gpus=1.0)
         for _ in range(100_000):
-            if not self.busy():
+            if self.busy():
+                self.finish(err=self.rng.random() < 0.05)
+            elif self.wakes:
+                self.now = max(self.now, min(self.wakes))
+                self.tick_if_due()
+            else:
                 break
-            self.finish(err=self.rng.random() < 0.05)
         else:  # pragma: no cover
             raise AssertionError("did not settle")
 
@@ -1215,8 +1291,11 @@ class SchedulerSim:
         """Every key a client still wants is in memory or erred, and it was told so last."""
         for ts in self.state.tasks.values():
             assert ts.state in ("memory", "erred", "released"), ts
+        assert not self.state.clients.get(FIRE_AND_FORGET), "fire-and-forget keys kept"
         for client, wanted in self.state.clients.items():
             for ts in wanted:
+                if client == FIRE_AND_FORGET:
+                    continue
                 report = self.reports.get((client, ts.key))
                 if ts.state == "memory":
                     assert isinstance(report, KeyInMemory), (client, ts, report)
@@ -1249,10 +1328,34 @@ def test_randomized_scheduler(seed: int) -> None:
     # given random clients and workers; when they do thousands of random things,
     # pausing now and then to let every task run to an end; then everything adds up
     sim = SchedulerSim(seed)
-    for _ in range(4):
-        for _ in range(400):
-            sim.step()
-        sim.drain()
-        sim.check_settled()
-    sim.release_everything()
+    try:
+        for _ in range(4):
+            for _ in range(400):
+                sim.step()
+            sim.drain()
+            sim.check_settled()
+        sim.release_everything()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nlast events:\n" + "\n".join(sim.log)) from exc
     assert sum(sim.state.transition_counts.values()) > 200
+
+
+def test_seceded_task_frees_its_thread_for_queued_work() -> None:
+    # given one worker with one thread: a runs there, b waits in the scheduler's queue
+    from shoal.core.scheduler_events import TaskSeceded
+
+    state = make_scheduler({"w1": 1})
+    out = state.handle([submit("c1", make_spec("a"), make_spec("b"))], now=0.0)
+    assert [m.key for m in sent_to(out, "w1", ComputeTask)] == ["a"]
+    assert state.tasks["b"].state == "queued"
+
+    # when a secedes (it waits on b, say)
+    out = state.handle([TaskSeceded("secede-a", "w1", "a")], now=1.0)
+
+    # then b goes to the worker, and a still counts as processing there
+    assert [m.key for m in sent_to(out, "w1", ComputeTask)] == ["b"]
+    assert state.tasks["a"].state == "processing"
+    assert state.workers["w1"].long_running == {state.tasks["a"]}
+    # and a's end takes it off the books like any task's
+    state.handle([task_finished("w1", "a"), task_finished("w1", "b")], now=2.0)
+    assert not state.workers["w1"].long_running and not state.workers["w1"].processing

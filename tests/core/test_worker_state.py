@@ -7,6 +7,8 @@ Every state here is built with ``validate=True``, so `validate_state` runs after
 from __future__ import annotations
 
 import random
+from collections import deque
+from collections.abc import Sequence
 
 import pytest
 
@@ -18,13 +20,16 @@ from shoal.core.worker_events import (
     GatherDone,
     GatherFailed,
     RefreshWhoHasEvent,
+    Rejoin,
+    RejoinEvent,
     ReleaseData,
+    SecedeEvent,
     ToScheduler,
     WorkerEvent,
     WorkerInstruction,
 )
 from shoal.core.worker_state import GATHER_BATCH_BYTES, WorkerState
-from shoal.protocol.messages import AddKeys, MissingData, TaskErred, TaskFinished
+from shoal.protocol.messages import AddKeys, LongRunning, MissingData, TaskErred, TaskFinished
 from shoal.testing.core import (
     DUMMY_EXCEPTION,
     compute_task,
@@ -39,7 +44,7 @@ def free(*keys: str) -> FreeKeysEvent:
     return FreeKeysEvent("free", list(keys))
 
 
-def gather_done(peer: str, nbytes: dict[str, int], missing: list[str] = []) -> GatherDone:
+def gather_done(peer: str, nbytes: dict[str, int], missing: Sequence[str] = ()) -> GatherDone:
     return GatherDone(f"gather-{peer}", peer, nbytes, list(missing))
 
 
@@ -585,6 +590,12 @@ class WorkerSim:
         self.store: set[str] = set()
         #: keys handed to the thread pool and not yet reported back
         self.running: set[str] = set()
+        #: running keys whose thread gave its slot back (seceded), not yet rejoined
+        self.seceded: set[str] = set()
+        #: seceded keys whose thread is blocked until the worker says `Rejoin`
+        self.blocked: set[str] = set()
+        #: the last events and what came of them, for the failure message
+        self.log: deque[str] = deque(maxlen=50)
         #: gathers sent out and not yet answered: peer -> keys
         self.gathers: dict[str, list[str]] = {}
         #: keys the "scheduler" asked us to compute and did not free since
@@ -604,9 +615,15 @@ class WorkerSim:
 
     def handle(self, *events: WorkerEvent) -> list[WorkerInstruction]:
         self.now += 1.0
+        self.log.append(f"{list(events)}")
         out = self.ws.handle(list(events), self.now)
+        self.log.append(f"    -> {out}")
         for inst in out:
-            if isinstance(inst, Execute):
+            if isinstance(inst, Rejoin):
+                assert inst.key in self.blocked, f"{inst.key} rejoined without asking"
+                self.blocked.discard(inst.key)
+                self.seceded.discard(inst.key)
+            elif isinstance(inst, Execute):
                 assert inst.key not in self.running, f"second run of {inst.key} at once"
                 ts = self.ws.tasks[inst.key]
                 assert ts.compute is not None
@@ -637,9 +654,11 @@ class WorkerSim:
                     self.held.update(msg.keys)
                 elif isinstance(msg, MissingData):
                     pass
+                elif isinstance(msg, LongRunning):
+                    assert msg.key in self.seceded, f"{msg.key} seceded without asking"
                 else:  # pragma: no cover
-                    raise AssertionError(msg)
-        assert len(self.running) <= self.nthreads
+                    raise TypeError(f"unexpected message {msg}")
+        assert len(self.running - self.seceded) <= self.nthreads, "more threads than slots"
         memory = {k for k, t in self.ws.tasks.items() if t.state == "memory"}
         assert memory <= self.store, memory - self.store
         stray = self.store - memory - self.running
@@ -704,10 +723,12 @@ class WorkerSim:
             self.handle(execute_done("stray", stimulus_id=self.fresh("stray")))
             self.handle(execute_failed("stray", stimulus_id=self.fresh("stray")))
             return
-        if not self.running:
+        free_threads = sorted(self.running - self.blocked)
+        if not free_threads:
             return
-        key = self.rng.choice(sorted(self.running))
+        key = self.rng.choice(free_threads)
         self.running.discard(key)
+        self.seceded.discard(key)
         if self.rng.random() < 0.15:
             self.handle(execute_failed(key, stimulus_id=self.fresh("failed")))
         else:
@@ -755,10 +776,26 @@ class WorkerSim:
         self.held.add(key)
         self.handle(DataPut(self.fresh("put"), {key: 64}))
 
+    def secede(self) -> None:
+        """A running task gives its slot back (it waits on other tasks), or asks for it again."""
+        candidates = sorted(self.running - self.seceded)
+        if candidates and self.rng.random() < 0.6:
+            key = self.rng.choice(candidates)
+            self.seceded.add(key)
+            self.handle(SecedeEvent(self.fresh("secede"), key))
+            return
+        candidates = sorted(self.seceded - self.blocked)
+        if candidates:
+            key = self.rng.choice(candidates)
+            self.blocked.add(key)
+            self.handle(RejoinEvent(self.fresh("rejoin"), key))
+
     def step(self) -> None:
         r = self.rng.random()
         if r < 0.25:
             self.compute()
+        elif r < 0.30:
+            self.secede()
         elif r < 0.50:
             self.finish_run()
         elif r < 0.75:
@@ -774,7 +811,7 @@ class WorkerSim:
         """No more failures: every fetch succeeds, every run ends; the scheduler answers
         every fetch that has no holder with a good one."""
         for _ in range(10_000):
-            if self.running:
+            if self.running - self.blocked:
                 self.finish_run()
             elif self.gathers:
                 self.finish_gather(fail_rate=0.0)
@@ -789,7 +826,8 @@ class WorkerSim:
         # Every task the scheduler still wants was answered.
         for key in self.computing:
             assert key in self.answered, (key, self.ws.tasks.get(key))
-        assert not self.ws.executing and not self.ws.in_flight
+        assert not self.running, f"threads never let go on: {self.running}"
+        assert not self.ws.executing and not self.ws.long_running and not self.ws.in_flight
 
     def free_everything(self) -> None:
         keys = sorted(set(self.ws.tasks) | set(self.computing) | self.held)
@@ -807,8 +845,64 @@ def test_randomized_worker(seed: int) -> None:
     # pausing to let everything finish; then every task asked for is answered, and
     # freeing every key leaves nothing behind
     sim = WorkerSim(seed)
-    for _ in range(4):
-        for _ in range(300):
-            sim.step()
-        sim.drain()
-    sim.free_everything()
+    try:
+        for _ in range(4):
+            for _ in range(300):
+                sim.step()
+            sim.drain()
+        sim.free_everything()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nlast events:\n" + "\n".join(sim.log)) from exc
+
+
+# ------------------------------------------------------------ secede / rejoin
+
+
+def test_secede_frees_the_slot_and_rejoin_waits_for_a_free_one() -> None:
+    # given one thread, task a running and b ready behind it
+    ws = make_worker(nthreads=1)
+    assert executes(ws.handle([compute_task("a"), compute_task("b")], now=0.0)) == ["a"]
+
+    # when a secedes (it waits on other tasks)
+    out = ws.handle([SecedeEvent("secede-a", "a")], now=1.0)
+
+    # then b starts in the freed slot, and the scheduler hears a holds no thread
+    assert executes(out) == ["b"]
+    assert messages(out, LongRunning) == [LongRunning("a", "secede-a")]
+    assert (state_of(ws, "a"), state_of(ws, "b")) == ("long-running", "executing")
+    assert ws.long_running == {ws.tasks["a"]} and ws.executing == {ws.tasks["b"]}
+
+    # when a asks for a slot back while b holds the only one, it waits
+    assert ws.handle([RejoinEvent("rejoin-a", "a")], now=2.0) == []
+    # then gets it as soon as b ends, before any ready task
+    out = ws.handle([compute_task("c"), execute_done("b")], now=3.0)
+    assert [i for i in out if isinstance(i, (Rejoin, Execute))] == [Rejoin("a")]
+    assert finished(out) == ["b"]
+    assert state_of(ws, "a") == "executing" and state_of(ws, "c") == "ready"
+
+    # and a still reports its result like any task; c runs after it
+    out = ws.handle([execute_done("a")], now=4.0)
+    assert finished(out) == ["a"] and executes(out) == ["c"]
+
+
+def test_long_running_task_reports_its_result_and_can_be_cancelled() -> None:
+    # given two seceded tasks on one thread (so three run at once)
+    ws = make_worker(nthreads=1)
+    ws.handle([compute_task("a"), compute_task("b"), compute_task("c")], now=0.0)
+    ws.handle([SecedeEvent("s-a", "a")], now=1.0)
+    out = ws.handle([SecedeEvent("s-b", "b")], now=2.0)
+    assert executes(out) == ["c"]
+    # a second secede of the same task changes nothing
+    assert ws.handle([SecedeEvent("s-b-again", "b")], now=2.5) == []
+
+    # when a long-running task fails, it is reported; when one is freed, it is cancelled
+    out = ws.handle([execute_failed("a"), free("b")], now=3.0)
+    assert [m.key for m in messages(out, TaskErred)] == ["a"]
+    assert state_of(ws, "b") == "cancelled" and ws.tasks["b"] in ws.long_running
+
+    # then a cancelled long-running task that finishes is dropped, not reported
+    out = ws.handle([execute_done("b")], now=4.0)
+    assert finished(out) == [] and released(out) == ["b"]
+    # and rejoin of a task that holds a slot (or is gone) answers at once
+    assert ws.handle([RejoinEvent("r-c", "c"), RejoinEvent("r-x", "x")], now=5.0) == [
+        Rejoin("c"), Rejoin("x")]

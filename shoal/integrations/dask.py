@@ -1,0 +1,356 @@
+"""A shoal client as a dask scheduler: dask.array, dask.dataframe, dask.bag and dask.delayed
+run on the cluster.
+
+    dask.compute(x, scheduler=client.get)      # or scheduler=client
+    client.get(dsk, keys)                      # a dask graph (dict or expression)
+    client.compute(x) -> Future                # results stay on the cluster
+    client.persist(x) -> collection            # chunks stay on workers, held as futures
+    with client.as_dask_scheduler(): x.compute()
+
+How a graph runs: the collection's expression is optimized on the client, as dask does, and
+materialized into dask task specs (`dask._task_spec`: `Task`, `Alias`, `DataNode`...). Each
+task becomes one shoal task whose function calls the dask node with its dependencies'
+values; the dependencies are the shoal task's dependencies, so the scheduler places work
+near its inputs and data moves worker to worker. The whole graph goes to the scheduler in
+one `SubmitTasks` batch, in `dask.order` order (the tie-break among ready tasks), and only
+the requested keys are wanted: intermediate results are released as soon as their
+dependents have run.
+
+Keys: a dask key (a string, or a tuple like ``('x-<token>', 0, 1)``) names a shoal key
+`shoal_key(key)`: a string stays as it is, anything else becomes its ``repr`` (the same in
+every process, so the same dask computation submitted twice runs once). An `Alias` is not a
+task: it names its target's shoal key. A persisted collection's chunks are shoal futures in
+its graph; a task that uses them depends on those futures' keys directly.
+
+Per-key ``dask.annotate`` values for ``priority``, ``retries``, ``resources``, ``workers``
+and ``allow_other_workers`` become the task's options; keyword arguments to `get`,
+`compute` and `persist` apply to every task of the graph.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import dask
+import dask.config
+from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
+from dask.base import collections_to_expr, is_dask_collection
+from dask.core import flatten
+
+from ..annotate import TASK_OPTIONS, resolve_options
+from ..future import Future
+from ..protocol.messages import TaskSpec
+from ..protocol.refs import collected_keys, resolve_ref
+from ..protocol.serialize import dumps_function
+
+if TYPE_CHECKING:
+    from ..client import Client
+
+__all__ = ["DaskScheduler", "compute", "get", "persist", "shoal_key", "submit_graph"]
+
+Key = Any  # a dask key: str, bytes, int, float, or a tuple of those
+
+
+def shoal_key(key: Key) -> str:
+    """The shoal key that names dask key ``key`` (deterministic across processes)."""
+    return key if isinstance(key, str) else repr(key)
+
+
+# ------------------------------------------------------------- running a node
+
+
+def run_dask_node(node: GraphNode, values: dict[Key, Any]) -> Any:
+    """A shoal task's function: run one dask node; ``values`` maps each dask key the node
+    depends on to its value (each arrived on this worker as a shoal dependency)."""
+    return node(values)
+
+
+_FUNCTION: bytes | None = None
+
+
+def _function() -> bytes:
+    global _FUNCTION
+    if _FUNCTION is None:
+        _FUNCTION = dumps_function(run_dask_node)
+    return _FUNCTION
+
+
+class _Ref:
+    """Pickles as a reference to shoal key ``key``: the worker puts the key's value here,
+    and pickling it while a task's arguments are packed records the key as a dependency."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        keys = collected_keys()
+        if keys is not None:
+            keys.append(self.key)
+        return (resolve_ref, (self.key,))
+
+
+# ------------------------------------------------------------- graphs -> specs
+
+
+def materialize(dsk: Any) -> tuple[dict[Key, GraphNode], dict[str, dict[Key, Any]]]:
+    """A dask graph as ``{key: GraphNode}`` plus its per-key annotations, from an expression,
+    a HighLevelGraph or a (legacy or task-spec) dict."""
+    annotations: dict[str, dict[Key, Any]] = {}
+    if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
+        get_annotations = getattr(dsk, "__dask_annotations__", None)
+        if get_annotations is not None:
+            annotations = dict(get_annotations())
+        dsk = dsk.__dask_graph__()
+    if not isinstance(dsk, dict):
+        dsk = dict(dsk)  # a HighLevelGraph, or another mapping
+    return convert_legacy_graph(dsk), annotations
+
+
+def _cull(dsk: Mapping[Key, GraphNode], keys: list[Key]) -> dict[Key, GraphNode]:
+    """The part of ``dsk`` the ``keys`` need (keys outside ``dsk`` are left out)."""
+    out: dict[Key, GraphNode] = {}
+    work = list(keys)
+    while work:
+        k = work.pop()
+        if k in out or k not in dsk:
+            continue
+        node = out[k] = dsk[k]
+        work.extend(node.dependencies)
+    return out
+
+
+class _Names:
+    """Shoal keys for the dask keys of one graph: aliases and futures resolved."""
+
+    def __init__(self, dsk: Mapping[Key, GraphNode]) -> None:
+        self.dsk = dsk
+        self.cache: dict[Key, str] = {}
+
+    def __call__(self, key: Key) -> str:
+        name = self.cache.get(key)
+        if name is not None:
+            return name
+        seen = [key]
+        node = self.dsk.get(key)
+        while isinstance(node, Alias) and node.target not in seen:
+            seen.append(node.target)
+            node = self.dsk.get(node.target)
+        last = seen[-1]
+        if isinstance(node, DataNode) and isinstance(node.value, Future):
+            name = node.value.key
+        else:
+            name = shoal_key(last)
+        for k in seen:
+            self.cache[k] = name
+        return name
+
+
+def _is_task(node: GraphNode) -> bool:
+    """Whether a node runs as a shoal task (aliases and held futures just name a key)."""
+    return not isinstance(node, Alias) and not (
+        isinstance(node, DataNode) and isinstance(node.value, Future))  # fmt: skip
+
+
+def submit_graph(client: Client, dsk: Any, keys: list[Key],
+                 **options: Any) -> dict[Key, Future]:  # fmt: skip
+    """Submit the part of graph ``dsk`` that ``keys`` need, in one batch; a future per key.
+
+    ``options`` (``priority``, ``retries``, ``retry_delay``, ``resources``, ``workers``,
+    ``allow_other_workers``) apply to every task; per-key ``dask.annotate`` values win."""
+    from dask.order import order
+
+    graph, annotations = materialize(dsk)
+    culled = _cull(graph, keys)
+    names = _Names(culled)
+    base = resolve_options(options)
+    per_key = {name: values for name, values in annotations.items() if name in TASK_OPTIONS}
+    try:
+        priorities: Mapping[Key, int] = order(culled) if len(culled) > 1 else {}
+    except Exception:  # noqa: BLE001 - ordering is an optimisation, never a failure
+        priorities = {}
+    tasks = [k for k, node in culled.items() if _is_task(node)]
+    tasks.sort(key=lambda k: priorities.get(k, 0))
+    function = _function()
+    specs: list[TaskSpec] = []
+    for k in tasks:
+        node = culled[k]
+        refs = {dep: _Ref(names(dep)) for dep in node.dependencies}
+        task_options = base
+        if per_key:
+            extra = {name: values[k] for name, values in per_key.items() if k in values}
+            if extra:
+                task_options = {**base, **_checked(extra)}
+        specs.append(client._make_spec(run_dask_node, function, (node, refs), {},
+                                       names(k), True, task_options))  # fmt: skip
+    wanted = list(dict.fromkeys(names(k) for k in keys))
+    futures = dict(zip(wanted, client._submit_specs(specs, wanted)))
+    return {k: futures[names(k)] for k in keys}
+
+
+def _checked(extra: dict[str, Any]) -> dict[str, Any]:
+    """Annotation values as task options (a numeric priority may be a float in dask)."""
+    if "priority" in extra:
+        extra["priority"] = int(extra["priority"])
+    if "workers" in extra and isinstance(extra["workers"], (set, frozenset, tuple)):
+        extra["workers"] = list(extra["workers"])
+    return resolve_options(extra)
+
+
+# ------------------------------------------------------------- the client's API
+
+
+def get(client: Client, dsk: Any, keys: Any, **options: Any) -> Any:
+    """Run graph ``dsk`` and return the values of ``keys`` (a key, or nested lists of keys,
+    answered in the same shape). dask's scheduler interface: ``scheduler=client.get``.
+    With an asynchronous client, a coroutine to await."""
+    flat = list(flatten(keys)) if isinstance(keys, list) else [keys]
+    futures = submit_graph(client, dsk, flat, **options)
+    ordered = [futures[k] for k in flat]
+    if client.asynchronous:
+        async def gather() -> Any:
+            values = await client.gather(ordered)
+            return _repack(keys, dict(zip(flat, values)))
+
+        return gather()
+    values = client.gather(ordered)
+    del ordered, futures  # release the results on the cluster before returning them
+    return _repack(keys, dict(zip(flat, values)))
+
+
+def _repack(keys: Any, values: dict[Key, Any]) -> Any:
+    if isinstance(keys, list):
+        return [_repack(k, values) for k in keys]
+    return values[keys]
+
+
+def compute(client: Client, collections: Any, *, sync: bool = False,
+            optimize_graph: bool = True, traverse: bool = True, **options: Any) -> Any:  # fmt: skip
+    """Start computing dask collections; a `Future` for each (its result is the computed
+    value), or the values themselves with ``sync=True``. A single collection gives a single
+    future; other arguments in a list are passed through as they are."""
+    from dask._expr import FinalizeCompute
+
+    singleton = not isinstance(collections, (list, tuple, set, frozenset))
+    items = [collections] if singleton else list(collections)
+    if traverse:
+        items = [dask.delayed(a) if isinstance(a, (list, set, tuple, dict, Iterator))
+                 and not is_dask_collection(a) and _contains_collection(a) else a
+                 for a in items]  # fmt: skip
+    variables = [a for a in items if is_dask_collection(a)]
+    by_position: list[Any] = []
+    if variables:
+        expr = FinalizeCompute(collections_to_expr(variables, optimize_graph)).optimize()
+        names = list(flatten(expr.__dask_keys__()))
+        futures = submit_graph(client, expr, names, **options)
+        by_position = [futures[name] for name in names]
+    out: list[Any] = []
+    position = iter(by_position)
+    for a in items:
+        out.append(next(position) if is_dask_collection(a) else a)
+    result: Any = client.gather(out) if sync else out
+    return result[0] if singleton else result
+
+
+def _contains_collection(obj: Any) -> bool:
+    if is_dask_collection(obj):
+        return True
+    if isinstance(obj, dict):
+        return any(_contains_collection(v) for v in obj.values())
+    if isinstance(obj, (list, set, tuple)):
+        return any(_contains_collection(v) for v in obj)
+    return False
+
+
+def persist(client: Client, collections: Any, *, optimize_graph: bool = True,
+            **options: Any) -> Any:  # fmt: skip
+    """Start computing dask collections and return equivalent collections backed by the
+    results held on the workers (each chunk a shoal future), to build further work on."""
+    singleton = not isinstance(collections, (list, tuple, set, frozenset))
+    items = [collections] if singleton else list(collections)
+    if not all(is_dask_collection(c) for c in items):
+        raise TypeError("persist expects dask collections")
+    expr = collections_to_expr(items, optimize_graph).optimize()
+    keys = expr.__dask_keys__()
+    futures = submit_graph(client, expr, list(flatten(keys)), **options)
+    result = []
+    for collection, ks in zip(items, keys):
+        rebuild, args = collection.__dask_postpersist__()
+        result.append(rebuild({k: futures[k] for k in flatten(ks)}, *args))
+    return result[0] if singleton else result
+
+
+# ------------------------------------------------------------- the default scheduler
+
+
+class DaskScheduler:
+    """Makes a client dask's default scheduler (``dask.config`` ``scheduler``) from its
+    creation until `restore` (or the end of a ``with`` block). Returned by
+    ``client.as_dask_scheduler()``.
+
+    It holds the client weakly and only while the client is open: once the client is closed,
+    the first computation that reaches it restores the previous setting and runs there (dask's
+    own default if there was none), so a closed client never breaks later dask code.
+    """
+
+    def __init__(self, client: Client) -> None:
+        if client.asynchronous:
+            raise RuntimeError("an asynchronous client cannot be dask's default scheduler"
+                               " (dask.compute blocks): use `await client.compute(x)`")  # fmt: skip
+        self._client = weakref.ref(client)
+        self._previous = dask.config.get("scheduler", None)
+        self._setting: Any = dask.config.set(scheduler=self)
+        self._active = True
+
+    @property
+    def client(self) -> Client | None:
+        client = self._client()
+        return client if client is not None and client.status == "running" else None
+
+    def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        client = self.client
+        if client is not None:
+            return client.get(dsk, keys, **kwargs)
+        self.restore()
+        from dask.base import get_scheduler
+
+        schedule = get_scheduler(scheduler=self._previous) if self._previous else None
+        if schedule is None:
+            from dask.threaded import get as threaded_get
+
+            schedule = threaded_get
+        return schedule(dsk, keys, **kwargs)
+
+    def persist(self, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+        """Called by ``dask.persist`` (it looks for a ``persist`` on the scheduler)."""
+        client = self.client
+        if client is not None:
+            return client.persist(collections, optimize_graph=optimize_graph, **kwargs)
+        self.restore()
+        singleton = not isinstance(collections, (list, tuple, set, frozenset))
+        items = [collections] if singleton else list(collections)
+        persisted = dask.persist(*items, optimize_graph=optimize_graph, **kwargs)
+        return persisted[0] if singleton else list(persisted)
+
+    def restore(self) -> None:
+        """Put dask's previous default scheduler back (once; later calls do nothing)."""
+        if self._active:
+            self._active = False
+            self._setting.__exit__(None, None, None)
+
+    def __enter__(self) -> Client:
+        client = self.client
+        if client is None:
+            raise RuntimeError("the client is closed")
+        return client
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        client = self._client()
+        state = "active" if self._active else "restored"
+        return f"<DaskScheduler {client!r} {state}>"

@@ -1,0 +1,385 @@
+"""``memory://``: the broker in one process's memory, for tests and single-process use.
+
+It is the reference implementation of `shoal.jobs.broker.Broker` in plain Python: one lock,
+dicts and heaps with lazy deletion. `join` waits until queues drain, for deterministic tests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+
+from msgspec import structs
+
+from ..broker import Broker, Clock
+from ..message import FINISHED, Delivery, JobMessage, JobRecord, Status, encode, Filter, Records
+
+
+class _Job:
+    __slots__ = ("record", "message", "token", "lease", "pending", "children", "seq", "failed_by")
+
+    def __init__(self, record: JobRecord, message: bytes, seq: int) -> None:
+        self.record = record
+        self.message = message
+        self.token = 0
+        self.lease = 0.0
+        self.pending = 0  #: parents not yet succeeded
+        self.children: list[str] = []
+        self.seq = seq
+        self.failed_by: str | None = None  #: the parent that failed (or cancelled) it
+
+
+class MemoryBroker(Broker):
+    shared = False
+
+    def __init__(self, url: str = "memory://", clock: Clock = time.time) -> None:
+        super().__init__(clock)
+        self.url = url
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._jobs: dict[str, _Job] = {}
+        self._keys: dict[str, str] = {}
+        self._ready: dict[str, list[tuple[int, int, str]]] = {}  #: (-priority, seq, id)
+        self._delayed: list[tuple[float, int, str]] = []  #: (eta, seq, id)
+        self._leases: list[tuple[float, str, int]] = []
+        self._schedules: dict[str, float] = {}
+        self._seq = itertools.count()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _push(self, job: _Job, now: float) -> None:
+        """Queue ``job`` (status ``queued`` already): ready now, or delayed until its eta.
+        Heap entries are never removed; one whose seq is no longer the job's is stale."""
+        r = job.record
+        job.seq = next(self._seq)
+        if r.eta <= now:
+            heapq.heappush(self._ready.setdefault(r.queue, []), (-r.priority, job.seq, r.id))
+        else:
+            heapq.heappush(self._delayed, (r.eta, job.seq, r.id))
+        self._changed.notify_all()
+
+    def _live(self, seq: int, job_id: str) -> _Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.seq != seq or job.record.status != "queued":
+            return None
+        return job
+
+    def _promote(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq, job_id = heapq.heappop(self._delayed)
+            job = self._live(seq, job_id)
+            if job is not None:
+                r = job.record
+                heapq.heappush(self._ready.setdefault(r.queue, []), (-r.priority, seq, job_id))
+
+    def _finish_children(self, job: _Job, status: Status, reason: str, now: float) -> None:
+        stack = [job]
+        while stack:
+            parent = stack.pop()
+            for child_id in parent.children:
+                child = self._jobs.get(child_id)
+                if child is None or child.record.status != "waiting":
+                    continue
+                child.record.status = status
+                child.record.finished = now
+                child.record.last_error = reason
+                child.failed_by = parent.record.id
+                stack.append(child)
+
+    def _fail_dead(self, job: _Job, error: str, traceback: str | None, exception: bytes | None,
+                   now: float) -> None:
+        r = job.record
+        r.status, r.dead, r.finished, r.worker = "failed", True, now, None
+        r.last_error, r.traceback, r.result = error, traceback, exception
+        job.token += 1
+        self._finish_children(job, "failed", f"ParentFailed: parent job {r.id} ({r.name}) "
+                              f"failed: {error}", now)
+        self._changed.notify_all()
+
+    def _reclaim(self, now: float) -> None:
+        while self._leases and self._leases[0][0] <= now:
+            _, job_id, token = heapq.heappop(self._leases)
+            job = self._jobs.get(job_id)
+            if job is None or job.token != token or job.record.status != "running":
+                continue
+            if job.lease > now:  # renewed since; its newer heap entry stays
+                continue
+            r = job.record
+            error = f"WorkerLost: worker {r.worker} stopped renewing its lease (attempt {r.attempts})"
+            if r.attempts >= r.max_attempts:
+                self._fail_dead(job, error, None, None, now)
+            else:
+                r.status, r.eta, r.worker, r.last_error = "queued", now, None, error
+                job.token += 1
+                self._push(job, now)
+
+    # --------------------------------------------------------------- producing
+
+    def enqueue(self, message: JobMessage) -> tuple[str, bool]:
+        with self._lock:
+            now = self.clock()
+            if message.key is not None and message.key in self._keys:
+                return self._keys[message.key], False
+            parents = [self._jobs.get(p) for p in message.parents]
+            for pid, parent in zip(message.parents, parents):
+                if parent is None:
+                    raise KeyError(f"unknown parent job {pid!r}")
+            record = JobRecord(
+                id=message.id, name=message.name, queue=message.queue, status="queued",
+                priority=message.priority, max_attempts=message.max_attempts,
+                eta=max(message.eta, 0.0), created=now, parents=message.parents, key=message.key,
+            )
+            job = _Job(record, encode(message), next(self._seq))
+            self._jobs[message.id] = job
+            if message.key is not None:
+                self._keys[message.key] = message.id
+            bad = next((p for p in parents if p is not None and p.record.status in ("failed", "cancelled")), None)
+            for parent in parents:
+                assert parent is not None
+                parent.children.append(message.id)
+                if parent.record.status != "succeeded":
+                    job.pending += 1
+            if bad is not None:
+                verb = "failed" if bad.record.status == "failed" else "was cancelled"
+                record.status = bad.record.status
+                record.finished = now
+                job.failed_by = bad.record.id
+                what = "ParentFailed" if verb == "failed" else "ParentCancelled"
+                record.last_error = f"{what}: parent job {bad.record.id} ({bad.record.name}) {verb}"
+                if bad.record.status == "failed":
+                    record.last_error += f": {bad.record.last_error}"
+            elif job.pending:
+                record.status = "waiting"
+            else:
+                self._push(job, now)
+            return message.id, True
+
+    # --------------------------------------------------------------- consuming
+
+    def reserve(self, queues: Sequence[str], worker: str, lease: float, limit: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        with self._lock:
+            now = self.clock()
+            self._reclaim(now)
+            self._promote(now)
+            while len(out) < limit:
+                best: tuple[int, int, str] | None = None
+                best_queue = ""
+                for q in queues:
+                    heap = self._ready.get(q)
+                    while heap and self._live(heap[0][1], heap[0][2]) is None:
+                        heapq.heappop(heap)
+                    if heap and (best is None or heap[0] < best):
+                        best, best_queue = heap[0], q
+                if best is None:
+                    break
+                heapq.heappop(self._ready[best_queue])
+                job = self._jobs[best[2]]
+                r = job.record
+                r.status, r.worker = "running", worker
+                r.attempts += 1
+                job.token += 1
+                job.lease = now + lease
+                heapq.heappush(self._leases, (job.lease, r.id, job.token))
+                out.append(Delivery(r.id, job.token, r.attempts, job.message))
+        return out
+
+    def renew(self, worker: str, held: dict[str, int], lease: float) -> set[str]:
+        lost: set[str] = set()
+        with self._lock:
+            now = self.clock()
+            for job_id, token in held.items():
+                job = self._jobs.get(job_id)
+                if job is None or job.token != token or job.record.status != "running":
+                    lost.add(job_id)
+                    continue
+                job.lease = now + lease
+                heapq.heappush(self._leases, (job.lease, job_id, token))
+        return lost
+
+    def ack(self, job_id: str, token: int, result: bytes) -> bool:
+        with self._lock:
+            now = self.clock()
+            job = self._jobs.get(job_id)
+            if job is None or job.record.status in FINISHED:
+                return False
+            r = job.record
+            r.status, r.result, r.finished, r.worker = "succeeded", result, now, None
+            job.token += 1
+            for child_id in job.children:
+                child = self._jobs.get(child_id)
+                if child is None or child.record.status != "waiting":
+                    continue
+                child.pending -= 1
+                if child.pending <= 0:
+                    child.record.status = "queued"
+                    child.record.eta = max(child.record.eta, now)
+                    self._push(child, now)
+            self._changed.notify_all()
+            return True
+
+    def fail(self, job_id: str, token: int, error: str, traceback: str | None,
+             exception: bytes | None, retry_at: float | None) -> bool:
+        with self._lock:
+            now = self.clock()
+            job = self._jobs.get(job_id)
+            if job is None or job.token != token or job.record.status != "running":
+                return False
+            if retry_at is None:
+                self._fail_dead(job, error, traceback, exception, now)
+                return True
+            r = job.record
+            r.status, r.eta, r.worker = "queued", retry_at, None
+            r.last_error, r.traceback = error, traceback
+            job.token += 1
+            self._push(job, now)
+            return True
+
+    def release(self, job_id: str, token: int) -> bool:
+        with self._lock:
+            now = self.clock()
+            job = self._jobs.get(job_id)
+            if job is None or job.token != token or job.record.status != "running":
+                return False
+            r = job.record
+            r.status, r.worker, r.eta = "queued", None, now
+            r.attempts = max(0, r.attempts - 1)
+            job.token += 1
+            self._push(job, now)
+            return True
+
+    def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+        with self._lock:
+            self._changed.wait(timeout)
+
+    # --------------------------------------------------------------- managing
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return None if job is None else self._view(job)
+
+    def _view(self, job: _Job) -> JobRecord:
+        r = job.record
+        copy = structs.replace(r)
+        if r.status == "queued" and r.eta > self.clock():
+            copy.status = "scheduled"
+        return copy
+
+    def cancel(self, job_id: str) -> bool:
+        with self._lock:
+            now = self.clock()
+            job = self._jobs.get(job_id)
+            if job is None or job.record.status not in ("waiting", "queued"):
+                return False
+            r = job.record
+            r.status, r.finished = "cancelled", now
+            job.token += 1
+            self._finish_children(job, "cancelled", f"ParentCancelled: parent job {r.id} "
+                                  f"({r.name}) was cancelled", now)
+            self._changed.notify_all()
+            return True
+
+    def retry(self, job_id: str) -> bool:
+        with self._lock:
+            now = self.clock()
+            job = self._jobs.get(job_id)
+            if job is None or not job.record.dead:
+                return False
+            r = job.record
+            r.status, r.dead, r.attempts, r.eta, r.finished = "queued", False, 0, now, None
+            r.result = None
+            job.token += 1
+            self._push(job, now)
+            stack = [job]
+            while stack:
+                parent = stack.pop()
+                for child_id in parent.children:
+                    child = self._jobs.get(child_id)
+                    if child is None or child.failed_by != parent.record.id:
+                        continue
+                    if child.record.status not in ("failed", "cancelled") or child.record.dead:
+                        continue
+                    others = [self._jobs.get(p) for p in child.record.parents]
+                    if any(o is None or o.record.status in ("failed", "cancelled") for o in others):
+                        continue
+                    child.failed_by = None
+                    child.record.status, child.record.finished = "waiting", None
+                    child.record.last_error = None
+                    child.pending = sum(1 for o in others if o is not None and o.record.status != "succeeded")
+                    stack.append(child)
+            return True
+
+    def list(self, status: Filter | None = None, queue: str | None = None,
+             limit: int = 100) -> Records:
+        with self._lock:
+            views = [self._view(j) for j in self._jobs.values()
+                     if queue is None or j.record.queue == queue]
+        if status == "dead":
+            views = [v for v in views if v.dead]
+        elif status is not None:
+            views = [v for v in views if v.status == status]
+        views.sort(key=lambda v: (-(v.finished or 0.0), -v.priority, v.eta, v.created))
+        return views[:limit]
+
+    def dead(self, limit: int = 100) -> Records:
+        return self.list("dead", limit=limit)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                v = self._view(job)
+                per = out.setdefault(v.queue, {})
+                per[v.status] = per.get(v.status, 0) + 1
+        return out
+
+    def purge(self, queue: str | None = None, finished_before: float | None = None,
+              pending: bool = False) -> int:
+        with self._lock:
+            doomed = []
+            for job_id, job in self._jobs.items():
+                r = job.record
+                if queue is not None and r.queue != queue:
+                    continue
+                if r.status in FINISHED:
+                    if finished_before is None or (r.finished or 0.0) < finished_before:
+                        doomed.append(job_id)
+                elif pending and r.status in ("waiting", "queued"):
+                    doomed.append(job_id)
+            for job_id in doomed:
+                job = self._jobs.pop(job_id)
+                if job.record.key is not None:
+                    self._keys.pop(job.record.key, None)
+            return len(doomed)
+
+    # --------------------------------------------------------------- schedules
+
+    def schedule_last(self, name: str) -> float | None:
+        with self._lock:
+            return self._schedules.get(name)
+
+    def schedule_advance(self, name: str, slot: float) -> None:
+        with self._lock:
+            self._schedules[name] = max(slot, self._schedules.get(name, slot))
+
+    # --------------------------------------------------------------- testing
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Block until no job is queued (and due), waiting or running; TimeoutError after
+        ``timeout`` seconds. Jobs scheduled for later do not count."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                now = self.clock()
+                busy = [j for j in self._jobs.values() if j.record.status in ("waiting", "running")
+                        or (j.record.status == "queued" and j.record.eta <= now)]
+                if not busy:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(busy)} jobs still pending after {timeout}s")
+                self._changed.wait(min(left, 0.05))

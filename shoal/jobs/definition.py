@@ -1,0 +1,135 @@
+"""`JobFunction`: a function registered with `JobQueue.job`, and how it is enqueued."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .message import MAX_PRIORITY, MIN_PRIORITY, JobMessage
+from .payload import dump_arguments
+
+if TYPE_CHECKING:
+    from .app import JobQueue
+    from .job import Job
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def seconds(value: timedelta | float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    out = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if out < 0:
+        raise ValueError(f"{what} must not be negative, not {value!r}")
+    return out
+
+
+def check_priority(priority: int) -> int:
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], not {priority}")
+    return int(priority)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """A job's defaults; `enqueue` may override some per call."""
+
+    name: str
+    queue: str = "default"
+    retries: int = 3
+    backoff: float = 1.0  #: seconds before the first retry, doubling each time
+    backoff_max: float = 3600.0
+    priority: int = 0
+    time_limit: float | None = None
+    #: exceptions worth retrying; any other fails the job at once
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+
+class JobFunction(Generic[P, R]):
+    """A job: call it to run it here, `delay` or `enqueue` it to run on a job worker."""
+
+    def __init__(self, app: JobQueue, fn: Callable[P, R], options: JobOptions) -> None:
+        self.app = app
+        self.fn = fn
+        self.options = options
+        self.name = options.name
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<JobFunction {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Enqueue a call with the job's default options."""
+        return self.enqueue(args=args, kwargs=kwargs)
+
+    def enqueue(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        delay: timedelta | float | None = None,
+        at: datetime | float | None = None,
+        priority: int | None = None,
+        key: str | None = None,
+        queue: str | None = None,
+        after: Iterable[Job | str] = (),
+        pass_results: bool = True,
+        retries: int | None = None,
+        time_limit: timedelta | float | None = None,
+    ) -> Job:
+        """Store a call to run on a job worker; return its `Job` handle.
+
+        ``delay`` (seconds or timedelta) or ``at`` (aware datetime or epoch seconds): not
+        before then. ``key``: enqueue is idempotent; a second call with the same key
+        returns the first job (``handle.created`` is False). ``after``: jobs that must
+        succeed first; then this one is called as ``fn(*parent_results, *args, **kwargs)``
+        with their results in the order given (``pass_results=False``: ``fn(*args,
+        **kwargs)``). If one of them fails or is cancelled, so is this job.
+        Arguments that cannot be pickled raise `shoal.SerializationError` naming them."""
+        from .job import Job
+
+        opts = self.options
+        now = time.time()
+        eta = 0.0
+        if delay is not None and at is not None:
+            raise ValueError("give delay= or at=, not both")
+        if delay is not None:
+            eta = now + (seconds(delay, "delay") or 0.0)
+        elif at is not None:
+            if isinstance(at, datetime):
+                if at.tzinfo is None:
+                    raise ValueError("at= must be an aware datetime (with tzinfo) or epoch seconds")
+                eta = at.timestamp()
+            else:
+                eta = float(at)
+        parents = tuple(p.id if isinstance(p, Job) else str(p) for p in after)
+        n_retries = opts.retries if retries is None else retries
+        if n_retries < 0:
+            raise ValueError(f"retries must be >= 0, not {n_retries}")
+        message = JobMessage(
+            id=uuid.uuid4().hex,
+            name=self.name,
+            queue=queue or opts.queue,
+            payload=dump_arguments(self.name, tuple(args), dict(kwargs or {})),
+            priority=check_priority(opts.priority if priority is None else priority),
+            max_attempts=n_retries + 1,
+            backoff=opts.backoff,
+            backoff_max=opts.backoff_max,
+            time_limit=opts.time_limit if time_limit is None else seconds(time_limit, "time_limit"),
+            eta=eta,
+            created=now,
+            key=key,
+            parents=parents,
+            pass_results=pass_results,
+        )
+        job_id, created = self.app.broker.enqueue(message)
+        return Job(job_id, self.app.broker, created)

@@ -1,0 +1,112 @@
+"""`Job`: the handle `enqueue` and `delay` return, a view of one job in the broker."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import JobCancelled, JobFailed, ParentFailed
+from .message import FINISHED, JobRecord, Status
+from .payload import load
+
+if TYPE_CHECKING:
+    from .broker import Broker
+
+
+class Job:
+    """A job in a broker, by id. Every property reads the broker afresh.
+
+    ``created`` is False when `enqueue` found a job with the same ``key`` and returned it
+    instead of storing a new one."""
+
+    __slots__ = ("id", "broker", "created")
+
+    def __init__(self, job_id: str, broker: Broker, created: bool = True) -> None:
+        self.id = job_id
+        self.broker = broker
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def record(self) -> JobRecord:
+        record = self.broker.get(self.id)
+        if record is None:
+            raise KeyError(f"job {self.id} is not in the broker (purged?)")
+        return record
+
+    @property
+    def status(self) -> Status:
+        return self.record.status
+
+    @property
+    def attempts(self) -> int:
+        """Attempts started so far (a worker lost mid-attempt counts one)."""
+        return self.record.attempts
+
+    @property
+    def last_error(self) -> str | None:
+        """``"Type: message"`` of the last failed attempt, or why the broker failed it."""
+        return self.record.last_error
+
+    @property
+    def traceback(self) -> str | None:
+        return self.record.traceback
+
+    def done(self) -> bool:
+        return self.record.status in FINISHED
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job to finish and return its value. Raises the job's own exception
+        (its cause a `shoal.RemoteTraceback`) or `JobFailed` if it failed, `JobCancelled`
+        if it was cancelled, ``TimeoutError`` if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            record = self.record
+            if record.status in FINISHED:
+                return _outcome(record)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} is still {record.status} after {timeout}s")
+            left = 0.05 if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(min(delay, left))
+            delay = min(delay * 1.5, 0.05)
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started (and its waiting descendants with it);
+        False if it is running or finished. A running job is not interrupted."""
+        return self.broker.cancel(self.id)
+
+    def retry(self) -> bool:
+        """Run a dead-lettered job again with fresh attempts."""
+        return self.broker.retry(self.id)
+
+
+def _outcome(record: JobRecord) -> Any:
+    if record.status == "succeeded":
+        return None if record.result is None else load(record.result)
+    if record.status == "cancelled":
+        raise JobCancelled(f"job {record.id} ({record.name}) was cancelled"
+                           + (f": {record.last_error}" if record.last_error else ""))
+    if record.last_error and record.last_error.startswith("ParentFailed:"):
+        raise ParentFailed(f"job {record.id} ({record.name}) did not run: {record.last_error}")
+    failure = JobFailed(record.id, record.last_error or "unknown error", record.traceback)
+    if record.result is not None:
+        try:
+            exc = load(record.result)
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            from ..exceptions import RemoteTraceback
+
+            if record.traceback:
+                exc.__cause__ = RemoteTraceback(record.traceback)
+            raise exc
+    raise failure

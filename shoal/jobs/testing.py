@@ -1,0 +1,339 @@
+"""Conformance checks for job brokers, and a fake clock to drive them.
+
+Anyone implementing `shoal.jobs.broker.Broker` can run every check on it::
+
+    from shoal.jobs.testing import check_broker
+    check_broker(lambda clock: MyBroker(..., clock=clock))
+
+Each check gets a fresh broker whose clock is a `FakeClock` the check moves by hand, so
+leases and delays are tested without sleeping. `CHECKS` names them one by one (the
+project's own tests parametrise over it and the backends).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .broker import Broker, Clock
+from .message import JobMessage
+from .payload import dump_arguments, load
+
+__all__ = ["CHECKS", "FakeClock", "check_broker", "message"]
+
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    """A clock that moves only when told: ``clock.advance(30)``."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def message(name: str = "t.job", *args: Any, **options: Any) -> JobMessage:
+    """A job envelope with a fresh id, calling ``name(*args)``."""
+    options.setdefault("id", uuid.uuid4().hex)
+    return JobMessage(name=name, payload=dump_arguments(name, args, {}), **options)
+
+
+def _enqueue(broker: Broker, **options: Any) -> str:
+    return broker.enqueue(message(**options))[0]
+
+
+def _take(broker: Broker, n: int = 1, queues: tuple[str, ...] = ("default",), lease: float = 10.0,
+          worker: str = "w1") -> list[Any]:
+    return broker.reserve(queues, worker, lease, n)
+
+
+def check_ack(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker)
+    assert broker.get(job_id).status == "queued"  # type: ignore[union-attr]
+    [d] = _take(broker)
+    assert (d.id, d.attempt) == (job_id, 1)
+    record = broker.get(job_id)
+    assert record is not None and record.status == "running" and record.worker == "w1"
+    assert _take(broker) == []
+    assert broker.ack(d.id, d.token, b"\x80\x05K\x03.")  # pickle of 3
+    record = broker.get(job_id)
+    assert record is not None and record.status == "succeeded" and load(record.result or b"") == 3
+    assert record.finished == clock.now and record.attempts == 1
+    assert not broker.ack(d.id, d.token, b"")  # finished already
+    assert broker.get("nope") is None
+
+
+def check_priority_then_fifo(broker: Broker, clock: FakeClock) -> None:
+    low = _enqueue(broker, priority=-5)
+    first = _enqueue(broker)
+    clock.advance(1)
+    second = _enqueue(broker)
+    high = _enqueue(broker, priority=7)
+    order = [d.id for d in _take(broker, 10)]
+    assert order == [high, first, second, low]
+
+
+def check_queues(broker: Broker, clock: FakeClock) -> None:
+    a = _enqueue(broker, queue="a")
+    b = _enqueue(broker, queue="b", priority=1)
+    _enqueue(broker, queue="c")
+    assert [d.id for d in _take(broker, 5, queues=("a", "b"))] == [b, a]
+    assert broker.counts()["c"] == {"queued": 1}
+
+
+def check_reserve_limit(broker: Broker, clock: FakeClock) -> None:
+    for _ in range(5):
+        _enqueue(broker)
+    assert len(_take(broker, 2)) == 2
+    assert len(_take(broker, 0)) == 0
+    assert len(_take(broker, 10)) == 3
+
+
+def check_delay(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker, eta=clock.now + 60)
+    assert broker.get(job_id).status == "scheduled"  # type: ignore[union-attr]
+    assert _take(broker) == []
+    clock.advance(59)
+    assert _take(broker) == []
+    clock.advance(1)
+    assert broker.get(job_id).status == "queued"  # type: ignore[union-attr]
+    assert [d.id for d in _take(broker)] == [job_id]
+
+
+def check_idempotent_key(broker: Broker, clock: FakeClock) -> None:
+    first, created = broker.enqueue(message(key="k1"))
+    again, created_again = broker.enqueue(message(key="k1"))
+    assert created and not created_again and again == first
+    other, created_other = broker.enqueue(message(key="k2"))
+    assert created_other and other != first
+    assert len(_take(broker, 10)) == 2
+
+
+def check_lease_lapse_requeues(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker, max_attempts=3)
+    [d] = _take(broker, lease=10, worker="dead-worker")
+    clock.advance(9)
+    assert _take(broker, worker="w2") == []  # still leased
+    clock.advance(1)
+    [d2] = _take(broker, worker="w2")
+    assert d2.id == job_id and d2.attempt == 2 and d2.token != d.token
+    record = broker.get(job_id)
+    assert record is not None and record.worker == "w2"
+    assert "WorkerLost" in (record.last_error or "") and "dead-worker" in (record.last_error or "")
+    # The first worker's reservation is stale now.
+    assert not broker.fail(d.id, d.token, "E: x", None, None, None)
+    assert not broker.release(d.id, d.token)
+    assert broker.renew("dead-worker", {d.id: d.token}, 10) == {d.id}
+
+
+def check_renew_keeps_lease(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker)
+    [d] = _take(broker, lease=10)
+    for _ in range(5):
+        clock.advance(6)
+        assert broker.renew("w1", {d.id: d.token}, 10) == set()
+        assert _take(broker, worker="w2") == []
+    assert broker.get(job_id).status == "running"  # type: ignore[union-attr]
+
+
+def check_lease_lapse_last_attempt_is_dead(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker, max_attempts=1)
+    _take(broker, lease=5)
+    clock.advance(5)
+    assert _take(broker) == []
+    record = broker.get(job_id)
+    assert record is not None and record.status == "failed" and record.dead
+    assert "WorkerLost" in (record.last_error or "")
+    assert [r.id for r in broker.dead()] == [job_id]
+
+
+def check_late_ack_records_result(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker, max_attempts=3)
+    [d] = _take(broker, lease=5)
+    clock.advance(5)
+    [d2] = _take(broker, worker="w2")
+    assert broker.ack(d.id, d.token, b"\x80\x05K\x01.")  # the slow first holder finished
+    assert broker.get(job_id).status == "succeeded"  # type: ignore[union-attr]
+    assert not broker.ack(d2.id, d2.token, b"\x80\x05K\x02.")
+    assert load(broker.get(job_id).result or b"") == 1  # type: ignore[union-attr]
+
+
+def check_fail_retry_then_dead(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker, max_attempts=2)
+    [d] = _take(broker)
+    assert broker.fail(d.id, d.token, "ValueError: one", "tb1", None, clock.now + 30)
+    record = broker.get(job_id)
+    assert record is not None and record.status == "scheduled" and record.last_error == "ValueError: one"
+    assert _take(broker) == []
+    clock.advance(30)
+    [d2] = _take(broker)
+    assert d2.attempt == 2
+    assert broker.fail(d2.id, d2.token, "ValueError: two", "tb2", b"exc", None)
+    record = broker.get(job_id)
+    assert record is not None and record.status == "failed" and record.dead
+    assert (record.last_error, record.traceback, record.result) == ("ValueError: two", "tb2", b"exc")
+    assert not broker.fail(d2.id, d2.token, "again", None, None, None)
+    assert [r.id for r in broker.dead()] == [job_id]
+    # From the dead-letter list it runs again with fresh attempts.
+    assert broker.retry(job_id)
+    assert not broker.retry(job_id)
+    assert broker.dead() == []
+    [d3] = _take(broker)
+    assert d3.attempt == 1
+
+
+def check_release_does_not_count(broker: Broker, clock: FakeClock) -> None:
+    job_id = _enqueue(broker)
+    [d] = _take(broker)
+    assert broker.release(d.id, d.token)
+    assert not broker.release(d.id, d.token)
+    record = broker.get(job_id)
+    assert record is not None and record.status == "queued" and record.attempts == 0
+    [d2] = _take(broker)
+    assert d2.attempt == 1
+
+
+def check_chain_released_by_parent(broker: Broker, clock: FakeClock) -> None:
+    a = _enqueue(broker)
+    b = _enqueue(broker, parents=(a,))
+    c = _enqueue(broker, parents=(b,))
+    assert broker.get(b).status == "waiting"  # type: ignore[union-attr]
+    [da] = _take(broker, 10)
+    assert da.id == a
+    broker.ack(a, da.token, b"\x80\x05N.")
+    assert broker.get(b).status == "queued"  # type: ignore[union-attr]
+    assert broker.get(c).status == "waiting"  # type: ignore[union-attr]
+    [db] = _take(broker, 10)
+    assert db.id == b
+    broker.ack(b, db.token, b"\x80\x05N.")
+    assert [d.id for d in _take(broker, 10)] == [c]
+
+
+def check_fan_in(broker: Broker, clock: FakeClock) -> None:
+    parents = [_enqueue(broker) for _ in range(3)]
+    child = _enqueue(broker, parents=tuple(parents))
+    ds = _take(broker, 10)
+    assert sorted(d.id for d in ds) == sorted(parents)
+    for d in ds[:-1]:
+        broker.ack(d.id, d.token, b"\x80\x05N.")
+        assert broker.get(child).status == "waiting"  # type: ignore[union-attr]
+    broker.ack(ds[-1].id, ds[-1].token, b"\x80\x05N.")
+    assert broker.get(child).status == "queued"  # type: ignore[union-attr]
+    # A child of finished parents is ready at once.
+    late = _enqueue(broker, parents=tuple(parents))
+    assert broker.get(late).status == "queued"  # type: ignore[union-attr]
+
+
+def check_failed_parent_fails_children(broker: Broker, clock: FakeClock) -> None:
+    a = _enqueue(broker, name="t.parent")
+    ok = _enqueue(broker)
+    b = _enqueue(broker, parents=(a, ok))
+    c = _enqueue(broker, parents=(b,))
+    [da, dok] = _take(broker, 2)
+    broker.ack(dok.id, dok.token, b"\x80\x05N.")
+    broker.fail(a, da.token, "KeyError: 'x'", None, None, None)
+    for job_id in (b, c):
+        record = broker.get(job_id)
+        assert record is not None and record.status == "failed" and not record.dead
+        assert record.last_error is not None and record.last_error.startswith("ParentFailed")
+        assert "t.parent" in record.last_error and "KeyError" in record.last_error
+    assert [r.id for r in broker.dead()] == [a]  # only the root cause is dead-lettered
+    late = _enqueue(broker, parents=(a,))
+    assert broker.get(late).status == "failed"  # type: ignore[union-attr]
+    # Retrying the parent brings its descendants back to wait for it.
+    assert broker.retry(a)
+    assert broker.get(b).status == "waiting"  # type: ignore[union-attr]
+    assert broker.get(c).status == "waiting"  # type: ignore[union-attr]
+    [da2] = _take(broker, 10)
+    assert da2.id == a
+    broker.ack(a, da2.token, b"\x80\x05N.")
+    assert {d.id for d in _take(broker, 10)} == {b, late}
+
+
+def check_unknown_parent(broker: Broker, clock: FakeClock) -> None:
+    try:
+        _enqueue(broker, parents=("no-such-job",))
+    except KeyError as exc:
+        assert "no-such-job" in str(exc)
+    else:
+        raise AssertionError("enqueue after an unknown parent did not raise KeyError")
+
+
+def check_cancel(broker: Broker, clock: FakeClock) -> None:
+    a = _enqueue(broker, eta=clock.now + 100)
+    b = _enqueue(broker, parents=(a,))
+    assert broker.cancel(a)
+    assert not broker.cancel(a)
+    assert broker.get(a).status == "cancelled"  # type: ignore[union-attr]
+    record = broker.get(b)
+    assert record is not None and record.status == "cancelled"
+    assert (record.last_error or "").startswith("ParentCancelled")
+    clock.advance(200)
+    assert _take(broker, 10) == []
+    running = _enqueue(broker)
+    _take(broker)
+    assert not broker.cancel(running)
+    assert broker.dead() == []
+
+
+def check_counts_list_purge(broker: Broker, clock: FakeClock) -> None:
+    done = _enqueue(broker)
+    [d] = _take(broker)
+    broker.ack(done, d.token, b"\x80\x05N.")
+    running = _enqueue(broker)
+    [_] = _take(broker)
+    waiting = _enqueue(broker, parents=(running,))
+    later = _enqueue(broker, eta=clock.now + 50)
+    queued = _enqueue(broker, queue="other")
+    assert broker.counts() == {
+        "default": {"succeeded": 1, "running": 1, "waiting": 1, "scheduled": 1},
+        "other": {"queued": 1},
+    }
+    assert [r.id for r in broker.list("succeeded")] == [done]
+    assert [r.id for r in broker.list("running")] == [running]
+    assert [r.id for r in broker.list("waiting")] == [waiting]
+    assert [r.id for r in broker.list("scheduled")] == [later]
+    assert [r.id for r in broker.list("queued")] == [queued]
+    assert {r.id for r in broker.list()} == {done, running, waiting, later, queued}
+    assert [r.id for r in broker.list(queue="other")] == [queued]
+    clock.advance(10)
+    assert broker.purge(finished_before=clock.now - 20) == 0
+    assert broker.purge() == 1
+    assert broker.get(done) is None
+    assert broker.purge(queue="other", pending=True) == 1
+    assert broker.purge(pending=True) == 2  # waiting + scheduled; the running job stays
+    assert broker.get(running) is not None and broker.get(waiting) is None
+
+
+def check_schedule_slots(broker: Broker, clock: FakeClock) -> None:
+    assert broker.schedule_last("s") is None
+    broker.schedule_advance("s", 100.0)
+    broker.schedule_advance("s", 50.0)
+    assert broker.schedule_last("s") == 100.0
+    broker.schedule_advance("s", 160.0)
+    assert broker.schedule_last("s") == 160.0
+
+
+CHECKS: dict[str, Callable[[Broker, FakeClock], None]] = {
+    name[len("check_"):]: fn for name, fn in sorted(globals().items())
+    if name.startswith("check_") and name != "check_broker" and callable(fn)
+}
+
+
+def check_broker(make: Callable[[Clock], Broker]) -> None:
+    """Run every check in `CHECKS`, each on a fresh broker from ``make(clock)``."""
+    for name, check in CHECKS.items():
+        clock = FakeClock()
+        broker = make(clock)
+        try:
+            check(broker, clock)
+        except AssertionError as exc:
+            raise AssertionError(f"broker check {name!r} failed: {exc}") from exc
+        finally:
+            broker.close()

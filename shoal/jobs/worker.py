@@ -1,0 +1,317 @@
+"""`Worker`: takes jobs from a broker and runs them, ``concurrency`` at a time.
+
+Threads in one worker:
+- the fetcher reserves jobs while fewer than ``concurrency + prefetch`` are held (prefetch
+  is bounded), and hands them to the slots;
+- ``concurrency`` slots each run one attempt at a time, inline (``pool="threads"``) or in
+  a child process of their own (``pool="processes"``), then ack or fail it;
+- the heartbeat renews the leases of all held jobs every third of a lease, so a long job
+  is never handed to a second worker while this one lives;
+- the scheduler (when the app has schedules) enqueues periodic jobs as their slots come.
+
+A job is acknowledged only after it finished (at-least-once): if this process dies, its
+leases lapse and the jobs run elsewhere. Broker outages are waited out: every broker call
+is retried with backoff until it succeeds or the worker gives up at the end of its grace.
+
+`stop` (what SIGTERM does in ``shoal jobs worker``): stop reserving, hand prefetched jobs
+back at once, let running ones finish for up to ``grace`` seconds, then hand those back
+too (killing their child processes in process mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from .errors import BrokerUnavailable
+from .executors import ChildExecutor, InlineExecutor
+from .message import Delivery, JobMessage, decode
+from .periodic import PeriodicScheduler
+from .policy.leases import check_lease, renew_interval
+from .policy.retries import next_attempt_at
+from .runner import Outcome
+
+if TYPE_CHECKING:
+    from .app import JobQueue
+
+log = logging.getLogger("shoal.jobs.worker")
+T = TypeVar("T")
+Pool = Literal["threads", "processes"]
+
+
+class _GaveUp(Exception):
+    """The worker stopped waiting for the broker (end of grace)."""
+
+
+class Worker:
+    """Runs an app's jobs from ``queues``. Use as a context manager, or `start` / `stop`."""
+
+    def __init__(self, app: JobQueue, *, queues: Sequence[str] = ("default",), concurrency: int = 1,
+                 pool: Pool = "threads", prefetch: int | None = None, lease: float | None = None,
+                 grace: float = 30.0, schedules: bool = True, name: str | None = None,
+                 poll_interval: float = 0.05) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if pool not in ("threads", "processes"):
+            raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
+        self.app = app
+        self.broker = app.broker
+        self.queues = tuple(queues)
+        self.concurrency = concurrency
+        self.pool = pool
+        self.prefetch = concurrency if prefetch is None else max(0, prefetch)
+        self.lease = check_lease(lease if lease is not None else app.lease)
+        self.grace = grace
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.poll_interval = poll_interval
+        self._rand = random.Random()
+        self._held: dict[str, int] = {}  #: reserved and not finished: id -> token
+        self._running: dict[int, Delivery] = {}  #: slot -> the attempt it runs
+        self._cond = threading.Condition()
+        self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()  #: set at the end of grace: give up on the broker
+        self._stopped = threading.Event()
+        self._executors = [ChildExecutor() if pool == "processes" else InlineExecutor()
+                           for _ in range(concurrency)]
+        self._threads: list[threading.Thread] = []
+        self._slots: list[threading.Thread] = []
+        self._scheduler = PeriodicScheduler(app, self._stopping) if schedules and app.schedules else None
+        self.processed = 0  #: attempts finished (ok or not) by this worker
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name} {self.app.url} queues={','.join(self.queues)}>"
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> Worker:
+        def spawn(target: Callable[..., None], name: str, *args: object) -> threading.Thread:
+            t = threading.Thread(target=target, args=args, name=f"shoal-jobs-{name}", daemon=True)
+            t.start()
+            return t
+
+        self._slots = [spawn(self._slot, f"slot-{i}", i) for i in range(self.concurrency)]
+        self._threads = [spawn(self._fetch, "fetcher"), spawn(self._heartbeat, "heartbeat")]
+        if self._scheduler is not None:
+            self._threads.append(spawn(self._scheduler.run, "scheduler"))
+        log.info("job worker %s: queues %s, %d %s, broker %s", self.name, ",".join(self.queues),
+                 self.concurrency, self.pool, self.app.url)
+        return self
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker has stopped; False if ``timeout`` passed first."""
+        return self._stopped.wait(timeout)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop: see the module doc. Idempotent; returns when every thread is done."""
+        if self._stopping.is_set():
+            self._stopped.wait()
+            return
+        grace = self.grace if grace is None else grace
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + grace
+        for t in self._threads:
+            if t.name.endswith("fetcher") or t.name.endswith("scheduler"):
+                t.join(max(0.0, deadline - time.monotonic()) + 5.0)
+        for _ in self._slots:
+            self._inbox.put(None)
+        for t in self._slots:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            left = list(self._running.items())
+        if left:
+            log.warning("job worker %s: %d jobs still running after %.3gs grace; handing them "
+                        "back", self.name, len(left), grace)
+        self._abandon.set()
+        for slot, delivery in left:
+            self._executors[slot].kill()
+            self._try(lambda d=delivery: self.broker.release(d.id, d.token))  # type: ignore[misc]
+        for t in self._slots:
+            t.join(5.0)
+        for executor in self._executors:
+            executor.close()
+        self._stopped.set()
+        for t in self._threads:
+            t.join(5.0)
+        log.info("job worker %s stopped after %d attempts", self.name, self.processed)
+
+    # ----------------------------------------------------------------- broker calls
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried while the broker is unavailable, until the end of grace."""
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except BrokerUnavailable as exc:
+                if self._abandon.is_set():
+                    raise _GaveUp() from exc
+                log.warning("job worker %s: broker unavailable (%s); retrying", self.name, exc)
+                self._abandon.wait(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _try(self, fn: Callable[[], T]) -> T | None:
+        try:
+            return fn()
+        except BrokerUnavailable as exc:
+            log.warning("job worker %s: broker unavailable (%s)", self.name, exc)
+            return None
+
+    # ----------------------------------------------------------------- threads
+
+    def _fetch(self) -> None:
+        capacity = self.concurrency + self.prefetch
+        idle = 0.0005
+        while not self._stopping.is_set():
+            with self._cond:
+                while len(self._held) >= capacity and not self._stopping.is_set():
+                    self._cond.wait(0.5)
+                room = capacity - len(self._held)
+            if self._stopping.is_set():
+                break
+            try:
+                deliveries = self.broker.reserve(self.queues, self.name, self.lease, room)
+            except BrokerUnavailable as exc:
+                log.warning("job worker %s: broker unavailable (%s); retrying", self.name, exc)
+                self._stopping.wait(idle := min(max(idle, 0.05) * 2, 1.0))
+                continue
+            except Exception:
+                log.exception("job worker %s: reserve failed", self.name)
+                self._stopping.wait(1.0)
+                continue
+            if deliveries:
+                with self._cond:
+                    for d in deliveries:
+                        self._held[d.id] = d.token
+                for d in deliveries:
+                    self._inbox.put(d)
+                idle = 0.0005
+                continue
+            try:
+                self.broker.wait_for_work(self.queues, idle)
+            except BrokerUnavailable:
+                self._stopping.wait(idle)
+            idle = min(idle * 2, self.poll_interval)
+        # Whatever is prefetched and not started goes back now.
+        self._release_inbox()
+
+    def _release_inbox(self) -> None:
+        pending: list[Delivery] = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                pending.append(item)
+        for d in pending:
+            self._try(lambda d=d: self.broker.release(d.id, d.token))  # type: ignore[misc]
+            self._forget(d)
+
+    def _forget(self, d: Delivery) -> None:
+        with self._cond:
+            if self._held.get(d.id) == d.token:
+                del self._held[d.id]
+            self._cond.notify_all()
+
+    def _heartbeat(self) -> None:
+        interval = renew_interval(self.lease)
+        while not self._stopped.wait(interval):
+            with self._cond:
+                held = dict(self._held)
+            if not held:
+                continue
+            try:
+                lost = self.broker.renew(self.name, held, self.lease)
+            except Exception as exc:
+                log.warning("job worker %s: could not renew leases (%s)", self.name, exc)
+                continue
+            if lost:
+                log.warning("job worker %s: lost the lease on %d jobs (%s)", self.name, len(lost),
+                            ", ".join(sorted(lost)[:5]))
+                with self._cond:
+                    for job_id in lost:
+                        if self._held.get(job_id) == held[job_id]:
+                            del self._held[job_id]
+
+    def _slot(self, index: int) -> None:
+        while True:
+            d = self._inbox.get()
+            if d is None:
+                return
+            if self._stopping.is_set():
+                self._try(lambda: self.broker.release(d.id, d.token))
+                self._forget(d)
+                continue
+            with self._cond:
+                self._running[index] = d
+            try:
+                self._execute(index, d)
+            except _GaveUp:
+                pass
+            except Exception:
+                log.exception("job worker %s: error while handling job %s", self.name, d.id)
+            finally:
+                with self._cond:
+                    self._running.pop(index, None)
+                self._forget(d)
+                self.processed += 1
+
+    # ----------------------------------------------------------------- one attempt
+
+    def _dead(self, d: Delivery, error: str) -> None:
+        log.error("job worker %s: job %s goes to the dead-letter list: %s", self.name, d.id, error)
+        self._call(lambda: self.broker.fail(d.id, d.token, error, None, None, None))
+
+    def _execute(self, slot: int, d: Delivery) -> None:
+        try:
+            message = decode(d.message)
+        except Exception as exc:
+            self._dead(d, f"UndecodableMessage: {type(exc).__name__}: {exc}")
+            return
+        job = self.app.jobs.get(message.name)
+        if job is None:
+            self._dead(d, f"UnknownJob: this worker's app defines no job named {message.name!r}")
+            return
+        parents: list[bytes] = []
+        if message.parents and message.pass_results:
+            records = self._call(lambda: self.broker.get_many(message.parents))
+            for pid, record in zip(message.parents, records):
+                if record is None or record.status != "succeeded" or record.result is None:
+                    self._dead(d, f"ParentResultMissing: the result of parent job {pid} is gone")
+                    return
+                parents.append(record.result)
+        outcome = self._executors[slot].run(job, message, parents)
+        if self._abandon.is_set():
+            return  # handed back already
+        self._finish(d, message, outcome)
+
+    def _finish(self, d: Delivery, message: JobMessage, outcome: Outcome) -> None:
+        if outcome.ok:
+            assert outcome.result is not None
+            result = outcome.result
+            self._call(lambda: self.broker.ack(d.id, d.token, result))
+            return
+        retry_at = next_attempt_at(message, d.attempt, self.broker.clock(), outcome.retryable,
+                                   self._rand.random())
+        if retry_at is None:
+            log.warning("job worker %s: job %s (%s) failed for good after %d attempts: %s",
+                        self.name, d.id, message.name, d.attempt, outcome.error)
+        self._call(lambda: self.broker.fail(d.id, d.token, outcome.error, outcome.traceback,
+                                            outcome.exception, retry_at))

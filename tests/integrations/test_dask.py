@@ -1,0 +1,224 @@
+"""dask collections on a shoal cluster: client.get / compute / persist / as_dask_scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from typing import Any
+
+import pytest
+
+import shoal
+from shoal.protocol.messages import TaskSpec
+from shoal.testing import gen_cluster, wait_until
+from shoal.worker_client import get_worker
+
+dask = pytest.importorskip("dask", reason="dask is an optional extra: pip install 'shoal[dask]'")
+np = pytest.importorskip("numpy")
+pd = pytest.importorskip("pandas", reason="pandas is an optional extra: pip install 'shoal[dask]'")
+da = pytest.importorskip("dask.array")
+db = pytest.importorskip("dask.bag")
+dd = pytest.importorskip("dask.dataframe", reason="dask[dataframe] is needed (pyarrow, pandas)")
+
+from shoal.integrations.dask import shoal_key  # noqa: E402 - after the importorskip
+
+# dask decides its shuffle method by looking for a dask.distributed client; shoal has none.
+
+
+def where_am_i(_: Any = None) -> str:
+    return get_worker().address
+
+
+def boom(x: Any) -> Any:
+    raise ValueError(f"boom {x}")
+
+
+@pytest.fixture
+def submitted(client: shoal.Client, monkeypatch: pytest.MonkeyPatch) -> list[list[TaskSpec]]:
+    """Every batch of specs the client submits (still submitted for real)."""
+    batches: list[list[TaskSpec]] = []
+    original = client._submit_specs
+
+    def record(specs: list[TaskSpec], wanted: list[str]) -> list[shoal.Future]:
+        batches.append(list(specs))
+        return original(specs, wanted)
+
+    monkeypatch.setattr(client, "_submit_specs", record)
+    return batches
+
+
+def test_shoal_keys_are_deterministic_strings() -> None:
+    assert shoal_key("x-123") == "x-123"
+    assert shoal_key(("x-123", 0, 4)) == "('x-123', 0, 4)"
+    assert shoal_key(("x", 1)) == shoal_key(("x", 1))
+
+
+def test_array_mean_matches_dask(client: shoal.Client,
+                                 submitted: list[list[TaskSpec]]) -> None:  # fmt: skip
+    x = da.random.random((2000, 2000), chunks=(250, 250))
+    expected = x.mean().compute(scheduler="sync")
+    got = x.mean().compute(scheduler=client.get)
+    assert got == pytest.approx(expected) and 0.49 < got < 0.51
+    assert dask.compute(x.sum(), scheduler=client)[0] == pytest.approx(x.sum().compute(scheduler="sync"))
+    # One SubmitTasks batch per computation; the reduction depends on the chunks' keys.
+    assert len(submitted) == 2
+    specs = submitted[0]
+    assert len(specs) > 64
+    assert sum(len(s.dependencies) for s in specs) >= 64
+
+
+def test_large_array_mean_from_the_issue(client: shoal.Client) -> None:
+    x = da.random.random((10000, 10000), chunks=(1000, 1000))
+    assert x.mean().compute(scheduler=client.get) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_dataframe_groupby_over_many_partitions(client: shoal.Client) -> None:
+    rng = np.random.default_rng(0)
+    pdf = pd.DataFrame({"k": rng.integers(0, 13, 20_000), "x": rng.random(20_000),
+                        "y": rng.integers(0, 100, 20_000)})  # fmt: skip
+    df = dd.from_pandas(pdf, npartitions=40)
+    got = df.groupby("k").agg({"x": "sum", "y": "mean"}).compute(scheduler=client.get)
+    expected = pdf.groupby("k").agg({"x": "sum", "y": "mean"})
+    pd.testing.assert_frame_equal(got.sort_index(), expected.sort_index())
+    counts = df.k.value_counts().compute(scheduler=client.get)
+    pd.testing.assert_series_equal(counts.sort_index(), pdf.k.value_counts().sort_index())
+
+
+def test_dataframe_merge_and_set_index(client: shoal.Client) -> None:
+    left = pd.DataFrame({"k": np.arange(200) % 17, "a": np.arange(200)})
+    right = pd.DataFrame({"k": np.arange(17), "b": np.arange(17) * 10})
+    dl, dr = dd.from_pandas(left, npartitions=8), dd.from_pandas(right, npartitions=3)
+    merged = dl.merge(dr, on="k").compute(scheduler=client.get)
+    expected = left.merge(right, on="k")
+    assert sorted(map(tuple, merged[["k", "a", "b"]].values.tolist())) == sorted(
+        map(tuple, expected[["k", "a", "b"]].values.tolist()))  # fmt: skip
+    # set_index computes its divisions while building the graph, on dask's default
+    # scheduler: make that this client too.
+    with client.as_dask_scheduler():
+        indexed = dl.set_index("a").compute()
+    assert list(indexed.index) == list(range(200))
+
+
+def test_bag(client: shoal.Client) -> None:
+    b = db.from_sequence(range(1000), npartitions=10)
+    assert b.map(lambda v: v * 2).filter(lambda v: v % 3 == 0).sum().compute(
+        scheduler=client.get) == sum(v * 2 for v in range(1000) if (v * 2) % 3 == 0)  # fmt: skip
+    words = db.from_sequence(["a b", "b c", "c c"], npartitions=3)
+    freq = dict(words.map(str.split).flatten().frequencies().compute(scheduler=client.get))
+    assert freq == {"a": 1, "b": 2, "c": 3}
+
+
+def test_delayed_with_shared_dependencies_and_spread(client: shoal.Client) -> None:
+    inc = dask.delayed(lambda v: v + 1, pure=True)
+    base = [inc(i) for i in range(10)]
+    total = dask.delayed(sum)([dask.delayed(operator.mul)(a, b) for a in base for b in base[:2]])
+    assert total.compute(scheduler=client.get) == sum(a * b for a in range(1, 11) for b in (1, 2))
+    places = dask.compute(*[dask.delayed(where_am_i)(i) for i in range(20)], scheduler=client.get)
+    assert set(places) <= set(client.nthreads()) and len(places) == 20
+
+
+def test_task_errors_keep_their_type(client: shoal.Client) -> None:
+    with pytest.raises(ValueError, match="boom 3"):
+        dask.delayed(boom)(3).compute(scheduler=client.get)
+
+
+def test_get_with_legacy_graphs_and_nested_keys(client: shoal.Client) -> None:
+    dsk = {"x": 1, "y": (operator.add, "x", 10), ("z", 0): (operator.mul, "y", 2),
+           "alias": ("z", 0)}  # fmt: skip
+    assert client.get(dsk, "y") == 11
+    assert client.get(dsk, ["y", [("z", 0), "x"]]) == [11, [22, 1]]
+    assert client.get(dsk, "alias") == 22
+
+
+def test_compute_returns_futures(client: shoal.Client) -> None:
+    x = da.ones((100, 100), chunks=(10, 10))
+    future = client.compute(x.sum())
+    assert isinstance(future, shoal.Future)
+    assert future.result(timeout=10) == 10_000
+    futures = client.compute([x.sum(), 7, dask.delayed(operator.add)(1, 2)])
+    assert isinstance(futures[0], shoal.Future) and futures[1] == 7
+    assert client.gather(futures) == [10_000, 7, 3]
+    assert client.compute([x.max(), x.min()], sync=True) == [1, 1]
+    array_future = client.compute(x + 1)
+    np.testing.assert_array_equal(array_future.result(timeout=10), np.full((100, 100), 2.0))
+
+
+def test_persist_keeps_chunks_on_the_workers(client: shoal.Client, tally: Any) -> None:
+    x = da.random.random((400, 400), chunks=(50, 50))  # 64 chunks
+    xp = client.persist(x)
+    futures = list(dict(xp.__dask_graph__()).values())
+    assert len(futures) == 64 and all(isinstance(f, shoal.Future) for f in futures)
+    shoal.wait(futures, timeout=10)
+    holders = {w for ws in client.who_has(futures).values() for w in ws}
+    assert len(holders) == 2, "the chunks are spread over both workers"
+    assert xp.sum().compute(scheduler=client.get) == pytest.approx(x.sum().compute(scheduler="sync"))
+
+    # Work built on a persisted collection does not recompute it.
+    counted = dask.delayed(tally.record)(5)
+    persisted = client.persist(counted)
+    for _ in range(3):
+        assert (persisted + 1).compute(scheduler=client.get) == 6
+    assert tally.count() == 1
+
+
+def test_persist_of_a_dataframe_and_a_bag(client: shoal.Client) -> None:
+    pdf = pd.DataFrame({"k": np.arange(100) % 5, "x": np.arange(100.0)})
+    # (One collection kind per call: dask warns about mixing expression-backed collections
+    # with graph-backed ones such as bags in one computation.)
+    [dfp] = client.persist([dd.from_pandas(pdf, npartitions=10)])
+    bp = client.persist(db.from_sequence(range(50), npartitions=5))
+    got = dfp.groupby("k").x.sum().compute(scheduler=client.get)
+    pd.testing.assert_series_equal(got.sort_index(), pdf.groupby("k").x.sum())
+    assert bp.sum().compute(scheduler=client.get) == sum(range(50))
+
+
+def test_as_dask_scheduler(client: shoal.Client) -> None:
+    previous = dask.config.get("scheduler", None)
+    with client.as_dask_scheduler() as c:
+        assert c is client
+        assert dask.delayed(where_am_i)().compute() in client.nthreads()
+        (xp,) = dask.persist(da.ones(10, chunks=5))
+        assert all(isinstance(v, shoal.Future) for v in dict(xp.__dask_graph__()).values())
+        assert xp.sum().compute() == 10
+    assert dask.config.get("scheduler", None) is previous
+
+
+def test_as_dask_scheduler_steps_aside_once_the_client_closes() -> None:
+    with dask.config.set(scheduler="sync"):
+        with gen_cluster(n_workers=1) as client:
+            setting = client.as_dask_scheduler()
+            assert dask.delayed(where_am_i)().compute() in client.nthreads()
+        # Closed: the next computation restores "sync" and runs there.
+        assert dask.delayed(operator.add)(1, 2).compute() == 3
+        assert dask.config.get("scheduler") == "sync"
+        assert "restored" in repr(setting)
+
+
+def test_annotations_and_options_become_task_options(client: shoal.Client,
+                                                    submitted: list[list[TaskSpec]]) -> None:  # fmt: skip
+    with dask.annotate(retries=2):
+        a = dask.delayed(operator.add)(1, 2)
+    b = dask.delayed(operator.mul)(a, 10)
+    assert client.compute(b, priority=5).result(timeout=10) == 30
+    (specs,) = submitted
+    by_group = {s.key.split("-")[0]: s for s in specs}
+    assert by_group["add"].retries == 2 and by_group["mul"].retries == 0
+    assert all(s.priority == 5 for s in specs)
+
+
+def test_intermediate_results_are_released(client: shoal.Client) -> None:
+    x = da.random.random((400, 400), chunks=(100, 100))
+    assert x.mean().compute(scheduler=client.get) > 0
+    wait_until(lambda: not client.who_has(), timeout=10, message="the cluster holds nothing")
+
+
+def test_asynchronous_client() -> None:
+    async def main() -> None:
+        async with shoal.Client(asynchronous=True, processes=False, n_workers=1) as client:
+            x = da.arange(100, chunks=10)
+            assert await client.compute(x.sum()) == sum(range(100))
+            assert await client.get({"a": 1, "b": (operator.add, "a", 1)}, ["b"]) == [2]
+            with pytest.raises(RuntimeError, match="asynchronous"):
+                client.as_dask_scheduler()
+
+    asyncio.run(main())
