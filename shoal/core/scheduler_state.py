@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from ..protocol.messages import (
     ComputeTask,
@@ -40,10 +40,8 @@ from ..protocol.messages import (
     RefreshWhoHas,
     TaskErred,
     TaskFinished,
-    TaskSpec,
     TaskWarning,
 )
-from ..protocol.serialize import Serialized
 from . import placement
 from .scheduler_events import (
     ClientConnected,
@@ -69,117 +67,20 @@ from .scheduler_events import (
     WorkerJoined,
     WorkerLeft,
 )
+from .scheduler_checks import validate
+from .scheduler_records import (
+    _NEEDS_INPUTS,
+    FIRE_AND_FORGET,
+    STORY_LOG_SIZE,
+    Failure,
+    TaskState,
+    TaskStateName,
+    WorkerRecord,
+    key_group,
+)
 
-TaskStateName = Literal[
-    "released", "waiting", "queued", "no-worker", "processing", "memory", "erred"
-]
-
-#: The pseudo-client holding keys passed to `fire_and_forget`.
-FIRE_AND_FORGET = "fire-and-forget"
-#: States in which a task still needs its inputs.
-_NEEDS_INPUTS = ("waiting", "queued", "no-worker", "processing")
-
-#: How many transitions one story log keeps (a bounded ring).
-STORY_LOG_SIZE = 100_000
-
-
-class Failure:
-    """Why a task erred: the task's own exception, or the scheduler's verdict."""
-
-    __slots__ = ("kind", "text", "exception", "traceback", "blame")
-
-    def __init__(
-        self,
-        kind: str,
-        text: str,
-        exception: Serialized | None = None,
-        traceback: Serialized | None = None,
-        blame: str = "",
-    ) -> None:
-        self.kind = kind  #: "exception", "killed-worker", "lost", "unknown-dependency"
-        self.text = text
-        self.exception = exception
-        self.traceback = traceback
-        self.blame = blame  #: key of the task that failed first
-
-
-class TaskState:
-    """The scheduler's record of one key."""
-
-    __slots__ = (
-        "key", "state", "spec", "priority", "dependencies", "dependents", "waiting_on",
-        "who_wants", "who_has", "processing_on", "nbytes", "typename", "failure",
-        "retries_left", "suspicious", "warnings", "group", "est", "not_before", "attempts",
-    )  # fmt: skip
-
-    def __init__(self, key: str, spec: TaskSpec | None, priority: tuple[int, int]) -> None:
-        self.key = key
-        self.state: TaskStateName = "released"
-        #: None for data that was scattered, not computed: it cannot be recomputed.
-        self.spec = spec
-        self.priority = priority
-        self.dependencies: set[TaskState] = set()
-        self.dependents: set[TaskState] = set()
-        #: dependencies not yet in memory (only while waiting)
-        self.waiting_on: set[TaskState] = set()
-        self.who_wants: set[ClientId] = set()
-        self.who_has: set[WorkerRecord] = set()
-        self.processing_on: WorkerRecord | None = None
-        self.nbytes = 0
-        self.typename = ""
-        self.failure: Failure | None = None
-        self.retries_left = spec.retries if spec is not None else 0
-        #: how many workers died while this task was on them
-        self.suspicious = 0
-        self.warnings: Serialized | None = None
-        self.group = key_group(key)
-        #: expected duration, fixed while the task is processing (so sums stay exact)
-        self.est = 0.0
-        #: a retry waits in the queue until this time
-        self.not_before = 0.0
-        self.attempts = 0
-
-    def __repr__(self) -> str:
-        return f"<TaskState {self.key!r} {self.state}>"
-
-
-class WorkerRecord:
-    """The scheduler's record of one worker."""
-
-    __slots__ = ("address", "name", "nthreads", "memory_limit", "resources", "processing",
-                 "has_what", "nbytes", "occupancy", "used_resources", "long_running")  # fmt: skip
-
-    def __init__(self, address: str, nthreads: int, name: str, memory_limit: int,
-                 resources: dict[str, float]) -> None:  # fmt: skip
-        self.address = address
-        self.name = name
-        self.nthreads = max(1, nthreads)
-        self.memory_limit = memory_limit
-        self.resources = resources
-        self.processing: set[TaskState] = set()
-        self.has_what: set[TaskState] = set()
-        self.nbytes = 0
-        #: expected seconds of work in ``processing``
-        self.occupancy = 0.0
-        self.used_resources: dict[str, float] = {}
-        #: tasks of ``processing`` that seceded: they hold no thread (and count no time)
-        self.long_running: set[TaskState] = set()
-
-    @property
-    def load(self) -> float:
-        """Tasks assigned per thread: the measure of "least loaded"."""
-        return len(self.processing) / self.nthreads
-
-    def __repr__(self) -> str:
-        return f"<WorkerRecord {self.address} processing={len(self.processing)}>"
-
-
-def key_group(key: str) -> str:
-    """The key's group (its prefix): ``inc-1f3a...`` -> ``inc``; ``('x', 1)`` style -> ``x``."""
-    head, sep, tail = key.rpartition("-")
-    if sep and head and (len(tail) >= 8 or tail.isdigit()):
-        return head
-    return key
+__all__ = ["FIRE_AND_FORGET", "Failure", "SchedulerState", "TaskState", "TaskStateName",
+           "WorkerRecord", "key_group"]
 
 
 class SchedulerState:
@@ -844,58 +745,7 @@ class SchedulerState:
 
     def validate_state(self) -> None:
         """Check the invariants in the module docstring; raise AssertionError on a breach."""
-        queue = set(self.queue)
-        for key, ts in self.tasks.items():
-            assert ts.key == key
-            if ts.state == "waiting":
-                assert ts.waiting_on, f"{ts} waits on nothing"
-                assert ts.waiting_on == {d for d in ts.dependencies if d.state != "memory"}, ts
-                for d in ts.waiting_on:
-                    assert d.state in _NEEDS_INPUTS, (ts, d)
-            if ts.state == "processing":
-                ws = ts.processing_on
-                assert ws is not None and ts in ws.processing, ts
-                assert ws.address in self.workers, ts
-                assert all(d.state == "memory" for d in ts.dependencies), ts
-            else:
-                assert ts.processing_on is None, ts
-            if ts.state == "memory":
-                assert ts.who_has, f"{ts} has no holder"
-                for ws in ts.who_has:
-                    assert ts in ws.has_what and ws.address in self.workers, ts
-            else:
-                assert not ts.who_has, f"{ts} has holders but is not in memory"
-            if ts.state == "no-worker":
-                assert ts in self.unrunnable
-                assert all(d.state == "memory" for d in ts.dependencies), ts
-                valid, _ = placement.valid_workers(ts, self.workers.values())
-                assert not valid, f"{ts} is no-worker, but {valid} could run it"
-            if ts.state == "queued":
-                assert all(d.state == "memory" for d in ts.dependencies), ts
-                assert (ts.priority, ts.key) in queue, f"{ts} is not in the queue"
-            for dep in ts.dependencies:
-                assert ts in dep.dependents, (ts, dep)
-                assert self.tasks.get(dep.key) is dep, f"{ts} depends on forgotten {dep}"
-            for client in ts.who_wants:
-                assert ts in self.clients.get(client, ()), (ts, client)
-        for ts in self.unrunnable:
-            assert ts.state == "no-worker" and self.tasks.get(ts.key) is ts, ts
-        for ws in self.workers.values():
-            for ts in ws.processing:
-                assert ts.processing_on is ws, (ws, ts)
-            assert ws.long_running <= ws.processing, (ws, ws.long_running - ws.processing)
-            for ts in ws.has_what:
-                assert ws in ts.who_has, (ws, ts)
-            assert ws.nbytes == sum(ts.nbytes for ts in ws.has_what), ws
-            expected = sum(ts.est for ts in ws.processing)
-            assert abs(ws.occupancy - expected) < 1e-6 * max(1.0, expected), (ws, expected)
-            for r, total in ws.resources.items():
-                used = sum((t.spec.resources or {}).get(r, 0.0) for t in ws.processing
-                           if t.spec is not None)  # fmt: skip
-                assert abs(ws.used_resources.get(r, 0.0) - used) < 1e-9 * max(1.0, total), ws
-        for client, keys in self.clients.items():
-            for ts in keys:
-                assert client in ts.who_wants, (client, ts)
+        validate(self)
 
 
 def _by_priority(ts: TaskState) -> tuple[int, int]:
