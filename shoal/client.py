@@ -41,6 +41,8 @@ from .protocol.messages import (
     Nthreads,
     ReleaseKeys,
     Reply,
+    RestartRequest,
+    RetireWorkersRequest,
     RunOnWorkers,
     Scattered,
     ScatterTargets,
@@ -260,13 +262,13 @@ class Client(DatasetsMixin):
         assert self._loop_thread is not None
         return self._loop_thread.run(coro, timeout)
 
-    async def _request(self, msg: Msg) -> Any:
+    async def _request(self, msg: Msg, timeout: float | None = None) -> Any:
         rid: int = msg.rid  # type: ignore[attr-defined]
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         self._send_now(msg)
         try:
-            reply = await asyncio.wait_for(fut, self.timeout * 6)
+            reply = await asyncio.wait_for(fut, timeout or self.timeout * 6)
         finally:
             self._replies.pop(rid, None)
         if reply.error:
@@ -643,6 +645,38 @@ class Client(DatasetsMixin):
                     raise ConnectionError(f"worker {address}: {answer.get('error')}")
                 out[address] = deserialize(answer["result"])
             return out
+
+        return self._sync(go())
+
+    def retire_workers(self, workers: list[str] | None = None, n: int | None = None,
+                       timeout: float = 60.0) -> Any:  # fmt: skip
+        """Gracefully stop workers: results only they hold move to other workers first.
+
+        ``workers``: addresses (or names) to retire; or ``n``: retire that many, those
+        holding the least data. Returns the addresses that left within ``timeout``."""
+
+        async def go() -> list[str]:
+            info = await self._request(Identity(next_rid()))
+            by_name = {w["name"]: a for a, w in info["workers"].items()}
+            if workers is not None:
+                chosen = [by_name.get(w, w) for w in workers]
+            else:
+                ranked = sorted(info["workers"], key=lambda a: info["workers"][a]["nbytes"])
+                chosen = ranked[: n or 0]
+            gone: list[str] = await self._request(
+                RetireWorkersRequest(next_rid(), chosen, timeout), timeout=timeout + 10)
+            return gone
+
+        return self._sync(go())
+
+    def restart(self, timeout: float = 60.0) -> Any:
+        """Restart every worker: all tasks and data are dropped (pending futures fail as
+        lost); returns once as many workers as before are back, or after ``timeout``."""
+
+        async def go() -> int:
+            count: int = await self._request(RestartRequest(next_rid(), timeout),
+                                             timeout=timeout + 10)  # fmt: skip
+            return count
 
         return self._sync(go())
 

@@ -86,7 +86,9 @@ class PeerPool:
         fut: asyncio.Future[_Peer] = asyncio.get_running_loop().create_future()
         self._connecting[address] = fut
         try:
-            comm = await connect(address, self.hello, timeout=self.connect_timeout)
+            # Peers are known to be up: a refused connection means the peer is gone.
+            comm = await connect(address, self.hello, timeout=self.connect_timeout,
+                                 retry_refused=False)
             peer = _Peer(comm)
             peer.reader = asyncio.ensure_future(self._read(address, peer))
             self._peers[address] = peer

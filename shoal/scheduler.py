@@ -22,6 +22,7 @@ from .core.scheduler_events import (
     ClientConnected,
     ClientDisconnected,
     DataMissing,
+    ClusterRestarted,
     DataScattered,
     FireAndForget,
     Instruction,
@@ -29,6 +30,7 @@ from .core.scheduler_events import (
     KeysReleased,
     KeysWanted,
     ReplicasAdded,
+    RetireWorkers,
     SchedulerEvent,
     TaskErredEvent,
     TaskFinishedEvent,
@@ -56,6 +58,8 @@ from .protocol.messages import (
     Nthreads,
     RegisterWorker,
     ReleaseKeys,
+    RestartRequest,
+    RetireWorkersRequest,
     Reply,
     RunFunction,
     RunOnWorkers,
@@ -117,6 +121,12 @@ class Scheduler:
         #: a worker silent (no message, no heartbeat) this long is removed, its work moved
         self.worker_ttl = worker_ttl
         self._last_seen: dict[str, float] = {}
+        #: address -> futures resolved when that worker's connection ends (retirement)
+        self._gone_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: set whenever a worker joins (restart waits for the workers to come back)
+        self._workers_changed = asyncio.Event()
+        #: workers that restart in place (in-process ones) rather than exit for a nanny
+        self._in_place: set[str] = set()
         self.state = SchedulerState(validate=validate)
         self.address = ""
         self.started = 0.0
@@ -308,6 +318,10 @@ class Scheduler:
             send.send(Reply(msg.rid, self._scatter_targets(msg)))
         elif isinstance(msg, RunOnWorkers):
             self._spawn(self._run_on_workers(msg, send))
+        elif isinstance(msg, RetireWorkersRequest):
+            self._spawn(self._retire_workers(msg, send))
+        elif isinstance(msg, RestartRequest):
+            self._spawn(self._restart(msg, send))
         else:
             for ext in self.extensions:
                 if isinstance(msg, ext.handles):
@@ -336,6 +350,9 @@ class Scheduler:
         self._workers[address] = send
         self._worker_comms[address] = comm
         send.send(Reply(reg.rid, {"address": self.address}))
+        self._workers_changed.set()
+        if reg.restarts_in_place:
+            self._in_place.add(address)
         self._handle([WorkerJoined(f"worker-join-{address}", address, reg.nthreads, reg.name,
                                    reg.memory_limit, dict(reg.resources or {}), list(reg.keys),
                                    list(reg.nbytes))])  # fmt: skip
@@ -371,12 +388,18 @@ class Scheduler:
                     self._handle(events)
         except CommClosedError as exc:
             reason = str(exc) or reason
-            graceful = self._closing
+            record = self.state.workers.get(address)
+            graceful = self._closing or (record is not None and record.retiring)
         except Exception as exc:
             logger.exception("closing connection to worker %s", address)
             reason = f"protocol error: {exc}"
         finally:
+            for waiter in self._gone_waiters.pop(address, []):
+                if not waiter.done():
+                    waiter.set_result(None)
             self._workers.pop(address, None)
+            self._in_place.discard(address)
+            self._workers_changed.set()
             self._worker_comms.pop(address, None)
             self._last_seen.pop(address, None)
             self.heartbeats.pop(address, None)
@@ -442,3 +465,39 @@ class Scheduler:
 
         results = dict(await asyncio.gather(*(one(a) for a in targets)))
         send.send(Reply(msg.rid, results))
+
+    async def _retire_workers(self, msg: RetireWorkersRequest, send: BatchedSend) -> None:
+        """Move data off the workers, close them, answer with those that left in time."""
+        known = [a for a in msg.workers if a in self.state.workers]
+        loop = asyncio.get_running_loop()
+        waiters = {a: loop.create_future() for a in known}
+        for address, waiter in waiters.items():
+            self._gone_waiters.setdefault(address, []).append(waiter)
+        self._handle([RetireWorkers(f"retire-{msg.rid}", known)])
+        if waiters:
+            await asyncio.wait(list(waiters.values()), timeout=msg.timeout)
+        gone = [a for a, w in waiters.items() if w.done()]
+        if not send.closed:
+            send.send(Reply(msg.rid, gone))
+
+    async def _restart(self, msg: RestartRequest, send: BatchedSend) -> None:
+        """Restart every worker (their nannies start fresh ones); wait for as many to return."""
+        before = len(self.state.workers)
+        old = set(self.state.workers)
+        self._handle([ClusterRestarted(f"restart-{msg.rid}")])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + msg.timeout
+        # In-process workers restart in place; processes leave and new ones register.
+        leaving = old - self._in_place
+        while leaving & set(self.state.workers) or len(self.state.workers) < before:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._workers_changed.clear()
+            try:
+                await asyncio.wait_for(self._workers_changed.wait(), min(remaining, 0.2))
+            except asyncio.TimeoutError:
+                pass
+        if not send.closed:
+            send.send(Reply(msg.rid, len(self.state.workers)))
+

@@ -27,6 +27,7 @@ from .comm.batched import BatchedSend
 from .comm.core import Comm, CommClosedError
 from .comm.registry import connect, listen
 from .core.worker_events import (
+    AcquireReplicasEvent,
     ComputeTaskEvent,
     DataPut,
     Execute,
@@ -51,6 +52,7 @@ from .protocol.messages import (
     PROTOCOL_VERSION,
     ActorCall,
     ActorGetAttr,
+    AcquireReplicas,
     CloseWorker,
     ComputeTask,
     Heartbeat,
@@ -60,6 +62,7 @@ from .protocol.messages import (
     Hello,
     RefreshWhoHas,
     RegisterWorker,
+    RestartWorker,
     Reply,
     RunFunction,
     UpdateData,
@@ -118,6 +121,8 @@ class Worker:
         self.resources = resources or {}
         self.connect_timeout = connect_timeout
         self.in_process = in_process
+        #: the scheduler asked for a restart: the process should exit for its nanny
+        self.restart_requested = False
         self.validate = validate
         self.data: dict[str, Any] = {}
         self.functions = FunctionCache()
@@ -175,7 +180,8 @@ class Worker:
         rid = next_rid()
         await comm.write([RegisterWorker(
             rid, self.address, self.nthreads, self.name, self.memory_limit, self.resources,
-            os.getpid(), held, [self.state.tasks[k].nbytes for k in held])])  # fmt: skip
+            os.getpid(), held, [self.state.tasks[k].nbytes for k in held],
+            restarts_in_place=self.in_process)])  # fmt: skip
         try:
             answer = await asyncio.wait_for(comm.read(), timeout)
         except (asyncio.TimeoutError, CommClosedError):
@@ -287,6 +293,16 @@ class Worker:
                         events.append(FreeKeysEvent(msg.stimulus_id, msg.keys))
                     elif isinstance(msg, RefreshWhoHas):
                         events.append(RefreshWhoHasEvent(msg.stimulus_id, msg.who_has))
+                    elif isinstance(msg, AcquireReplicas):
+                        events.append(AcquireReplicasEvent(msg.stimulus_id, msg.who_has,
+                                                           msg.nbytes))  # fmt: skip
+                    elif isinstance(msg, RestartWorker):
+                        if events:
+                            self._handle(events)
+                            events = []
+                        self._restart(msg.reason)
+                        if not self.in_process:
+                            return
                     elif isinstance(msg, CloseWorker):
                         self._spawn(self.close(f"scheduler asked: {msg.reason}"))
                         return
@@ -299,6 +315,16 @@ class Worker:
                 logger.warning("lost connection to scheduler %s; reconnecting",
                                self.scheduler_address)  # fmt: skip
                 self._spawn(self._reconnect())
+
+    def _restart(self, reason: str) -> None:
+        """Drop every task and all data. A worker process exits, for its nanny to start a
+        fresh one (``restart_requested``); an in-process worker starts over in place."""
+        logger.info("worker %s restarting: %s", self.address, reason)
+        self.data.clear()
+        self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
+        if not self.in_process:
+            self.restart_requested = True
+            self._spawn(self.close(f"restart: {reason}"))
 
     def _handle(self, events: list[WorkerEvent]) -> None:
         assert self.state is not None

@@ -16,7 +16,11 @@ from ..utils.loop import run
 from ..worker import Worker
 
 
-async def serve(args: argparse.Namespace) -> None:
+#: Exit code of a worker that the scheduler asked to restart: its nanny starts a new one.
+RESTART_EXIT_CODE = 75
+
+
+async def serve(args: argparse.Namespace) -> int:
     worker = Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.host,
                     token=os.environ.get("SHOAL_TOKEN") or None,
                     memory_limit=args.memory_limit,
@@ -30,6 +34,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.lifeline:
         loop.add_reader(sys.stdin.fileno(), _on_stdin, worker)
     await worker.finished()
+    return RESTART_EXIT_CODE if worker.restart_requested else 0
 
 
 def _on_stdin(worker: Worker) -> None:
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lifeline", action="store_true")
     parser.add_argument("--resources", default="")
     args = parser.parse_args(argv)
-    run(serve(args))
+    sys.exit(run(serve(args)))
 
 
 if __name__ == "__main__":

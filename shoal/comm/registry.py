@@ -38,12 +38,15 @@ def get_backend(scheme: str) -> Backend:
         raise ValueError(f"unknown transport {scheme!r} (known: {known})") from None
 
 
-async def connect(address: str, hello: Hello, timeout: float = 10.0) -> Comm:
+async def connect(
+    address: str, hello: Hello, timeout: float = 10.0, retry_refused: bool = True
+) -> Comm:
     """Connect to ``address`` and pass the handshake, all within ``timeout`` seconds.
 
     While the address refuses connections (the server may be starting) we retry with a
-    growing pause. Raises `ShoalConnectionError` naming the address and the timeout, or
-    `HandshakeRejected` with the server's reason.
+    growing pause, unless ``retry_refused`` is False (a peer that left will not come back
+    at that address: fail at once). Raises `ShoalConnectionError` naming the address and
+    the timeout, or `HandshakeRejected` with the server's reason.
     """
     address = normalize_address(address)
     scheme, location = split_address(address)
@@ -66,7 +69,7 @@ async def connect(address: str, hello: Hello, timeout: float = 10.0) -> Comm:
         except ConnectionRefusedError as exc:
             refused = exc
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or not retry_refused:
                 raise failed(exc) from exc
             await asyncio.sleep(min(delay, remaining))
             delay = min(2 * delay, MAX_RETRY_DELAY)

@@ -32,9 +32,9 @@ BANDWIDTH_BYTES_S = 200e6
 def valid_workers(ts: TaskState, workers: Iterable[WorkerRecord]) -> tuple[list[WorkerRecord], str]:
     """The workers that may run ``ts`` and, when there are none, why not."""
     spec = ts.spec
-    pool = list(workers)
+    pool = [w for w in workers if not w.retiring]
     if not pool:
-        return [], "no workers are connected"
+        return [], "no workers are connected (or all are retiring)"
     if spec is None:
         return pool, ""
     if spec.workers and not spec.allow_other_workers:

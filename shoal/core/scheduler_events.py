@@ -130,6 +130,20 @@ class FireAndForget(SchedulerEvent):
     keys: list[str]
 
 
+@dataclass(slots=True)
+class RetireWorkers(SchedulerEvent):
+    """Move the data only these workers hold to others, then close them."""
+
+    workers: list[str]
+
+
+@dataclass(slots=True)
+class ClusterRestarted(SchedulerEvent):
+    """Every worker restarts: every task is lost and forgotten."""
+
+    reason: str = "the cluster was restarted"
+
+
 # ---------------------------------------------------------------- instructions
 
 

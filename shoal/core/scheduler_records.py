@@ -85,7 +85,8 @@ class WorkerRecord:
     """The scheduler's record of one worker."""
 
     __slots__ = ("address", "name", "nthreads", "memory_limit", "resources", "processing",
-                 "has_what", "nbytes", "occupancy", "used_resources", "long_running")  # fmt: skip
+                 "has_what", "nbytes", "occupancy", "used_resources", "long_running",
+                 "retiring", "replicating")  # fmt: skip
 
     def __init__(self, address: str, nthreads: int, name: str, memory_limit: int,
                  resources: dict[str, float]) -> None:  # fmt: skip
@@ -102,6 +103,10 @@ class WorkerRecord:
         self.used_resources: dict[str, float] = {}
         #: tasks of ``processing`` that seceded: they hold no thread (and count no time)
         self.long_running: set[TaskState] = set()
+        #: being retired: takes no new work; closed once its data has other holders
+        self.retiring = False
+        #: keys asked to be copied off this retiring worker, not yet copied
+        self.replicating: set[TaskState] = set()
 
     @property
     def load(self) -> float:

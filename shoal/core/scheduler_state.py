@@ -32,6 +32,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..protocol.messages import (
+    AcquireReplicas,
+    CloseWorker,
+    RestartWorker,
     ComputeTask,
     FreeKeys,
     KeyCancelled,
@@ -48,6 +51,7 @@ from .scheduler_events import (
     ClientDisconnected,
     ClientId,
     DataMissing,
+    ClusterRestarted,
     DataScattered,
     FireAndForget,
     Instruction,
@@ -55,6 +59,7 @@ from .scheduler_events import (
     KeysReleased,
     KeysWanted,
     ReplicasAdded,
+    RetireWorkers,
     SchedulerEvent,
     TaskErredEvent,
     TaskFinishedEvent,
@@ -107,6 +112,8 @@ class SchedulerState:
         self._out: list[Instruction] = []
         #: workers that lost processing tasks in this call: fill them from the queue
         self._freed: set[WorkerRecord] = set()
+        #: workers being retired (see `_check_retiring`)
+        self._retiring: set[WorkerRecord] = set()
         self._wake_requested = float("inf")
 
     # ------------------------------------------------------------------ entry
@@ -120,6 +127,9 @@ class SchedulerState:
             self._stimulus = event.stimulus_id
             handler = _HANDLERS[type(event)]
             handler(self, event)
+        if self._retiring:
+            for ws in list(self._retiring):
+                self._check_retiring(ws)
         if self._freed and self.queue:
             for ws in sorted(self._freed, key=_worker_load):
                 if self.workers.get(ws.address) is ws:
@@ -311,10 +321,13 @@ class SchedulerState:
         # nowhere to go now: they become no-worker, and their clients hear why.
         for _, key in list(self.queue):
             queued = self.tasks.get(key)
-            if queued is not None and queued.state == "queued":
-                if not placement.valid_workers(queued, self.workers.values())[0]:
-                    self._transition(queued, "waiting")
-                    self._try_schedule(queued)
+            if queued is None or queued.state != "queued" or queued.spec is None:
+                continue
+            if self.workers and not queued.spec.workers and not queued.spec.resources:
+                continue  # unrestricted: any worker will do
+            if not placement.valid_workers(queued, self.workers.values())[0]:
+                self._transition(queued, "waiting")
+                self._try_schedule(queued)
 
     def _handle_task_finished(self, ev: TaskFinishedEvent) -> None:
         msg: TaskFinished = ev.msg
@@ -368,6 +381,65 @@ class SchedulerState:
         if delayed:
             self._wake_requested = min(delayed)
             self._out.append(WakeAt(self._wake_requested))
+
+    def _handle_retire_workers(self, ev: RetireWorkers) -> None:
+        for address in ev.workers:
+            ws = self.workers.get(address)
+            if ws is not None and not ws.retiring:
+                ws.retiring = True
+                self._retiring.add(ws)
+
+    def _check_retiring(self, ws: WorkerRecord) -> None:
+        """Copy what only retiring workers hold to keepers; close ``ws`` once nothing is left."""
+        if self.workers.get(ws.address) is not ws:
+            self._retiring.discard(ws)
+            return
+        ws.replicating = {ts for ts in ws.replicating
+                          if ts.state == "memory" and all(h.retiring for h in ts.who_has)}  # fmt: skip
+        orphans = [ts for ts in ws.has_what if all(h.retiring for h in ts.who_has)]
+        keepers = [w for w in self.workers.values() if not w.retiring]
+        if orphans and keepers:
+            planned = {w: w.nbytes for w in keepers}
+            asks: dict[WorkerRecord, list[TaskState]] = {}
+            for ts in sorted(orphans, key=_by_priority):
+                if ts in ws.replicating:
+                    continue
+                target = min(keepers, key=lambda w: planned[w] / w.nthreads)
+                planned[target] += ts.nbytes
+                asks.setdefault(target, []).append(ts)
+                ws.replicating.add(ts)
+            for target, keys in asks.items():
+                self._out.append(ToWorker(target.address, AcquireReplicas(
+                    {t.key: [h.address for h in t.who_has] for t in keys},
+                    {t.key: t.nbytes for t in keys}, self._stimulus)))  # fmt: skip
+            return
+        if ws.processing:
+            return  # let its running tasks finish; their results are moved next
+        # Its data lives elsewhere now (or there is nowhere to put it): close it.
+        self._retiring.discard(ws)
+        self._out.append(ToWorker(ws.address, CloseWorker("retired")))
+
+    def _handle_cluster_restarted(self, ev: ClusterRestarted) -> None:
+        """Every worker restarts: fail what clients wait for, forget every task."""
+        for client, keys in self.clients.items():
+            for ts in keys:
+                self._out.append(ToClient(client, KeyErred(ts.key, "lost", ev.reason)))
+            keys.clear()
+        for ts in self.tasks.values():
+            self.story_log.append((ts.key, ts.state, "forgotten", self._stimulus, self._now))
+        self.tasks.clear()
+        self.queue.clear()
+        self.unrunnable.clear()
+        self._freed.clear()
+        for ws in self.workers.values():
+            ws.processing.clear()
+            ws.long_running.clear()
+            ws.has_what.clear()
+            ws.replicating.clear()
+            ws.nbytes = 0
+            ws.occupancy = 0.0
+            ws.used_resources = {}
+            self._out.append(ToWorker(ws.address, RestartWorker(ev.reason)))
 
     def _handle_fire_and_forget(self, ev: FireAndForget) -> None:
         self._handle_keys_wanted(KeysWanted(ev.stimulus_id, FIRE_AND_FORGET, ev.keys))
@@ -787,5 +859,7 @@ _HANDLERS: dict[type[SchedulerEvent], Callable[[SchedulerState, Any], None]] = {
     DataMissing: SchedulerState._handle_data_missing,
     TaskSeceded: SchedulerState._handle_task_seceded,
     Tick: SchedulerState._handle_tick,
+    RetireWorkers: SchedulerState._handle_retire_workers,
+    ClusterRestarted: SchedulerState._handle_cluster_restarted,
     FireAndForget: SchedulerState._handle_fire_and_forget,
 }

@@ -24,6 +24,14 @@ class FreeKeysEvent(WorkerEvent):
 
 
 @dataclass(slots=True)
+class AcquireReplicasEvent(WorkerEvent):
+    """Fetch and keep copies of these keys (the scheduler empties a retiring worker)."""
+
+    who_has: dict[str, list[str]]
+    nbytes: dict[str, int]
+
+
+@dataclass(slots=True)
 class RefreshWhoHasEvent(WorkerEvent):
     who_has: dict[str, list[str]]
 
@@ -87,6 +95,14 @@ class RejoinEvent(WorkerEvent):
     """Long-running task ``key`` wants a thread slot again; its thread waits for `Rejoin`."""
 
     key: str
+
+
+@dataclass(slots=True)
+class PauseEvent(WorkerEvent):
+    """The worker's memory went above (``paused``) or back below its pause fraction: while
+    paused it starts no new task and fetches no new input (running ones go on)."""
+
+    paused: bool
 
 
 # ---------------------------------------------------------------- instructions

@@ -24,7 +24,9 @@ Invariants (checked by `validate_state`):
 - a ``waiting`` task waits on exactly its dependencies that are not in memory;
 - every key in flight belongs to exactly one in-flight gather, and every key of an in-flight
   gather is in flight (or was put here meanwhile and left the gather);
-- a key in memory is kept for a reason: the scheduler counts on it, or a task here needs it.
+- a key in memory is kept for a reason: the scheduler counts on it, or a task here needs it;
+- unless ``paused`` (memory is short: `PauseEvent`), no task is left ready while a thread
+  slot is free.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..protocol.messages import (
     TaskFinished,
 )
 from .worker_events import (
+    AcquireReplicasEvent,
     ComputeTaskEvent,
     DataPut,
     Execute,
@@ -51,6 +54,7 @@ from .worker_events import (
     GatherDep,
     GatherDone,
     GatherFailed,
+    PauseEvent,
     RefreshWhoHasEvent,
     Rejoin,
     RejoinEvent,
@@ -115,6 +119,8 @@ class WorkerState:
         self.in_flight: dict[str, list[str]] = {}  # peer -> keys being fetched
         #: tasks that were put in "fetch" (some may have moved on since; pruned lazily)
         self.fetch_candidates: set[WorkerTask] = set()
+        #: memory is short (`PauseEvent`): start no task and no fetch until it is not
+        self.paused = False
         self.validate = validate
         self.nbytes_in_memory = 0
         self._now = 0.0
@@ -181,6 +187,17 @@ class WorkerState:
             elif ts.state == "flight":
                 ts.compute = None  # not to be reported when it lands; dropped then if unneeded
             # "cancelled": stays cancelled
+
+    def _handle_acquire_replicas(self, ev: AcquireReplicasEvent) -> None:
+        for key, holders in ev.who_has.items():
+            if key in self.tasks:
+                continue  # already here or on its way
+            ts = WorkerTask(key, "fetch")
+            ts.nbytes = ev.nbytes.get(key, 0)
+            ts.who_has = [h for h in holders if h != self.address]
+            ts.wanted = True  # kept, and reported with AddKeys when it lands
+            self.tasks[key] = ts
+            self.fetch_candidates.add(ts)
 
     def _handle_refresh_who_has(self, ev: RefreshWhoHasEvent) -> None:
         for key, holders in ev.who_has.items():
@@ -298,6 +315,10 @@ class WorkerState:
             return
         if ts not in self.rejoining:
             self.rejoining.append(ts)
+
+    def _handle_pause(self, ev: PauseEvent) -> None:
+        # Resuming needs nothing more: `handle` starts what waited, fetches and tasks.
+        self.paused = ev.paused
 
     # ------------------------------------------------------------ mechanics
 
@@ -421,7 +442,8 @@ class WorkerState:
             if back.state == "long-running":
                 back.state = "executing"
             self._out.append(Rejoin(back.key))
-        while self.ready and len(self.executing) < self.nthreads:
+        # Paused: tasks already started still get their slot back (above), new ones wait.
+        while self.ready and not self.paused and len(self.executing) < self.nthreads:
             _, key = heapq.heappop(self.ready)
             ts = self.tasks.get(key)
             if ts is None or ts.state != "ready":
@@ -431,7 +453,7 @@ class WorkerState:
             self._out.append(Execute(key))
 
     def _start_fetches(self) -> None:
-        if len(self.in_flight) >= MAX_CONCURRENT_GATHERS:
+        if self.paused or len(self.in_flight) >= MAX_CONCURRENT_GATHERS:
             return
         by_peer: dict[str, list[WorkerTask]] = {}
         for ts in list(self.fetch_candidates):
@@ -502,12 +524,17 @@ class WorkerState:
                 assert ts in dep.dependents, (ts, dep)
                 assert self.tasks.get(dep.key) is dep, (ts, dep)
         assert memory == self.nbytes_in_memory, (memory, self.nbytes_in_memory)
+        if len(self.executing) < self.nthreads:
+            assert not self.rejoining, self.rejoining
+            if not self.paused:
+                assert not any(t.state == "ready" for t in self.tasks.values()), "ready left"
 
 
 _HANDLERS: dict[type[WorkerEvent], Callable[[WorkerState, Any], None]] = {
     ComputeTaskEvent: WorkerState._handle_compute,
     FreeKeysEvent: WorkerState._handle_free_keys,
     RefreshWhoHasEvent: WorkerState._handle_refresh_who_has,
+    AcquireReplicasEvent: WorkerState._handle_acquire_replicas,
     GatherDone: WorkerState._handle_gather_done,
     GatherFailed: WorkerState._handle_gather_failed,
     ExecuteDone: WorkerState._handle_execute_done,
@@ -515,4 +542,5 @@ _HANDLERS: dict[type[WorkerEvent], Callable[[WorkerState, Any], None]] = {
     DataPut: WorkerState._handle_data_put,
     SecedeEvent: WorkerState._handle_secede,
     RejoinEvent: WorkerState._handle_rejoin,
+    PauseEvent: WorkerState._handle_pause,
 }

@@ -14,13 +14,23 @@ values; the dependencies are the shoal task's dependencies, so the scheduler pla
 near its inputs and data moves worker to worker. The whole graph goes to the scheduler in
 one `SubmitTasks` batch, in `dask.order` order (the tie-break among ready tasks), and only
 the requested keys are wanted: intermediate results are released as soon as their
-dependents have run.
+dependents have run. Linear chains (each task feeding only the next) are fused into one
+task first (`dask._task_spec.fuse_linear_task_spec`, as dask.array and dask.bag do): a
+chain has no parallelism to lose, and each task saved is a round trip through the scheduler.
 
 Keys: a dask key (a string, or a tuple like ``('x-<token>', 0, 1)``) names a shoal key
 `shoal_key(key)`: a string stays as it is, anything else becomes its ``repr`` (the same in
 every process, so the same dask computation submitted twice runs once). An `Alias` is not a
 task: it names its target's shoal key. A persisted collection's chunks are shoal futures in
 its graph; a task that uses them depends on those futures' keys directly.
+
+Shuffles: without a dask.distributed client, dask shuffles dataframes through files in a
+local temporary directory (its "disk" method), which only works where every worker sees
+the same disk. `compute`, `persist` and `as_dask_scheduler` therefore build graphs with the
+"tasks" method (data moves as task results) unless ``dataframe.shuffle.method`` is set.
+``dask.compute(x, scheduler=client.get)`` optimizes the graph before shoal sees it, so it
+keeps dask's choice: a disk shuffle runs when all workers are on one host, and is refused
+with an explanation otherwise.
 
 Per-key ``dask.annotate`` values for ``priority``, ``retries``, ``resources``, ``workers``
 and ``allow_other_workers`` become the task's options; keyword arguments to `get`,
@@ -31,11 +41,18 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.config
-from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
+from dask._task_spec import (
+    Alias,
+    DataNode,
+    GraphNode,
+    convert_legacy_graph,
+    fuse_linear_task_spec,
+)
 from dask.base import collections_to_expr, is_dask_collection
 from dask.core import flatten
 
@@ -165,9 +182,18 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key],
 
     graph, annotations = materialize(dsk)
     culled = _cull(graph, keys)
+    _check_disk_shuffle(client, culled)
+    per_key = {name: values for name, values in annotations.items() if name in TASK_OPTIONS}
+    if len(culled) > 1:
+        # A chain of tasks that each feed only the next one runs as one task: every task
+        # costs a round trip through the scheduler, and a chain has no parallelism to lose.
+        # Annotated tasks keep their own options: neither they nor their inputs are fused.
+        annotated = {k for values in per_key.values() for k in values if k in culled}
+        protected = set(keys) | annotated
+        protected.update(d for k in annotated for d in culled[k].dependencies)
+        culled = fuse_linear_task_spec(culled, protected)
     names = _Names(culled)
     base = resolve_options(options)
-    per_key = {name: values for name, values in annotations.items() if name in TASK_OPTIONS}
     try:
         priorities: Mapping[Key, int] = order(culled) if len(culled) > 1 else {}
     except Exception:  # noqa: BLE001 - ordering is an optimisation, never a failure
@@ -198,6 +224,38 @@ def _checked(extra: dict[str, Any]) -> dict[str, Any]:
     if "workers" in extra and isinstance(extra["workers"], (set, frozenset, tuple)):
         extra["workers"] = list(extra["workers"])
     return resolve_options(extra)
+
+
+# ------------------------------------------------------------- shuffles
+
+SHUFFLE_METHOD = "dataframe.shuffle.method"
+
+
+def _cluster_shuffles() -> AbstractContextManager[Any]:
+    """Within this block dask builds shuffles that move data as task results ("tasks"),
+    unless the user chose a method."""
+    if dask.config.get(SHUFFLE_METHOD, None):
+        return nullcontext()
+    return dask.config.set({SHUFFLE_METHOD: "tasks"})
+
+
+def _check_disk_shuffle(client: Client, graph: Mapping[Key, GraphNode]) -> None:
+    """Refuse a disk shuffle (files in a local temporary directory) on workers of several
+    hosts: they would not see each other's files."""
+    if not any(type(getattr(node, "func", None)).__name__ == "maybe_buffered_partd"
+               for node in graph.values()):  # fmt: skip
+        return
+    hosts = {_host(address) for address in client.nthreads()}
+    if len(hosts) > 1:
+        raise RuntimeError(
+            "this dask graph shuffles data through a local temporary directory (dask's 'disk'"
+            f" shuffle), but the workers are on {len(hosts)} hosts. Compute it with"
+            " client.compute(x) or inside `with client.as_dask_scheduler():`, or set"
+            f" dask.config.set({{{SHUFFLE_METHOD!r}: 'tasks'}}) before building it")
+
+
+def _host(address: str) -> str:
+    return address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
 
 
 # ------------------------------------------------------------- the client's API
@@ -243,7 +301,8 @@ def compute(client: Client, collections: Any, *, sync: bool = False,
     variables = [a for a in items if is_dask_collection(a)]
     by_position: list[Any] = []
     if variables:
-        expr = FinalizeCompute(collections_to_expr(variables, optimize_graph)).optimize()
+        with _cluster_shuffles():
+            expr = FinalizeCompute(collections_to_expr(variables, optimize_graph)).optimize()
         names = list(flatten(expr.__dask_keys__()))
         futures = submit_graph(client, expr, names, **options)
         by_position = [futures[name] for name in names]
@@ -273,7 +332,8 @@ def persist(client: Client, collections: Any, *, optimize_graph: bool = True,
     items = [collections] if singleton else list(collections)
     if not all(is_dask_collection(c) for c in items):
         raise TypeError("persist expects dask collections")
-    expr = collections_to_expr(items, optimize_graph).optimize()
+    with _cluster_shuffles():
+        expr = collections_to_expr(items, optimize_graph).optimize()
     keys = expr.__dask_keys__()
     futures = submit_graph(client, expr, list(flatten(keys)), **options)
     result = []
@@ -287,9 +347,9 @@ def persist(client: Client, collections: Any, *, optimize_graph: bool = True,
 
 
 class DaskScheduler:
-    """Makes a client dask's default scheduler (``dask.config`` ``scheduler``) from its
-    creation until `restore` (or the end of a ``with`` block). Returned by
-    ``client.as_dask_scheduler()``.
+    """Makes a client dask's default scheduler (``dask.config`` ``scheduler``, and the
+    "tasks" shuffle method unless one is set) from its creation until `restore` (or the end
+    of a ``with`` block). Returned by ``client.as_dask_scheduler()``.
 
     It holds the client weakly and only while the client is open: once the client is closed,
     the first computation that reaches it restores the previous setting and runs there (dask's
@@ -302,7 +362,10 @@ class DaskScheduler:
                                " (dask.compute blocks): use `await client.compute(x)`")  # fmt: skip
         self._client = weakref.ref(client)
         self._previous = dask.config.get("scheduler", None)
-        self._setting: Any = dask.config.set(scheduler=self)
+        settings: dict[str, Any] = {"scheduler": self}
+        if not dask.config.get(SHUFFLE_METHOD, None):
+            settings[SHUFFLE_METHOD] = "tasks"  # see the module docstring
+        self._setting: Any = dask.config.set(settings)
         self._active = True
 
     @property

@@ -52,11 +52,14 @@ class JobQueue:
         return self._broker
 
     def close(self) -> None:
-        """Close the broker's connections (it reopens on next use)."""
+        """Close the broker's connections (it reopens on next use). A ``memory://`` broker
+        is kept: its jobs live nowhere else."""
         with self._lock:
-            broker, self._broker = self._broker, None
-        if broker is not None:
-            broker.close()
+            broker = self._broker
+            if broker is None or not broker.shared:
+                return
+            self._broker = None
+        broker.close()
 
     def __enter__(self) -> JobQueue:
         return self

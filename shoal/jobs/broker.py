@@ -34,7 +34,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
-from .message import Delivery, JobMessage, JobRecord, Status, Filter, Records
+from .message import Delivery, Filter, JobMessage, JobRecord, Records
 
 Clock = Callable[[], float]
 

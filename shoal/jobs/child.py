@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     in_fd, out_fd = int(argv[0]), int(argv[1])
     jobs: dict[str, tuple[Callable[..., Any], tuple[type[BaseException], ...]]] = {}
+    write_frame(out_fd, b"ready")
     while True:
         frame = read_frame(in_fd)
         if frame is None:

@@ -95,11 +95,14 @@ def jobs() -> None:
 @click.option("--schedules/--no-schedules", default=True, show_default=True,
               help="Also enqueue the app's periodic jobs when due.")
 @click.option("--name", default=None, help="Worker name (default: host-pid-random).")
+@click.option("--scheduler", default=None,
+              help="A shoal scheduler to connect to at start, so that jobs (in the threads "
+                   "pool) can submit work to it with shoal.get_client().")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int | None,
            lease: float | None, grace: float, schedules: bool, name: str | None,
-           log_level: str) -> None:
+           scheduler: str | None, log_level: str) -> None:
     """Run a job worker for APP (module:attribute) until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -110,14 +113,23 @@ def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int
     w = app.worker(queues=[q.strip() for q in queues.split(",") if q.strip()],
                    concurrency=concurrency, pool=pool, prefetch=prefetch, lease=lease,
                    grace=grace, schedules=schedules, name=name)
-    w.start()
-    click.echo(f"shoal jobs worker {w.name} ready", err=False)
-    sys.stdout.flush()
-    while not stop.wait(0.5):
-        pass
-    click.echo(f"shoal jobs worker {w.name}: stopping (grace {grace:g}s)", err=True)
-    w.stop()
-    app.close()
+    client = None
+    if scheduler is not None:
+        from ..client import Client
+
+        client = Client(scheduler)
+    try:
+        w.start()
+        click.echo(f"shoal jobs worker {w.name} ready", err=False)
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+        click.echo(f"shoal jobs worker {w.name}: stopping (grace {grace:g}s)", err=True)
+        w.stop()
+    finally:
+        app.close()
+        if client is not None:
+            client.close()
 
 
 @jobs.command()

@@ -79,6 +79,9 @@ class InlineExecutor:
             outcome.retryable = isinstance(stopped, job.options.retry_on)
         return outcome
 
+    def prepare(self) -> None:
+        pass
+
     def kill(self) -> None:
         """Threads cannot be killed: an attempt left running is abandoned (its result is
         then ignored if the job was handed to someone else)."""
@@ -152,6 +155,16 @@ class ChildExecutor:
             os.close(from_w)
         self._to_child, self._from_child = to_w, from_r
         self._known.clear()
+        # The child says it is ready once imported, so start-up never eats a time limit.
+        ready, _, _ = select.select([from_r], [], [], 120.0)
+        if not ready or read_frame(from_r) != b"ready":
+            raise RuntimeError("the job worker's child process did not start")
+
+    def prepare(self) -> None:
+        """Start the child now rather than at the first job."""
+        with self._lock:
+            if self._proc is None:
+                self._start()
 
     def run(self, job: JobFunction[Any, Any], message: JobMessage, parents: list[bytes]) -> Outcome:
         with self._lock:

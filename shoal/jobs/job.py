@@ -19,7 +19,7 @@ class Job:
     ``created`` is False when `enqueue` found a job with the same ``key`` and returned it
     instead of storing a new one."""
 
-    __slots__ = ("id", "broker", "created")
+    __slots__ = ("broker", "created", "id")
 
     def __init__(self, job_id: str, broker: Broker, created: bool = True) -> None:
         self.id = job_id

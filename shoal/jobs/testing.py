@@ -12,6 +12,11 @@ project's own tests parametrise over it and the backends).
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +25,7 @@ from .broker import Broker, Clock
 from .message import JobMessage
 from .payload import dump_arguments, load
 
-__all__ = ["CHECKS", "FakeClock", "check_broker", "message"]
+__all__ = ["CHECKS", "FakeClock", "RedisServer", "check_broker", "message", "redis_ping"]
 
 T0 = 1_700_000_000.0
 
@@ -337,3 +342,75 @@ def check_broker(make: Callable[[Clock], Broker]) -> None:
             raise AssertionError(f"broker check {name!r} failed: {exc}") from exc
         finally:
             broker.close()
+
+
+# ---------------------------------------------------------------- a Redis server for tests
+
+
+def redis_ping(url: str, timeout: float = 1.0) -> bool:
+    """Whether a Redis server answers at ``url``."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A ``redis-server`` of our own on a free loopback port, append-only file on, in a
+    temporary directory (removed by `close`). `restart` stops it cleanly (the file is
+    flushed) and starts it again on the same port and data."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.dir = tempfile.mkdtemp(prefix="shoal-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
+             "--dir", self.dir, "--save", "", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not redis_ping(self.url, 0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: Redis flushes the append-only file and exits
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -142,8 +142,11 @@ class Worker:
         for slot, delivery in left:
             self._executors[slot].kill()
             self._try(lambda d=delivery: self.broker.release(d.id, d.token))  # type: ignore[misc]
+            self._forget(delivery)
+        # A killed child's slot returns at once; a thread stuck in a job cannot be stopped:
+        # it is a daemon, abandoned here (its late result is ignored, see _execute).
         for t in self._slots:
-            t.join(5.0)
+            t.join(1.0 if self.pool == "processes" else 0.0)
         for executor in self._executors:
             executor.close()
         self._stopped.set()
@@ -251,12 +254,16 @@ class Worker:
                             del self._held[job_id]
 
     def _slot(self, index: int) -> None:
+        try:
+            self._executors[index].prepare()
+        except Exception:
+            log.exception("job worker %s: could not start a child process", self.name)
         while True:
             d = self._inbox.get()
             if d is None:
                 return
             if self._stopping.is_set():
-                self._try(lambda: self.broker.release(d.id, d.token))
+                self._try(lambda d=d: self.broker.release(d.id, d.token))  # type: ignore[misc]
                 self._forget(d)
                 continue
             with self._cond:

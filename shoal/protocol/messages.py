@@ -227,6 +227,8 @@ class RegisterWorker(Msg, tag="register-worker"):
     #: keys the worker already holds (re-registration after a broken connection)
     keys: list[str] = []
     nbytes: list[int] = []
+    #: an in-process worker resets itself on `RestartWorker` instead of exiting
+    restarts_in_place: bool = False
 
 
 class ComputeTask(Msg, tag="compute"):
@@ -295,6 +297,36 @@ class LongRunning(Msg, tag="long-running"):
 
     key: str
     stimulus_id: str = ""
+
+
+class AcquireReplicas(Msg, tag="acquire-replicas"):
+    """Scheduler -> worker: fetch copies of these keys and keep them (a worker retires)."""
+
+    who_has: dict[str, list[str]]
+    nbytes: dict[str, int]
+    stimulus_id: str = ""
+
+
+class RestartWorker(Msg, tag="restart-worker"):
+    """Scheduler -> worker: drop everything; a worker process exits for its nanny to restart."""
+
+    reason: str = ""
+
+
+class RetireWorkersRequest(Msg, tag="retire-workers"):
+    """Client -> scheduler: move data off these workers, then close them; `Reply` value is
+    the list of retired addresses."""
+
+    rid: int
+    workers: list[str]
+    timeout: float = 60.0
+
+
+class RestartRequest(Msg, tag="restart"):
+    """Client -> scheduler: restart every worker and forget every task."""
+
+    rid: int
+    timeout: float = 60.0
 
 
 class RefreshWhoHas(Msg, tag="refresh-who-has"):
@@ -558,6 +590,10 @@ Message = Union[
     MissingData,
     LongRunning,
     RefreshWhoHas,
+    AcquireReplicas,
+    RestartWorker,
+    RetireWorkersRequest,
+    RestartRequest,
     Heartbeat,
     GetData,
     DataReply,
@@ -591,6 +627,8 @@ Message = Union[
 #: Messages a client may send to a scheduler.
 CLIENT_TO_SCHEDULER: tuple[type[Msg], ...] = (
     SubmitTasks,
+    RetireWorkersRequest,
+    RestartRequest,
     WantKeys,
     FireAndForgetKeys,
     ReleaseKeys,

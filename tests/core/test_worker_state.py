@@ -906,3 +906,86 @@ def test_long_running_task_reports_its_result_and_can_be_cancelled() -> None:
     # and rejoin of a task that holds a slot (or is gone) answers at once
     assert ws.handle([RejoinEvent("r-c", "c"), RejoinEvent("r-x", "x")], now=5.0) == [
         Rejoin("c"), Rejoin("x")]
+
+
+# -------------------------------------------------------------------- pause
+
+from shoal.core.worker_events import PauseEvent  # noqa: E402 - kept with the tests that use it
+
+
+def pause(paused: bool = True) -> PauseEvent:
+    return PauseEvent("memory-monitor", paused)
+
+
+def test_paused_worker_starts_no_new_task_and_resumes_where_it_stopped() -> None:
+    # given one thread running a, with b ready behind it
+    ws = make_worker(nthreads=1)
+    assert executes(ws.handle([compute_task("a"), compute_task("b")], now=0.0)) == ["a"]
+
+    # when memory goes above the pause fraction, a finishes and c arrives
+    assert ws.handle([pause()], now=1.0) == []
+    out = ws.handle([execute_done("a"), compute_task("c")], now=2.0)
+
+    # then a is reported as usual, but neither b nor c starts in the free slot
+    assert finished(out) == ["a"] and executes(out) == []
+    assert (state_of(ws, "b"), state_of(ws, "c")) == ("ready", "ready")
+    assert ws.paused and not ws.executing
+
+    # when memory is back below the pause fraction, then the next task starts at once
+    out = ws.handle([pause(False)], now=3.0)
+    assert executes(out) == ["b"] and not ws.paused
+
+
+def test_paused_worker_fetches_no_input_until_it_resumes() -> None:
+    # given a paused worker
+    ws = make_worker(nthreads=2)
+    ws.handle([pause()], now=0.0)
+
+    # when it is asked to run a task whose input lives on a peer
+    out = ws.handle([compute_task("y", who_has={"x": ["w2"]})], now=1.0)
+
+    # then it does not fetch the input yet
+    assert [i for i in out if isinstance(i, GatherDep)] == []
+    assert state_of(ws, "x") == "fetch"
+
+    # and once it resumes, it fetches the input, then runs the task
+    out = ws.handle([pause(False)], now=2.0)
+    assert [i for i in out if isinstance(i, GatherDep)] == [GatherDep("w2", ["x"], 8)]
+    out = ws.handle([gather_done("w2", {"x": 8})], now=3.0)
+    assert executes(out) == ["y"]
+
+
+def test_paused_worker_lets_a_seceded_task_rejoin() -> None:
+    # given a seceded task and a task running in the freed slot, then a pause
+    ws = make_worker(nthreads=1)
+    ws.handle([compute_task("a"), compute_task("b"), compute_task("c")], now=0.0)
+    assert executes(ws.handle([SecedeEvent("s-a", "a")], now=1.0)) == ["b"]
+    ws.handle([pause(), RejoinEvent("r-a", "a")], now=2.0)
+
+    # when b ends, then a (already started: finishing it frees memory) gets the slot, c does not
+    out = ws.handle([execute_done("b")], now=3.0)
+    assert [i for i in out if isinstance(i, (Rejoin, Execute))] == [Rejoin("a")]
+    assert state_of(ws, "c") == "ready"
+
+
+def test_pause_and_resume_repeated_keep_the_state_valid() -> None:
+    # given random events with pauses mixed in (validate=True checks after each handle)
+    rng = random.Random(7)
+    ws = make_worker(nthreads=2)
+    running: list[str] = []
+    for i in range(300):
+        roll = rng.random()
+        if roll < 0.15:
+            running.extend(executes(ws.handle([pause(rng.random() < 0.5)], now=float(i))))
+        elif roll < 0.55:
+            out = ws.handle([compute_task(f"t{i}")], now=float(i))
+            running.extend(executes(out))
+        elif running:
+            out = ws.handle([execute_done(running.pop(rng.randrange(len(running))))], now=float(i))
+            running.extend(executes(out))
+    # then once resumed, every task left runs
+    out = ws.handle([pause(False)], now=1000.0)
+    running.extend(executes(out))
+    while running:
+        running.extend(executes(ws.handle([execute_done(running.pop())], now=1001.0)))
+    assert not any(t.state in ("ready", "executing") for t in ws.tasks.values())

@@ -11,83 +11,29 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shoal.jobs import JobQueue
-from shoal.jobs.brokers import open_broker
-from shoal.jobs.testing import FakeClock
 from shoal.jobs.broker import Broker
+from shoal.testing import wait_until
+from shoal.jobs.brokers import open_broker
+from shoal.jobs.testing import FakeClock, RedisServer, redis_ping
 
 BACKENDS = ["memory", "sqlite", "redis"]
 
 
-def _ping(url: str) -> bool:
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server process of our own (append-only file on) in a temporary directory."""
-
-    def __init__(self, port: int | None = None, directory: str | None = None) -> None:
-        self.port = port or free_port()
-        self.dir = directory or tempfile.mkdtemp(prefix="shoal-redis-")
-        self._own_dir = directory is None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
-             "--dir", self.dir, "--save", "", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _ping(self.url):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        """Shut down cleanly (SIGTERM: the append-only file is flushed)."""
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    pytest.importorskip("redis") if not os.environ.get("CI") else __import__("redis")
+    if not os.environ.get("CI"):
+        pytest.importorskip("redis")
     url = os.environ.get("SHOAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    if _ping(url):
+    if redis_ping(url):
         yield url
         return
     if shutil.which("redis-server"):
@@ -147,3 +93,16 @@ def app(broker_url: str) -> Iterator[JobQueue]:
     queue = JobQueue(broker_url, lease=2.0)
     yield queue
     queue.close()
+    # Nothing left behind: every worker thread and child process has ended.
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("shoal-jobs-")],
+               timeout=10, message="job worker threads ended")
+    wait_until(lambda: not [c for c in psutil.Process().children(recursive=True)
+                            if "shoal.jobs.child" in " ".join(_cmdline(c))],
+               timeout=10, message="job child processes ended")
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return list(proc.cmdline())
+    except psutil.Error:
+        return []

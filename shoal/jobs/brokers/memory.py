@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from msgspec import structs
 
 from ..broker import Broker, Clock
-from ..message import FINISHED, Delivery, JobMessage, JobRecord, Status, encode, Filter, Records
+from ..message import FINISHED, Delivery, Filter, JobMessage, JobRecord, Records, Status, encode
 
 
 class _Job:
-    __slots__ = ("record", "message", "token", "lease", "pending", "children", "seq", "failed_by")
+    __slots__ = ("children", "failed_by", "lease", "message", "pending", "record", "seq", "token")
 
     def __init__(self, record: JobRecord, message: bytes, seq: int) -> None:
         self.record = record

@@ -28,7 +28,7 @@ from redis.commands.core import Script
 
 from ..broker import Broker, Clock
 from ..errors import BrokerUnavailable
-from ..message import Delivery, JobMessage, JobRecord, Status, encode, Filter, Records
+from ..message import Delivery, Filter, JobMessage, JobRecord, Records, encode
 
 T = TypeVar("T")
 

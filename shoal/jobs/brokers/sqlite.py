@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 from ..broker import Broker, Clock
 from ..errors import BrokerUnavailable
-from ..message import FINISHED, Delivery, JobMessage, JobRecord, Status, encode, Filter, Records
+from ..message import FINISHED, Delivery, Filter, JobMessage, JobRecord, Records, encode
 
 T = TypeVar("T")
 

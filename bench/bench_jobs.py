@@ -1,0 +1,227 @@
+"""Benchmark shoal.jobs on Redis, and Celery on the same Redis when it is installed.
+
+    .venv/bin/python bench/bench_jobs.py [--jobs 10000] [--markdown]
+
+Starts its own redis-server (append-only file on, as the jobs are meant to be durable) on a
+free loopback port in a temporary directory, and for each system:
+
+- throughput: N trivial jobs enqueued one by one, then waited for; jobs/s from the first
+  enqueue to the last job done, with 2 worker processes already running and idle;
+- enqueue latency: median time of one ``delay()`` call (over the N calls above);
+- round trip: median of ``delay(i)`` then waiting for its result, one at a time, idle.
+
+Each job increments one Redis counter (the same for both), which is also how the driver
+sees that all N are done. shoal: two ``shoal jobs worker bench_jobs:app --concurrency 1``
+processes. Celery: ``celery -A bench_jobs:celery_app worker --concurrency 2`` (prefork: two
+worker processes), its defaults otherwise (early acks, prefetch multiplier 4). Celery is a
+benchmark-only install (``pip install celery``), never a dependency of shoal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis as redis_lib
+
+from shoal.jobs import JobQueue
+
+HERE = Path(__file__).resolve().parent
+URL = os.environ.get("SHOAL_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+COUNTER = "bench:done"
+
+app = JobQueue(URL + "?prefix=bench")
+_redis: Any = None
+
+
+def _counter() -> Any:
+    global _redis
+    if _redis is None:
+        _redis = redis_lib.Redis.from_url(URL)
+    return _redis
+
+
+@app.job(retries=0, name="bench.trivial")  # explicit: the driver runs as __main__
+def trivial(i: int) -> int:
+    _counter().incr(COUNTER)
+    return i
+
+
+@app.job(retries=0, name="bench.echo")
+def echo(i: int) -> int:
+    return i
+
+
+try:
+    from celery import Celery
+
+    celery_app: Any = Celery("bench_jobs", broker=URL, backend=URL)
+    celery_app.conf.update(worker_hijack_root_logger=False, broker_connection_retry_on_startup=True,
+                           task_ignore_result=True)
+
+    @celery_app.task(name="ctrivial", ignore_result=True)
+    def ctrivial(i: int) -> int:
+        _counter().incr(COUNTER)
+        return i
+
+    @celery_app.task(name="cecho", ignore_result=False)
+    def cecho(i: int) -> int:
+        return i
+except ImportError:  # pragma: no cover - celery is optional
+    celery_app = None
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _wait_count(r: Any, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while int(r.get(COUNTER) or 0) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {r.get(COUNTER)} of {n} jobs done after {timeout}s")
+        time.sleep(0.002)
+
+
+def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def measure(name: str, delay: Callable[[int], Any], round_trip: Callable[[int], Any],
+            n: int, r: Any) -> dict[str, Any]:
+    # warm-up: both workers have imported everything and run a job
+    r.set(COUNTER, 0)
+    for i in range(50):
+        delay(i)
+    _wait_count(r, 50, 60)
+    r.set(COUNTER, 0)
+    latencies = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        a = time.perf_counter()
+        delay(i)
+        latencies.append(time.perf_counter() - a)
+    t_enq = time.perf_counter() - t0
+    _wait_count(r, n, 300)
+    elapsed = time.perf_counter() - t0
+    trips = []
+    for i in range(200):
+        a = time.perf_counter()
+        round_trip(i)
+        trips.append(time.perf_counter() - a)
+    return {"name": name, "jobs_s": n / elapsed, "elapsed": elapsed, "enqueue_s": t_enq,
+            "enqueue_ms": statistics.median(latencies) * 1e3,
+            "round_trip_ms": statistics.median(trips) * 1e3}
+
+
+def run_shoal(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
+    cmd = [sys.executable, "-c", "from shoal.cli import main; main()", "jobs", "worker",
+           "bench_jobs:app", "--concurrency", "1", "--log-level", "error"]
+    procs = [_spawn(cmd, env) for _ in range(2)]
+    try:
+        return measure("shoal.jobs", lambda i: trivial.delay(i),
+                       lambda i: echo.delay(i).result(timeout=30), n, r)
+    finally:
+        _stop(procs)
+        app.broker.purge(pending=True)
+
+
+def run_celery(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "celery", "-A", "bench_jobs:celery_app", "worker",
+           "--concurrency", "2", "--pool", "prefork", "--loglevel", "ERROR", "--without-gossip",
+           "--without-mingle", "--without-heartbeat"]
+    procs = [_spawn(cmd, env)]
+    try:
+        return measure("celery", lambda i: ctrivial.delay(i),
+                       lambda i: cecho.delay(i).get(timeout=30), n, r)
+    finally:
+        _stop(procs)
+
+
+def main() -> None:
+    global URL
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md section")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent / "tests" / "jobs"))
+    from shoal.jobs.testing import RedisServer
+
+    if not shutil.which("redis-server"):
+        sys.exit("redis-server is not installed")
+    server = RedisServer().start()
+    try:
+        URL = server.url
+        os.environ["SHOAL_BENCH_REDIS"] = URL
+        app.url, app._broker = URL + "?prefix=bench", None
+        if celery_app is not None:
+            celery_app.conf.broker_url = celery_app.conf.result_backend = URL
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+        r = redis_lib.Redis.from_url(URL)
+        rows = [run_shoal(args.jobs, env, r)]
+        if celery_app is not None:
+            rows.append(run_celery(args.jobs, env, r))
+        r.close()
+        report(rows, args)
+    finally:
+        app.close()
+        if _redis is not None:
+            _redis.close()
+        server.close()
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    s = rows[0]
+    c = rows[1] if len(rows) > 1 else None
+    lines = [
+        "| measurement | unit | shoal.jobs | celery | shoal / celery | target | met? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(label: str, unit: str, key: str, target: str, better_high: bool, goal: float) -> None:
+        sv = s[key]
+        if c is None:
+            lines.append(f"| {label} | {unit} | {sv:,.2f} | - | - | {target} | - |")
+            return
+        ratio = sv / c[key]
+        met = ratio >= goal if better_high else ratio <= goal
+        lines.append(f"| {label} | {unit} | {sv:,.2f} | {c[key]:,.2f} | {ratio:.2f}x | {target} | "
+                     f"{'met' if met else 'NOT MET'} |")
+
+    row(f"{args.jobs:,} trivial jobs, enqueue to done, 2 worker processes", "jobs/s", "jobs_s",
+        ">= 2x", True, 2.0)
+    row("enqueue latency (median of the delay() calls)", "ms", "enqueue_ms", "<= 1x", False, 1.0)
+    row("round trip, idle: delay + result (median of 200)", "ms", "round_trip_ms", "<= 1x", False, 1.0)
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; Python {platform.python_version()}; "
+          f"{os.cpu_count()} CPUs")
+    for r in rows:
+        print(f"- {r['name']}: {args.jobs:,} jobs in {r['elapsed']:.2f} s "
+              f"(enqueueing took {r['enqueue_s']:.2f} s of it)")
+    print()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

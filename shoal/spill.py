@@ -1,0 +1,449 @@
+"""A worker's store: results in memory up to a byte target, the least recently used on disk.
+
+`SpillBuffer` is the mapping a worker keeps its data in (``Worker.data``). It weighs each
+value with `shoal.execution.sizeof` (a `Packed` by its frames) and keeps them in LRU order.
+When the bytes in memory pass ``target``, or pass the lower ``ceiling`` the memory monitor
+sets while the whole process is too big (`shoal.memory`), a background thread writes the
+least recently used values to files in a per-worker directory, as the frames of
+`shoal.protocol.serialize.serialize` (a `Packed` value as the frames it arrived in), and
+drops them from memory. Reading a spilled key loads it back and counts it in memory again;
+deleting a key removes its file.
+
+For task threads, `hold` hands out spilled values as `Spilled` handles that the thread
+loads itself (`Lazy.load`), so that reading a big value back is not done on the event loop;
+`loaded` then puts the value back in memory, if the store still holds that copy.
+
+Invariants (under ``_lock``; checked by `validate`):
+- a key is in exactly one of ``fast`` (in memory) and ``slow`` (on disk);
+- ``memory_bytes`` is the sum of the sizes of the values in ``fast``, ``spilled_bytes`` the
+  sum of the file sizes of the entries in ``slow``;
+- every entry of ``slow`` has its file; a file of an entry no longer in ``slow`` lives only
+  while a task thread holds it (`hold`) and is removed when the last one lets go.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import Any
+
+from .execution import sizeof as default_sizeof
+from .protocol.serialize import Buffer, SerializationError, Serialized, deserialize, serialize
+
+logger = logging.getLogger("shoal.spill")
+
+__all__ = ["Lazy", "Packed", "SpillBuffer", "Spilled", "read_frames", "write_frames"]
+
+_COUNT = struct.Struct("<I")
+
+
+class Lazy:
+    """A value the store holds in a form a task cannot use as is; `load` makes it usable."""
+
+    __slots__ = ()
+
+    def load(self) -> Any:
+        raise NotImplementedError
+
+
+class Packed(Lazy):
+    """Data received from the network, unpickled only when a task first needs it."""
+
+    __slots__ = ("ser",)
+
+    def __init__(self, ser: Serialized) -> None:
+        self.ser = ser
+
+    @property
+    def nbytes(self) -> int:
+        return self.ser.nbytes
+
+    def load(self) -> Any:
+        return deserialize(self.ser)
+
+
+class _OnDisk:
+    """One spilled value: its file, and what it weighed in memory."""
+
+    __slots__ = ("path", "nbytes", "disk_bytes", "live", "holds")
+
+    def __init__(self, path: str, nbytes: int, disk_bytes: int) -> None:
+        self.path = path
+        #: its size in memory (as `sizeof` weighed it) when it was spilled
+        self.nbytes = nbytes
+        self.disk_bytes = disk_bytes
+        #: still the store's copy of its key (False once deleted, replaced or loaded back)
+        self.live = True
+        #: task threads holding it (`hold`); its file stays until they are done with it
+        self.holds = 0
+
+
+class Spilled(Lazy):
+    """A spilled value handed to a task thread by `SpillBuffer.hold`: `load` reads it back."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: _OnDisk) -> None:
+        self.entry = entry
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.nbytes
+
+    def load(self) -> Any:
+        return deserialize(Serialized(read_frames(self.entry.path)))
+
+
+def write_frames(path: str, frames: Iterable[Buffer]) -> int:
+    """Write ``frames`` to a new file at ``path``: a count, their lengths, then each frame
+    as it is (no copy). Returns the bytes written."""
+    views = [memoryview(f).cast("B") for f in frames]
+    header = _COUNT.pack(len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
+    total = 0
+    with open(path, "xb", buffering=0) as f:
+        for view in (memoryview(header), *views):
+            while view.nbytes:
+                written = f.write(view)
+                assert written is not None  # a blocking file never answers None
+                view = view[written:]
+                total += written
+    return total
+
+
+def read_frames(path: str) -> list[Buffer]:
+    """The frames `write_frames` wrote to ``path``, each read into its own writable buffer
+    (so a NumPy array loaded from them is writable)."""
+    with open(path, "rb", buffering=0) as f:
+        (count,) = _COUNT.unpack(_read_exactly(f, _COUNT.size))
+        lengths = struct.unpack(f"<{count}Q", _read_exactly(f, 8 * count))
+        frames: list[Buffer] = []
+        for length in lengths:
+            buf = bytearray(length)
+            view = memoryview(buf)
+            while view.nbytes:
+                got = f.readinto(view)
+                if not got:
+                    raise OSError(f"spill file {path} is truncated")
+                view = view[got:]
+            frames.append(buf)
+    return frames
+
+
+def _read_exactly(f: Any, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise OSError(f"spill file {f.name} is truncated")
+    return bytes(data)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # pragma: no cover - nothing better to do than say so
+        logger.warning("could not remove spill file %s: %s", path, exc)
+
+
+class SpillBuffer(MutableMapping[str, Any]):
+    """Key -> value, in memory up to ``target`` bytes and spilled to disk beyond (see the
+    module's docstring). Thread-safe: the event loop, task threads and the spill thread
+    share it. `close` stops the spill thread and removes every file (and the directory,
+    unless it was given)."""
+
+    def __init__(
+        self,
+        target: int | None = None,
+        directory: str | None = None,
+        *,
+        name: str = "worker",
+        sizeof: Callable[[Any], int] = default_sizeof,
+    ) -> None:
+        #: spill once the values in memory weigh more than this (None: only on request)
+        self.target = target
+        #: a lower bound the memory monitor sets while the process is too big (None: none)
+        self._ceiling: int | None = None
+        self.name = name
+        self._sizeof = sizeof
+        #: where files go; made on first spill (a fresh temporary directory if not given)
+        self._directory = directory
+        self._own_directory = directory is None
+        self._made_directory = False
+        #: in memory, least recently used first
+        self.fast: OrderedDict[str, Any] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        #: on disk
+        self.slow: dict[str, _OnDisk] = {}
+        self.memory_bytes = 0
+        self.spilled_bytes = 0
+        #: since the start: values written to disk, and read back
+        self.spill_count = 0
+        self.unspill_count = 0
+        self.spilled_bytes_total = 0
+        #: keys whose values cannot be pickled: they stay in memory
+        self._unspillable: set[str] = set()
+        self._files = itertools.count()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ the mapping
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.fast) + len(self.slow)
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter([*self.fast, *self.slow])
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self.fast or key in self.slow
+
+    def __getitem__(self, key: str) -> Any:
+        with self._lock:
+            if key in self.fast:
+                self.fast.move_to_end(key)
+                return self.fast[key]
+            entry = self.slow[key]
+            value = Spilled(entry).load()
+            self._unspill(key, entry, value)
+            return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        size = self._sizeof(value)
+        with self._lock:
+            self._drop(key)
+            self._keep(key, value, size)
+            if self.target is not None and size > self.target:
+                self.fast.move_to_end(key, last=False)  # too big to keep: spill it first
+            self._maybe_spill()
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            if not self._drop(key):
+                raise KeyError(key)
+
+    def discard(self, key: str) -> None:
+        """Delete ``key`` if it is here (a spilled one without reading it back)."""
+        with self._lock:
+            self._drop(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in [*self.fast, *self.slow]:
+                self._drop(key)
+
+    def __repr__(self) -> str:
+        return (f"<SpillBuffer {len(self.fast)} in memory ({self.memory_bytes} bytes),"
+                f" {len(self.slow)} on disk ({self.spilled_bytes} bytes)>")  # fmt: skip
+
+    # ------------------------------------------------------ beyond the mapping
+
+    def peek(self, key: str) -> Any:
+        """``key``'s value for a peer to copy: a spilled one as a `Packed` of its frames,
+        read from disk but left there (a peer's read says nothing of our own next use)."""
+        with self._lock:
+            if key in self.fast:
+                return self.fast[key]
+            entry = self.slow[key]
+            return Packed(Serialized(read_frames(entry.path)))
+
+    def hold(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of those of ``keys`` that are here, for a task about to run: spilled
+        ones as `Spilled` handles, which stay readable (their files stay) until `loaded`
+        is called with them, even if the key is deleted meanwhile."""
+        out: dict[str, Any] = {}
+        with self._lock:
+            for key in keys:
+                if key in self.fast:
+                    self.fast.move_to_end(key)
+                    out[key] = self.fast[key]
+                elif key in self.slow:
+                    entry = self.slow[key]
+                    entry.holds += 1
+                    out[key] = Spilled(entry)
+        return out
+
+    def loaded(self, key: str, lazy: Lazy, value: Any) -> None:
+        """A task thread loaded ``lazy`` (from `hold`: a `Packed` or `Spilled`) as
+        ``value``: keep ``value`` in memory in its place, if the store still holds that copy.
+        Call it for every `Spilled` handed out, loaded or not (``value`` None if not)."""
+        size = self._sizeof(value) if value is not None else 0
+        with self._lock:
+            if isinstance(lazy, Spilled):
+                entry = lazy.entry
+                entry.holds -= 1
+                if value is not None and self.slow.get(key) is entry:
+                    self._unspill(key, entry, value, size)
+                elif not entry.live and entry.holds == 0:
+                    _unlink(entry.path)
+            elif value is not None and self.fast.get(key) is lazy:
+                self.memory_bytes += size - self._sizes[key]
+                self._sizes[key] = size
+                self.fast[key] = value
+                self._maybe_spill()
+
+    @property
+    def ceiling(self) -> int | None:
+        return self._ceiling
+
+    @ceiling.setter
+    def ceiling(self, value: int | None) -> None:
+        """Spill until the values in memory weigh no more than ``value`` (None: lift it)."""
+        with self._lock:
+            self._ceiling = value
+            self._maybe_spill()
+
+    @property
+    def directory(self) -> str | None:
+        """Where spilled values go (None until the first spill, for a temporary one)."""
+        return self._directory
+
+    def spillable_bytes(self) -> int:
+        """Bytes in memory that could still be spilled."""
+        with self._lock:
+            return self.memory_bytes - sum(self._sizes[k] for k in self._unspillable)
+
+    def close(self) -> None:
+        """Stop the spill thread, drop everything, remove the files (and an own directory)."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._lock:
+            self.clear()
+            directory, made = self._directory, self._made_directory
+        if directory is None or not made:
+            return
+        if self._own_directory:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            for entry in os.scandir(directory):
+                if entry.name.endswith(".spill"):
+                    _unlink(entry.path)
+
+    def validate(self) -> None:
+        """Check the invariants (for tests)."""
+        with self._lock:
+            assert not set(self.fast) & set(self.slow), set(self.fast) & set(self.slow)
+            assert set(self._sizes) == set(self.fast)
+            assert self.memory_bytes == sum(self._sizes.values())
+            assert self.spilled_bytes == sum(e.disk_bytes for e in self.slow.values())
+            for entry in self.slow.values():
+                assert entry.live and os.path.exists(entry.path), entry.path
+
+    # -------------------------------------------------------------- mechanics
+
+    def _keep(self, key: str, value: Any, size: int) -> None:
+        self.fast[key] = value
+        self._sizes[key] = size
+        self.memory_bytes += size
+
+    def _drop(self, key: str) -> bool:
+        if key in self.fast:
+            del self.fast[key]
+            self.memory_bytes -= self._sizes.pop(key)
+            self._unspillable.discard(key)
+            return True
+        entry = self.slow.pop(key, None)
+        if entry is None:
+            return False
+        self.spilled_bytes -= entry.disk_bytes
+        entry.live = False
+        if entry.holds == 0:
+            _unlink(entry.path)
+        return True
+
+    def _unspill(self, key: str, entry: _OnDisk, value: Any, size: int | None = None) -> None:
+        del self.slow[key]
+        self.spilled_bytes -= entry.disk_bytes
+        entry.live = False
+        if entry.holds == 0:
+            _unlink(entry.path)
+        self._keep(key, value, self._sizeof(value) if size is None else size)
+        self.unspill_count += 1
+        self._maybe_spill()
+
+    def _limit(self) -> int | None:
+        limits = [x for x in (self.target, self._ceiling) if x is not None]
+        return min(limits) if limits else None
+
+    def _victim(self) -> str | None:
+        """The key to spill next, if the values in memory weigh too much."""
+        limit = self._limit()
+        if limit is None or self.memory_bytes <= limit:
+            return None
+        for key in self.fast:
+            if key not in self._unspillable:
+                return key
+        return None
+
+    def _maybe_spill(self) -> None:
+        if self._closed or self._victim() is None:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._spill_loop, daemon=True,
+                                            name=f"shoal-spill-{self.name}")  # fmt: skip
+            self._thread.start()
+        self._wake.notify()
+
+    def _path(self) -> str:
+        if self._directory is None:
+            self._directory = tempfile.mkdtemp(prefix=f"shoal-spill-{self.name}-")
+        elif not self._made_directory:
+            os.makedirs(self._directory, exist_ok=True)
+        self._made_directory = True
+        return os.path.join(self._directory, f"{next(self._files)}.spill")
+
+    def _spill_loop(self) -> None:
+        """The spill thread: write the least recently used values out while there are too
+        many bytes in memory. The value stays readable in ``fast`` while it is written."""
+        while True:
+            with self._lock:
+                key = self._victim()
+                while key is None and not self._closed:
+                    self._wake.wait()
+                    key = self._victim()
+                if self._closed or key is None:
+                    return
+                value = self.fast[key]
+                size = self._sizes[key]
+                try:
+                    path = self._path()
+                except OSError as exc:
+                    logger.error("cannot make a spill directory: %s; not spilling", exc)
+                    self._unspillable.update(self.fast)
+                    continue
+            try:
+                frames = value.ser.frames if isinstance(value, Packed) else serialize(value, key).frames
+                disk_bytes = write_frames(path, frames)
+            except (SerializationError, OSError) as exc:
+                _unlink(path)
+                logger.warning("keeping %s in memory: cannot spill it: %s", key, exc)
+                with self._lock:
+                    if self.fast.get(key) is value:
+                        self._unspillable.add(key)
+                continue
+            with self._lock:
+                if self.fast.get(key) is not value or self._closed:
+                    _unlink(path)  # deleted or replaced while it was written
+                    continue
+                del self.fast[key]
+                self.memory_bytes -= self._sizes.pop(key)
+                self.slow[key] = _OnDisk(path, size, disk_bytes)
+                self.spilled_bytes += disk_bytes
+                self.spill_count += 1
+                self.spilled_bytes_total += disk_bytes
+            del value, frames  # let it go now, not at the next spill
