@@ -89,7 +89,16 @@ def scheduler(host: str, port: int, token: str | None, log_level: str, worker_tt
 @click.option("--port", default=0, show_default=True, type=int, help="Port for peers (0: any).")
 @click.option("--token", default=None, envvar="SHOAL_TOKEN",
               help="Shared secret the scheduler expects [env: SHOAL_TOKEN].")
-@click.option("--memory-limit", default=0, type=int, help="Bytes of memory this worker may use.")
+@click.option("--memory-limit", default="auto", show_default=True,
+              help='Memory this worker may use: bytes, a size ("4GB", "512MiB"), a fraction of'
+                   ' the machine ("0.5"), "auto" (the machine\'s memory) or 0 (no limit).')
+@click.option("--memory-fractions", default="0.6,0.7,0.8,0.95", show_default=True,
+              help="Fractions of the memory limit: TARGET (spill results beyond it), SPILL"
+                   " (spill when the process's memory passes it), PAUSE (start no new task),"
+                   " TERMINATE (the nanny restarts the worker); 'none' turns one off.")
+@click.option("--nanny/--no-nanny", default=True, show_default=True,
+              help="Run the worker in a child process that a nanny restarts when it dies or"
+                   " outgrows its memory (--no-nanny: in this process).")
 @click.option("--resources", default="", help='Abstract resources tasks can ask for, e.g. "GPU=2,MEM=16e9".')
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float,
               help="Seconds to wait for the scheduler before giving up.")
@@ -100,20 +109,61 @@ def scheduler(host: str, port: int, token: str | None, log_level: str, worker_tt
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
 def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, port: int,
-           token: str | None, memory_limit: int, resources: str, connect_timeout: float,
-           heartbeat_interval: float, death_timeout: float, log_level: str) -> None:
-    """Run a worker that joins the scheduler at SCHEDULER_ADDRESS (e.g. tcp://host:8786)."""
-    from .worker import Worker
+           token: str | None, memory_limit: str, memory_fractions: str, nanny: bool,
+           resources: str, connect_timeout: float, heartbeat_interval: float,
+           death_timeout: float, log_level: str) -> None:
+    """Run a worker that joins the scheduler at SCHEDULER_ADDRESS (e.g. tcp://host:8786).
+
+    By default a nanny (this process) runs the worker in a child process and starts a new
+    one when it dies; SIGTERM or SIGINT stops both.
+    """
+    from .memory import MemoryFractions, parse_memory_limit
 
     _setup_logging(log_level)
+    try:
+        limit = parse_memory_limit(memory_limit)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory-limit") from None
+    try:
+        fractions = MemoryFractions.parse(memory_fractions)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory-fractions") from None
+    if nanny:
+        _run_nanny(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
+                   token=token, memory_limit=limit, memory_fractions=fractions,
+                   resources=parse_resources(resources),
+                   worker_args=["--connect-timeout", str(connect_timeout),
+                                "--heartbeat-interval", str(heartbeat_interval),
+                                "--death-timeout", str(death_timeout), "--log-level", log_level])
+        return
+    from .worker import Worker
+
     server = Worker(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
-                    token=token, memory_limit=memory_limit, connect_timeout=connect_timeout,
+                    token=token, memory_limit=limit, connect_timeout=connect_timeout,
                     resources=parse_resources(resources), heartbeat_interval=heartbeat_interval,
-                    reconnect_timeout=death_timeout)
+                    reconnect_timeout=death_timeout, memory_fractions=fractions)
     try:
         run(_serve_until_signal(server, "shoal worker listening at {address}"))
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _run_nanny(scheduler_address: str, name: str | None, **options: Any) -> None:
+    """``shoal worker`` with a nanny: the worker in a child process, restarted on death."""
+    from .cluster.nanny import Nanny, WorkerStartError
+
+    def started(nanny: Nanny) -> None:
+        if nanny.status == "restarting":
+            click.echo(f"shoal worker restarted, listening at {nanny.address}")
+
+    supervisor = Nanny(scheduler_address, name=name or f"worker-{os.getpid()}", on_start=started,
+                       **options)  # fmt: skip
+    try:
+        run(_serve_until_signal(supervisor, "shoal worker listening at {address}"))
+    except WorkerStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if supervisor.status == "failed":
+        raise click.ClickException(supervisor.error)
 
 
 @main.command()

@@ -54,6 +54,7 @@ from .protocol.messages import (
     UpdateData,
     WantKeys,
     WhoHas,
+    WorkerDeaths,
 )
 from .annotate import resolve_options
 from .protocol.refs import collecting
@@ -629,6 +630,12 @@ class Client(DatasetsMixin):
     def story(self, key: str | Future) -> Any:
         k = key.key if isinstance(key, Future) else key
         return self._sync(self._request(Story(next_rid(), k)))
+
+    def worker_deaths(self) -> Any:
+        """Worker processes that died lately and were restarted by their nanny, oldest
+        first: ``[{"address", "name", "reason", "time"}]``, where reason is e.g. "signal
+        SIGKILL", "exit code 1" or "memory: RSS 190.2 MiB of limit 200.0 MiB"."""
+        return self._sync(self._request(WorkerDeaths(next_rid())))
 
     def run(self, fn: Callable[..., Any], *args: Any, workers: list[str] | None = None,
             **kwargs: Any) -> Any:  # fmt: skip

@@ -9,6 +9,7 @@ as opaque bytes, and `run` is forwarded to workers without being unpickled.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -72,10 +73,15 @@ from .protocol.messages import (
     TaskFinished,
     WantKeys,
     WhoHas,
+    WorkerDeath,
+    WorkerDeaths,
 )
 from .rpc import PeerPool, next_rid
 
 logger = logging.getLogger("shoal.scheduler")
+
+#: Worker deaths the scheduler remembers (`Scheduler.deaths`), the latest ones.
+MAX_DEATHS = 1000
 
 
 class Extension:
@@ -141,6 +147,8 @@ class Scheduler:
         self._closing = False
         #: address -> the latest heartbeat (for metrics and the dashboard)
         self.heartbeats: dict[str, Heartbeat] = {}
+        #: worker processes that died, as their nannies told (the latest `MAX_DEATHS`)
+        self.deaths: collections.deque[WorkerDeath] = collections.deque(maxlen=MAX_DEATHS)
         #: services beside task scheduling (locks, queues, datasets...), see `Extension`
         self.extensions: list[Extension] = []
         from .coordination.service import coordination_extensions  # it imports this module
@@ -314,6 +322,8 @@ class Scheduler:
             send.send(Reply(msg.rid, self.identity()))
         elif isinstance(msg, Story):
             send.send(Reply(msg.rid, [list(row) for row in self.state.story(msg.key)]))
+        elif isinstance(msg, WorkerDeaths):
+            send.send(Reply(msg.rid, self.worker_deaths()))
         elif isinstance(msg, ScatterTargets):
             send.send(Reply(msg.rid, self._scatter_targets(msg)))
         elif isinstance(msg, RunOnWorkers):
@@ -357,6 +367,11 @@ class Scheduler:
                                    reg.memory_limit, dict(reg.resources or {}), list(reg.keys),
                                    list(reg.nbytes))])  # fmt: skip
         logger.info("worker %s (%s, %d threads) joined", address, reg.name, reg.nthreads)
+        if reg.previous_death is not None:
+            death = reg.previous_death
+            self.deaths.append(death)
+            logger.warning("worker %s (%s) had died: %s; %s replaces it", death.address,
+                           death.name, death.reason, address)  # fmt: skip
         reason, graceful = "connection closed", False
         loop = asyncio.get_running_loop()
         self._last_seen[address] = loop.time()
@@ -433,12 +448,24 @@ class Scheduler:
             "started": self.started,
             "workers": {
                 a: {"name": w.name, "nthreads": w.nthreads, "memory_limit": w.memory_limit,
-                    "processing": len(w.processing), "nbytes": w.nbytes}
+                    "processing": len(w.processing), "nbytes": w.nbytes,
+                    **self._memory_of(a)}
                 for a, w in self.state.workers.items()
             },
             "tasks": len(self.state.tasks),
             "clients": len(self.state.clients),
         }  # fmt: skip
+
+    def _memory_of(self, address: str) -> dict[str, Any]:
+        """What the worker's latest heartbeat said of its memory."""
+        beat = self.heartbeats.get(address) or Heartbeat()
+        return {"memory": beat.memory, "managed_bytes": beat.managed_bytes,
+                "spilled_bytes": beat.spilled_bytes, "paused": beat.paused}  # fmt: skip
+
+    def worker_deaths(self) -> list[dict[str, Any]]:
+        """The worker deaths nannies reported, oldest first."""
+        return [{"address": d.address, "name": d.name, "reason": d.reason, "time": d.time}
+                for d in self.deaths]  # fmt: skip
 
     def _scatter_targets(self, msg: ScatterTargets) -> list[list[str]]:
         workers = [w for a, w in self.state.workers.items()

@@ -277,7 +277,8 @@ class SpillBuffer(MutableMapping[str, Any]):
     def loaded(self, key: str, lazy: Lazy, value: Any) -> None:
         """A task thread loaded ``lazy`` (from `hold`: a `Packed` or `Spilled`) as
         ``value``: keep ``value`` in memory in its place, if the store still holds that copy.
-        Call it for every `Spilled` handed out, loaded or not (``value`` None if not)."""
+        A `Spilled` never passed back here keeps its file until `close`; pass ``value``
+        None to let go of one without loading it."""
         size = self._sizeof(value) if value is not None else 0
         with self._lock:
             if isinstance(lazy, Spilled):
@@ -418,32 +419,34 @@ class SpillBuffer(MutableMapping[str, Any]):
                     key = self._victim()
                 if self._closed or key is None:
                     return
-                value = self.fast[key]
-                size = self._sizes[key]
                 try:
                     path = self._path()
                 except OSError as exc:
                     logger.error("cannot make a spill directory: %s; not spilling", exc)
                     self._unspillable.update(self.fast)
                     continue
-            try:
-                frames = value.ser.frames if isinstance(value, Packed) else serialize(value, key).frames
-                disk_bytes = write_frames(path, frames)
-            except (SerializationError, OSError) as exc:
-                _unlink(path)
-                logger.warning("keeping %s in memory: cannot spill it: %s", key, exc)
-                with self._lock:
-                    if self.fast.get(key) is value:
-                        self._unspillable.add(key)
-                continue
+                value, size = self.fast[key], self._sizes[key]
+            self._spill_one(key, value, size, path)
+
+    def _spill_one(self, key: str, value: Any, size: int, path: str) -> None:
+        # Its own frame, so that nothing here outlives the write (the loop then waits).
+        try:
+            frames = value.ser.frames if isinstance(value, Packed) else serialize(value, key).frames
+            disk_bytes = write_frames(path, frames)
+        except (SerializationError, OSError) as exc:
+            _unlink(path)
+            logger.warning("keeping %s in memory: cannot spill it: %s", key, exc)
             with self._lock:
-                if self.fast.get(key) is not value or self._closed:
-                    _unlink(path)  # deleted or replaced while it was written
-                    continue
-                del self.fast[key]
-                self.memory_bytes -= self._sizes.pop(key)
-                self.slow[key] = _OnDisk(path, size, disk_bytes)
-                self.spilled_bytes += disk_bytes
-                self.spill_count += 1
-                self.spilled_bytes_total += disk_bytes
-            del value, frames  # let it go now, not at the next spill
+                if self.fast.get(key) is value:
+                    self._unspillable.add(key)
+            return
+        with self._lock:
+            if self.fast.get(key) is not value or self._closed:
+                _unlink(path)  # deleted or replaced while it was written
+                return
+            del self.fast[key]
+            self.memory_bytes -= self._sizes.pop(key)
+            self.slow[key] = _OnDisk(path, size, disk_bytes)
+            self.spilled_bytes += disk_bytes
+            self.spill_count += 1
+            self.spilled_bytes_total += disk_bytes

@@ -48,6 +48,7 @@ from .core.worker_events import (
 )
 from .core.worker_state import WorkerState
 from .execution import FunctionCache, Outcome, install_warning_capture, pack_exception, run_task
+from .memory import MemoryFractions, WorkerMemory
 from .protocol.messages import (
     PROTOCOL_VERSION,
     ActorCall,
@@ -66,8 +67,10 @@ from .protocol.messages import (
     Reply,
     RunFunction,
     UpdateData,
+    WorkerDeath,
 )
 from .protocol.serialize import Serialized, deserialize, serialize
+from .spill import Lazy, Packed, SpillBuffer
 from .rpc import PeerPool, next_rid
 from .worker_client import TaskClients, TaskContext, running
 
@@ -77,15 +80,6 @@ logger = logging.getLogger("shoal.worker")
 #: tasks) keep their thread while the next tasks start. The state machine bounds the tasks
 #: holding a slot; this only has to be more than will ever wait at once.
 SECEDED_THREADS = 1024
-
-
-class Packed:
-    """Data received from the network, unpickled only when a task first needs it."""
-
-    __slots__ = ("ser",)
-
-    def __init__(self, ser: Serialized) -> None:
-        self.ser = ser
 
 
 class Worker:
@@ -107,6 +101,9 @@ class Worker:
         validate: bool = False,
         heartbeat_interval: float = 0.5,
         reconnect_timeout: float = 60.0,
+        memory_fractions: MemoryFractions | None = None,
+        spill_directory: str | None = None,
+        previous_death: WorkerDeath | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         #: seconds between heartbeats; the scheduler drops a worker silent for its worker-ttl
@@ -124,7 +121,12 @@ class Worker:
         #: the scheduler asked for a restart: the process should exit for its nanny
         self.restart_requested = False
         self.validate = validate
-        self.data: dict[str, Any] = {}
+        #: the store (results spill to disk past the memory target) and the memory monitor
+        self.memory = WorkerMemory(self.name, memory_limit, memory_fractions, spill_directory,
+                                   in_process)  # fmt: skip
+        self.data: SpillBuffer = self.memory.data
+        #: how the process this one replaces died (from its nanny), told on registering
+        self.previous_death = previous_death
         self.functions = FunctionCache()
         self.address = ""
         self.state: WorkerState | None = None
@@ -167,6 +169,7 @@ class Worker:
             await self.close("could not join the scheduler")
             raise
         self._spawn(self._heartbeat_loop())
+        self._spawn(self.memory.run(self))
         self.status = "running"
         logger.info("worker %s at %s joined %s", self.name, self.address, self.scheduler_address)
         return self
@@ -181,7 +184,7 @@ class Worker:
         await comm.write([RegisterWorker(
             rid, self.address, self.nthreads, self.name, self.memory_limit, self.resources,
             os.getpid(), held, [self.state.tasks[k].nbytes for k in held],
-            restarts_in_place=self.in_process)])  # fmt: skip
+            restarts_in_place=self.in_process, previous_death=self.previous_death)])  # fmt: skip
         try:
             answer = await asyncio.wait_for(comm.read(), timeout)
         except (asyncio.TimeoutError, CommClosedError):
@@ -191,6 +194,7 @@ class Worker:
         if not answer or not isinstance(answer[0], Reply) or answer[0].error:
             await comm.close()
             raise ConnectionError(f"scheduler {self.scheduler_address} refused worker: {answer}")
+        self.previous_death = None  # told once
         self._scheduler_comm = comm
         self._scheduler = BatchedSend(comm)
         self._spawn(self._read_scheduler(comm))
@@ -205,7 +209,7 @@ class Worker:
         self._handle([DataPut("reconnect", held)])
         for key in list(self.data):
             if key not in held:
-                self.data.pop(key, None)
+                self.data.discard(key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.reconnect_timeout
         while not self._closing:
@@ -238,7 +242,8 @@ class Worker:
             except psutil.Error:
                 rss = 0
             send.send(Heartbeat(len(self.state.executing), len(self.state.ready), rss,
-                                proc.cpu_percent()))  # fmt: skip
+                                proc.cpu_percent(), self.data.spilled_bytes,
+                                self.data.memory_bytes, self.state.paused))  # fmt: skip
 
     def __await__(self) -> Any:
         return self.start().__await__()
@@ -271,7 +276,7 @@ class Worker:
         await asyncio.gather(*(t for t in self._tasks if t is not current),
                              return_exceptions=True)  # fmt: skip
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self.data.clear()
+        self.memory.close()  # drops the data, removes the spilled files
         self.status = "closed"
         self._closed.set()
 
@@ -338,7 +343,7 @@ class Worker:
             if self._scheduler is not None and not self._scheduler.closed:
                 self._scheduler.send(ins.msg)
         elif isinstance(ins, ReleaseData):
-            self.data.pop(ins.key, None)
+            self.data.discard(ins.key)
             if ins.key in self.actors:
                 self.actors.remove(ins.key)
         elif isinstance(ins, Rejoin):
@@ -355,7 +360,8 @@ class Worker:
         ts = self.state.tasks[key]
         compute = ts.compute
         assert compute is not None
-        deps = {dep: self.data[dep] for dep in compute.who_has if dep in self.data}
+        # Spilled inputs come as handles, read back on the task's thread, not here.
+        deps = self.data.hold(compute.who_has)
         self._executor.submit(self._run_in_thread, key, compute.function, compute.args, deps)
 
     def _run_in_thread(self, key: str, function: bytes, args: Serialized,
@@ -363,11 +369,10 @@ class Worker:
         try:
             with running(TaskContext(self, key)):
                 for dep, value in deps.items():
-                    if isinstance(value, Packed):
-                        deps[dep] = deserialize(value.ser)
-                        # Back into the store, so the next task that needs it need not unpickle it.
-                        if self.data.get(dep) is value:
-                            self.data[dep] = deps[dep]
+                    if isinstance(value, Lazy):  # received (`Packed`) or spilled
+                        deps[dep] = value.load()
+                        # Back into the store, so the next task that needs it need not load it.
+                        self.data.loaded(dep, value, deps[dep])
                 outcome = run_task(key, function, args, deps, self.functions, time.time)
         except Exception as exc:  # noqa: BLE001 - an input that cannot be unpickled
             outcome = Outcome(key)
@@ -483,10 +488,10 @@ class Worker:
             if key not in self.data:
                 missing.append(key)
                 continue
-            value = self.data[key]
             try:
+                value = self.data.peek(key)  # a spilled value: its frames, from disk
                 data[key] = value.ser if isinstance(value, Packed) else serialize(value, key)
-            except TypeError as exc:
+            except (TypeError, OSError) as exc:
                 logger.error("cannot send %s: %s", key, exc)
                 missing.append(key)
         return DataReply(msg.rid, data, missing)

@@ -2,7 +2,8 @@
 
 Workers are separate processes by default (one per core), or in-process `Worker` objects
 with ``processes=False``. Every worker process holds a pipe from us on its stdin and exits
-when it closes, so none is left behind even if this process is killed.
+when it closes, so none is left behind even if this process is killed. Each runs under a
+`Nanny` on our event loop, which starts a new one when it dies (or outgrows its memory).
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
-import sys
 from typing import Any
 
-import psutil
-
+from ..memory import MemoryFractions, parse_memory_limit
 from ..scheduler import Scheduler
 from ..worker import Worker
+from .nanny import Nanny
 
 logger = logging.getLogger("shoal.cluster")
 
@@ -33,11 +32,12 @@ class LocalCluster:
         host: str = "127.0.0.1",
         scheduler_port: int = 0,
         token: str | None = None,
-        memory_limit: int | None = None,
+        memory_limit: int | str | None = None,
         validate: bool = False,
         worker_start_timeout: float = 60.0,
         resources: dict[str, float] | None = None,
         worker_ttl: float = 30.0,
+        memory_fractions: MemoryFractions | None = None,
     ) -> None:
         cores = os.cpu_count() or 1
         if n_workers is None:
@@ -49,8 +49,10 @@ class LocalCluster:
         self.host = host
         self.scheduler_port = scheduler_port
         self.token = token
-        total = psutil.virtual_memory().total
-        self.memory_limit = memory_limit if memory_limit is not None else total // max(1, n_workers)
+        #: bytes per worker (0: none); by default this machine's memory shared by the workers
+        self.memory_limit = parse_memory_limit(memory_limit, n_workers)
+        #: when workers spill, pause and are restarted (fractions of ``memory_limit``)
+        self.memory_fractions = memory_fractions or MemoryFractions()
         self.validate = validate
         #: what each worker offers to tasks that ask for resources
         self.resources = dict(resources or {})
@@ -58,7 +60,8 @@ class LocalCluster:
         self.worker_start_timeout = worker_start_timeout
         self.scheduler: Scheduler | None = None
         self.workers: list[Worker] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
+        #: the supervisors of the worker processes
+        self.nannies: list[Nanny] = []
         self.scheduler_address = ""
 
     async def _start(self) -> LocalCluster:
@@ -68,12 +71,13 @@ class LocalCluster:
         self.scheduler_address = self.scheduler.address
         try:
             if self.processes:
-                self._spawn_processes()
+                await self._start_nannies()
             else:
                 for i in range(self.n_workers):
                     w = Worker(self.scheduler_address, nthreads=self.threads_per_worker,
                                name=f"local-{i}", host=self.host, token=self.token,
                                memory_limit=self.memory_limit, in_process=True,
+                               memory_fractions=self.memory_fractions,
                                resources=self.resources,
                                validate=self.validate)  # fmt: skip
                     self.workers.append(w)
@@ -84,16 +88,18 @@ class LocalCluster:
             raise
         return self
 
-    def _spawn_processes(self) -> None:
-        env = dict(os.environ)
-        if self.token:
-            env["SHOAL_TOKEN"] = self.token
-        for i in range(self.n_workers):
-            cmd = [sys.executable, "-m", "shoal.cluster.worker_process", self.scheduler_address,
-                   "--nthreads", str(self.threads_per_worker), "--name", f"local-{i}",
-                   "--host", self.host, "--memory-limit", str(self.memory_limit), "--lifeline",
-                   "--resources", ",".join(f"{k}={v!r}" for k, v in self.resources.items())]  # fmt: skip
-            self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env))
+    async def _start_nannies(self) -> None:
+        self.nannies = [
+            Nanny(self.scheduler_address, name=f"local-{i}", nthreads=self.threads_per_worker,
+                  host=self.host, token=self.token, memory_limit=self.memory_limit,
+                  memory_fractions=self.memory_fractions, resources=self.resources,
+                  start_timeout=self.worker_start_timeout)
+            for i in range(self.n_workers)
+        ]  # fmt: skip
+        started = await asyncio.gather(*(n.start() for n in self.nannies), return_exceptions=True)
+        for outcome in started:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _wait_for_workers(self) -> None:
         assert self.scheduler is not None
@@ -101,10 +107,10 @@ class LocalCluster:
         deadline = loop.time() + self.worker_start_timeout
         delay = 0.002
         while len(self.scheduler.state.workers) < self.n_workers:
-            dead = [p for p in self.procs if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"a worker process exited with code {dead[0].returncode}"
-                                   " while starting (see its output above)")  # fmt: skip
+            gone = [n for n in self.nannies if n.status in ("closed", "failed")]
+            if gone:
+                raise RuntimeError(f"worker {gone[0].name} stopped while starting"
+                                   " (see its output above)")  # fmt: skip
             if loop.time() > deadline:
                 raise TimeoutError(f"{len(self.scheduler.state.workers)} of {self.n_workers}"
                                    f" workers started within {self.worker_start_timeout}s")  # fmt: skip
@@ -112,26 +118,15 @@ class LocalCluster:
             delay = min(delay * 1.5, 0.05)
 
     async def _close(self) -> None:
+        for n in self.nannies:
+            n.stop_restarting()  # workers the scheduler closes stay closed
         if self.scheduler is not None:
             await self.scheduler.close(close_workers=True)
         for w in self.workers:
             await w.close("cluster closing")
-        for p in self.procs:
-            if p.stdin is not None:
-                try:
-                    p.stdin.close()  # the lifeline: the worker exits on EOF
-                except OSError:
-                    pass
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while any(p.poll() is None for p in self.procs) and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        for p in self.procs:
-            if p.poll() is None:
-                logger.warning("worker process %d did not exit; killing it", p.pid)
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        # EOF on each lifeline, then SIGTERM and SIGKILL for a worker that lingers.
+        await asyncio.gather(*(n.close(timeout=5) for n in self.nannies))
+        self.nannies.clear()
         self.workers.clear()
 
     def __repr__(self) -> str:

@@ -1,17 +1,22 @@
-"""Entry point of a worker process started by `LocalCluster` (lean: no CLI imports).
+"""Entry point of a worker process started by a `Nanny` (lean: no CLI imports).
 
 The parent keeps our stdin open; when it reaches EOF the parent is gone (even killed with
-SIGKILL), and the worker shuts down, so no process outlives its cluster.
+SIGKILL), and the worker shuts down, so no process outlives its cluster. Once the worker has
+joined the scheduler it writes its address on ``--ready-fd``, for the parent to read.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import os
 import signal
 import sys
 
+from ..memory import MemoryFractions
+from ..protocol.messages import WorkerDeath
 from ..utils.loop import run
 from ..worker import Worker
 
@@ -25,8 +30,19 @@ async def serve(args: argparse.Namespace) -> int:
                     token=os.environ.get("SHOAL_TOKEN") or None,
                     memory_limit=args.memory_limit,
                     resources={k: float(v) for k, _, v in (item.partition("=") for item in
-                               args.resources.split(",") if item)})  # fmt: skip
+                               args.resources.split(",") if item)},
+                    port=args.port, connect_timeout=args.connect_timeout,
+                    heartbeat_interval=args.heartbeat_interval,
+                    reconnect_timeout=args.death_timeout,
+                    memory_fractions=MemoryFractions.parse(args.memory_fractions)
+                    if args.memory_fractions else None,
+                    spill_directory=args.spill_directory,
+                    previous_death=WorkerDeath(**json.loads(args.previous_death))
+                    if args.previous_death else None)  # fmt: skip
     await worker.start()
+    if args.ready_fd is not None:
+        with os.fdopen(args.ready_fd, "w") as ready:
+            ready.write(f"{worker.address}\n")
     loop = asyncio.get_running_loop()
     stop = lambda: asyncio.ensure_future(worker.close("signal"))  # noqa: E731
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,8 +72,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-limit", type=int, default=0)
     parser.add_argument("--lifeline", action="store_true")
     parser.add_argument("--resources", default="")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5)
+    parser.add_argument("--death-timeout", type=float, default=60.0)
+    parser.add_argument("--memory-fractions", default="",
+                        help="target,spill,pause,terminate (see shoal.memory)")
+    parser.add_argument("--spill-directory", default=None)
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="write the worker's address there once it has joined")
+    parser.add_argument("--previous-death", default=None,
+                        help="JSON of the WorkerDeath of the process this one replaces")
+    parser.add_argument("--log-level", default=None)
     args = parser.parse_args(argv)
-    sys.exit(run(serve(args)))
+    if args.log_level:
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        code = run(serve(args))
+    except (OSError, asyncio.TimeoutError) as exc:  # could not join the scheduler
+        print(f"shoal worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,21 @@ def validate(state: SchedulerState) -> None:
     for client, keys in state.clients.items():
         for ts in keys:
             assert client in ts.who_wants, (client, ts)
+    _validate_group_counts(state)
+
+
+def _validate_group_counts(state: SchedulerState) -> None:
+    """`TaskGroups` agrees with a count over every task."""
+    expected: dict[str, dict[str, int]] = {}
+    for ts in state.tasks.values():
+        per = expected.setdefault(ts.group, {})
+        per[ts.state] = per.get(ts.state, 0) + 1
+    counted = {g: {s: n for s, n in c.states.items() if n} for g, c in state.groups.groups.items()}
+    assert counted == expected, (counted, expected)
+    for g, c in state.groups.groups.items():
+        assert c.live == sum(c.states.values()) > 0, (g, c.states, c.live)
+    totals: dict[str, int] = {}
+    for per in expected.values():
+        for s, n in per.items():
+            totals[s] = totals.get(s, 0) + n
+    assert state.groups.by_state() == totals, (state.groups.by_state(), totals)

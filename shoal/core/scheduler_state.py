@@ -73,6 +73,7 @@ from .scheduler_events import (
     WorkerLeft,
 )
 from .scheduler_checks import validate
+from .task_groups import TaskGroups
 from .scheduler_records import (
     _NEEDS_INPUTS,
     FIRE_AND_FORGET,
@@ -106,6 +107,8 @@ class SchedulerState:
         self.validate = validate
         self.story_log: deque[tuple[str, str, str, str, float]] = deque(maxlen=STORY_LOG_SIZE)
         self.transition_counts: dict[tuple[str, str], int] = {}
+        #: tasks per group and state, for the dashboard, /metrics and progress bars
+        self.groups = TaskGroups()
         self._order = 0
         self._now = 0.0
         self._stimulus = ""
@@ -161,6 +164,7 @@ class SchedulerState:
                 self._order += 1
                 ts = TaskState(spec.key, spec, (-spec.priority, self._order))
                 self.tasks[spec.key] = ts
+                self.groups.created(ts.group)
                 new.append(ts)
             elif ts.spec is None and ts.state == "released":
                 ts.spec = spec  # a lost scattered key given a recipe again
@@ -243,6 +247,7 @@ class SchedulerState:
                 self._order += 1
                 ts = TaskState(key, None, (0, self._order))
                 self.tasks[key] = ts
+                self.groups.created(ts.group)
             ts.who_wants.add(ev.client)
             client_keys.add(ts)
             holders = [self.workers[a] for a in addresses if a in self.workers]
@@ -428,6 +433,7 @@ class SchedulerState:
         for ts in self.tasks.values():
             self.story_log.append((ts.key, ts.state, "forgotten", self._stimulus, self._now))
         self.tasks.clear()
+        self.groups.clear()
         self.queue.clear()
         self.unrunnable.clear()
         self._freed.clear()
@@ -505,6 +511,7 @@ class SchedulerState:
         self.story_log.append((ts.key, start, finish, stimulus, self._now))
         pair = (start, finish)
         self.transition_counts[pair] = self.transition_counts.get(pair, 0) + 1
+        self.groups.moved(ts.group, start, finish)
 
     def _make_needed(self, ts: TaskState) -> None:
         """Bring ``ts`` and the dependencies it lacks towards memory."""
@@ -780,6 +787,7 @@ class SchedulerState:
             if self.tasks.get(t.key) is not t:
                 continue
             del self.tasks[t.key]
+            self.groups.forgotten(t.group, t.state)
             self.story_log.append((t.key, t.state, "forgotten", self._stimulus, self._now))
             for dep in t.dependencies:
                 dep.dependents.discard(t)

@@ -178,6 +178,12 @@ class ChildExecutor:
             self.kill()
             return Outcome(ok=False, error=f"WorkerLost: the job's child process is gone: {exc}")
         self._known.add(job.name)
+        try:
+            return self._await(job, message)
+        except (OSError, ValueError) as exc:  # the worker killed the child while we waited
+            return Outcome(ok=False, error=f"WorkerLost: the job's child process was stopped: {exc}")
+
+    def _await(self, job: JobFunction[Any, Any], message: JobMessage) -> Outcome:
         limit = message.time_limit
         deadline = None if limit is None else time.monotonic() + limit
         while True:
@@ -200,20 +206,23 @@ class ChildExecutor:
         return pickle.loads(frame)  # type: ignore[no-any-return]
 
     def kill(self) -> int | None:
-        """Kill the child (if any); the next `run` starts a new one. Returns its exit code."""
+        """Kill the child (if any); the next `run` starts a new one. Returns its exit code.
+        The child dies first, so a slot waiting on it sees end of file, not a closed fd."""
         with self._lock:
             proc, self._proc = self._proc, None
             if proc is None:
                 return None
-            for fd in (self._to_child, self._from_child):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            fds = (self._to_child, self._from_child)
             self._to_child = self._from_child = -1
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-        return proc.wait()
+        code = proc.wait()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return code
 
     def close(self) -> None:
         """Stop the child: closing its pipe ends it once its current attempt is done."""

@@ -177,6 +177,13 @@ class Story(Msg, tag="story"):
     key: str
 
 
+class WorkerDeaths(Msg, tag="worker-deaths"):
+    """The worker processes that died lately, as their nannies saw it; `Reply` value is a
+    list of ``{"address", "name", "reason", "time"}``, oldest first."""
+
+    rid: int
+
+
 # ------------------------------------------------------------ scheduler -> client
 
 
@@ -214,6 +221,18 @@ class SchedulerClosing(Msg, tag="scheduler-closing"):
 # --------------------------------------------------------- worker <-> scheduler
 
 
+class WorkerDeath(msgspec.Struct, array_like=True):
+    """How a worker process ended, as its nanny saw it."""
+
+    #: where it listened (empty if it died before it started)
+    address: str
+    name: str
+    #: "signal SIGKILL", "exit code 3", "memory: RSS 190.2 MiB of limit 200.0 MiB"...
+    reason: str
+    #: when (seconds since the epoch)
+    time: float
+
+
 class RegisterWorker(Msg, tag="register-worker"):
     """Sent by a worker right after the handshake; answered by a `Reply`."""
 
@@ -229,6 +248,8 @@ class RegisterWorker(Msg, tag="register-worker"):
     nbytes: list[int] = []
     #: an in-process worker resets itself on `RestartWorker` instead of exiting
     restarts_in_place: bool = False
+    #: the death of the process this one replaces (sent by its nanny's new worker)
+    previous_death: WorkerDeath | None = None
 
 
 class ComputeTask(Msg, tag="compute"):
@@ -339,8 +360,14 @@ class RefreshWhoHas(Msg, tag="refresh-who-has"):
 class Heartbeat(Msg, tag="heartbeat"):
     executing: int = 0
     ready: int = 0
+    #: the process's RSS, bytes
     memory: int = 0
     cpu: float = 0.0
+    #: bytes of results spilled to disk, and of results in memory (`shoal.spill`)
+    spilled_bytes: int = 0
+    managed_bytes: int = 0
+    #: memory is above the pause fraction: no new task starts (`shoal.memory`)
+    paused: bool = False
 
 
 # ------------------------------------------------- anyone <-> worker (data plane)
@@ -576,6 +603,7 @@ Message = Union[
     Identity,
     RunOnWorkers,
     Story,
+    WorkerDeaths,
     KeyInMemory,
     KeyErred,
     KeyCancelled,
@@ -640,6 +668,7 @@ CLIENT_TO_SCHEDULER: tuple[type[Msg], ...] = (
     Identity,
     RunOnWorkers,
     Story,
+    WorkerDeaths,
     # coordination and datasets (answered by the scheduler's extensions)
     LeaseAcquire,
     LeaseRelease,

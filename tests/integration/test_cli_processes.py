@@ -61,8 +61,10 @@ def test_scheduler_and_workers_as_processes_run_work_and_stop_cleanly() -> None:
             assert client.nthreads() == {worker_a.address: 1, worker_b.address: 2}
             squares = client.map(lambda x: x * x, range(20))
             assert client.submit(sum, squares).result(timeout=30) == 2470
+            # (each worker runs in a child process of its `shoal worker`, the nanny)
             pids = client.run(os.getpid)
-            assert set(pids.values()) == {worker_a.pid, worker_b.pid}
+            assert {psutil.Process(p).ppid() for p in pids.values()} == {worker_a.pid,
+                                                                         worker_b.pid}
         # then SIGTERM and SIGINT each stop a worker with exit code 0
         worker_a.stop(signal.SIGTERM, timeout=15)
         worker_b.stop(signal.SIGINT, timeout=15)

@@ -21,9 +21,9 @@ import pytest
 
 from shoal.jobs import JobQueue
 from shoal.jobs.broker import Broker
-from shoal.testing import wait_until
 from shoal.jobs.brokers import open_broker
 from shoal.jobs.testing import FakeClock, RedisServer, redis_ping
+from shoal.testing import wait_until
 
 BACKENDS = ["memory", "sqlite", "redis"]
 

@@ -44,3 +44,11 @@ def record(db: str, n: int, pause: float = 0.0) -> int:
 @app.job
 def noop() -> None:
     return None
+
+
+@app.job(retries=0)
+def cluster_sum(n: int) -> int:
+    """Submit work to the shoal cluster the job worker was started with (--scheduler)."""
+    import shoal
+
+    return int(shoal.get_client().submit(sum, range(n), pure=False).result(timeout=30))

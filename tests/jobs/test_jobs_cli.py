@@ -159,3 +159,15 @@ def test_queue_tools(testapp: JobQueue, url: str) -> None:
         assert bad_url.exit_code != 0 and "unknown job broker URL" in bad_url.output
     finally:
         del testapp.jobs["tools.fails"]
+
+
+def test_worker_with_scheduler_lets_jobs_use_get_client(testapp: JobQueue, url: str,
+                                                        client: object) -> None:
+    import jobs_testapp
+
+    address = client.scheduler_address  # type: ignore[attr-defined]
+    handle = jobs_testapp.cluster_sum.delay(10)
+    with job_worker(url, "--scheduler", address) as proc:
+        assert handle.result(timeout=30) == 45
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

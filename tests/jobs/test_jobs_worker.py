@@ -142,9 +142,8 @@ def test_time_limit_stops_the_attempt(app: JobQueue, pool: str, tmp_path: Path) 
     marker = tmp_path / "runs"
     handle = slow.delay(str(marker))
     started = time.monotonic()
-    with app.worker(pool=pool):  # type: ignore[arg-type]
-        with pytest.raises(TimeLimitExceeded):
-            handle.result(timeout=20)
+    with app.worker(pool=pool), pytest.raises(TimeLimitExceeded):  # type: ignore[arg-type]
+        handle.result(timeout=20)
     assert time.monotonic() - started < 10
     assert handle.attempts == 2 and marker.read_text() == "xx"
     assert handle.last_error is not None and "time limit of 0.3s" in handle.last_error

@@ -47,10 +47,10 @@ def test_tasks_needing_a_gpu_run_only_on_the_worker_declaring_one(tmp_path: Path
 
     # then: every GPU task ran on the GPU worker, one at a time
     assert {w for f in gpu for w in who_has[f.key]} == {gpu_box.address}
-    spans = {}
+    spans: dict[str, tuple[float, float]] = {}
     for line in log.read_text().splitlines():
-        label, start, end = line.split()
-        spans[label] = (float(start), float(end))
+        label, began, ended = line.split()
+        spans[label] = (float(began), float(ended))
     gpu_spans = sorted(spans[f"g{i}"] for i in range(4))
     for (_, end), (start, _) in zip(gpu_spans, gpu_spans[1:]):
         assert start >= end - 1e-3, f"GPU tasks overlapped: {gpu_spans}"

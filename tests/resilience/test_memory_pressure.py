@@ -1,0 +1,137 @@
+"""Workers under memory pressure, as real processes: results beyond the memory target spill
+to disk and come back when needed, and a worker above its pause fraction starts no task."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal.memory import MemoryFractions
+from shoal.testing import Tally, gen_cluster, wait_until
+
+MB = 10**6
+#: 20 MB of float64
+ARRAY_LEN = 2_500_000
+
+
+def make(i: int) -> Any:
+    return np.full(ARRAY_LEN, float(i))
+
+
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def total(a: Any) -> float:
+    return float(a.sum())
+
+
+def peak_rss() -> int:
+    """This process's peak RSS, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def test_a_graph_three_times_the_memory_limit_finishes_by_spilling() -> None:
+    # given 2 worker processes with 200 MB each, and a graph whose results all stay held:
+    # 30 arrays of 20 MB and 30 sums of neighbours (fetched across workers): 1.2 GB, 3x
+    n = 30
+    with gen_cluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="200MB",
+                     timeout=120) as client:  # fmt: skip
+        started = time.monotonic()
+        xs = [client.submit(make, i, key=f"x-{i}") for i in range(n)]
+        ys = [client.submit(add, xs[i], xs[(i + 1) % n], key=f"y-{i}") for i in range(n)]
+        sums = client.map(total, ys)
+
+        # when it runs, then every result is right (spilled inputs were read back)
+        expected = [(i + (i + 1) % n) * ARRAY_LEN for i in range(n)]
+        assert client.gather(sums) == expected
+        elapsed = time.monotonic() - started
+
+        # and the workers reported spilled bytes while the results are held
+        def spilled() -> dict[str, int]:
+            workers = client.scheduler_info()["workers"]
+            return {a: w["spilled_bytes"] for a, w in workers.items()}
+
+        wait_until(lambda: sum(spilled().values()) > 0, timeout=10,
+                   message="spilled bytes in the heartbeats")  # fmt: skip
+        on_disk = sum(spilled().values())
+        assert on_disk > 600 * MB, on_disk  # well over half of the 1.2 GB is on disk
+
+        # and a spilled result comes back whole to the client, read from the worker's disk
+        assert np.array_equal(xs[0].result(timeout=30), make(0))
+
+        # and no worker died, none went over its limit
+        assert client.worker_deaths() == []
+        peaks = client.run(peak_rss)
+        assert max(peaks.values()) < 0.95 * 200 * MB, peaks
+        print(f"\n3x-memory graph: {elapsed:.1f}s, peak RSS per worker"
+              f" {sorted(p // MB for p in peaks.values())} MB, spilled {on_disk // MB} MB")
+
+
+def hog(megabytes: int) -> int:
+    """Hold ``megabytes`` of memory in this worker process (outside the store)."""
+    globals()["_HOG"] = np.ones(megabytes * MB // 8)
+    return megabytes
+
+
+def free_hog() -> bool:
+    return globals().pop("_HOG", None) is not None
+
+
+def test_a_worker_above_its_pause_fraction_starts_no_task_until_back_under(
+    tmp_path: Path,
+) -> None:
+    # given one worker process with 500 MB and a low pause fraction: 30%, 150 MB (no spilling
+    # or restarting here: what fills it is outside the store)
+    fractions = MemoryFractions(target=None, spill=None, pause=0.3, terminate=None)
+    tally = Tally(tmp_path / "runs.txt")
+    with gen_cluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="500MB",
+                     memory_fractions=fractions, timeout=60) as client:  # fmt: skip
+        [address] = client.scheduler_info()["workers"]
+
+        def paused() -> bool:
+            return bool(client.scheduler_info()["workers"][address]["paused"])
+
+        # when a task makes the process hold 200 MB
+        assert client.submit(hog, 200, pure=False).result(timeout=30) == 200
+        # then the worker pauses (its heartbeat says so)
+        wait_until(paused, timeout=10, message="the worker pauses")
+
+        # and a task submitted now does not start
+        late = client.submit(tally.record, "late", pure=False)
+        time.sleep(1.0)
+        assert tally.count() == 0 and not late.done()
+
+        # when the memory is freed (`run` is not a task: it runs while paused)
+        assert client.run(free_hog) == {address: True}
+
+        # then the worker resumes and the waiting task runs
+        assert late.result(timeout=10) == "late"
+        wait_until(lambda: not paused(), timeout=10, message="the worker resumes")
+        assert tally.count("late") == 1
+        assert client.worker_deaths() == []
+
+
+@pytest.mark.parametrize("processes", [False])
+def test_in_process_workers_spill_by_the_target_only(processes: bool) -> None:
+    # given an in-process worker with a 100 MB limit (target 60 MB)
+    with gen_cluster(n_workers=1, threads_per_worker=1, processes=processes,
+                     memory_limit="100MB") as client:  # fmt: skip
+        # when 5 arrays of 20 MB are held, then the results are right and some were spilled
+        xs = [client.submit(make, i, key=f"x-{i}") for i in range(5)]
+        assert [float(total(x)) for x in client.gather(xs)] == [i * ARRAY_LEN for i in range(5)]
+        [worker] = client.cluster.workers
+        wait_until(lambda: worker.data.spilled_bytes > 0, timeout=10, message="spilled")
+        assert worker.data.memory_bytes <= 60 * MB
+        assert client.submit(total, xs[0]).result(timeout=10) == 0.0
+        spill_dir = worker.data.directory
+        assert spill_dir is not None and os.listdir(spill_dir)
+    # and its spill directory is gone with it
+    assert not os.path.exists(spill_dir)
