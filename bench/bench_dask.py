@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 SIZES: dict[str, dict[str, Any]] = {
-    "full": dict(arrays=[10_000, 20_000], array_reps=[5, 3], parts=100, rows=200_000,
+    "full": dict(arrays=[10_000, 20_000], array_reps=[7, 5], parts=100, rows=200_000,
                  df_reps=5, child_timeout=1800.0, quiet_wait=60.0),
     "quick": dict(arrays=[2_000, 4_000], array_reps=[2, 1], parts=20, rows=20_000,
                   df_reps=2, child_timeout=300.0, quiet_wait=0.0),

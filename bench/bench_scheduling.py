@@ -566,6 +566,8 @@ def core_figures() -> dict[str, str]:
         return found
     section = text.split("## Core benchmark", 1)[1].split("\n## ", 1)[0]
     for ln in section.splitlines():
+        if ln.startswith("- date:") and "date" not in found:
+            found["date"] = ln.split(":", 1)[1].strip()
         cells = [c.strip() for c in ln.strip().strip("|").split("|")]
         if len(cells) < 3:
             continue
@@ -662,6 +664,9 @@ def build_table(shoal: dict[str, Any], dask: dict[str, Any], quick: bool,
         core_fig = core.get(key)
         rows.append([label, unit, _fmt(val(shoal, key), unit), "", "",
                      f"core bench {core_fig}" if core_fig and not quick else "—", load(key)])
+    if core.get("date") and not quick:
+        rows.append(["(c)   \"core bench\": shoal's figures in the Core benchmark section of",
+                     "", core["date"], "", "", "", ""])
     return header, rows, met, total
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 from typing import Any
@@ -16,12 +15,23 @@ DEFAULT_PORT = 8786
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .diagnostics.logs import setup_cli_logging
+
+    setup_cli_logging(level)
+
+
+#: ``--log-level`` of the servers: one flag, also read from SHOAL_LOG_LEVEL
+_log_level = click.option(
+    "--log-level", default="info", show_default=True, envvar="SHOAL_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Logging level of shoal's loggers [env: SHOAL_LOG_LEVEL].")  # fmt: skip
 
 
 async def _serve_until_signal(server: Any, started: str) -> None:
     await server.start()
     click.echo(started.format(address=server.address), err=False)
+    if getattr(server, "dashboard_link", ""):
+        click.echo(f"shoal dashboard at {server.dashboard_link}", err=False)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,16 +76,30 @@ def main() -> None:
               help="Port to listen on (0 picks a free one).")
 @click.option("--token", default=None, envvar="SHOAL_TOKEN",
               help="Shared secret every client and worker must present [env: SHOAL_TOKEN].")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
+@_log_level
 @click.option("--worker-ttl", default=30.0, show_default=True, type=float,
               help="Seconds of silence after which a worker is removed and its work moved.")
-def scheduler(host: str, port: int, token: str | None, log_level: str, worker_ttl: float) -> None:
+@click.option("--dashboard-address", default=":8787", show_default=True,
+              help="[HOST]:PORT of the web dashboard, JSON API and /metrics (HOST defaults to"
+                   " --host; a port in use falls back to a free one).")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True,
+              help="Serve the dashboard.")
+@click.option("--jobs-url", default=None,
+              help="A shoal.jobs queue for the dashboard and /metrics to show: a broker URL"
+                   " (sqlite:///jobs.db, redis://host) or MODULE:APP (which shows its"
+                   " schedules too).")
+def scheduler(host: str, port: int, token: str | None, log_level: str, worker_ttl: float,
+              dashboard_address: str, dashboard: bool, jobs_url: str | None) -> None:
     """Run a scheduler; prints the address workers and clients connect to."""
     from .scheduler import Scheduler
 
     _setup_logging(log_level)
-    server = Scheduler(host, port, token=token, worker_ttl=worker_ttl)
+    try:
+        server = Scheduler(host, port, token=token, worker_ttl=worker_ttl,
+                           dashboard_address=dashboard_address if dashboard else None,
+                           jobs=jobs_url)  # fmt: skip
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dashboard-address") from None
     run(_serve_until_signal(server, "shoal scheduler listening at {address}"))
 
 
@@ -106,12 +130,17 @@ def scheduler(host: str, port: int, token: str | None, log_level: str, worker_tt
               help="Seconds between heartbeats to the scheduler.")
 @click.option("--death-timeout", default=60.0, show_default=True, type=float,
               help="Seconds to keep trying to reconnect to a lost scheduler before exiting.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]), help="Logging level.")
+@_log_level
+@click.option("--dashboard-address", default=":0", show_default=True,
+              help="[HOST]:PORT of the worker's /metrics and /health server (HOST defaults to"
+                   " --host; :0 a free port). Its URL is told to the scheduler.")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True,
+              help="Serve /metrics and /health.")
 def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, port: int,
            token: str | None, memory_limit: str, memory_fractions: str, nanny: bool,
            resources: str, connect_timeout: float, heartbeat_interval: float,
-           death_timeout: float, log_level: str) -> None:
+           death_timeout: float, log_level: str, dashboard_address: str,
+           dashboard: bool) -> None:
     """Run a worker that joins the scheduler at SCHEDULER_ADDRESS (e.g. tcp://host:8786).
 
     By default a nanny (this process) runs the worker in a child process and starts a new
@@ -134,14 +163,17 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
                    resources=parse_resources(resources),
                    worker_args=["--connect-timeout", str(connect_timeout),
                                 "--heartbeat-interval", str(heartbeat_interval),
-                                "--death-timeout", str(death_timeout), "--log-level", log_level])
+                                "--death-timeout", str(death_timeout), "--log-level", log_level,
+                                *(["--dashboard-address", dashboard_address] if dashboard
+                                  else [])])  # fmt: skip
         return
     from .worker import Worker
 
     server = Worker(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
                     token=token, memory_limit=limit, connect_timeout=connect_timeout,
                     resources=parse_resources(resources), heartbeat_interval=heartbeat_interval,
-                    reconnect_timeout=death_timeout, memory_fractions=fractions)
+                    reconnect_timeout=death_timeout, memory_fractions=fractions,
+                    dashboard_address=dashboard_address if dashboard else None)
     try:
         run(_serve_until_signal(server, "shoal worker listening at {address}"))
     except ConnectionError as exc:

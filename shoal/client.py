@@ -55,6 +55,8 @@ from .protocol.messages import (
     WantKeys,
     WhoHas,
     WorkerDeaths,
+    SchedulerLogs,
+    WorkerLogs,
 )
 from .annotate import resolve_options
 from .protocol.refs import collecting
@@ -116,6 +118,8 @@ class Client(DatasetsMixin):
         self._peers: PeerPool | None = None
         self._callback_pool: ThreadPoolExecutor | None = None
         self._set_as_default = set_as_default
+        #: the scheduler's dashboard URL once known ("" when it serves none)
+        self._dashboard_link: str | None = None
         self._loop_thread: LoopThread | None = None
         #: why the scheduler connection ended, once it has (set on the loop thread)
         self._scheduler_lost: str | None = None
@@ -170,6 +174,13 @@ class Client(DatasetsMixin):
         self._callback_pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-callbacks")
         self.status = "running"
         _live_clients.add(self)
+        if self.asynchronous and getattr(self.cluster, "dashboard_link", None) is None:
+            # `dashboard_link` cannot wait for an answer later: ask now.
+            try:
+                info = await self._request(Identity(next_rid()), timeout=self.timeout)
+                self._dashboard_link = str(info.get("dashboard") or "")
+            except (FutureLostError, RuntimeError, asyncio.TimeoutError):
+                self._dashboard_link = ""
         if self._set_as_default:
             global _default
             _default = weakref.ref(self)
@@ -636,6 +647,42 @@ class Client(DatasetsMixin):
         first: ``[{"address", "name", "reason", "time"}]``, where reason is e.g. "signal
         SIGKILL", "exit code 1" or "memory: RSS 190.2 MiB of limit 200.0 MiB"."""
         return self._sync(self._request(WorkerDeaths(next_rid())))
+
+    # ---------------------------------------------------------- observability
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The URL of the scheduler's dashboard, or None when it serves none."""
+        if self._dashboard_link is None:
+            local = getattr(self.cluster, "dashboard_link", None)
+            if local is not None:
+                self._dashboard_link = str(local)
+            elif self.status == "running" and not self.asynchronous:
+                self._dashboard_link = str(self.scheduler_info().get("dashboard") or "")
+        return self._dashboard_link or None
+
+    def get_scheduler_logs(self, n: int = 1000) -> Any:
+        """The scheduler's newest ``n`` log records, oldest first, as ``(time, level,
+        logger, message)`` tuples (those that passed the ``shoal`` logger's level: see
+        ``SHOAL_LOG_LEVEL``)."""
+
+        async def go() -> list[tuple[Any, ...]]:
+            rows = await self._request(SchedulerLogs(next_rid(), n))
+            return [tuple(row) for row in rows]
+
+        return self._sync(go())
+
+    def get_worker_logs(self, n: int = 1000, workers: list[str] | None = None) -> Any:
+        """Each worker's newest ``n`` log records: ``{address: [(time, level, logger,
+        message), ...]}`` (``workers``: addresses or names; all by default). A worker that
+        did not answer maps to ``{"error": text}``."""
+
+        async def go() -> dict[str, Any]:
+            replies = await self._request(WorkerLogs(next_rid(), n, workers))
+            return {address: [tuple(row) for row in rows] if isinstance(rows, list) else rows
+                    for address, rows in replies.items()}  # fmt: skip
+
+        return self._sync(go())
 
     def run(self, fn: Callable[..., Any], *args: Any, workers: list[str] | None = None,
             **kwargs: Any) -> Any:  # fmt: skip

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comm.batched import BatchedSend
 from .comm.core import Comm, CommClosedError
@@ -43,7 +43,11 @@ from .core.scheduler_events import (
     WorkerJoined,
     WorkerLeft,
 )
+from .core.scheduler_records import key_group
 from .core.scheduler_state import SchedulerState
+from .dashboard.http import parse_address
+from .diagnostics.logs import apply_env_level, log_ring
+from .diagnostics.task_stream import TaskStream
 from .protocol.messages import (
     PROTOCOL_VERSION,
     AddKeys,
@@ -77,6 +81,9 @@ from .protocol.messages import (
     WorkerDeaths,
 )
 from .rpc import PeerPool, next_rid
+
+if TYPE_CHECKING:
+    from .dashboard.server import SchedulerDashboard
 
 logger = logging.getLogger("shoal.scheduler")
 
@@ -119,6 +126,8 @@ class Scheduler:
         validate: bool = False,
         handshake_timeout: float = 10.0,
         worker_ttl: float = 30.0,
+        dashboard_address: str | int | None = None,
+        jobs: Any = None,
     ) -> None:
         self.listen_address = f"tcp://{host}:{port}" if "://" not in host else host
         self.token = token
@@ -154,6 +163,19 @@ class Scheduler:
         from .coordination.service import coordination_extensions  # it imports this module
 
         self.extensions.extend(coordination_extensions(self))
+        from .diagnostics.service import DiagnosticsExtension  # it imports this module
+
+        self.extensions.append(DiagnosticsExtension(self))
+        #: finished and erred task runs as workers reported them (the dashboard's task stream)
+        self.task_stream = TaskStream()
+        #: worker address -> URL of its HTTP server (/metrics), for those that have one
+        self.worker_dashboards: dict[str, str] = {}
+        #: where the dashboard listens ("[HOST]:PORT"; None: no dashboard); see `dashboard`
+        self.dashboard_address = dashboard_address
+        if dashboard_address is not None:
+            parse_address(dashboard_address)  # a bad address fails here, not at start
+        self._jobs = jobs
+        self.dashboard: SchedulerDashboard | None = None
 
     # --------------------------------------------------------------- lifecycle
 
@@ -167,8 +189,39 @@ class Scheduler:
                                      os.getpid()))  # fmt: skip
         self.started = time.time()
         self._spawn(self._watch_workers())
+        apply_env_level()
+        log_ring()
         logger.info("scheduler at %s", self.address)
+        if self.dashboard_address is not None:
+            await self._start_dashboard(self.dashboard_address)
         return self
+
+    async def _start_dashboard(self, address: str | int) -> None:
+        from .dashboard.server import SchedulerDashboard
+
+        host = self.listen_address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+        dashboard = SchedulerDashboard(self, address, self._jobs,
+                                       default_host=host if "tcp://" in self.listen_address
+                                       and host else "127.0.0.1")  # fmt: skip
+        try:
+            await dashboard.start()
+        except OSError as exc:
+            logger.warning("no dashboard: cannot listen at %s: %s", address, exc)
+            return
+        self.dashboard = dashboard
+        logger.info("dashboard at %s", dashboard.url)
+
+    @property
+    def dashboard_link(self) -> str:
+        """The dashboard's URL ("" when it has none)."""
+        return self.dashboard.url if self.dashboard is not None else ""
+
+    def attach_jobs(self, jobs: Any) -> None:
+        """Show this `shoal.jobs` queue on the dashboard and in ``/metrics``: a broker URL,
+        ``"module:app"``, a `JobQueue` or a `Broker`."""
+        self._jobs = jobs
+        if self.dashboard is not None:
+            self.dashboard.jobs.attach(jobs)
 
     async def _watch_workers(self) -> None:
         """Drop workers that stopped answering (stopped process, cut network)."""
@@ -208,6 +261,8 @@ class Scheduler:
             await send.close()
         if self._listener is not None:
             await self._listener.stop()
+        if self.dashboard is not None:
+            await self.dashboard.close()
         for ext in self.extensions:
             await ext.close()
         if self._peers is not None:
@@ -367,6 +422,8 @@ class Scheduler:
                                    reg.memory_limit, dict(reg.resources or {}), list(reg.keys),
                                    list(reg.nbytes))])  # fmt: skip
         logger.info("worker %s (%s, %d threads) joined", address, reg.name, reg.nthreads)
+        if reg.dashboard:
+            self.worker_dashboards[address] = reg.dashboard
         if reg.previous_death is not None:
             death = reg.previous_death
             self.deaths.append(death)
@@ -385,8 +442,12 @@ class Scheduler:
                 for msg in batch:
                     if isinstance(msg, TaskFinished):
                         events.append(TaskFinishedEvent(msg.stimulus_id, address, msg))
+                        self.task_stream.record(msg.key, key_group(msg.key), address,
+                                                msg.start, msg.stop)  # fmt: skip
                     elif isinstance(msg, TaskErred):
                         events.append(TaskErredEvent(msg.stimulus_id, address, msg))
+                        self.task_stream.record(msg.key, key_group(msg.key), address,
+                                                msg.start, msg.stop, "error")  # fmt: skip
                     elif isinstance(msg, AddKeys):
                         events.append(ReplicasAdded(msg.stimulus_id, address, msg.keys,
                                                     msg.nbytes))  # fmt: skip
@@ -418,6 +479,7 @@ class Scheduler:
             self._worker_comms.pop(address, None)
             self._last_seen.pop(address, None)
             self.heartbeats.pop(address, None)
+            self.worker_dashboards.pop(address, None)
             if self._peers is not None:
                 self._peers.forget(address)
             if not self._closing:
@@ -449,11 +511,13 @@ class Scheduler:
             "workers": {
                 a: {"name": w.name, "nthreads": w.nthreads, "memory_limit": w.memory_limit,
                     "processing": len(w.processing), "nbytes": w.nbytes,
+                    "dashboard": self.worker_dashboards.get(a, ""),
                     **self._memory_of(a)}
                 for a, w in self.state.workers.items()
             },
             "tasks": len(self.state.tasks),
             "clients": len(self.state.clients),
+            "dashboard": self.dashboard_link,
         }  # fmt: skip
 
     def _memory_of(self, address: str) -> dict[str, Any]:

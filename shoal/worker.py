@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .actor import ActorRegistry
 from .comm.batched import BatchedSend
@@ -60,6 +60,7 @@ from .protocol.messages import (
     DataReply,
     FreeKeys,
     GetData,
+    GetLogs,
     Hello,
     RefreshWhoHas,
     RegisterWorker,
@@ -73,6 +74,10 @@ from .protocol.serialize import Serialized, deserialize, serialize
 from .spill import Lazy, Packed, SpillBuffer
 from .rpc import PeerPool, next_rid
 from .worker_client import TaskClients, TaskContext, running
+from .diagnostics.logs import apply_env_level, log_ring
+
+if TYPE_CHECKING:
+    from .dashboard.server import WorkerDashboard
 
 logger = logging.getLogger("shoal.worker")
 
@@ -104,8 +109,15 @@ class Worker:
         memory_fractions: MemoryFractions | None = None,
         spill_directory: str | None = None,
         previous_death: WorkerDeath | None = None,
+        dashboard_address: str | int | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
+        #: where this worker's HTTP server (/metrics, /health) listens; None: it has none
+        self.dashboard_address = dashboard_address
+        self.dashboard: WorkerDashboard | None = None
+        #: bytes of data fetched from peers, and sent to peers and clients, so far
+        self.bytes_in = 0
+        self.bytes_out = 0
         #: seconds between heartbeats; the scheduler drops a worker silent for its worker-ttl
         self.heartbeat_interval = heartbeat_interval
         #: how long to keep trying to get back to a lost scheduler before closing
@@ -160,6 +172,10 @@ class Worker:
             roles={"client", "worker", "peer"},
         )  # fmt: skip
         self.address = self._listener.address
+        apply_env_level()
+        log_ring()
+        if self.dashboard_address is not None:
+            await self._start_dashboard(self.dashboard_address)
         self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
                                      os.getpid()), self.connect_timeout)  # fmt: skip
@@ -184,7 +200,8 @@ class Worker:
         await comm.write([RegisterWorker(
             rid, self.address, self.nthreads, self.name, self.memory_limit, self.resources,
             os.getpid(), held, [self.state.tasks[k].nbytes for k in held],
-            restarts_in_place=self.in_process, previous_death=self.previous_death)])  # fmt: skip
+            restarts_in_place=self.in_process, previous_death=self.previous_death,
+            dashboard=self.dashboard.url if self.dashboard is not None else "")])  # fmt: skip
         try:
             answer = await asyncio.wait_for(comm.read(), timeout)
         except (asyncio.TimeoutError, CommClosedError):
@@ -243,7 +260,8 @@ class Worker:
                 rss = 0
             send.send(Heartbeat(len(self.state.executing), len(self.state.ready), rss,
                                 proc.cpu_percent(), self.data.spilled_bytes,
-                                self.data.memory_bytes, self.state.paused))  # fmt: skip
+                                self.data.memory_bytes, self.state.paused,
+                                bytes_in=self.bytes_in, bytes_out=self.bytes_out))  # fmt: skip
 
     def __await__(self) -> Any:
         return self.start().__await__()
@@ -265,6 +283,8 @@ class Worker:
         await asyncio.to_thread(self.task_clients.close)
         if self._listener is not None:
             await self._listener.stop()
+        if self.dashboard is not None:
+            await self.dashboard.close()
         if self._scheduler is not None:
             await self._scheduler.close()
         if self._peers is not None:
@@ -284,6 +304,21 @@ class Worker:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _start_dashboard(self, address: str | int) -> None:
+        """Serve /metrics and /health (a worker without them still works: warn and go on)."""
+        from .dashboard.server import WorkerDashboard
+
+        host = self.listen_address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+        dashboard = WorkerDashboard(self, address, default_host=host if "tcp://" in
+                                    self.listen_address and host else "127.0.0.1")  # fmt: skip
+        try:
+            await dashboard.start()
+        except (OSError, ValueError) as exc:
+            logger.warning("worker %s: no metrics server at %s: %s", self.name, address, exc)
+            return
+        self.dashboard = dashboard
+        logger.info("worker %s metrics at %smetrics", self.name, dashboard.url)
 
     # ------------------------------------------------------------ the scheduler
 
@@ -454,6 +489,7 @@ class Worker:
         for key, ser in reply.data.items():
             self.data.setdefault(key, Packed(ser))
             nbytes[key] = ser.nbytes
+        self.bytes_in += sum(nbytes.values())
         self._handle([GatherDone(stimulus, ins.peer, nbytes, reply.missing)])
 
     async def _serve_peer(self, comm: Comm) -> None:
@@ -472,6 +508,8 @@ class Worker:
                         self._spawn(self._run_function(msg, send))
                     elif isinstance(msg, (ActorCall, ActorGetAttr)):
                         self.actors.serve(msg, send)
+                    elif isinstance(msg, GetLogs):
+                        send.send(Reply(msg.rid, log_ring().rows(msg.n)))
                     else:
                         logger.warning("closing %s: unexpected %s", comm.peer_address,
                                        type(msg).__name__)  # fmt: skip
@@ -494,6 +532,7 @@ class Worker:
             except (TypeError, OSError) as exc:
                 logger.error("cannot send %s: %s", key, exc)
                 missing.append(key)
+        self.bytes_out += sum(ser.nbytes for ser in data.values())
         return DataReply(msg.rid, data, missing)
 
     def _update_data(self, msg: UpdateData) -> Reply:

@@ -38,6 +38,9 @@ class LocalCluster:
         resources: dict[str, float] | None = None,
         worker_ttl: float = 30.0,
         memory_fractions: MemoryFractions | None = None,
+        dashboard_address: str | int | None = ":0",
+        worker_dashboard_address: str | int | None = None,
+        jobs: Any = None,
     ) -> None:
         cores = os.cpu_count() or 1
         if n_workers is None:
@@ -58,6 +61,12 @@ class LocalCluster:
         self.resources = dict(resources or {})
         self.worker_ttl = worker_ttl
         self.worker_start_timeout = worker_start_timeout
+        #: the scheduler's dashboard: ":0" a free port on ``host``, None none
+        self.dashboard_address = dashboard_address
+        #: each worker's /metrics server (None: none; the scheduler's /metrics covers them)
+        self.worker_dashboard_address = worker_dashboard_address
+        #: a `shoal.jobs` queue for the dashboard to show (see `Scheduler.attach_jobs`)
+        self.jobs = jobs
         self.scheduler: Scheduler | None = None
         self.workers: list[Worker] = []
         #: the supervisors of the worker processes
@@ -66,7 +75,9 @@ class LocalCluster:
 
     async def _start(self) -> LocalCluster:
         self.scheduler = Scheduler(self.host, self.scheduler_port, token=self.token,
-                                   validate=self.validate, worker_ttl=self.worker_ttl)  # fmt: skip
+                                   validate=self.validate, worker_ttl=self.worker_ttl,
+                                   dashboard_address=self.dashboard_address,
+                                   jobs=self.jobs)  # fmt: skip
         await self.scheduler.start()
         self.scheduler_address = self.scheduler.address
         try:
@@ -79,6 +90,7 @@ class LocalCluster:
                                memory_limit=self.memory_limit, in_process=True,
                                memory_fractions=self.memory_fractions,
                                resources=self.resources,
+                               dashboard_address=self.worker_dashboard_address,
                                validate=self.validate)  # fmt: skip
                     self.workers.append(w)
                 await asyncio.gather(*(w.start() for w in self.workers))
@@ -93,7 +105,9 @@ class LocalCluster:
             Nanny(self.scheduler_address, name=f"local-{i}", nthreads=self.threads_per_worker,
                   host=self.host, token=self.token, memory_limit=self.memory_limit,
                   memory_fractions=self.memory_fractions, resources=self.resources,
-                  start_timeout=self.worker_start_timeout)
+                  start_timeout=self.worker_start_timeout,
+                  worker_args=[] if self.worker_dashboard_address is None else
+                  ["--dashboard-address", str(self.worker_dashboard_address)])
             for i in range(self.n_workers)
         ]  # fmt: skip
         started = await asyncio.gather(*(n.start() for n in self.nannies), return_exceptions=True)
@@ -128,6 +142,11 @@ class LocalCluster:
         await asyncio.gather(*(n.close(timeout=5) for n in self.nannies))
         self.nannies.clear()
         self.workers.clear()
+
+    @property
+    def dashboard_link(self) -> str:
+        """The scheduler's dashboard URL ("" when it has none)."""
+        return self.scheduler.dashboard_link if self.scheduler is not None else ""
 
     def __repr__(self) -> str:
         return f"<LocalCluster {self.scheduler_address} workers={self.n_workers}>"

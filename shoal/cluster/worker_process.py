@@ -38,7 +38,8 @@ async def serve(args: argparse.Namespace) -> int:
                     if args.memory_fractions else None,
                     spill_directory=args.spill_directory,
                     previous_death=WorkerDeath(**json.loads(args.previous_death))
-                    if args.previous_death else None)  # fmt: skip
+                    if args.previous_death else None,
+                    dashboard_address=args.dashboard_address)  # fmt: skip
     await worker.start()
     if args.ready_fd is not None:
         with os.fdopen(args.ready_fd, "w") as ready:
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--previous-death", default=None,
                         help="JSON of the WorkerDeath of the process this one replaces")
     parser.add_argument("--log-level", default=None)
+    parser.add_argument("--dashboard-address", default=None,
+                        help="[HOST]:PORT of the worker's /metrics server (none by default)")
     args = parser.parse_args(argv)
     if args.log_level:
         logging.basicConfig(level=args.log_level.upper(),

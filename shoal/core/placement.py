@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 #: Expected work (seconds per thread) a worker may hold beyond its running tasks. Tiny
 #: tasks flow freely (no round trip per task); long ones are handed out one per thread.
 QUEUE_BUDGET_S = 0.05
+#: ... and at most this many tasks per thread however tiny they are, so that a huge graph of
+#: quick root tasks cannot pile results up in worker memory faster than they are consumed.
+QUEUE_MAX_PER_THREAD = 100
 #: Duration assumed for a task group never seen finishing.
 UNKNOWN_DURATION_S = 0.5
 #: Bandwidth assumed between workers, to price moving inputs.
@@ -62,8 +65,16 @@ def has_room(ws: WorkerRecord, ts: TaskState) -> bool:
             # which must not make a task that asks for all of a resource wait forever.
             if total - ws.used_resources.get(r, 0.0) < need - 1e-9 * max(1.0, total):
                 return False
+    return has_capacity(ws)
+
+
+def has_capacity(ws: WorkerRecord) -> bool:
+    """A free thread, or little enough queued work (in expected seconds and in count)."""
     running = len(ws.processing) - len(ws.long_running)  # seceded tasks hold no thread
-    return running < ws.nthreads or ws.occupancy < ws.nthreads * QUEUE_BUDGET_S
+    if running < ws.nthreads:
+        return True
+    return (ws.occupancy < ws.nthreads * QUEUE_BUDGET_S
+            and running < ws.nthreads * (1 + QUEUE_MAX_PER_THREAD))  # fmt: skip
 
 
 def input_bytes_on(ts: TaskState, ws: WorkerRecord) -> int:

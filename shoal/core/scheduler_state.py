@@ -585,10 +585,9 @@ class SchedulerState:
         #: them (a long queue of GPU tasks must not keep a CPU-only worker idle)
         passed: list[tuple[tuple[int, int], str]] = []
         cannot: set[tuple[Any, ...]] = set()  # restriction kinds ``ws`` cannot take
-        budget = ws.nthreads * placement.QUEUE_BUDGET_S
         # Skipping is bounded (not assigning): a long queue of others' work stays cheap.
         while self.queue and len(skipped) < 64:
-            if len(ws.processing) - len(ws.long_running) >= ws.nthreads and ws.occupancy >= budget:
+            if not placement.has_capacity(ws):
                 break
             entry = heapq.heappop(self.queue)
             ts = self.tasks.get(entry[1])

@@ -18,7 +18,7 @@ __all__ = ["GroupCounts", "TaskGroups"]
 class GroupCounts:
     """One group's tasks: how many are in each state, and how many were forgotten."""
 
-    __slots__ = ("states", "live", "forgotten")
+    __slots__ = ("forgotten", "live", "states")
 
     def __init__(self) -> None:
         #: state -> tasks of this group in it (states reached at least once; may hold 0)

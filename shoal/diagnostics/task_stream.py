@@ -42,7 +42,7 @@ class TaskRun(NamedTuple):
 class DurationHistogram:
     """Counts of durations per bucket of `DURATION_BUCKETS` (the last one is +Inf)."""
 
-    __slots__ = ("counts", "total", "count")
+    __slots__ = ("count", "counts", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(DURATION_BUCKETS) + 1)
@@ -71,6 +71,8 @@ class TaskStream:
         self.rows: deque[TaskRun] = deque(maxlen=maxlen)
         #: rows recorded since the start; the next row gets this number
         self.count = 0
+        #: rows recorded with a status other than "ok"
+        self.errors = 0
         #: group -> durations of its runs (errors included)
         self.durations: dict[str, DurationHistogram] = {}
 
@@ -78,6 +80,8 @@ class TaskStream:
                status: str = "ok") -> None:  # fmt: skip
         self.rows.append(TaskRun(key, group, worker, start, stop, status))
         self.count += 1
+        if status != "ok":
+            self.errors += 1
         hist = self.durations.get(group)
         if hist is None:
             if len(self.durations) >= MAX_HISTOGRAM_GROUPS:

@@ -214,6 +214,10 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key],
                                        names(k), True, task_options))  # fmt: skip
     wanted = list(dict.fromkeys(names(k) for k in keys))
     futures = dict(zip(wanted, client._submit_specs(specs, wanted)))
+    made = {spec.key for spec in specs}
+    held = [futures[name] for name in wanted if name not in made]
+    if held:  # keys this graph only names (held futures): an unknown one errs, never hangs
+        client.want(held)
     return {k: futures[names(k)] for k in keys}
 
 
@@ -236,7 +240,8 @@ def _cluster_shuffles() -> AbstractContextManager[Any]:
     unless the user chose a method."""
     if dask.config.get(SHUFFLE_METHOD, None):
         return nullcontext()
-    return dask.config.set({SHUFFLE_METHOD: "tasks"})
+    setting: AbstractContextManager[Any] = dask.config.set({SHUFFLE_METHOD: "tasks"})
+    return setting
 
 
 def _check_disk_shuffle(client: Client, graph: Mapping[Key, GraphNode]) -> None:

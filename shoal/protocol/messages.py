@@ -184,6 +184,49 @@ class WorkerDeaths(Msg, tag="worker-deaths"):
     rid: int
 
 
+# ----------------------------------------------- observability (client -> scheduler)
+# Answered by the scheduler's diagnostics extension (`shoal.diagnostics.service`).
+
+
+class SchedulerLogs(Msg, tag="scheduler-logs"):
+    """The scheduler process's newest ``n`` log records; `Reply` value is a list of
+    ``[time, level, logger, message]``, oldest first."""
+
+    rid: int
+    n: int = 1000
+
+
+class WorkerLogs(Msg, tag="worker-logs"):
+    """Each worker's (or those of ``workers``) newest ``n`` log records, fetched from them by
+    the scheduler; `Reply` value: address -> rows as for `SchedulerLogs`, or
+    ``{"error": text}`` for a worker that did not answer."""
+
+    rid: int
+    n: int = 1000
+    workers: list[str] | None = None
+
+
+class ProgressWatch(Msg, tag="progress-watch"):
+    """Follow ``keys`` and every task they need; `Reply` value ``{"id": watch id, "groups":
+    {group: {"total", "done", "erred"}}, "done": bool}``."""
+
+    rid: int
+    keys: list[str]
+
+
+class ProgressUpdate(Msg, tag="progress-update"):
+    """The watch's counts now; `Reply` value as for `ProgressWatch`."""
+
+    rid: int
+    id: int
+
+
+class ProgressUnwatch(Msg, tag="progress-unwatch"):
+    """Stop following watch ``id`` (also dropped when the client leaves)."""
+
+    id: int
+
+
 # ------------------------------------------------------------ scheduler -> client
 
 
@@ -250,6 +293,8 @@ class RegisterWorker(Msg, tag="register-worker"):
     restarts_in_place: bool = False
     #: the death of the process this one replaces (sent by its nanny's new worker)
     previous_death: WorkerDeath | None = None
+    #: URL of the worker's HTTP server (``/metrics``, ``/health``), empty when it has none
+    dashboard: str = ""
 
 
 class ComputeTask(Msg, tag="compute"):
@@ -368,6 +413,9 @@ class Heartbeat(Msg, tag="heartbeat"):
     managed_bytes: int = 0
     #: memory is above the pause fraction: no new task starts (`shoal.memory`)
     paused: bool = False
+    #: bytes of data this worker fetched from peers, and sent to peers and clients, so far
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 # ------------------------------------------------- anyone <-> worker (data plane)
@@ -398,6 +446,13 @@ class RunFunction(Msg, tag="run-function"):
 
     rid: int
     function: Serialized
+
+
+class GetLogs(Msg, tag="get-logs"):
+    """The worker process's newest ``n`` log records; `Reply` value as for `SchedulerLogs`."""
+
+    rid: int
+    n: int = 1000
 
 
 class ActorCall(Msg, tag="actor-call"):
@@ -604,6 +659,11 @@ Message = Union[
     RunOnWorkers,
     Story,
     WorkerDeaths,
+    SchedulerLogs,
+    WorkerLogs,
+    ProgressWatch,
+    ProgressUpdate,
+    ProgressUnwatch,
     KeyInMemory,
     KeyErred,
     KeyCancelled,
@@ -627,6 +687,7 @@ Message = Union[
     DataReply,
     UpdateData,
     RunFunction,
+    GetLogs,
     ActorCall,
     ActorGetAttr,
     # coordination and datasets
@@ -669,6 +730,12 @@ CLIENT_TO_SCHEDULER: tuple[type[Msg], ...] = (
     RunOnWorkers,
     Story,
     WorkerDeaths,
+    # observability (answered by the scheduler's diagnostics extension)
+    SchedulerLogs,
+    WorkerLogs,
+    ProgressWatch,
+    ProgressUpdate,
+    ProgressUnwatch,
     # coordination and datasets (answered by the scheduler's extensions)
     LeaseAcquire,
     LeaseRelease,
@@ -714,4 +781,4 @@ WORKER_TO_SCHEDULER: tuple[type[Msg], ...] = (
 
 #: Messages anyone who passed the handshake may send to a worker's data listener.
 PEER_TO_WORKER: tuple[type[Msg], ...] = (GetData, UpdateData, RunFunction, ActorCall,
-                                          ActorGetAttr)
+                                          ActorGetAttr, GetLogs)

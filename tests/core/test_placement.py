@@ -119,11 +119,13 @@ def test_root_tasks_are_released_in_step_with_free_threads() -> None:
     [first] = running(state, "w1")
     out = state.handle([done("w1", first, took=0.001)], now=1.0)
 
-    # then: that worker gets a batch, up to the queue budget (no round trip per tiny task)
+    # then: that worker gets a batch, up to the queue budget in time and in count (no round
+    # trip per tiny task, and no pile of tiny roots either)
     sent = compute_keys(out, "w1")
-    assert 10 < len(sent) <= int(BUDGET / 0.001) + 1
+    cap = 1 + placement.QUEUE_MAX_PER_THREAD
+    assert 10 < len(sent) <= min(int(BUDGET / 0.001) + 1, cap)
     ws = state.workers["w1"]
-    assert ws.occupancy >= BUDGET - 1e-9  # filled to the budget ...
+    assert ws.occupancy >= BUDGET - 1e-9 or len(ws.processing) == cap  # filled ...
     assert_within_budget(ws)  # ... and no further
     assert compute_keys(out, "w2") == []  # w2 still runs its first task
 

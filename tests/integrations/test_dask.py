@@ -222,3 +222,12 @@ def test_asynchronous_client() -> None:
                 client.as_dask_scheduler()
 
     asyncio.run(main())
+
+
+def test_a_graph_naming_an_unknown_key_fails_instead_of_hanging(client: shoal.Client) -> None:
+    from dask._task_spec import Alias, Task, TaskRef
+
+    with pytest.raises(shoal.FutureLostError, match="not known"):
+        client.get({"a": Alias("a", "never-submitted")}, "a")
+    with pytest.raises(Exception, match="unknown key"):
+        client.get({"b": Task("b", operator.add, TaskRef("never-submitted"), 1)}, "b")

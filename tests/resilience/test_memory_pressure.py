@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import numpy as np
 import pytest
 
 import shoal
 from shoal.memory import MemoryFractions
 from shoal.testing import Tally, gen_cluster, wait_until
+
+# Worker processes cannot import this module: send its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MB = 10**6
 #: 20 MB of float64
@@ -77,12 +82,12 @@ def test_a_graph_three_times_the_memory_limit_finishes_by_spilling() -> None:
 
 def hog(megabytes: int) -> int:
     """Hold ``megabytes`` of memory in this worker process (outside the store)."""
-    globals()["_HOG"] = np.ones(megabytes * MB // 8)
+    sys._shoal_test_hog = np.ones(megabytes * MB // 8)  # type: ignore[attr-defined]
     return megabytes
 
 
 def free_hog() -> bool:
-    return globals().pop("_HOG", None) is not None
+    return sys.__dict__.pop("_shoal_test_hog", None) is not None
 
 
 def test_a_worker_above_its_pause_fraction_starts_no_task_until_back_under(
