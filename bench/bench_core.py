@@ -66,11 +66,11 @@ METHOD = """\
   worker A and an array `z` of 101 MB by a task on worker B. The consumer task
   `consume(x, z)` -> `(x.nbytes, sum of a strided 1/65536 sample of x)` is submitted and
   timed from `submit` to `result()`; it runs on B, so `x` has to travel A -> B over the
-  worker-to-worker data plane. dask places the tasks with `workers=[A]`/`[B]`; shoal has no
-  placement restriction yet, so `x` and `z` are made by tasks that depend on a tiny
-  value scattered to A (resp. B) with `scatter(..., workers=[...])`, and shoal's scheduler
-  runs the consumer where most of its input bytes are (B, since `z` is larger). The same
-  functions and graph are used for dask. A run counts only if `who_has` afterwards shows
+  worker-to-worker data plane. Both systems place the three tasks with `workers=[A]` /
+  `[B]`, `allow_other_workers=False` (for a shoal without `workers=`, the script falls back
+  to making `x` and `z` by tasks that depend on a tiny value scattered to A, resp. B, and
+  lets shoal run the consumer where most of its input bytes are: B, since `z` is larger).
+  A run counts only if `who_has` afterwards shows
   `x` on both workers and `z` on B only (i.e. the bytes did move); MB/s = 100 / time.
   Median of the repeats after one warm-up run. The time includes scheduling the consumer,
   the fetch, deserialising `x` on B, the (cheap) consumer and returning its small result.
@@ -175,6 +175,11 @@ class ShoalSystem:
         return len(self.client.cluster.scheduler.state.tasks)
 
     def prepare_d(self, a: str, b: str) -> None:
+        import inspect
+
+        self._restrict = "workers" in inspect.signature(self.client.submit).parameters
+        if self._restrict:
+            return
         self._seeds = (self.client.scatter("seed-a", workers=[a]),
                        self.client.scatter("seed-b", workers=[b]))
         # a round trip after the scatters: the scheduler has registered them by its reply
@@ -183,13 +188,22 @@ class ShoalSystem:
             raise RuntimeError(f"scatter(workers=...) put the seeds at {where}")
 
     def place_big(self, a: str, b: str, nbytes: int) -> tuple[Any, Any]:
-        """x on A, z (larger) on B: via tasks depending on a tiny value scattered there."""
+        """x on A, z (larger) on B: with ``workers=`` where shoal has it, else via tasks that
+        depend on a tiny value scattered there."""
+        if self._restrict:
+            return (self.client.submit(make_array, nbytes, None, pure=False, workers=[a],
+                                       allow_other_workers=False),
+                    self.client.submit(make_array, nbytes + 1_000_000, None, pure=False,
+                                       workers=[b], allow_other_workers=False))
         sa, sb = self._seeds
         x = self.client.submit(make_array, nbytes, sa, pure=False)
         z = self.client.submit(make_array, nbytes + 1_000_000, sb, pure=False)
         return x, z
 
     def consumer(self, x: Any, z: Any, b: str) -> Any:
+        if self._restrict:
+            return self.client.submit(consume, x, z, pure=False, workers=[b],
+                                      allow_other_workers=False)
         return self.client.submit(consume, x, z, pure=False)
 
 
@@ -552,6 +566,9 @@ def measure_d(sys_: Any, rec: Recorder, nbytes: int, reps: int) -> None:
             notes=notes, nbytes=nbytes, times=times)
 
 
+ONLY: set[str] = set()
+
+
 def child_main(system: str, out: str, quick: bool) -> int:
     cfg = SIZES["quick" if quick else "full"]
     rec = Recorder(out)
@@ -587,7 +604,8 @@ def child_main(system: str, out: str, quick: bool) -> int:
             rec.put("_load", rows=rec.emitted[first:], quiet=quiet,
                     others_pct=max(0.0, 100 * other / (max(wall, 1e-3) * (os.cpu_count() or 1))))
 
-    if not quick and not guarded("e_start", lambda: measure_e(sys_, rec, cfg["e_reps"])):
+    if (not quick and (not ONLY or "e" in ONLY)
+            and not guarded("e_start", lambda: measure_e(sys_, rec, cfg["e_reps"]))):
         try:
             sys_.close()
         except Exception:
@@ -629,6 +647,8 @@ def child_main(system: str, out: str, quick: bool) -> int:
         if system != "ray":
             steps.append(("d", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"])))
         for name, fn in steps:
+            if ONLY and name[0] not in ONLY:
+                continue
             if not guarded(name, fn):
                 try:  # is the cluster still usable?
                     sys_.result(sys_.submit(inc, 1), 20)
@@ -695,6 +715,8 @@ def build_table(results: dict[str, dict[str, Any]], quick: bool) -> tuple[list[s
               "target", "met?", "others' CPU"]
     rows = []
     for key, label, unit, better, target, ttext in ROWS:
+        if ONLY and not any(key in results[s] for s in systems):
+            continue
         if quick and key == "d":
             label = label.replace("100 MB", f"{SIZES['quick']['d_bytes'] / MB:.0f} MB")
         if quick and key == "a":
@@ -802,6 +824,8 @@ def run_child(system: str, quick: bool, log_dir: Path) -> tuple[dict[str, Any], 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--out", str(out)]
     if quick:
         cmd.append("--quick")
+    if ONLY:
+        cmd += ["--only", ",".join(sorted(ONLY))]
     problems: list[str] = []
     print(f"--- {SYSTEMS[system]}", flush=True)
     quiet_note = wait_quiet(0 if quick else 900)
@@ -1006,7 +1030,12 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--only", default="", help="comma list of rows to run, e.g. d or a,b"
+                   " (for checks; implies --no-write unless --write)")
     args = p.parse_args()
+    ONLY.update(x.strip() for x in args.only.split(",") if x.strip())
+    if ONLY and not args.write:
+        args.no_write = True
     if args.child:
         return child_main(args.child, args.out, args.quick)
     return parent_main(args)

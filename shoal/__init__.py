@@ -6,6 +6,7 @@ Layers, bottom to top (arrows point down only):
   core/      pure state machines: SchedulerState, WorkerState (no I/O)
   scheduler.py, worker.py, client.py   thin servers binding comm <-> core
   cluster/   LocalCluster
+  diagnostics/  task stream, log ring, progress bars; dashboard/  web page, JSON API, /metrics
   cli.py     the `shoal` command
 
 The public API is re-exported here explicitly and pinned by tests/test_exports.py.
@@ -23,6 +24,7 @@ from .coordination.primitives import Queue as Queue
 from .coordination.primitives import Semaphore as Semaphore
 from .coordination.primitives import Sub as Sub
 from .coordination.primitives import Variable as Variable
+from .diagnostics.progress import progress as progress
 from .exceptions import ActorLostError as ActorLostError
 from .exceptions import CancelledError as CancelledError
 from .exceptions import FutureLostError as FutureLostError

@@ -28,14 +28,15 @@ _log_level = click.option(
 
 
 async def _serve_until_signal(server: Any, started: str) -> None:
-    await server.start()
-    click.echo(started.format(address=server.address), err=False)
-    if getattr(server, "dashboard_link", ""):
-        click.echo(f"shoal dashboard at {server.dashboard_link}", err=False)
+    # Handlers first: whoever reads the address may signal us right after it is printed.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if getattr(server, "dashboard_link", ""):
+        click.echo(f"shoal dashboard at {server.dashboard_link}", err=False)
+    click.echo(started.format(address=server.address), err=False)
     waiter = asyncio.ensure_future(server.finished())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -116,10 +117,11 @@ def scheduler(host: str, port: int, token: str | None, log_level: str, worker_tt
 @click.option("--memory-limit", default="auto", show_default=True,
               help='Memory this worker may use: bytes, a size ("4GB", "512MiB"), a fraction of'
                    ' the machine ("0.5"), "auto" (the machine\'s memory) or 0 (no limit).')
-@click.option("--memory-fractions", default="0.6,0.7,0.8,0.95", show_default=True,
+@click.option("--memory-fractions", default="0.6,0.7,0.8,0.95,0.1", show_default=True,
               help="Fractions of the memory limit: TARGET (spill results beyond it), SPILL"
-                   " (spill when the process's memory passes it), PAUSE (start no new task),"
-                   " TERMINATE (the nanny restarts the worker); 'none' turns one off.")
+                   " (keep the process's memory under it by spilling), PAUSE (start no new"
+                   " task above it), TERMINATE (the nanny restarts the worker), TRANSFER"
+                   " (inputs fetched from peers at once); 'none' turns one off.")
 @click.option("--nanny/--no-nanny", default=True, show_default=True,
               help="Run the worker in a child process that a nanny restarts when it dies or"
                    " outgrows its memory (--no-nanny: in this process).")

@@ -5,23 +5,32 @@ machine). Fractions of it, dask.distributed's defaults (`MemoryFractions`):
 
 - target 0.6: results in memory beyond this are spilled to disk, least recently used first
   (the worker's `shoal.spill.SpillBuffer`);
-- spill 0.7: when the process's RSS passes this, spill until it is back under the target;
+- spill 0.7: the process's RSS is kept under this by spilling, and once past it, spilled
+  down to the target (`MemoryMonitor`);
 - pause 0.8: above this the worker starts no new task (`PauseEvent`) until it is back under;
-- terminate 0.95: the worker's nanny kills it and starts a new one (`shoal.cluster.nanny`).
+- terminate 0.95: the worker's nanny kills it and starts a new one (`shoal.cluster.nanny`);
+- transfer 0.1: inputs being fetched from peers at once (at least one).
 
 `WorkerMemory` is a worker's part: its store and the monitor that reads the process's RSS
-every 100 ms. A worker in the client's process (``in_process``) shares its RSS with
-everything else there, so it spills by the target only and never pauses.
+every 20 ms. A result waits on its task's thread for room in
+memory (`SpillBuffer.wait_for_room`), so tasks cannot outrun the disk. A worker in the
+client's process (``in_process``) shares its RSS with everything else there, so it spills
+by the target only and never pauses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -49,23 +58,26 @@ class MemoryFractions:
     pause: float | None = 0.8
     #: the nanny restarts the worker above this RSS
     terminate: float | None = 0.95
+    #: inputs in flight from peers at most (one is always allowed)
+    transfer: float | None = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("target", "spill", "pause", "terminate"):
+        for name in ("target", "spill", "pause", "terminate", "transfer"):
             value = getattr(self, name)
             if value is not None and not 0 < value:
                 raise ValueError(f"memory {name} fraction must be above 0, not {value}")
 
     @classmethod
     def parse(cls, text: str) -> MemoryFractions:
-        """``"0.6,0.7,0.8,0.95"`` (target, spill, pause, terminate); an item may be empty,
-        "none" or "off" to turn that one off; missing items keep their default."""
+        """``"0.6,0.7,0.8,0.95,0.1"`` (target, spill, pause, terminate, transfer); an item
+        may be empty, "none" or "off" to turn that one off; missing items keep their default."""
         items = [item.strip().lower() for item in text.split(",")]
-        if len(items) > 4:
-            raise ValueError(f"{text!r}: at most 4 fractions (target,spill,pause,terminate)")
+        if len(items) > 5:
+            raise ValueError(f"{text!r}: at most 5 fractions"
+                             " (target,spill,pause,terminate,transfer)")  # fmt: skip
         defaults = cls()
         values: list[float | None] = [defaults.target, defaults.spill, defaults.pause,
-                                      defaults.terminate]  # fmt: skip
+                                      defaults.terminate, defaults.transfer]  # fmt: skip
         for i, item in enumerate(items):
             if item in ("", "none", "off", "false"):
                 values[i] = None
@@ -78,7 +90,8 @@ class MemoryFractions:
 
     def __str__(self) -> str:
         return ",".join("none" if v is None else repr(v)
-                        for v in (self.target, self.spill, self.pause, self.terminate))  # fmt: skip
+                        for v in (self.target, self.spill, self.pause, self.terminate,
+                                  self.transfer))  # fmt: skip
 
 
 # ------------------------------------------------------------------- sizes
@@ -149,15 +162,42 @@ def parse_memory_limit(value: str | int | float | None, n_workers: int = 1) -> i
     return int(number)
 
 
+@functools.cache
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # glibc only  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def trim_memory() -> bool:
+    """Ask glibc to give freed heap memory back to the system; False where it cannot.
+
+    Freed results (spilled ones) may sit in the heap, counted in the RSS, until this.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 # ----------------------------------------------------------------- the worker
 
 
 class MemoryMonitor:
     """The worker's decisions on process memory, from one RSS reading at a time (`check`).
 
-    Above ``spill`` it asks the store to spill down until the RSS would be back under the
-    target (by setting the store's ``ceiling``), and keeps at it while the RSS stays above
-    the target; above ``pause`` it wants the worker paused, and back under, resumed.
+    The store may hold results until the RSS would reach the spill fraction: its
+    ``ceiling`` is that fraction less the memory held outside the store (the RSS less the
+    store's bytes, as last measured), so that it spills as results arrive rather than a
+    reading later. Once the RSS passes the spill fraction, the ceiling drops to the target
+    fraction less that memory, until the RSS is back under the target. Above the pause
+    fraction the worker should be paused (``paused``), and back under, resumed.
     """
 
     def __init__(self, data: SpillBuffer, limit: int, fractions: MemoryFractions) -> None:
@@ -168,18 +208,30 @@ class MemoryMonitor:
         self.rss = 0
         #: whether the worker should be paused now
         self.paused = False
-        self._spilling = False
+        #: above the spill fraction lately, and not back under the target yet
+        self.spilling = False
         self._warned_unmanaged = False
+        #: gives freed memory back to the system (`trim_memory`), tried while spilling
+        self.trim: Callable[[], object] = trim_memory
+        self._checks = 0
 
     def check(self, rss: int) -> None:
         self.rss = rss
+        self._checks += 1
         f, limit = self.fractions, self.limit
         if f.spill is not None:
+            spill_at = f.spill * limit
             target = (f.target if f.target is not None else f.spill) * limit
-            if rss > f.spill * limit or (self._spilling and rss > target):
-                self._spilling = True
-                # Spilling a value frees about its size: spill down by the excess.
-                self.data.ceiling = max(0, self.data.memory_bytes - int(rss - target))
+            if rss > spill_at:
+                self.spilling = True
+            elif rss <= target:
+                self.spilling = False
+                self._warned_unmanaged = False
+            unmanaged = max(0, rss - self.data.memory_bytes)
+            self.data.ceiling = max(0, int((target if self.spilling else spill_at) - unmanaged))
+            if self.spilling:
+                if self._checks % 10 == 1:  # about once a second at most
+                    self.trim()
                 if self.data.spillable_bytes() == 0 and not self._warned_unmanaged:
                     self._warned_unmanaged = True
                     logger.warning(
@@ -187,10 +239,6 @@ class MemoryMonitor:
                         " nothing left to spill: memory held outside stored results (a leak,"
                         " or large task temporaries)?", self.data.name, format_bytes(rss),
                         f.spill * 100, format_bytes(limit))  # fmt: skip
-            elif self._spilling:
-                self._spilling = False
-                self._warned_unmanaged = False
-                self.data.ceiling = None
         if f.pause is not None:
             paused = rss > f.pause * limit
             if paused != self.paused:
@@ -210,13 +258,18 @@ class WorkerMemory:
 
     def __init__(self, name: str, limit: int, fractions: MemoryFractions | None = None,
                  spill_directory: str | None = None, in_process: bool = False,
-                 interval: float = 0.1) -> None:  # fmt: skip
+                 interval: float = 0.02) -> None:  # fmt: skip
         self.limit = limit
         self.fractions = fractions or MemoryFractions()
+        #: seconds between RSS readings: often, as results can pile up faster than the disk
+        #: takes them within 100 ms (a reading costs some microseconds)
         self.interval = interval
         f = self.fractions
         target = int(limit * f.target) if limit and f.target is not None else None
         self.data = SpillBuffer(target, spill_directory, name=name)
+        #: bytes of inputs in flight at most (`WorkerState.transfer_limit`)
+        self.transfer_limit = (int(limit * f.transfer)
+                               if limit and f.transfer is not None else None)  # fmt: skip
         #: None without a limit, and in-process (the RSS is not the worker's alone)
         self.monitor = (MemoryMonitor(self.data, limit, f)
                         if limit and not in_process else None)  # fmt: skip
@@ -236,10 +289,6 @@ class WorkerMemory:
             if state is not None and state.paused != self.monitor.paused and not worker._closing:
                 worker._handle([PauseEvent("memory-monitor", self.monitor.paused)])
             await asyncio.sleep(self.interval)
-
-    @property
-    def rss(self) -> int:
-        return self.monitor.rss if self.monitor is not None else 0
 
     def close(self) -> None:
         self.data.close()

@@ -30,8 +30,9 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from .execution import sizeof as default_sizeof
@@ -168,7 +169,7 @@ class SpillBuffer(MutableMapping[str, Any]):
     ) -> None:
         #: spill once the values in memory weigh more than this (None: only on request)
         self.target = target
-        #: a lower bound the memory monitor sets while the process is too big (None: none)
+        #: a limit below ``target`` the memory monitor sets from the process's RSS (None: none)
         self._ceiling: int | None = None
         self.name = name
         self._sizeof = sizeof
@@ -192,6 +193,8 @@ class SpillBuffer(MutableMapping[str, Any]):
         self._files = itertools.count()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
+        #: threads in `wait_for_room`, told when bytes leave memory
+        self._room = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -277,14 +280,17 @@ class SpillBuffer(MutableMapping[str, Any]):
     def loaded(self, key: str, lazy: Lazy, value: Any) -> None:
         """A task thread loaded ``lazy`` (from `hold`: a `Packed` or `Spilled`) as
         ``value``: keep ``value`` in memory in its place, if the store still holds that copy.
-        A `Spilled` never passed back here keeps its file until `close`; pass ``value``
-        None to let go of one without loading it."""
+        A spilled value stays on disk instead if memory has no room for it now: it would
+        only push out another (the task has its copy). A `Spilled` never passed back here
+        keeps its file until `close`; pass ``value`` None to let go of one unloaded."""
         size = self._sizeof(value) if value is not None else 0
         with self._lock:
             if isinstance(lazy, Spilled):
                 entry = lazy.entry
                 entry.holds -= 1
-                if value is not None and self.slow.get(key) is entry:
+                limit = self._limit()
+                room = limit is None or self.memory_bytes + size <= limit
+                if value is not None and room and self.slow.get(key) is entry:
                     self._unspill(key, entry, value, size)
                 elif not entry.live and entry.holds == 0:
                     _unlink(entry.path)
@@ -316,24 +322,33 @@ class SpillBuffer(MutableMapping[str, Any]):
             return self.memory_bytes - sum(self._sizes[k] for k in self._unspillable)
 
     def close(self) -> None:
-        """Stop the spill thread, drop everything, remove the files (and an own directory)."""
+        """Stop the spill thread, drop everything, remove the files, and the directory if
+        it is our own or left empty."""
         with self._lock:
             self._closed = True
             self._wake.notify_all()
+            self._room.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         with self._lock:
             self.clear()
             directory, made = self._directory, self._made_directory
-        if directory is None or not made:
+        if directory is None:
             return
         if self._own_directory:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:
+            if made:
+                shutil.rmtree(directory, ignore_errors=True)
+            return
+        try:
             for entry in os.scandir(directory):
                 if entry.name.endswith(".spill"):
                     _unlink(entry.path)
+            # Left empty, it goes too: a worker whose nanny was killed leaves nothing behind
+            # (a nanny makes it again for the next worker).
+            os.rmdir(directory)
+        except OSError:
+            pass
 
     def validate(self) -> None:
         """Check the invariants (for tests)."""
@@ -357,6 +372,7 @@ class SpillBuffer(MutableMapping[str, Any]):
             del self.fast[key]
             self.memory_bytes -= self._sizes.pop(key)
             self._unspillable.discard(key)
+            self._room.notify_all()
             return True
         entry = self.slow.pop(key, None)
         if entry is None:
@@ -391,6 +407,30 @@ class SpillBuffer(MutableMapping[str, Any]):
                 return key
         return None
 
+    def wait_for_room(self, nbytes: int, timeout: float = 10.0) -> None:
+        """Block until ``nbytes`` more fit in memory under the limits, the spill thread
+        making room meanwhile. A task thread calls it before its result goes in: tasks that
+        make results faster than the disk takes them wait, rather than fill memory. Returns
+        early when nothing more can be spilled, and after ``timeout`` seconds at most."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._closed:
+                limit = self._limit()
+                if limit is None or self.memory_bytes + nbytes <= limit:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0 or self._victim() is None:
+                    return  # nothing left to spill (or too long): go over rather than hang
+                self._maybe_spill()
+                self._room.wait(left)
+
+    def wait_to_load(self, held: Mapping[str, Any]) -> None:
+        """`wait_for_room` for the values a task is about to read back from disk (the
+        `Spilled` handles among ``held``, from `hold`), before they come into memory."""
+        nbytes = sum(v.nbytes for v in held.values() if isinstance(v, Spilled))
+        if nbytes:
+            self.wait_for_room(nbytes)
+
     def _maybe_spill(self) -> None:
         if self._closed or self._victim() is None:
             return
@@ -415,6 +455,7 @@ class SpillBuffer(MutableMapping[str, Any]):
             with self._lock:
                 key = self._victim()
                 while key is None and not self._closed:
+                    self._room.notify_all()  # as much room as there will be
                     self._wake.wait()
                     key = self._victim()
                 if self._closed or key is None:
@@ -439,8 +480,10 @@ class SpillBuffer(MutableMapping[str, Any]):
             with self._lock:
                 if self.fast.get(key) is value:
                     self._unspillable.add(key)
+                self._room.notify_all()
             return
         with self._lock:
+            self._room.notify_all()
             if self.fast.get(key) is not value or self._closed:
                 _unlink(path)  # deleted or replaced while it was written
                 return

@@ -176,7 +176,7 @@ class Worker:
         log_ring()
         if self.dashboard_address is not None:
             await self._start_dashboard(self.dashboard_address)
-        self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
+        self.state = self._new_state()
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
                                      os.getpid()), self.connect_timeout)  # fmt: skip
         try:
@@ -214,7 +214,8 @@ class Worker:
         self.previous_death = None  # told once
         self._scheduler_comm = comm
         self._scheduler = BatchedSend(comm)
-        self._spawn(self._read_scheduler(comm))
+        # What the scheduler sent right behind its answer (work for us) came in the same batch.
+        self._spawn(self._read_scheduler(comm, list(answer[1:])))
 
     async def _reconnect(self) -> None:
         """The scheduler connection broke: start over with what we hold, or close."""
@@ -222,7 +223,7 @@ class Worker:
         # Work in progress was rescheduled elsewhere when we were dropped: forget it and
         # keep only finished data, which we announce when we register again.
         held = {k: ts.nbytes for k, ts in self.state.tasks.items() if ts.state == "memory"}
-        self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
+        self.state = self._new_state()
         self._handle([DataPut("reconnect", held)])
         for key in list(self.data):
             if key not in held:
@@ -300,6 +301,10 @@ class Worker:
         self.status = "closed"
         self._closed.set()
 
+    def _new_state(self) -> WorkerState:
+        return WorkerState(self.address, self.nthreads, validate=self.validate,
+                           transfer_limit=self.memory.transfer_limit)  # fmt: skip
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -322,11 +327,13 @@ class Worker:
 
     # ------------------------------------------------------------ the scheduler
 
-    async def _read_scheduler(self, comm: Comm) -> None:
+    async def _read_scheduler(self, comm: Comm, first: list[Any] | None = None) -> None:
         try:
             while True:
                 events: list[WorkerEvent] = []
-                for msg in await comm.read():
+                batch = first or await comm.read()
+                first = None
+                for msg in batch:
                     if isinstance(msg, ComputeTask):
                         events.append(ComputeTaskEvent(msg.stimulus_id, msg))
                     elif isinstance(msg, FreeKeys):
@@ -361,7 +368,7 @@ class Worker:
         fresh one (``restart_requested``); an in-process worker starts over in place."""
         logger.info("worker %s restarting: %s", self.address, reason)
         self.data.clear()
-        self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
+        self.state = self._new_state()
         if not self.in_process:
             self.restart_requested = True
             self._spawn(self.close(f"restart: {reason}"))
@@ -403,6 +410,7 @@ class Worker:
                        deps: dict[str, Any]) -> None:  # fmt: skip
         try:
             with running(TaskContext(self, key)):
+                self.data.wait_to_load(deps)  # room first for inputs coming back from disk
                 for dep, value in deps.items():
                     if isinstance(value, Lazy):  # received (`Packed`) or spilled
                         deps[dep] = value.load()
@@ -412,6 +420,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - an input that cannot be unpickled
             outcome = Outcome(key)
             outcome.exception, outcome.traceback, outcome.text = pack_exception(exc)
+        if outcome.ok:
+            deps.clear()  # the inputs it read back from disk can go now
+            # Backpressure: a result waits (on this thread) for room, not in memory's way.
+            self.data.wait_for_room(outcome.nbytes)
         self._done.append(outcome)
         if not self._drain_scheduled:
             self._drain_scheduled = True

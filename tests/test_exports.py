@@ -12,6 +12,8 @@ PUBLIC = {
     "get_client", "secede", "rejoin", "remote", "Actor", "ActorFuture", "ActorLostError",
     # coordination
     "Event", "Lock", "Pub", "Queue", "Semaphore", "Sub", "Variable",
+    # observability
+    "progress",
 }  # fmt: skip
 
 

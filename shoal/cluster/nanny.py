@@ -46,6 +46,9 @@ from ..protocol.messages import WorkerDeath
 
 logger = logging.getLogger("shoal.nanny")
 
+#: ``MALLOC_TRIM_THRESHOLD_`` for worker processes (unless set already), as dask's nanny does.
+MALLOC_TRIM_THRESHOLD = 65536
+
 NannyStatus = Literal["created", "starting", "running", "restarting", "closing", "closed",
                       "failed"]  # fmt: skip
 
@@ -269,7 +272,7 @@ class Nanny:
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** (len(recent) - 1)))
             if self._closing or not self._restarting:
                 return False
-            self._clear_spill_directory()
+            self._remove_spill_directory()
             try:
                 await self._launch(death)
             except WorkerStartError as exc:
@@ -298,6 +301,9 @@ class Nanny:
         env = dict(os.environ if self.env is None else self.env)
         if self.token:
             env["SHOAL_TOKEN"] = self.token
+        # glibc keeps freed memory (e.g. a spilled array's) unless told to hand it back; and
+        # setting this also stops it raising its mmap threshold to the size of our arrays.
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(MALLOC_TRIM_THRESHOLD))
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,))
         finally:
@@ -351,19 +357,9 @@ class Nanny:
 
     # ------------------------------------------------------------- spill files
 
-    def _clear_spill_directory(self) -> None:
-        """Remove what a dead worker left in its spill directory."""
-        if self.spill_directory and os.path.isdir(self.spill_directory):
-            for entry in os.scandir(self.spill_directory):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    try:
-                        os.unlink(entry.path)
-                    except OSError:
-                        pass
-
     def _remove_spill_directory(self) -> None:
+        """Remove the spill directory and what a dead worker left there (a worker makes it
+        again when it first spills, and removes it when it closes)."""
         if self.spill_directory:
             shutil.rmtree(self.spill_directory, ignore_errors=True)
 

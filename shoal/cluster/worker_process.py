@@ -41,15 +41,15 @@ async def serve(args: argparse.Namespace) -> int:
                     if args.previous_death else None,
                     dashboard_address=args.dashboard_address)  # fmt: skip
     await worker.start()
-    if args.ready_fd is not None:
-        with os.fdopen(args.ready_fd, "w") as ready:
-            ready.write(f"{worker.address}\n")
     loop = asyncio.get_running_loop()
     stop = lambda: asyncio.ensure_future(worker.close("signal"))  # noqa: E731
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     if args.lifeline:
         loop.add_reader(sys.stdin.fileno(), _on_stdin, worker)
+    if args.ready_fd is not None:  # last: whoever reads it may stop us right away
+        with os.fdopen(args.ready_fd, "w") as ready:
+            ready.write(f"{worker.address}\n")
     await worker.finished()
     return RESTART_EXIT_CODE if worker.restart_requested else 0
 

@@ -118,7 +118,12 @@ class WorkerRecord:
 
 
 def key_group(key: str) -> str:
-    """The key's group (its prefix): ``inc-1f3a...`` -> ``inc``; ``('x', 1)`` style -> ``x``."""
+    """The key's group (its prefix): ``inc-1f3a...`` -> ``inc``; ``('x', 1)`` style -> ``x``
+    (dask's tuple keys, e.g. ``"('add-8a3f...', 0, 1)"`` -> ``add``)."""
+    if key[:2] in ("('", '("'):
+        end = key.find(key[1], 2)
+        if end > 2:
+            key = key[2:end]
     head, sep, tail = key.rpartition("-")
     if sep and head and (len(tail) >= 8 or tail.isdigit()):
         return head

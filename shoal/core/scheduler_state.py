@@ -298,11 +298,23 @@ class SchedulerState:
             return
         # First the data that died with it, so that rescheduled tasks see true holders.
         lost: list[TaskState] = []
+        refresh: dict[str, dict[str, list[str]]] = {}
         for ts in ws.has_what:
             ts.who_has.discard(ws)
             if not ts.who_has and ts.state == "memory":
                 lost.append(ts)
+            elif ts.who_has:
+                # Workers running its dependents may be fetching it from the one that left
+                # (and, if that one went silent, would wait out the fetch's timeout).
+                holders = [w.address for w in ts.who_has]
+                for dependent in ts.dependents:
+                    running_on = dependent.processing_on
+                    if (running_on is not None and running_on is not ws
+                            and running_on not in ts.who_has):
+                        refresh.setdefault(running_on.address, {})[ts.key] = holders
         ws.has_what.clear()
+        for address, who_has in refresh.items():
+            self._out.append(ToWorker(address, RefreshWhoHas(who_has, self._stimulus)))
         self._lose(sorted(lost, key=_by_priority),
                    f"its only holder {ws.address} left ({ev.reason or 'no reason'})")
         for ts in sorted(ws.processing, key=_by_priority):

@@ -14,7 +14,7 @@ Task states on a worker:
                                                  (a task that waits on other tasks gives its
                                                  thread slot back; it still reports its result)
     fetch/flight --ComputeTask--> waiting         (the scheduler recomputes a lost input here;
-                                                  a flight that lands first wins)
+                                                  the flight's data is dropped if it lands)
     a run that ends without a result we keep --> fetch, if a task here waits for it as an input
 
 Invariants (checked by `validate_state`):
@@ -105,7 +105,8 @@ class WorkerTask:
 class WorkerState:
     """What one worker holds, runs and fetches. Mutate only through `handle`."""
 
-    def __init__(self, address: str, nthreads: int, validate: bool = False) -> None:
+    def __init__(self, address: str, nthreads: int, validate: bool = False,
+                 transfer_limit: int | None = None) -> None:  # fmt: skip
         self.address = address
         self.nthreads = max(1, nthreads)
         self.tasks: dict[str, WorkerTask] = {}
@@ -121,6 +122,8 @@ class WorkerState:
         self.fetch_candidates: set[WorkerTask] = set()
         #: memory is short (`PauseEvent`): start no task and no fetch until it is not
         self.paused = False
+        #: bytes of inputs in flight at most (None: no limit); a lone key may exceed it
+        self.transfer_limit = transfer_limit
         self.validate = validate
         self.nbytes_in_memory = 0
         self._now = 0.0
@@ -163,11 +166,14 @@ class WorkerState:
                 self._report_done(ts, 0.0, 0.0, None)
             return
         elif ts.state == "flight":
-            # We are fetching it as an input, and are now asked to compute it: the fetch wins
-            # and is reported as done when it lands; if it fails, we compute it.
-            ts.wanted = True
-            ts.compute = msg
-            return
+            # We are fetching it as an input, and are now asked to compute it: the scheduler
+            # knows of no copy any more (the peer left or lost it). Compute it rather than
+            # wait for that gather, which a silent peer makes last its whole timeout; what
+            # the gather brings, if anything, is dropped (see `_handle_gather_done`).
+            for keys in self.in_flight.values():
+                if msg.key in keys:
+                    keys.remove(msg.key)
+                    break
         # New, or an input waiting for a holder: the scheduler knows of no copy; compute it.
         self._compute_here(ts, msg)
 
@@ -205,6 +211,9 @@ class WorkerState:
             if ts is not None and ts.state == "fetch":
                 ts.who_has = [h for h in holders if h != self.address]
                 self.fetch_candidates.add(ts)
+            elif ts is not None and ts.state == "flight" and ts.compute is None:
+                ts.who_has = [h for h in holders if h != self.address] or ts.who_has
+                self._refetch_if_holder_gone(ts, holders)
 
     def _handle_gather_done(self, ev: GatherDone) -> None:
         keys = self.in_flight.pop(ev.peer, [])
@@ -346,12 +355,31 @@ class WorkerState:
                 # Where to fetch it from; kept even while it is not "fetch" (see `_drop_run`).
                 dep.who_has = [h for h in holders if h != self.address] or dep.who_has
                 dep.nbytes = msg.nbytes.get(dep_key, dep.nbytes)
+                if dep.state == "flight" and dep.compute is None:
+                    self._refetch_if_holder_gone(dep, holders)
             ts.dependencies.add(dep)
             dep.dependents.add(ts)
             if dep.state != "memory":
                 ts.waiting_for.add(dep)
         if not ts.waiting_for:
             self._make_ready(ts)
+
+    def _refetch_if_holder_gone(self, ts: WorkerTask, holders: list[str]) -> None:
+        """``ts`` is in flight from a peer the scheduler no longer lists among its holders
+        (the peer left, e.g. cut off and removed after its worker-ttl): fetch it from a
+        listed holder now rather than wait for that gather to fail, which takes its whole
+        timeout when the peer is silent. The old gather's answer, if any, is dropped."""
+        listed = [h for h in holders if h != self.address]
+        if not listed:
+            return
+        for peer, keys in self.in_flight.items():
+            if ts.key in keys:
+                if peer in listed:
+                    return
+                keys.remove(ts.key)  # it leaves that gather (see `_handle_gather_done`)
+                break
+        ts.state = "fetch"
+        self.fetch_candidates.add(ts)
 
     def _drop_run(self, ts: WorkerTask) -> None:
         """``ts`` will not be computed here (freed, failed, or cancelled and ended).
@@ -455,6 +483,11 @@ class WorkerState:
     def _start_fetches(self) -> None:
         if self.paused or len(self.in_flight) >= MAX_CONCURRENT_GATHERS:
             return
+        budget: int | None = None
+        if self.transfer_limit is not None:
+            budget = self.transfer_limit - self.bytes_in_flight()
+            if budget <= 0 and self.in_flight:
+                return
         by_peer: dict[str, list[WorkerTask]] = {}
         for ts in list(self.fetch_candidates):
             if ts.state != "fetch" or self.tasks.get(ts.key) is not ts:
@@ -475,14 +508,24 @@ class WorkerState:
             for ts in wanted:
                 if keys and total + ts.nbytes > GATHER_BATCH_BYTES:
                     break
+                if budget is not None and total + ts.nbytes > budget and (keys or self.in_flight):
+                    break  # over the transfer limit (a lone key may go when nothing flies)
                 ts.state = "flight"
                 self.fetch_candidates.discard(ts)
                 keys.append(ts.key)
                 total += ts.nbytes
+            if not keys:
+                continue
             self.in_flight[peer] = keys
             self._out.append(GatherDep(peer, list(keys), total))  # a copy: `keys` may shrink
+            if budget is not None:
+                budget -= total
 
     # ---------------------------------------------------------------- queries
+
+    def bytes_in_flight(self) -> int:
+        return sum(self.tasks[k].nbytes for keys in self.in_flight.values() for k in keys
+                   if k in self.tasks)  # fmt: skip
 
     def validate_state(self) -> None:
         busy = [t for t in self.tasks.values()

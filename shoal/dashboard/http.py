@@ -1,9 +1,10 @@
 """An aiohttp application served on the running event loop (the scheduler's or a worker's).
 
 `HttpServer.start` binds the listening socket at once, so the URL is known (and printed,
-and advertised) before aiohttp is even imported; the app itself starts in the background,
-importing aiohttp on a thread the first time, so a cold `Client()` does not wait for it.
-Connections made meanwhile wait in the socket's backlog.
+and advertised) before aiohttp is even imported. The app starts in the background: when
+aiohttp is not imported yet, only once the first connection arrives (then importing it on a
+thread), so a cold `Client()` pays nothing for a dashboard nobody opens. Connections wait in
+the socket's backlog meanwhile.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ class HttpServer:
     async def _serve(self, sock: socket.socket) -> None:
         try:
             missing = [m for m in self.preload if m not in sys.modules]
-            if missing:  # aiohttp is ~0.1 s of imports: not on the loop
+            if missing:
+                # aiohttp is ~0.1 s of imports: not before someone connects (a cold
+                # `Client()` does not pay for a page nobody opens), and not on the loop.
+                await self._first_connection(sock)
                 loop = asyncio.get_running_loop()
                 for module in missing:
                     await loop.run_in_executor(None, importlib.import_module, module)
@@ -127,6 +131,22 @@ class HttpServer:
             logger.exception("%s at %s could not start", self.what, self.url)
         finally:
             self.ready.set()
+
+    @staticmethod
+    async def _first_connection(sock: socket.socket) -> None:
+        """Until a connection waits on ``sock`` (it stays in the backlog for the app)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        loop.add_reader(sock.fileno(), readable)
+        try:
+            await waiter
+        finally:
+            loop.remove_reader(sock.fileno())
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         await asyncio.wait_for(self.ready.wait(), timeout)

@@ -39,6 +39,7 @@ and ``allow_other_workers`` become the task's options; keyword arguments to `get
 
 from __future__ import annotations
 
+import pickle
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -59,8 +60,8 @@ from dask.core import flatten
 from ..annotate import TASK_OPTIONS, resolve_options
 from ..future import Future
 from ..protocol.messages import TaskSpec
-from ..protocol.refs import collected_keys, resolve_ref
-from ..protocol.serialize import dumps_function
+from ..protocol.refs import collected_keys, collecting, resolve_ref
+from ..protocol.serialize import MIN_OOB_BYTES, Serialized, dumps_function, serialize
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -108,6 +109,52 @@ class _Ref:
         if keys is not None:
             keys.append(self.key)
         return (resolve_ref, (self.key,))
+
+
+def _pack(obj: Any) -> Serialized:
+    """`serialize`, faster for what the standard pickler carries as cloudpickle would.
+
+    dask's task nodes refer to functions by module and name, which the C pickler writes
+    about three times as fast. Anything it cannot pickle (lambdas, local functions), or
+    would pickle by reference to ``__main__`` (which workers do not have), or any use of
+    ``cloudpickle.register_pickle_by_value``, goes through cloudpickle as usual."""
+    import cloudpickle
+
+    if not getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", True):
+        buffers: list[pickle.PickleBuffer] = []
+
+        def keep_large(buf: pickle.PickleBuffer) -> bool:
+            if buf.raw().nbytes < MIN_OOB_BYTES:
+                return True
+            buffers.append(buf)
+            return False
+
+        try:
+            header = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        except Exception:  # noqa: BLE001 - cloudpickle below says what went wrong, if anything
+            pass
+        else:
+            if b"__main__" not in header:
+                return Serialized([header, *(b.raw() for b in buffers)])
+    return serialize(obj, "dask task")
+
+
+def _spec(key: str, function: bytes, args: tuple[Any, ...],
+          options: dict[str, Any]) -> TaskSpec:  # fmt: skip
+    """A task's spec, as `Client.submit` makes it (options resolved already)."""
+    with collecting() as deps:
+        packed = _pack((args, {}))
+    workers = options.get("workers")
+    resources = options.get("resources")
+    return TaskSpec(
+        key, function, packed, list(dict.fromkeys(deps)),
+        priority=int(options.get("priority") or 0),
+        retries=int(options.get("retries") or 0),
+        resources={k: float(v) for k, v in resources.items()} if resources else None,
+        workers=[workers] if isinstance(workers, str) else list(workers) if workers else None,
+        allow_other_workers=bool(options.get("allow_other_workers", False)),
+        retry_delay=float(options.get("retry_delay", 0.1)),
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------- graphs -> specs
@@ -210,8 +257,7 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key],
             extra = {name: values[k] for name, values in per_key.items() if k in values}
             if extra:
                 task_options = {**base, **_checked(extra)}
-        specs.append(client._make_spec(run_dask_node, function, (node, refs), {},
-                                       names(k), True, task_options))  # fmt: skip
+        specs.append(_spec(names(k), function, (node, refs), task_options))
     wanted = list(dict.fromkeys(names(k) for k in keys))
     futures = dict(zip(wanted, client._submit_specs(specs, wanted)))
     made = {spec.key for spec in specs}

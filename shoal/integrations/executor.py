@@ -65,10 +65,11 @@ class ShoalFuture(cf.Future[Any]):
         self.set_running_or_notify_cancel()
         shoal, self._shoal = self._shoal, None
         if shoal is not None:
-            try:
-                shoal.cancel()
-            except RuntimeError:  # the client is closed already: nothing left to cancel
-                pass
+            if not shoal.done():
+                try:
+                    shoal.cancel()
+                except RuntimeError:  # the client is closed already: nothing left to cancel
+                    pass
             shoal.release()
         return True
 
@@ -206,6 +207,9 @@ class ShoalExecutor(cf.Executor):
         if future.done():  # cancelled meanwhile
             future._settle()
             return
+        if state.status == "cancelled":  # e.g. by client.cancel: cancelled here too
+            self._deliver_cancel(future)
+            return
         if state.status != "finished":
             error = state.exception_object()
             self._deliver([(future, None, error or RuntimeError(f"{state.key} failed"))])
@@ -255,13 +259,23 @@ class ShoalExecutor(cf.Executor):
                 else:
                     future._settle(error=error)
 
+        self._on_callback_thread(settle)
+
+    def _deliver_cancel(self, future: ShoalFuture) -> None:
+        def cancel() -> None:
+            if not future.cancel():  # not pending any more: just let go of the task
+                future._settle()
+
+        self._on_callback_thread(cancel)
+
+    def _on_callback_thread(self, fn: Callable[[], None]) -> None:
         pool = self._client._callback_pool
         try:
             if pool is None:
                 raise RuntimeError("no callback thread")
-            pool.submit(settle)
-        except RuntimeError:  # the client closed: settle here
-            settle()
+            pool.submit(fn)
+        except RuntimeError:  # the client closed: run it here
+            fn()
 
     # ---------------------------------------------------------------- shutting down
 

@@ -50,11 +50,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import faulthandler
 import fcntl
 import functools
 import heapq
 import itertools
 import os
+import pickle
 import random
 import re
 import selectors
@@ -411,6 +413,7 @@ class VirtualNetwork:
         self.hosts: list[Host] = []
         self.processes: list[subprocess.Popen[Any]] = []
         self.agents: list[RemoteClient] = []
+        self.shoal_processes: list[ShoalProcess] = []
         self._bridge_ns: str | None = None
         self._switch: _Switch | None = None
         self._taps: list[int] = []
@@ -427,7 +430,7 @@ class VirtualNetwork:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def start(self) -> VirtualNetwork:
@@ -461,7 +464,7 @@ class VirtualNetwork:
                         "loss", f"{self.loss * 100:g}%", "limit", "10000")  # fmt: skip
             else:
                 assert self._switch is not None
-                tap = f"sht{pid % 10**6}x{i}"
+                tap = f"sht{next(_counter)}-{pid % 10**6}"[:15]  # unique while in the root ns
                 fd = _open_tap(tap)
                 self._taps.append(fd)
                 self._switch.add_port(fd)
@@ -493,6 +496,8 @@ class VirtualNetwork:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        for process in self.shoal_processes:
+            process.kill()  # it has exited: this reaps it and joins its output readers
         for host in self.hosts:
             try:
                 _kill_namespace_processes(host.netns)
@@ -583,6 +588,7 @@ class VirtualNetwork:
         proc = self.popen(host, [sys.executable, "-m", "shoal.cli", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
         process = ShoalProcess(proc, what)
+        self.shoal_processes.append(process)
         try:
             process.address = process.wait_for_line(r"listening at (\S+)", start_timeout).group(1)
         except BaseException:
@@ -691,6 +697,7 @@ class RemoteClient:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr.append(line.decode(errors="replace").rstrip("\n"))
+        self.proc.stderr.close()
 
     def _read(self) -> None:
         import cloudpickle
@@ -709,6 +716,7 @@ class RemoteClient:
                 fut.set_result(payload)
             else:
                 fut.set_exception(RemoteCallError(payload))
+        self.proc.stdout.close()
         self.proc.wait()
         for t in self._threads[1:]:
             t.join(5)
@@ -718,6 +726,18 @@ class RemoteClient:
             if not fut.done():
                 fut.set_exception(RuntimeError(
                     f"{self.what} exited (code {self.proc.returncode}):\n{self.stderr_tail()}"))
+
+    def dump_stacks(self, timeout: float = 5.0) -> str:
+        """The agent's thread stacks (faulthandler, on SIGUSR1), for a call that hangs."""
+        if self.proc.poll() is not None:
+            return f"{self.what} has exited"
+        before = len(self.stderr)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.stderr) == before:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the rest of the dump
+        return "\n".join(self.stderr[before:])
 
     def stderr_tail(self, lines: int = 40) -> str:
         return "\n".join(self.stderr[-lines:])
@@ -741,8 +761,8 @@ class RemoteClient:
             self._pending[rid] = fut
         assert self.proc.stdin is not None
         try:
-            _write_frame(self.proc.stdin, cloudpickle.dumps((rid, fn, args, kwargs)),
-                         self._write_lock)  # fmt: skip
+            call = cloudpickle.dumps((fn, args, kwargs))
+            _write_frame(self.proc.stdin, pickle.dumps((rid, call)), self._write_lock)
         except (BrokenPipeError, ValueError) as exc:
             with self._lock:
                 self._pending.pop(rid, None)
@@ -779,6 +799,7 @@ def _agent_main(address: str, timeout: float) -> int:
 
     import shoal
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `RemoteClient.dump_stacks`
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # prints from the functions go to stderr, not into the frames
     sys.stdout = sys.stderr
@@ -808,10 +829,11 @@ def _agent_main(address: str, timeout: float) -> int:
         body = _read_frame(stdin)
         if body is None:
             break
+        rid, call = pickle.loads(body)
         try:
-            rid, fn, args, kwargs = cloudpickle.loads(body)
-        except Exception:  # noqa: BLE001
-            reply(-1, False, traceback.format_exc())
+            fn, args, kwargs = cloudpickle.loads(call)
+        except Exception:  # noqa: BLE001 - e.g. a module the agent cannot import
+            reply(rid, False, traceback.format_exc())
             continue
         t = threading.Thread(target=run, args=(rid, fn, args, kwargs), daemon=True)
         t.start()

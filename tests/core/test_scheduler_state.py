@@ -786,6 +786,24 @@ def test_missing_data_with_other_holders_refreshes_who_has() -> None:
     assert state.tasks["x"] not in state.workers["w1"].has_what
 
 
+def test_worker_left_tells_workers_running_dependents_where_their_inputs_still_are() -> None:
+    # given: x on w1 and w2; y = f(x) runs on w3 (which may be fetching x from w1)
+    state = make_scheduler({"w1": 1})
+    state.handle([submit("c1", make_spec("x"))], now=0.0)
+    run(state, "x", "w1")
+    state.handle([worker_joined("w2"), ReplicasAdded("copy", "w2", ["x"], [8]),
+                  worker_joined("w3")], now=1.0)  # fmt: skip
+    out = state.handle([submit("c1", make_spec("y", ["x"], workers=["w3"]))], now=1.0)
+    assert where(out, "y") == ["w3"]
+
+    # when w1 leaves (say it went silent and its worker-ttl ran out)
+    out = state.handle([left("w1", reason="silent")], now=2.0)
+
+    # then w3 hears that x is on w2, so that it need not wait out a fetch from w1
+    assert sent_to(out, "w3", RefreshWhoHas) == [RefreshWhoHas({"x": ["w2"]}, "worker-left-w1")]
+    assert state.tasks["y"].state == "processing"
+
+
 def test_missing_data_without_other_holders_recomputes() -> None:
     # given: x (small) only on w1, z (big) on w2; y = f(x, z) runs on w2
     state = make_scheduler({"w1": 1, "w2": 1})

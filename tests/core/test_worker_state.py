@@ -471,17 +471,26 @@ def test_late_outcomes_of_unknown_tasks_release_their_data() -> None:
 # ---------------------------------------------- a key both fetched and computed
 
 
-def test_compute_of_a_key_being_fetched_reports_it_when_it_lands() -> None:
+def test_compute_of_a_key_being_fetched_computes_it_now() -> None:
     # given: a is being fetched from p1 as x's input
     ws = make_worker("w1")
     ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
 
-    # when the scheduler asks us to compute a too
+    # when the scheduler asks us to compute a too (it knows of no copy: p1 left, maybe cut
+    # off, and then the fetch would only fail at its timeout)
     out = ws.handle([compute_task("a")], now=1.0)
-    assert executes(out) == []
 
-    # when the fetch lands: a is reported done, x runs
+    # then a runs now, out of the gather
+    assert executes(out) == ["a"]
+    assert ws.in_flight == {"p1": []}
+
+    # and if the fetch lands after all, its copy is dropped, a is not reported for it
     out = ws.handle([gather_done("p1", {"a": 8})], now=2.0)
+    assert finished(out) == [] and executes(out) == []
+    assert released(out) == ["a"]
+
+    # and a's run reports it, and x runs
+    out = ws.handle([execute_done("a")], now=3.0)
     assert finished(out) == ["a"]
     assert executes(out) == ["x"]
 
@@ -490,13 +499,14 @@ def test_compute_of_a_key_whose_fetch_fails_computes_it() -> None:
     # given: a was being fetched from p1, which then died; the scheduler recomputes a here
     ws = make_worker("w1")
     ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
-    ws.handle([free("x"), compute_task("a")], now=1.0)
+    out = ws.handle([free("x"), compute_task("a")], now=1.0)
 
-    # when the fetch fails
-    out = ws.handle([GatherFailed("gather-p1", "p1", ["a"], "refused")], now=2.0)
-
-    # then: a runs here instead of waiting for a copy that is gone
+    # then: a runs here at once, instead of waiting for a copy that is gone
     assert executes(out) == ["a"]
+
+    # and the fetch failing changes nothing
+    out = ws.handle([GatherFailed("gather-p1", "p1", ["a"], "refused")], now=2.0)
+    assert executes(out) == [] and finished(out) == [] and released(out) == []
     out = ws.handle([execute_done("a")], now=3.0)
     assert finished(out) == ["a"]
 
@@ -515,6 +525,42 @@ def test_compute_of_a_key_waiting_to_be_fetched_computes_it() -> None:
     assert executes(out) == ["a"]
     out = ws.handle([execute_done("a")], now=3.0)
     assert finished(out) == ["a"] and executes(out) == ["x"]
+
+
+def test_input_in_flight_from_a_peer_no_longer_listed_is_fetched_from_a_listed_one() -> None:
+    # given: a is being fetched from p1 (which then went silent) as x's input
+    ws = make_worker("w1", nthreads=2)
+    ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
+    assert ws.in_flight == {"p1": ["a"]}
+
+    # when the scheduler, having dropped p1, asks for y, whose input a it now knows on p2
+    out = ws.handle([compute_task("y", {"a": ["p2"]})], now=1.0)
+
+    # then a is fetched from p2 at once, not after p1's gather times out
+    assert [(g.peer, g.keys) for g in out if isinstance(g, GatherDep)] == [("p2", ["a"])]
+    assert ws.in_flight == {"p1": [], "p2": ["a"]}
+
+    # and what p1's gather brings, if it ever lands, is dropped
+    out = ws.handle([gather_done("p1", {"a": 8})], now=2.0)
+    assert released(out) == ["a"] and executes(out) == []
+    out = ws.handle([gather_done("p2", {"a": 8})], now=3.0)
+    assert sorted(executes(out)) == ["x", "y"]
+
+
+def test_refreshed_holders_redirect_a_fetch_from_a_peer_that_left() -> None:
+    # given: a is being fetched from p1 as x's input
+    ws = make_worker("w1")
+    ws.handle([compute_task("x", {"a": ["p1"]})], now=0.0)
+
+    # when the scheduler says a is on p1 and p2: the fetch from p1 goes on
+    out = ws.handle([RefreshWhoHasEvent("refresh", {"a": ["p1", "p2"]})], now=1.0)
+    assert out == [] and ws.in_flight == {"p1": ["a"]}
+
+    # when it says a is only on p2 (p1 left): a is fetched from p2 now
+    out = ws.handle([RefreshWhoHasEvent("refresh", {"a": ["p2"]})], now=2.0)
+    assert [(g.peer, g.keys) for g in out if isinstance(g, GatherDep)] == [("p2", ["a"])]
+    out = ws.handle([gather_done("p2", {"a": 8})], now=3.0)
+    assert executes(out) == ["x"]
 
 
 def test_input_that_erred_here_before_is_fetched_from_its_new_holder() -> None:
@@ -989,3 +1035,29 @@ def test_pause_and_resume_repeated_keep_the_state_valid() -> None:
     while running:
         running.extend(executes(ws.handle([execute_done(running.pop())], now=1001.0)))
     assert not any(t.state in ("ready", "executing") for t in ws.tasks.values())
+
+
+# ------------------------------------------------------------- transfer limit
+
+
+def test_inputs_in_flight_stay_under_the_transfer_limit_but_one_always_goes() -> None:
+    # given a worker that may have 50 bytes of inputs in flight, and tasks needing 3 inputs
+    # of 30 bytes each on one peer, and one on another
+    ws = WorkerState("w1", 4, validate=True, transfer_limit=50)
+    sizes = {"x": 30, "y": 30, "z": 30}
+    out = ws.handle([compute_task("a", who_has={"x": ["w2"], "y": ["w2"]}, nbytes=sizes),
+                     compute_task("b", who_has={"z": ["w3"]}, nbytes=sizes)], now=0.0)  # fmt: skip
+
+    # then only one input goes (a second would pass the limit)
+    gathers = [i for i in out if isinstance(i, GatherDep)]
+    assert len(gathers) == 1 and len(gathers[0].keys) == 1 and ws.bytes_in_flight() == 30
+
+    # and as each lands, the next goes
+    first = gathers[0]
+    out = ws.handle([gather_done(first.peer, {first.keys[0]: 30})], now=1.0)
+    assert len([i for i in out if isinstance(i, GatherDep)]) == 1 and ws.bytes_in_flight() == 30
+
+    # and an input bigger than the limit still goes, alone
+    big = WorkerState("w1", 1, validate=True, transfer_limit=50)
+    out = big.handle([compute_task("c", who_has={"huge": ["w2"]}, nbytes={"huge": 500})], now=0.0)
+    assert [i for i in out if isinstance(i, GatherDep)] == [GatherDep("w2", ["huge"], 500)]

@@ -14,6 +14,7 @@ import pytest
 import shoal
 from shoal.integrations.executor import ShoalExecutor, ShoalFuture
 from shoal.testing import Gate, wait_until
+from shoal.worker_client import get_worker
 
 
 def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -39,6 +40,10 @@ class Box:
 
 def make_box(x: int) -> Box:
     return Box(x)
+
+
+def where_am_i(_: Any = None) -> str:
+    return get_worker().address
 
 
 def test_submit_returns_real_futures_and_passes_every_keyword(client: shoal.Client) -> None:
@@ -189,11 +194,9 @@ def test_context_manager_waits_on_exit(client: shoal.Client) -> None:
 def test_submit_options_apply_to_every_call(client: shoal.Client) -> None:
     workers = sorted(client.nthreads())
     with client.get_executor(workers=[workers[0]]) as ex:
-        futures = [ex.submit(double, i) for i in range(6)]
-        keys = [f.key for f in futures]
-        assert [f.result(timeout=10) for f in futures] == [0, 2, 4, 6, 8, 10]
-    assert all(k is None for k in (f.key for f in futures))  # released once the result is here
-    assert all(isinstance(k, str) for k in keys)
+        futures = [ex.submit(where_am_i, i) for i in range(6)]
+        assert {f.result(timeout=10) for f in futures} == {workers[0]}
+    assert all(f.key is None for f in futures)  # the task is let go once the result is here
     with pytest.raises(TypeError, match="unknown task option"):
         client.get_executor(colour="red")
 
@@ -212,3 +215,15 @@ def test_wrap_future_for_asyncio(client: shoal.Client) -> None:
             return value
 
         assert asyncio.run(main()) == 10
+
+
+def test_a_call_cancelled_through_the_client_is_cancelled_here(
+        client: shoal.Client, gate: Gate) -> None:  # fmt: skip
+    with client.get_executor() as ex:
+        fut = ex.submit(gate, 1)
+        shoal_future = fut._shoal
+        assert shoal_future is not None
+        client.cancel([shoal_future])
+        done, _ = cf.wait([fut], timeout=10)
+        assert fut in done and fut.cancelled()
+        gate.open()

@@ -20,12 +20,14 @@ KB = 1000
 
 @pytest.fixture
 def buf(tmp_path: Path) -> Iterator[SpillBuffer]:
-    """A buffer that keeps at most 3 KB in memory, spilling to ``tmp_path``."""
-    b = SpillBuffer(target=3 * KB, directory=str(tmp_path), name="test")
+    """A buffer that keeps at most 3 KB in memory, spilling to ``tmp_path``/spill; that
+    directory is gone once it closes."""
+    b = SpillBuffer(target=3 * KB, directory=str(tmp_path / "spill"), name="test")
     try:
         yield b
     finally:
         b.close()
+    assert not (tmp_path / "spill").exists()
 
 
 def blob(tag: int, size: int = KB) -> bytes:
@@ -158,25 +160,31 @@ def test_a_held_spilled_value_stays_readable_after_its_key_is_deleted(buf: Spill
     assert spill_files(buf) == [] and "x" not in buf
 
 
-def test_a_held_spilled_value_loaded_by_a_task_comes_back_into_memory(buf: SpillBuffer) -> None:
-    # given a spilled value held by a task, and one Packed value held too
-    buf["x"] = blob(1, 2 * KB)
+def test_a_held_spilled_value_loaded_by_a_task_comes_back_into_memory_if_it_fits(
+    buf: SpillBuffer,
+) -> None:
+    # given two spilled values held by a task (1 KB fits under the target, 4 KB does not),
+    # and a Packed value (still pickled, as received) held too
+    buf["small"] = blob(1, KB)
     buf["big"] = blob(2, 4 * KB)
-    wait_until(lambda: "big" in buf.slow, message="big spilled")
+    buf["x"] = blob(3, 1500)
+    buf["y"] = blob(4, KB)
+    wait_until(lambda: set(buf.slow) == {"small", "big"}, message="small and big spilled")
     buf["p"] = Packed(serialize(b"abc"))
-    held = buf.hold(["big", "p"])
+    del buf["y"]
+    held = buf.hold(["small", "big", "p"])
 
     # when the task loads them
-    big = held["big"].load()
-    buf.loaded("big", held["big"], big)
-    p = held["p"].load()
-    buf.loaded("p", held["p"], p)
+    values = {key: lazy.load() for key, lazy in held.items()}
+    for key, lazy in held.items():
+        buf.loaded(key, lazy, values[key])
 
-    # then the store keeps the loaded values in their place
-    assert buf.unspill_count == 1 and p == b"abc" and buf.fast.get("p") == b"abc"
-    wait_until(lambda: settled(buf), message="spilling settles")
+    # then the store keeps what fits in memory in place of what was held: the small one
+    # back from disk, the unpickled Packed value; the big one stays on disk
+    assert values["big"] == blob(2, 4 * KB) and values["p"] == b"abc"
+    assert set(buf.fast) == {"x", "small", "p"} and set(buf.slow) == {"big"}
+    assert buf.fast["p"] == b"abc" and buf.unspill_count == 1
     buf.validate()
-    assert buf["big"] == blob(2, 4 * KB)
 
 
 def test_a_value_that_cannot_be_pickled_stays_in_memory(buf: SpillBuffer) -> None:
@@ -193,7 +201,7 @@ def test_a_value_that_cannot_be_pickled_stays_in_memory(buf: SpillBuffer) -> Non
 
 def test_a_ceiling_spills_below_the_target_until_lifted(tmp_path: Path) -> None:
     # given a buffer with no target (the memory monitor alone decides) and 5 KB in it
-    b = SpillBuffer(target=None, directory=str(tmp_path), name="ceiling")
+    b = SpillBuffer(target=None, directory=str(tmp_path / "spill"), name="ceiling")
     try:
         for i in range(5):
             b[f"k{i}"] = blob(i)

@@ -49,6 +49,7 @@
   function num(n) { return (n || 0).toLocaleString("en-US"); }
   function seconds(s) {
     if (s === null || s === undefined) return "-";
+    if (s === 0) return "0 s";
     if (s < 0.001) return (s * 1e6).toFixed(0) + " µs";
     if (s < 1) return (s * 1000).toFixed(s < 0.01 ? 1 : 0) + " ms";
     if (s < 120) return s.toFixed(1) + " s";
@@ -315,11 +316,17 @@
       return d;
     };
     for (let i = 0; i < n; i++) visit(i, 0);
-    const columns = [];
-    for (let i = 0; i < n; i++) (columns[depth[i]] = columns[depth[i]] || []).push(i);
+    const levels = [];
+    for (let i = 0; i < n; i++) (levels[depth[i]] = levels[depth[i]] || []).push(i);
     const big = target.classList.contains("big");
     const r = big ? 5 : 3.5;
     const gapX = big ? 70 : 40, gapY = big ? 14 : 9;
+    // A wide level (many tasks at one depth) wraps into several columns.
+    const maxRows = big ? 34 : 24;
+    const columns = [];
+    for (const level of levels.filter(Boolean)) {
+      for (let k = 0; k < level.length; k += maxRows) columns.push(level.slice(k, k + maxRows));
+    }
     const tallest = Math.max(...columns.map((c) => c.length));
     const width = Math.max(200, columns.length * gapX + 20);
     const height = Math.max(60, tallest * gapY + 20);
