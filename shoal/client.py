@@ -128,8 +128,6 @@ class Client(DatasetsMixin):
         #: handlers of other scheduler messages, by type (e.g. topic messages for `Sub`)
         self._message_handlers: dict[type[Msg], Callable[[Any], None]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        if address is None and cluster_kwargs.get("processes", True) is False:
-            pass
         if not asynchronous:
             self._loop_thread = LoopThread(name=f"shoal-{self.name}")
             self.loop = self._loop_thread.loop
