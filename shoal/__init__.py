@@ -4,7 +4,9 @@ Layers, bottom to top (arrows point down only):
   protocol/  typed messages, framing, serialization
   comm/      transports (tcp://, inproc://), handshake, batched writes
   core/      pure state machines: SchedulerState, WorkerState (no I/O)
-  scheduler.py, worker.py, client.py   thin servers binding comm <-> core
+  scheduler.py  thin server binding comm <-> SchedulerState
+  worker/    thin server binding comm <-> WorkerState; execution, memory, spill, actors
+  client/    the user's side: Client, futures, actor handles, remote functions
   cluster/   LocalCluster
   diagnostics/  task stream, log ring, progress bars; dashboard/  web page, JSON API, /metrics
   cli.py     the `shoal` command
@@ -12,10 +14,10 @@ Layers, bottom to top (arrows point down only):
 The public API is re-exported here explicitly and pinned by tests/test_exports.py.
 """
 
-from .actor import Actor as Actor
-from .actor import ActorFuture as ActorFuture
-from .client import Client as Client
-from .client import default_client as default_client
+from .client.actor import Actor as Actor
+from .client.actor import ActorFuture as ActorFuture
+from .client.client import Client as Client
+from .client.client import default_client as default_client
 from .cluster.local import LocalCluster as LocalCluster
 from .coordination.primitives import Event as Event
 from .coordination.primitives import Lock as Lock
@@ -31,17 +33,17 @@ from .exceptions import FutureLostError as FutureLostError
 from .exceptions import KilledWorkerError as KilledWorkerError
 from .exceptions import RemoteTraceback as RemoteTraceback
 from .exceptions import SchedulerGoneError as SchedulerGoneError
-from .future import Future as Future
-from .annotate import annotate as annotate
-from .future import as_completed as as_completed
-from .future import fire_and_forget as fire_and_forget
-from .future import wait as wait
+from .client.future import Future as Future
+from .client.annotate import annotate as annotate
+from .client.future import as_completed as as_completed
+from .client.future import fire_and_forget as fire_and_forget
+from .client.future import wait as wait
 from .protocol.serialize import SerializationError as SerializationError
-from .remote_function import remote as remote
+from .client.remote_function import remote as remote
 from .scheduler import Scheduler as Scheduler
-from .worker import Worker as Worker
-from .worker_client import get_client as get_client
-from .worker_client import rejoin as rejoin
-from .worker_client import secede as secede
+from .worker.server import Worker as Worker
+from .worker.context import get_client as get_client
+from .worker.context import rejoin as rejoin
+from .worker.context import secede as secede
 
 __version__ = "0.1.0"

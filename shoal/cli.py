@@ -148,7 +148,7 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
     By default a nanny (this process) runs the worker in a child process and starts a new
     one when it dies; SIGTERM or SIGINT stops both.
     """
-    from .memory import MemoryFractions, parse_memory_limit
+    from .worker.memory import MemoryFractions, parse_memory_limit
 
     _setup_logging(log_level)
     try:
@@ -169,7 +169,7 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
                                 *(["--dashboard-address", dashboard_address] if dashboard
                                   else [])])  # fmt: skip
         return
-    from .worker import Worker
+    from .worker.server import Worker
 
     server = Worker(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
                     token=token, memory_limit=limit, connect_timeout=connect_timeout,

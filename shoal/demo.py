@@ -8,8 +8,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from .client import Client
-from .future import as_completed
+from .client.client import Client
+from .client.future import as_completed
 
 
 def sample_pi(seed: int, n: int = 2_000) -> int:

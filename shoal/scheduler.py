@@ -80,7 +80,7 @@ from .protocol.messages import (
     WorkerDeath,
     WorkerDeaths,
 )
-from .rpc import PeerPool, next_rid
+from .comm.rpc import PeerPool, next_rid
 
 if TYPE_CHECKING:
     from .dashboard.server import SchedulerDashboard

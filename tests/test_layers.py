@@ -46,3 +46,11 @@ def test_scheduler_never_unpickles(path: Path) -> None:
     for name in imports_of(path):
         assert name.split(".")[0] not in {"pickle", "cloudpickle"}, f"{path.name}: {name}"
         assert not name.endswith(".deserialize"), f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "client").glob("*.py")), ids=lambda p: p.name)
+def test_client_side_does_not_import_the_worker_server(path: Path) -> None:
+    """The client side needs only the tasks' thread context from the worker side."""
+    for name in imports_of(path):
+        if name.startswith("shoal.worker"):
+            assert name.startswith("shoal.worker.context"), f"{path.name} imports {name}"

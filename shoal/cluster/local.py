@@ -13,9 +13,9 @@ import logging
 import os
 from typing import Any
 
-from ..memory import MemoryFractions, parse_memory_limit
+from ..worker.memory import MemoryFractions, parse_memory_limit
 from ..scheduler import Scheduler
-from ..worker import Worker
+from ..worker.server import Worker
 from .nanny import Nanny
 
 logger = logging.getLogger("shoal.cluster")

@@ -41,7 +41,7 @@ from typing import Literal
 
 import psutil
 
-from ..memory import MemoryFractions, format_bytes
+from ..worker.memory import MemoryFractions, format_bytes
 from ..protocol.messages import WorkerDeath
 
 logger = logging.getLogger("shoal.nanny")

@@ -15,10 +15,10 @@ import os
 import signal
 import sys
 
-from ..memory import MemoryFractions
+from ..worker.memory import MemoryFractions
 from ..protocol.messages import WorkerDeath
 from ..utils.loop import run
-from ..worker import Worker
+from ..worker.server import Worker
 
 
 #: Exit code of a worker that the scheduler asked to restart: its nanny starts a new one.

@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol.messages import DatasetGet, DatasetList, DatasetPublish, DatasetUnpublish
-from ..rpc import next_rid
+from ..comm.rpc import next_rid
 from .requests import request
 
 if TYPE_CHECKING:
-    from ..client import Client
-    from ..future import Future
+    from ..client.client import Client
+    from ..client.future import Future
 
 
 class _NoDefault:
@@ -79,7 +79,7 @@ def _client(obj: DatasetsMixin) -> Client:
 
 
 def _split(datasets: dict[str, Any]) -> tuple[dict[str, Future], list[str]]:
-    from ..future import Future
+    from ..client.future import Future
 
     futures = {n: v for n, v in datasets.items() if isinstance(v, Future)}
     return futures, [n for n in datasets if n not in futures]
@@ -111,7 +111,7 @@ async def _get_async(client: Client, name: str, default: Any) -> Any:
 
 def _adopt(client: Client, found: list[Any]) -> tuple[Future, bool]:
     """A future for a key the scheduler just made this client want (see `GiveKey`)."""
-    from ..future import Future
+    from ..client.future import Future
 
     key, scattered = found
     future = Future(key, client)

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..future import Future
+from ..client.future import Future
 from ..protocol.messages import (
     EventSet,
     EventWait,
@@ -44,11 +44,11 @@ from ..protocol.messages import (
     VariableSet,
 )
 from ..protocol.serialize import Serialized, deserialize, serialize
-from ..rpc import next_rid
+from ..comm.rpc import next_rid
 from .requests import check_running, done_awaitable, register_wait, request, send
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.client import Client
 
 __all__ = ["Event", "Lock", "Pub", "Queue", "Semaphore", "Sub", "Variable"]
 
@@ -56,7 +56,7 @@ __all__ = ["Event", "Lock", "Pub", "Queue", "Semaphore", "Sub", "Variable"]
 def _current_client() -> Client:
     """The client a primitive made without one uses: inside a task (or an actor), the one
     its worker provides; elsewhere the default client."""
-    from ..worker_client import get_client
+    from ..worker.context import get_client
 
     return get_client()
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import SchedulerGoneError
 from ..protocol.messages import Msg, StopWaiting
-from ..rpc import next_rid
+from ..comm.rpc import next_rid
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.client import Client
 
 #: How much longer than the scheduler's deadline a client waits for the scheduler to say
 #: "timed out", before it gives up on its own (the scheduler is gone or partitioned away).

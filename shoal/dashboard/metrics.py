@@ -31,7 +31,7 @@ from ..protocol.messages import Heartbeat
 
 if TYPE_CHECKING:
     from ..scheduler import Scheduler
-    from ..worker import Worker
+    from ..worker.server import Worker
     from .jobs import JobsView
 
 __all__ = [

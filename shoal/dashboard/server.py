@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ..scheduler import Scheduler
-    from ..worker import Worker
+    from ..worker.server import Worker
 
 __all__ = ["SchedulerDashboard", "WorkerDashboard"]
 

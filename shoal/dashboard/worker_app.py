@@ -12,7 +12,7 @@ from ..diagnostics.logs import log_ring
 from .metrics import CONTENT_TYPE, render, worker_registry
 
 if TYPE_CHECKING:
-    from ..worker import Worker
+    from ..worker.server import Worker
 
 __all__ = ["make_worker_app"]
 

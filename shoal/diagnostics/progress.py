@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from ..future import Future
+from ..client.future import Future
 from ..protocol.messages import ProgressUnwatch, ProgressUpdate, ProgressWatch
-from ..rpc import next_rid
+from ..comm.rpc import next_rid
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.client import Client
 
 __all__ = ["TextBars", "futures_of", "progress"]
 

@@ -28,7 +28,7 @@ from ..protocol.messages import (
     SchedulerLogs,
     WorkerLogs,
 )
-from ..rpc import next_rid
+from ..comm.rpc import next_rid
 from ..scheduler import Extension
 from .logs import log_ring
 

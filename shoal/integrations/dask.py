@@ -57,14 +57,14 @@ from dask._task_spec import (
 from dask.base import collections_to_expr, is_dask_collection
 from dask.core import flatten
 
-from ..annotate import TASK_OPTIONS, resolve_options
-from ..future import Future
+from ..client.annotate import TASK_OPTIONS, resolve_options
+from ..client.future import Future
 from ..protocol.messages import TaskSpec
 from ..protocol.refs import collected_keys, collecting, resolve_ref
 from ..protocol.serialize import MIN_OOB_BYTES, Serialized, dumps_function, serialize
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.client import Client
 
 __all__ = ["DaskScheduler", "compute", "get", "persist", "shoal_key", "submit_graph"]
 

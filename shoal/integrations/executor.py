@@ -31,12 +31,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..annotate import check_options, resolve_options
-from ..future import Future, FutureState
+from ..client.annotate import check_options, resolve_options
+from ..client.future import Future, FutureState
 from ..protocol.serialize import Serialized, deserialize
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.client import Client
 
 __all__ = ["ShoalExecutor"]
 

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 from joblib import parallel_config, register_parallel_backend
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
 
-from ..annotate import check_options, resolve_options
-from ..execution import sizeof
-from ..future import Future
+from ..client.annotate import check_options, resolve_options
+from ..worker.execution import sizeof
+from ..client.future import Future
 from ..protocol.serialize import dumps_function
-from ..worker_client import current_context, get_client, seceded
+from ..worker.context import current_context, get_client, seceded
 
 if TYPE_CHECKING:
-    from ..client import Client
+    from ..client.client import Client
 
 __all__ = ["ShoalBackend"]
 

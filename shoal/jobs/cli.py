@@ -115,7 +115,7 @@ def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int
                    grace=grace, schedules=schedules, name=name)
     client = None
     if scheduler is not None:
-        from ..client import Client
+        from ..client.client import Client
 
         client = Client(scheduler)
     try:

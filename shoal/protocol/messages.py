@@ -455,6 +455,10 @@ class GetLogs(Msg, tag="get-logs"):
     n: int = 1000
 
 
+#: Prefix of an `ActorCall` reply's error that means "no such actor on this worker".
+ACTOR_LOST_PREFIX = "ActorLostError: "
+
+
 class ActorCall(Msg, tag="actor-call"):
     """Call ``method`` of the actor made by task ``key`` on this worker, with the pickled
     ``(args, kwargs)``. Calls run one at a time on the actor's own thread, in the order they

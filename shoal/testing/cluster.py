@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import psutil
 
-from ..client import Client
+from ..client.client import Client
 
 __all__ = [
     "ClusterTimeoutError",

@@ -11,7 +11,7 @@ import pytest
 import shoal
 from shoal.protocol.messages import TaskSpec
 from shoal.testing import gen_cluster, wait_until
-from shoal.worker_client import get_worker
+from shoal.worker.context import get_worker
 
 dask = pytest.importorskip("dask", reason="dask is an optional extra: pip install 'shoal[dask]'")
 np = pytest.importorskip("numpy")

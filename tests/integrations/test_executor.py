@@ -14,7 +14,7 @@ import pytest
 import shoal
 from shoal.integrations.executor import ShoalExecutor, ShoalFuture
 from shoal.testing import Gate, wait_until
-from shoal.worker_client import get_worker
+from shoal.worker.context import get_worker
 
 
 def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

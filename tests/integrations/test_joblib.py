@@ -11,7 +11,7 @@ import pytest
 
 import shoal
 from shoal.protocol.messages import TaskSpec
-from shoal.worker_client import get_worker
+from shoal.worker.context import get_worker
 
 joblib = pytest.importorskip("joblib", reason="joblib is an optional extra: pip install 'shoal[joblib]'")
 np = pytest.importorskip("numpy")

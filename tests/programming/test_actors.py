@@ -11,7 +11,7 @@ import pytest
 
 import shoal
 from shoal.testing import gen_cluster, no_leaks, wait_until
-from shoal.worker_client import get_worker
+from shoal.worker.context import get_worker
 
 
 class Counter:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import shoal
-from shoal.remote_function import ActorClass, RemoteFunction
+from shoal.client.remote_function import ActorClass, RemoteFunction
 from shoal.testing import Tally
-from shoal.worker_client import get_worker
+from shoal.worker.context import get_worker
 
 
 @shoal.remote

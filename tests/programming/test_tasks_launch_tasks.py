@@ -13,7 +13,7 @@ import pytest
 
 import shoal
 from shoal.testing import gen_cluster
-from shoal.worker_client import get_worker
+from shoal.worker.context import get_worker
 
 
 def fib(n: int) -> int:

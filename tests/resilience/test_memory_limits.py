@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.memory import (
+from shoal.worker.memory import (
     MemoryFractions,
     MemoryMonitor,
     format_bytes,
@@ -16,7 +16,7 @@ from shoal.memory import (
     parse_memory_limit,
     system_memory,
 )
-from shoal.spill import SpillBuffer
+from shoal.worker.spill import SpillBuffer
 
 MB = 10**6
 

@@ -13,7 +13,7 @@ import cloudpickle
 import numpy as np
 
 import shoal
-from shoal.memory import MemoryFractions
+from shoal.worker.memory import MemoryFractions
 from shoal.testing import Tally, gen_cluster, wait_until
 
 # Worker processes cannot import this module: send its functions by value.

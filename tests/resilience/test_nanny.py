@@ -18,7 +18,7 @@ import psutil
 
 import shoal
 from shoal.cluster.nanny import Nanny, death_reason
-from shoal.memory import MemoryFractions
+from shoal.worker.memory import MemoryFractions
 from shoal.scheduler import Scheduler
 from shoal.testing import gen_cluster, no_leaks, spawn_scheduler, spawn_worker, wait_until
 from shoal.utils.loop import run

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from shoal.protocol.serialize import serialize
-from shoal.spill import Packed, Spilled, SpillBuffer, read_frames, write_frames
+from shoal.worker.spill import Packed, Spilled, SpillBuffer, read_frames, write_frames
 from shoal.testing import wait_until
 
 KB = 1000

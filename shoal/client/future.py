@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext as _nothing
 from typing import TYPE_CHECKING, Any, Literal
 
-from .exceptions import FAILURE_KINDS, CancelledError, RemoteTraceback
-from .protocol.refs import collected_keys, resolve_ref
-from .protocol.serialize import Serialized, deserialize
-from .worker_client import seceded, wait_event
+from ..exceptions import FAILURE_KINDS, CancelledError, RemoteTraceback
+from ..protocol.refs import collected_keys, resolve_ref
+from ..protocol.serialize import Serialized, deserialize
+from ..worker.context import seceded, wait_event
 
 if TYPE_CHECKING:
     from .client import Client

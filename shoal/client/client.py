@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from .comm.batched import BatchedSend
-from .comm.core import Comm, CommClosedError
-from .comm.registry import connect
-from .coordination.datasets import DatasetsMixin
-from .exceptions import FutureLostError, SchedulerGoneError
+from ..comm.batched import BatchedSend
+from ..comm.core import Comm, CommClosedError
+from ..comm.registry import connect
+from ..coordination.datasets import DatasetsMixin
+from ..exceptions import FutureLostError, SchedulerGoneError
 from .future import Future, FutureState, Status, as_completed, wait
-from .protocol.messages import (
+from ..protocol.messages import (
     PROTOCOL_VERSION,
     CancelKeys,
     DataReply,
@@ -59,14 +59,14 @@ from .protocol.messages import (
     WorkerLogs,
 )
 from .annotate import resolve_options
-from .protocol.refs import collecting
-from .protocol.serialize import Serialized, deserialize, dumps_function, serialize
-from .rpc import PeerPool, next_rid
-from .utils.loop import LoopThread
+from ..protocol.refs import collecting
+from ..protocol.serialize import Serialized, deserialize, dumps_function, serialize
+from ..comm.rpc import PeerPool, next_rid
+from ..utils.loop import LoopThread
 
 if TYPE_CHECKING:
-    from .integrations.dask import DaskScheduler
-    from .integrations.executor import ShoalExecutor
+    from ..integrations.dask import DaskScheduler
+    from ..integrations.executor import ShoalExecutor
 
 __all__ = ["Client", "as_completed", "default_client", "wait"]
 
@@ -76,7 +76,7 @@ _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 def default_client() -> Client:
     """The most recent open client in this process; inside a task, its worker's client."""
-    from .worker_client import task_client
+    from ..worker.context import task_client
 
     client = task_client() or (_default() if _default is not None else None)
     if client is None or client.status != "running":
@@ -150,7 +150,7 @@ class Client(DatasetsMixin):
         return start().__await__()
 
     async def _start(self) -> None:
-        from .cluster.local import LocalCluster
+        from ..cluster.local import LocalCluster
 
         self.loop = asyncio.get_running_loop()
         address = self._address
@@ -759,35 +759,35 @@ class Client(DatasetsMixin):
     def get_executor(self, **submit_options: Any) -> ShoalExecutor:
         """A `concurrent.futures.Executor` that runs calls on this cluster; ``submit_options``
         (``pure``, ``priority``, ``retries``, ``resources``, ``workers``...) apply to each."""
-        from .integrations.executor import ShoalExecutor
+        from ..integrations.executor import ShoalExecutor
 
         return ShoalExecutor(self, **submit_options)
 
     def get(self, dsk: Any, keys: Any, **options: Any) -> Any:
         """Run a dask graph and return the values of ``keys`` (dask's scheduler interface:
         ``dask.compute(x, scheduler=client.get)``); see `shoal.integrations.dask`."""
-        from .integrations.dask import get
+        from ..integrations.dask import get
 
         return get(self, dsk, keys, **options)
 
     def compute(self, collections: Any, sync: bool = False, optimize_graph: bool = True,
                 traverse: bool = True, **options: Any) -> Any:  # fmt: skip
         """Start computing dask collections: a `Future` per collection (values if ``sync``)."""
-        from .integrations.dask import compute
+        from ..integrations.dask import compute
 
         return compute(self, collections, sync=sync, optimize_graph=optimize_graph,
                        traverse=traverse, **options)  # fmt: skip
 
     def persist(self, collections: Any, optimize_graph: bool = True, **options: Any) -> Any:
         """Dask collections whose chunks are computed and held on the workers (as futures)."""
-        from .integrations.dask import persist
+        from ..integrations.dask import persist
 
         return persist(self, collections, optimize_graph=optimize_graph, **options)
 
     def as_dask_scheduler(self) -> DaskScheduler:
         """Make this client dask's default scheduler now, until the returned object's
         ``restore()`` or the end of ``with client.as_dask_scheduler():``."""
-        from .integrations.dask import DaskScheduler
+        from ..integrations.dask import DaskScheduler
 
         return DaskScheduler(self)
 

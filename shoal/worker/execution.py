@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from .protocol.refs import providing
-from .protocol.serialize import Serialized, deserialize, serialize
+from ..protocol.refs import providing
+from ..protocol.serialize import Serialized, deserialize, serialize
 
 _capture = threading.local()
 _hook_lock = threading.Lock()

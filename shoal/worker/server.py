@@ -22,11 +22,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from .actor import ActorRegistry
-from .comm.batched import BatchedSend
-from .comm.core import Comm, CommClosedError
-from .comm.registry import connect, listen
-from .core.worker_events import (
+from .actors import ActorRegistry
+from ..comm.batched import BatchedSend
+from ..comm.core import Comm, CommClosedError
+from ..comm.registry import connect, listen
+from ..core.worker_events import (
     AcquireReplicasEvent,
     ComputeTaskEvent,
     DataPut,
@@ -46,10 +46,10 @@ from .core.worker_events import (
     WorkerEvent,
     WorkerInstruction,
 )
-from .core.worker_state import WorkerState
+from ..core.worker_state import WorkerState
 from .execution import FunctionCache, Outcome, install_warning_capture, pack_exception, run_task
 from .memory import MemoryFractions, WorkerMemory
-from .protocol.messages import (
+from ..protocol.messages import (
     PROTOCOL_VERSION,
     ActorCall,
     ActorGetAttr,
@@ -70,14 +70,15 @@ from .protocol.messages import (
     UpdateData,
     WorkerDeath,
 )
-from .protocol.serialize import Serialized, deserialize, serialize
+from ..protocol.serialize import Serialized, deserialize, serialize
 from .spill import Lazy, Packed, SpillBuffer
-from .rpc import PeerPool, next_rid
-from .worker_client import TaskClients, TaskContext, running
-from .diagnostics.logs import apply_env_level, log_ring
+from ..comm.rpc import PeerPool, next_rid
+from .context import TaskContext, running
+from .task_client import TaskClients
+from ..diagnostics.logs import apply_env_level, log_ring
 
 if TYPE_CHECKING:
-    from .dashboard.server import WorkerDashboard
+    from ..dashboard.server import WorkerDashboard
 
 logger = logging.getLogger("shoal.worker")
 
@@ -312,7 +313,7 @@ class Worker:
 
     async def _start_dashboard(self, address: str | int) -> None:
         """Serve /metrics and /health (a worker without them still works: warn and go on)."""
-        from .dashboard.server import WorkerDashboard
+        from ..dashboard.server import WorkerDashboard
 
         host = self.listen_address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
         dashboard = WorkerDashboard(self, address, default_host=host if "tcp://" in

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import Any
 
 from .execution import sizeof as default_sizeof
-from .protocol.serialize import Buffer, SerializationError, Serialized, deserialize, serialize
+from ..protocol.serialize import Buffer, SerializationError, Serialized, deserialize, serialize
 
 logger = logging.getLogger("shoal.spill")
 

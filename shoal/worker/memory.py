@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .core.worker_events import PauseEvent
+from ..core.worker_events import PauseEvent
 from .spill import SpillBuffer
 
 if TYPE_CHECKING:
-    from .worker import Worker
+    from .server import Worker
 
 logger = logging.getLogger("shoal.memory")
 

@@ -12,10 +12,10 @@ import itertools
 import logging
 from typing import Any
 
-from .comm.batched import BatchedSend
-from .comm.core import Comm, CommClosedError
-from .comm.registry import connect
-from .protocol.messages import Hello, Msg
+from .batched import BatchedSend
+from .core import Comm, CommClosedError
+from .registry import connect
+from ..protocol.messages import Hello, Msg
 
 logger = logging.getLogger("shoal.rpc")
 

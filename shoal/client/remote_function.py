@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar, overload
 from .actor import Actor
 from .annotate import check_options
 from .future import Future
-from .worker_client import get_client
+from ..worker.context import get_client
 
 __all__ = ["ActorClass", "RemoteFunction", "remote"]
 

@@ -25,31 +25,27 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Union
 
-from .comm.batched import BatchedSend
-from .exceptions import ActorLostError, RemoteTraceback
-from .execution import pack_exception
-from .protocol.messages import ActorCall, ActorGetAttr, Msg, Nthreads, Reply
-from .protocol.refs import collected_keys, resolve_ref
-from .protocol.serialize import deserialize, serialize
-from .rpc import next_rid
-from .worker_client import TaskContext, current_context, get_client, running, seceded
+from ..exceptions import ActorLostError, RemoteTraceback
+from ..protocol.messages import ACTOR_LOST_PREFIX, ActorCall, ActorGetAttr, Msg, Nthreads, Reply
+from ..protocol.refs import collected_keys, resolve_ref
+from ..protocol.serialize import deserialize, serialize
+from ..comm.rpc import next_rid
+from ..worker.context import current_context, get_client, seceded
 
 if TYPE_CHECKING:
     from .client import Client
     from .future import Future
-    from .worker import Worker
 
-__all__ = ["Actor", "ActorFactory", "ActorFuture", "ActorLostError", "ActorRegistry"]
+__all__ = ["Actor", "ActorFactory", "ActorFuture", "ActorLostError"]
 
 logger = logging.getLogger("shoal.actor")
 
 _AnyFuture = Union["asyncio.Future[Any]", "concurrent.futures.Future[Any]"]
 
-#: Prefix of an `ActorCall` error that means "no such actor here".
-_LOST = "ActorLostError: "
+_LOST = ACTOR_LOST_PREFIX
 
 
-# ------------------------------------------------------------------ the worker side
+# ------------------------------------------------------------------ the creating task
 
 
 class ActorFactory:
@@ -85,102 +81,6 @@ def actor_factory(cls: Any) -> ActorFactory:
     if factory is None:
         factory = _factories[cls] = ActorFactory(cls)
     return factory
-
-
-class _Hosted:
-    __slots__ = ("key", "instance", "thread")
-
-    def __init__(self, key: str, instance: Any) -> None:
-        self.key = key
-        self.instance = instance
-        #: one thread for this actor: its calls run one at a time, first come first served
-        self.thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"shoal-actor-{key[:40]}")
-
-
-class ActorRegistry:
-    """The actors living on one worker, by the key of the task that made each."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self._actors: dict[str, _Hosted] = {}
-        self._lock = threading.Lock()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._actors
-
-    def __len__(self) -> int:
-        return len(self._actors)
-
-    def add(self, key: str, instance: Any) -> None:
-        """Keep ``instance`` as actor ``key`` (called by its creating task, on its thread)."""
-        hosted = _Hosted(key, instance)
-        with self._lock:
-            old = self._actors.get(key)
-            self._actors[key] = hosted
-        if old is not None:
-            old.thread.shutdown(wait=False)
-
-    def remove(self, key: str) -> None:
-        """Drop actor ``key``: calls already queued still run, then its thread ends."""
-        with self._lock:
-            hosted = self._actors.pop(key, None)
-        if hosted is not None:
-            hosted.thread.shutdown(wait=False)
-
-    def close(self) -> None:
-        """The worker is closing: drop every actor and the calls queued for them."""
-        with self._lock:
-            hosted, self._actors = list(self._actors.values()), {}
-        for h in hosted:
-            h.thread.shutdown(wait=False, cancel_futures=True)
-
-    def serve(self, msg: ActorCall | ActorGetAttr, send: BatchedSend) -> None:
-        """Queue a call on its actor's thread (on the worker's loop); the `Reply` goes back on
-        ``send`` when the call ends."""
-        loop = asyncio.get_running_loop()
-
-        def answer(reply: Reply) -> None:
-            if not send.closed:
-                send.send(reply)
-
-        def answer_threadsafe(reply: Reply) -> None:
-            try:
-                loop.call_soon_threadsafe(answer, reply)
-            except RuntimeError:  # the loop closed: the worker is gone, and so is the caller
-                pass
-
-        hosted = self._actors.get(msg.key)
-        if hosted is None:
-            answer(self._lost(msg))
-            return
-        try:
-            hosted.thread.submit(self._run, hosted, msg, answer_threadsafe)
-        except RuntimeError:  # dropped meanwhile
-            answer(self._lost(msg))
-
-    def _lost(self, msg: ActorCall | ActorGetAttr) -> Reply:
-        return Reply(msg.rid, error=f"{_LOST}worker {self.worker.address} holds no actor"
-                                    f" {msg.key!r} (it was released or lost)")  # fmt: skip
-
-    def _run(self, hosted: _Hosted, msg: ActorCall | ActorGetAttr,
-             answer: Callable[[Reply], None]) -> None:  # fmt: skip
-        with running(TaskContext(self.worker, hosted.key, is_actor=True)):
-            try:
-                if isinstance(msg, ActorCall):
-                    args, kwargs = deserialize(msg.args)
-                    what = f"result of {type(hosted.instance).__name__}.{msg.method}"
-                    value = getattr(hosted.instance, msg.method)(*args, **kwargs)
-                else:
-                    what = f"attribute {type(hosted.instance).__name__}.{msg.name}"
-                    value = getattr(hosted.instance, msg.name)
-                reply = Reply(msg.rid, [True, serialize(value, what)])
-            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                packed, tb, _text = pack_exception(exc)
-                reply = Reply(msg.rid, [False, packed, tb])
-        answer(reply)
 
 
 # ------------------------------------------------------------------ the caller side
