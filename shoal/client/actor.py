@@ -86,6 +86,21 @@ def actor_factory(cls: Any) -> ActorFactory:
 # ------------------------------------------------------------------ the caller side
 
 
+class _BaseError:
+    """A method's exception that is not an `Exception`, carried to the caller's thread."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _raised(value: Any) -> Any:
+    if isinstance(value, _BaseError):
+        raise value.error
+    return value
+
+
 class ActorFuture:
     """The outcome of one actor call or attribute read, on its way.
 
@@ -113,18 +128,18 @@ class ActorFuture:
         if not fut.done():
             with seceded():
                 try:
-                    return fut.result(timeout)
+                    return _raised(fut.result(timeout))
                 except (TimeoutError, concurrent.futures.TimeoutError):
                     if fut.done():  # the method itself raised TimeoutError
                         raise
                     raise TimeoutError(f"{self._what} did not finish within {timeout}s") from None
-        return fut.result()
+        return _raised(fut.result())
 
     async def _result_async(self, timeout: float | None = None) -> Any:
         fut = self._fut
         afut = fut if isinstance(fut, asyncio.Future) else asyncio.wrap_future(fut)
         try:
-            return await asyncio.wait_for(asyncio.shield(afut), timeout)
+            return _raised(await asyncio.wait_for(asyncio.shield(afut), timeout))
         except asyncio.TimeoutError:
             if afut.done():
                 raise
@@ -281,6 +296,10 @@ class Actor:
             error.__cause__ = RemoteTraceback(deserialize(rest[1]))
         except Exception:  # noqa: BLE001 - a traceback is a courtesy
             pass
+        if not isinstance(error, Exception):
+            # KeyboardInterrupt, SystemExit...: raised on the loop they would stop it; the
+            # caller raises it instead (`ActorFuture.result`).
+            return _BaseError(error)
         raise error
 
     # -- identity and pickling

@@ -114,8 +114,8 @@ class ActorRegistry:
                     value = getattr(hosted.instance, msg.name)
                 reply = Reply(msg.rid, [True, serialize(value, what)])
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
+                # KeyboardInterrupt and SystemExit too (see `run_task`): the caller re-raises
+                # it; raised here it would only end this call without an answer.
                 packed, tb, _text = pack_exception(exc)
                 reply = Reply(msg.rid, [False, packed, tb])
         answer(reply)

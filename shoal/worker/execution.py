@@ -109,8 +109,9 @@ def run_task(key: str, function: bytes, args: Serialized, data: Mapping[str, Any
         out.nbytes = sizeof(value)
         out.typename = type(value).__qualname__
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the client
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        # KeyboardInterrupt, SystemExit and other BaseExceptions too: like dask, the client
+        # re-raises the task's own exception type. Letting them through would kill the task's
+        # thread without an outcome: its future would hang and its thread slot be lost.
         out.ok = False
         out.exception, out.traceback, out.text = pack_exception(exc)
     finally:

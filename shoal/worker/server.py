@@ -418,13 +418,18 @@ class Worker:
                         # Back into the store, so the next task that needs it need not load it.
                         self.data.loaded(dep, value, deps[dep])
                 outcome = run_task(key, function, args, deps, self.functions, time.time)
-        except Exception as exc:  # noqa: BLE001 - an input that cannot be unpickled
+        except BaseException as exc:  # noqa: BLE001 - an input that cannot be unpickled
+            # (`run_task` itself never raises.) Whatever it is, the run must end with an
+            # outcome: without one the task's future hangs and its thread slot is lost.
             outcome = Outcome(key)
             outcome.exception, outcome.traceback, outcome.text = pack_exception(exc)
         if outcome.ok:
             deps.clear()  # the inputs it read back from disk can go now
             # Backpressure: a result waits (on this thread) for room, not in memory's way.
-            self.data.wait_for_room(outcome.nbytes)
+            try:
+                self.data.wait_for_room(outcome.nbytes)
+            except BaseException:  # noqa: BLE001 - the result goes in anyway
+                logger.exception("waiting for room for %s", key)
         self._done.append(outcome)
         if not self._drain_scheduled:
             self._drain_scheduled = True
@@ -561,7 +566,8 @@ class Worker:
             try:
                 fn = deserialize(msg.function)
                 return Reply(msg.rid, {"ok": True, "result": serialize(fn(), "run result")})
-            except Exception as exc:  # noqa: BLE001 - reported to the caller
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                # KeyboardInterrupt too: raised out of the executor it would reach the loop.
                 packed, tb, text = pack_exception(exc)
                 return Reply(msg.rid, {"ok": False, "result": packed, "traceback": tb},
                              error=text)  # fmt: skip
