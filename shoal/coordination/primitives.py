@@ -8,7 +8,9 @@ provides), looked up on first use, so the objects can be pickled into tasks by n
 
 Every blocking call takes ``timeout`` (seconds; None waits for ever). The scheduler keeps the
 deadline and answers when it passes, so a call never hangs much beyond it; a wait of any
-length ends (``FutureLostError``) when its client closes. Leases (`Lock`, `Semaphore`) are
+length ends (``FutureLostError``) when its client closes. A task that must wait gives its
+thread slot back meanwhile, as `Future.result` does (see `_Named._wait`), so the task that
+would end the wait (a `Queue.put` queued behind a `Queue.get`) can run on that slot. Leases (`Lock`, `Semaphore`) are
 held by the client's connection and given back when it closes or its process dies.
 
 Queues and variables carry plain objects as pickled bytes the scheduler never opens, or
@@ -19,10 +21,11 @@ futures, whose keys the scheduler keeps alive until they are taken (`get` return
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..client.future import Future
@@ -45,6 +48,7 @@ from ..protocol.messages import (
 )
 from ..protocol.serialize import Serialized, deserialize, serialize
 from ..comm.rpc import next_rid
+from ..worker.context import current_context, seceded
 from .requests import check_running, done_awaitable, register_wait, request, send
 
 if TYPE_CHECKING:
@@ -82,8 +86,42 @@ class _Named:
             check_running(client)
         return client._sync(coro)
 
+    def _wait(self, attempt: Callable[[float | None], Coroutine[Any, Any, Any]],
+              timeout: float | None, missed: Callable[[Any], bool] = lambda _: False) -> Any:
+        """Run ``attempt(timeout)``, a request that may have to wait, like `_run`.
+
+        In a task holding a thread slot (with a synchronous client), first try without
+        waiting (``attempt(0)``; it missed if it raised ``TimeoutError`` or ``missed`` says so);
+        only if that missed, give the slot back for the real wait and take one again after
+        it. Without this, a task queued behind the waiter on the same worker, maybe the one
+        that would end the wait, could not start. The deadline counts from the first try.
+        """
+        if self.client.asynchronous or (timeout is not None and timeout <= 0) or not _in_slot():
+            return self._run(attempt(timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            result = self._run(attempt(0))
+        except TimeoutError:
+            pass
+        else:
+            if not missed(result):
+                return result
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with seceded():
+            return self._run(attempt(remaining))
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def _in_slot() -> bool:
+    """Whether this thread runs a task that holds one of its worker's thread slots."""
+    ctx = current_context()
+    return ctx is not None and not ctx.is_actor and not ctx.seceded
+
+
+def _refused(granted: Any) -> bool:
+    return granted is False
 
 
 # ------------------------------------------------------------------------- leases
@@ -156,7 +194,7 @@ class Semaphore(_Leases):
 
     def acquire(self, timeout: float | None = None) -> Any:
         """Take a lease, waiting up to ``timeout`` seconds; returns whether it was granted."""
-        return self._run(self._acquire(timeout))
+        return self._wait(self._acquire, timeout, _refused)
 
     def get_value(self) -> Any:
         """How many leases are held now, by anyone."""
@@ -198,7 +236,7 @@ class Lock(_Leases):
             if timeout is not None:
                 raise ValueError("a non-blocking acquire takes no timeout")
             timeout = 0
-        return self._run(self._acquire(timeout))
+        return self._wait(self._acquire, timeout, _refused)
 
     def _not_held(self) -> Exception:
         return ValueError(f"{self!r} is not held by this Lock object")
@@ -243,8 +281,11 @@ class Event(_Named):
 
     def wait(self, timeout: float | None = None) -> Any:
         """Wait until the flag is set; returns False if ``timeout`` passed first."""
-        return self._run(request(self.client, EventWait(next_rid(), self.name, timeout),
-                                 timeout))  # fmt: skip
+        return self._wait(self._wait_set, timeout, _refused)
+
+    async def _wait_set(self, timeout: float | None) -> bool:
+        return bool(await request(self.client, EventWait(next_rid(), self.name, timeout),
+                                  timeout))  # fmt: skip
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.name,))
@@ -282,7 +323,7 @@ class Queue(_Named):
         """Append ``value`` (a future's key is kept alive while it is queued); waits up to
         ``timeout`` for room in a bounded queue, then raises ``TimeoutError``."""
         item, key = _pack(value, f"item for queue {self.name!r}")
-        return self._run(self._put(item, key, value, timeout))
+        return self._wait(lambda t: self._put(item, key, value, t), timeout)
 
     async def _put(self, item: Serialized | None, key: str | None, value: Any,
                    timeout: float | None) -> None:  # fmt: skip
@@ -303,7 +344,9 @@ class Queue(_Named):
             count = batch
         else:
             raise ValueError(f"batch must be True, False or a positive int, not {batch!r}")
-        return self._run(self._get(count, timeout))
+        if count < 0:  # takes what is there, never waits
+            return self._run(self._get(count, timeout))
+        return self._wait(lambda t: self._get(count, t), timeout)
 
     async def _get(self, batch: int, timeout: float | None) -> Any:
         client = self.client
@@ -337,7 +380,7 @@ class Variable(_Named):
     def get(self, timeout: float | None = None) -> Any:
         """The value (a `Future` if a future was set); waits up to ``timeout`` for a value
         to be set, then raises ``TimeoutError``."""
-        return self._run(self._get(timeout))
+        return self._wait(self._get, timeout)
 
     async def _get(self, timeout: float | None) -> Any:
         client = self.client
@@ -449,7 +492,12 @@ class Sub(_Named):
         self._buffer.append(payload)
 
     def get(self, timeout: float | None = None) -> Any:
-        """The next message, waiting up to ``timeout`` for one (then ``TimeoutError``)."""
+        """The next message, waiting up to ``timeout`` for one (then ``TimeoutError``).
+        A task that must wait gives its thread slot back meanwhile."""
+        must_wait = not self._buffer and (timeout is None or timeout > 0)
+        if must_wait and not self.client.asynchronous and _in_slot():
+            with seceded():
+                return self._run(self._get(timeout))
         return self._run(self._get(timeout))
 
     async def _get(self, timeout: float | None) -> Any:
