@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -33,6 +34,15 @@ def coordination(client: shoal.Client) -> CoordinationExtension:
                 if isinstance(e, CoordinationExtension))  # fmt: skip
 
 
+async def eventually(predicate: Callable[[], object], what: str, timeout: float = 10) -> None:
+    """Poll ``predicate`` on the loop until it holds; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
 def test_async_locks_semaphores_events() -> None:
     async def body(client: shoal.Client) -> None:
         lock = shoal.Lock("l")
@@ -47,6 +57,8 @@ def test_async_locks_semaphores_events() -> None:
         event = shoal.Event("e")
         assert await event.wait(timeout=0.05) is False
         waiting = asyncio.ensure_future(event.wait())
+        ext = coordination(client)
+        await eventually(lambda: len(ext.state.waiting) == 1, "the wait is registered")
         await event.set()
         assert await waiting is True and await event.is_set() is True
         await event.clear()
@@ -73,7 +85,7 @@ def test_async_queues_variables_pubsub_datasets() -> None:
         start = time.monotonic()
         with pytest.raises(TimeoutError):
             await var.get(timeout=0.2)
-        assert time.monotonic() - start < 2
+        assert 0.2 <= time.monotonic() - start < 0.2 + 10  # waited its timeout, did not hang
 
         sub = await shoal.Sub("t")
         pub = shoal.Pub("t")
@@ -126,14 +138,13 @@ def test_async_waits_end_when_the_client_closes() -> None:
             sub = await shoal.Sub("quiet", client=other)
             waits.append(asyncio.ensure_future(sub.get()))
             ext = coordination(client)
-            while len(ext.state.waiting) < 2 or not sub._waiters:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: len(ext.state.waiting) == 2 and bool(sub._waiters),
+                             "the three waits are registered")  # fmt: skip
             await other.close()
             for wait in waits:
                 with pytest.raises(FutureLostError):
                     await asyncio.wait_for(wait, 5)
-            while ext.state.waiting:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: not ext.state.waiting, "the waiters are dropped")
 
     with no_leaks():
         asyncio.run(main())

@@ -22,18 +22,19 @@ def inc(x: int) -> int:
 
 
 def test_event_wait_times_out_then_wakes_on_set(
-    client: shoal.Client, connect: Callable[[], shoal.Client]
+    client: shoal.Client, connect: Callable[[], shoal.Client], coordination: CoordinationExtension
 ) -> None:
     event = shoal.Event("go")
     assert event.is_set() is False
     # when nobody sets it, then wait returns False after about its timeout
     start = time.monotonic()
     assert event.wait(timeout=0.2) is False
-    assert 0.2 <= time.monotonic() - start < 2
+    assert 0.2 <= time.monotonic() - start < 0.2 + 10  # waited its timeout, did not hang
     # when another client sets it, then a waiter wakes
     woke: list[bool] = []
     thread = threading.Thread(target=lambda: woke.append(event.wait(timeout=10)))
     thread.start()
+    wait_until(lambda: len(coordination.state.waiting) == 1, message="the wait is registered")
     shoal.Event("go", client=connect()).set()
     thread.join(10)
     assert woke == [True] and event.is_set()
@@ -100,7 +101,7 @@ def test_queue_get_times_out_and_batches(client: shoal.Client) -> None:
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="stayed empty"):
         q.get(timeout=0.2)
-    assert 0.2 <= time.monotonic() - start < 2
+    assert 0.2 <= time.monotonic() - start < 0.2 + 10  # waited its timeout, did not hang
     assert q.get(batch=True) == []
     for i in range(5):
         q.put(i)
@@ -111,7 +112,7 @@ def test_queue_get_times_out_and_batches(client: shoal.Client) -> None:
 
 
 def test_bounded_queue_put_waits_for_room(
-    client: shoal.Client, connect: Callable[[], shoal.Client]
+    client: shoal.Client, connect: Callable[[], shoal.Client], coordination: CoordinationExtension
 ) -> None:
     q = shoal.Queue("bounded", maxsize=1)
     q.put("a")
@@ -120,6 +121,7 @@ def test_bounded_queue_put_waits_for_room(
     # when a put waits and another client takes, then the put goes in
     thread = threading.Thread(target=lambda: q.put("c", timeout=10))
     thread.start()
+    wait_until(lambda: len(coordination.state.waiting) == 1, message="the put waits")
     assert shoal.Queue("bounded", client=connect()).get(timeout=5) == "a"
     thread.join(10)
     assert q.get(timeout=5) == "c"
@@ -146,7 +148,7 @@ def test_variable_get_times_out_until_set(client: shoal.Client) -> None:
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="not set"):
         var.get(timeout=0.3)
-    assert 0.3 <= time.monotonic() - start < 2
+    assert 0.3 <= time.monotonic() - start < 0.3 + 10  # waited its timeout, did not hang
     var.set(3)
     assert var.get(timeout=1) == 3
     var.delete()
