@@ -9,7 +9,11 @@ Task states on a worker:
     waiting  -> ready -> executing -> memory      (tasks the scheduler asked us to run; a task
                                                   that fails is reported and forgotten)
     fetch -> flight -> memory                     (inputs held by other workers)
-    executing --FreeKeys--> cancelled --ComputeTask--> executing (resumed)
+    executing --FreeKeys--> cancelled --ComputeTask, same spec--> executing (resumed)
+    cancelled --ComputeTask, another spec--> cancelled, with the new spec waiting (the thread
+                                                  cannot be stopped); when the old run ends
+                                                  its outcome is dropped --> waiting/ready
+    cancelled --FreeKeys--> cancelled (a waiting new spec is dropped too)
     executing --Secede--> long-running --Rejoin (once a slot is free)--> executing
                                                  (a task that waits on other tasks gives its
                                                  thread slot back; it still reports its result)
@@ -17,7 +21,14 @@ Task states on a worker:
                                                   the flight's data is dropped if it lands)
     a run that ends without a result we keep --> fetch, if a task here waits for it as an input
 
+A key names a result, but a key may be reused for other work (a cancelled future's explicit
+key, submitted again with another function): only a run of the spec last asked for
+(`same_spec`: its function and arguments) is ever reported or kept as the key's result.
+
 Invariants (checked by `validate_state`):
+- a running task's ``run`` is the spec its thread runs; a reported ``executing`` or
+  ``long-running`` task runs the spec the scheduler last asked for (``compute``); a
+  ``cancelled`` task's ``compute`` is None (freed) or another spec, to run once it ends;
 - tasks holding a thread slot (`executing`: state ``executing``, or ``cancelled`` while
   holding one) never exceed ``nthreads``; seceded tasks (`long_running`: ``long-running``,
   or ``cancelled`` after seceding) hold none; every running task is in exactly one of them;
@@ -79,14 +90,18 @@ class WorkerTask:
     """The worker's record of one key (a task to run, or an input to fetch)."""
 
     __slots__ = ("key", "state", "priority", "compute", "dependencies", "dependents",
-                 "waiting_for", "who_has", "nbytes", "wanted", "resumed")  # fmt: skip
+                 "waiting_for", "who_has", "nbytes", "wanted", "run")  # fmt: skip
 
     def __init__(self, key: str, state: WTaskStateName) -> None:
         self.key = key
         self.state: WTaskStateName = state
         self.priority: tuple[int, int] = (0, 0)
-        #: the scheduler's instruction, for tasks we run (None for fetched inputs)
+        #: the scheduler's instruction, for tasks we run (None for fetched inputs, and for
+        #: cancelled runs nobody wants any more)
         self.compute: ComputeTask | None = None
+        #: the spec the task's thread runs (set while it runs: ``executing``,
+        #: ``long-running``, ``cancelled``); differs from ``compute`` only when cancelled
+        self.run: ComputeTask | None = None
         self.dependencies: set[WorkerTask] = set()
         self.dependents: set[WorkerTask] = set()
         self.waiting_for: set[WorkerTask] = set()
@@ -95,8 +110,6 @@ class WorkerTask:
         self.nbytes = 0
         #: the scheduler counts on this worker to keep the key (computed, reported, scattered)
         self.wanted = False
-        #: a ComputeTask arrived again while the task was cancelled
-        self.resumed = False
 
     def __repr__(self) -> str:
         return f"<WorkerTask {self.key!r} {self.state}>"
@@ -155,16 +168,44 @@ class WorkerState:
             ts = WorkerTask(msg.key, "waiting")
             self.tasks[msg.key] = ts
         elif ts.state == "cancelled":
-            ts.state = "long-running" if ts in self.long_running else "executing"
-            ts.resumed = True
+            ts.wanted = True
             ts.compute = msg
-            ts.wanted = True
+            assert ts.run is not None
+            if same_spec(ts.run, msg):  # the run under way is what is asked for: keep it
+                ts.state = "long-running" if ts in self.long_running else "executing"
+            # Else it stays cancelled: its outcome is dropped when it ends, then ``msg`` runs
+            # (`_run_ended`); its thread cannot be stopped before.
             return
-        elif ts.state in ("memory", "executing", "long-running", "ready", "waiting"):
+        elif ts.state in ("executing", "long-running"):
             ts.wanted = True
-            if ts.state == "memory":  # we already have it: say so again
-                self._report_done(ts, 0.0, 0.0, None)
+            assert ts.run is not None
+            if not same_spec(ts.run, msg):
+                # Other work under this key (the scheduler frees a key before it reuses it,
+                # so this is a late or reordered message): as if it had been freed first.
+                ts.state = "cancelled"
+                ts.compute = msg
             return
+        elif ts.state in ("ready", "waiting"):
+            ts.wanted = True
+            assert ts.compute is not None
+            if not same_spec(ts.compute, msg):  # not started yet: run the new spec instead
+                self._release_dependencies(ts)
+                self._compute_here(ts, msg)
+            return
+        elif ts.state == "memory":
+            ts.wanted = True
+            if ts.run is None or same_spec(ts.run, msg):
+                self._report_done(ts, 0.0, 0.0, None)  # we already have it: say so again
+                return
+            # Our copy is the result of other work under this key (a cancelled run's, kept
+            # unreported for a task here): drop it, and compute what is asked for now.
+            self.nbytes_in_memory -= ts.nbytes
+            self._out.append(ReleaseData(ts.key))
+            for dependent in ts.dependents:
+                if dependent.state in ("waiting", "ready"):
+                    dependent.state = "waiting"  # its entry in the ready heap is skipped
+                    dependent.waiting_for.add(ts)
+            ts.run = None
         elif ts.state == "flight":
             # We are fetching it as an input, and are now asked to compute it: the scheduler
             # knows of no copy any more (the peer left or lost it). Compute it rather than
@@ -183,16 +224,15 @@ class WorkerState:
             if ts is None:
                 continue
             ts.wanted = False
-            if ts.state in ("executing", "long-running"):
+            if ts.state in ("executing", "long-running", "cancelled"):
                 ts.state = "cancelled"
-                ts.resumed = False
+                ts.compute = None  # a new spec waiting for the run to end goes too
             elif ts.state in ("waiting", "ready"):
                 self._drop_run(ts)
             elif ts.state in ("memory", "fetch"):
                 self._forget_if_unneeded(ts)
             elif ts.state == "flight":
                 ts.compute = None  # not to be reported when it lands; dropped then if unneeded
-            # "cancelled": stays cancelled
 
     def _handle_acquire_replicas(self, ev: AcquireReplicasEvent) -> None:
         for key, holders in ev.who_has.items():
@@ -258,19 +298,26 @@ class WorkerState:
         if ts is None or ts.state not in ("executing", "long-running", "cancelled"):
             self._out.append(ReleaseData(ev.key))
             return
-        self._stop_running(ts)
-        ts.nbytes = ev.nbytes
+        ran = self._stop_running(ts)
         if ts.state == "cancelled":
-            if any(d.state == "waiting" for d in ts.dependents):
+            if ts.compute is not None:
+                # Other work was asked for under this key meanwhile: this result is not it.
+                self._out.append(ReleaseData(ev.key))
+                self._release_dependencies(ts)
+                self._compute_here(ts, ts.compute)
+            elif any(d.state == "waiting" for d in ts.dependents):
                 # Nobody asked for it any more, but a task here needs it as an input: keep
                 # the result for that task (unreported: the scheduler counts on another copy).
-                ts.compute = None
                 self._release_dependencies(ts)
+                ts.nbytes = ev.nbytes
+                ts.run = ran  # what made it, should this key be asked for again
                 self._to_memory(ts)
             else:
                 self._forget(ts)
                 self._out.append(ReleaseData(ev.key))
             return
+        ts.nbytes = ev.nbytes
+        ts.run = ran
         self._to_memory(ts)
         self._report_done(ts, ev.start, ev.stop, ev)
 
@@ -279,6 +326,11 @@ class WorkerState:
         if ts is None or ts.state not in ("executing", "long-running", "cancelled"):
             return
         self._stop_running(ts)
+        if ts.state == "cancelled" and ts.compute is not None:
+            # Other work was asked for under this key meanwhile: this failure is not its.
+            self._release_dependencies(ts)
+            self._compute_here(ts, ts.compute)
+            return
         if ts.state != "cancelled":
             self._out.append(ToScheduler(TaskErred(
                 ts.key, ev.exception, ev.traceback, ev.text, ev.start, ev.stop, ev.warnings,
@@ -331,12 +383,15 @@ class WorkerState:
 
     # ------------------------------------------------------------ mechanics
 
-    def _stop_running(self, ts: WorkerTask) -> None:
-        """``ts``'s run ended: it holds no slot and waits for none any more."""
+    def _stop_running(self, ts: WorkerTask) -> ComputeTask | None:
+        """``ts``'s run ended: it holds no slot and waits for none any more. Returns the
+        spec it ran."""
+        ran, ts.run = ts.run, None
         self.executing.discard(ts)
         self.long_running.discard(ts)
         if ts in self.rejoining:
             self.rejoining.remove(ts)
+        return ran
 
     def _compute_here(self, ts: WorkerTask, msg: ComputeTask) -> None:
         """Make ``ts`` a task to run here: link its inputs, ready it once it has them all."""
@@ -391,8 +446,8 @@ class WorkerState:
         if any(d.state == "waiting" for d in ts.dependents):
             ts.state = "fetch"
             ts.compute = None
+            ts.run = None
             ts.wanted = False
-            ts.resumed = False
             self.fetch_candidates.add(ts)
         else:
             self._forget(ts)
@@ -477,6 +532,7 @@ class WorkerState:
             if ts is None or ts.state != "ready":
                 continue  # freed while it was queued
             ts.state = "executing"
+            ts.run = ts.compute
             self.executing.add(ts)
             self._out.append(Execute(key))
 
@@ -560,6 +616,14 @@ class WorkerState:
                 assert key in queued, ts
             if ts.state in ("waiting", "ready", "executing", "long-running"):
                 assert ts.compute is not None, ts
+            if ts.state in ("executing", "long-running", "cancelled"):
+                assert ts.run is not None, ts
+                if ts.state != "cancelled":
+                    assert ts.compute is not None and same_spec(ts.run, ts.compute), ts
+                else:
+                    assert ts.compute is None or not same_spec(ts.run, ts.compute), ts
+            elif ts.state != "memory":
+                assert ts.run is None, ts
             if ts.state == "memory":
                 memory += ts.nbytes
                 assert ts.wanted or ts.dependents or ts.compute is not None, f"{ts} kept for nothing"
@@ -571,6 +635,25 @@ class WorkerState:
             assert not self.rejoining, self.rejoining
             if not self.paused:
                 assert not any(t.state == "ready" for t in self.tasks.values()), "ready left"
+
+
+def same_spec(a: ComputeTask, b: ComputeTask) -> bool:
+    """Whether two ComputeTasks ask for the same work: the same function and arguments.
+
+    Cheap where it can be (the same objects, or sizes that differ); else the bytes are
+    compared, without copies. Only a key asked for again while its run is under way gets
+    here, not the path of every task."""
+    if a is b:
+        return True
+    if a.function is not b.function and a.function != b.function:
+        return False
+    fa, fb = a.args.frames, b.args.frames
+    if a.args is b.args or fa is fb:
+        return True
+    if len(fa) != len(fb):
+        return False
+    views = [(memoryview(x).cast("B"), memoryview(y).cast("B")) for x, y in zip(fa, fb)]
+    return all(x.nbytes == y.nbytes for x, y in views) and all(x == y for x, y in views)
 
 
 _HANDLERS: dict[type[WorkerEvent], Callable[[WorkerState, Any], None]] = {

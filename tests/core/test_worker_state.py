@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import pytest
 
 from shoal.core.worker_events import (
+    ComputeTaskEvent,
     DataPut,
     Execute,
     FreeKeysEvent,
@@ -29,7 +30,15 @@ from shoal.core.worker_events import (
     WorkerInstruction,
 )
 from shoal.core.worker_state import GATHER_BATCH_BYTES, WorkerState
-from shoal.protocol.messages import AddKeys, LongRunning, MissingData, TaskErred, TaskFinished
+from shoal.protocol.messages import (
+    AddKeys,
+    ComputeTask,
+    LongRunning,
+    MissingData,
+    TaskErred,
+    TaskFinished,
+)
+from shoal.protocol.serialize import Serialized
 from shoal.testing.core import (
     DUMMY_EXCEPTION,
     compute_task,
@@ -402,6 +411,122 @@ def test_compute_again_while_cancelled_resumes_and_reports_once() -> None:
     # when it ends: reported once
     out = ws.handle([execute_done("x")], now=3.0)
     assert finished(out) == ["x"] and released(out) == []
+
+
+def compute_spec(key: str, function: bytes, who_has: dict[str, list[str]] | None = None,
+                 stimulus_id: str = "") -> ComputeTaskEvent:  # fmt: skip
+    """A ComputeTask for ``key`` running ``function`` (another function: another spec)."""
+    deps = who_has or {}
+    msg = ComputeTask(key, function, Serialized([b"args-of-" + function]), deps,
+                      {k: 8 for k in deps})  # fmt: skip
+    return ComputeTaskEvent(stimulus_id or f"compute-{key}-{function.decode()}", msg)
+
+
+def executed_spec(ws: WorkerState, key: str) -> bytes:
+    """The function the server would run for ``key`` now (what `Execute` hands it)."""
+    compute = ws.tasks[key].compute
+    assert compute is not None
+    return compute.function
+
+
+def test_compute_again_with_another_spec_while_cancelled_runs_the_new_spec() -> None:
+    # given: k = slow_a() was cancelled while running
+    ws = make_worker()
+    ws.handle([compute_spec("k", b"slow_a")], now=0.0)
+    ws.handle([free("k")], now=1.0)
+
+    # when k is asked for again, as fast_b()
+    out = ws.handle([compute_spec("k", b"fast_b")], now=2.0)
+
+    # then slow_a's thread cannot be stopped: nothing starts yet, and k is not resumed
+    assert out == []
+    assert state_of(ws, "k") == "cancelled"
+
+    # when slow_a's run ends: its result is dropped, unreported, and fast_b starts
+    out = ws.handle([execute_done("k")], now=3.0)
+    assert finished(out) == [] and released(out) == ["k"]
+    assert executes(out) == ["k"] and executed_spec(ws, "k") == b"fast_b"
+
+    # when fast_b's run ends: that one is reported, once
+    out = ws.handle([execute_done("k", nbytes=7)], now=4.0)
+    assert finished(out) == ["k"] and released(out) == []
+    assert state_of(ws, "k") == "memory" and ws.nbytes_in_memory == 7
+
+
+def test_cancelled_run_of_another_spec_that_fails_is_not_reported_and_the_new_spec_runs() -> None:
+    ws = make_worker()
+    ws.handle([compute_spec("k", b"slow_a")], now=0.0)
+    ws.handle([free("k"), compute_spec("k", b"fast_b")], now=1.0)
+
+    out = ws.handle([execute_failed("k")], now=2.0)
+
+    assert messages(out, TaskErred) == []
+    assert executes(out) == ["k"] and executed_spec(ws, "k") == b"fast_b"
+
+
+def test_new_spec_freed_before_the_old_run_ends_is_dropped_too() -> None:
+    ws = make_worker()
+    ws.handle([compute_spec("k", b"slow_a")], now=0.0)
+    ws.handle([free("k"), compute_spec("k", b"fast_b")], now=1.0)
+
+    # when fast_b is freed as well, then nothing runs once slow_a ends
+    ws.handle([free("k")], now=2.0)
+    out = ws.handle([execute_done("k")], now=3.0)
+    assert executes(out) == [] and finished(out) == [] and released(out) == ["k"]
+    assert ws.tasks == {}
+
+
+def test_the_original_spec_asked_for_again_resumes_the_run() -> None:
+    # given: slow_a cancelled, fast_b asked for, then slow_a again (the run under way)
+    ws = make_worker()
+    ws.handle([compute_spec("k", b"slow_a")], now=0.0)
+    ws.handle([free("k"), compute_spec("k", b"fast_b")], now=1.0)
+    out = ws.handle([free("k"), compute_spec("k", b"slow_a")], now=2.0)
+
+    # then the run under way is resumed, and its result reported when it ends
+    assert out == [] and state_of(ws, "k") == "executing"
+    out = ws.handle([execute_done("k")], now=3.0)
+    assert finished(out) == ["k"] and executes(out) == []
+
+
+def test_a_waiting_task_asked_for_with_another_spec_runs_the_new_spec() -> None:
+    # given: k waits for an input; it is asked for again with another function
+    ws = make_worker()
+    ws.handle([compute_spec("k", b"a", {"x": ["w2"]})], now=0.0)
+    out = ws.handle([compute_spec("k", b"b")], now=1.0)
+
+    # then the new spec (with no inputs) runs at once
+    assert executes(out) == ["k"] and executed_spec(ws, "k") == b"b"
+
+
+def test_a_result_kept_for_a_task_here_is_not_reported_for_another_spec() -> None:
+    # given: k = a() was cancelled, and its result kept as the input of y, which waits on x
+    ws = make_worker(nthreads=2)
+    ws.handle([compute_spec("k", b"a")], now=0.0)
+    ws.handle([free("k"), compute_task("y", {"k": ["w2"], "x": ["w3"]})], now=1.0)
+    ws.handle([execute_done("k")], now=2.0)
+    assert state_of(ws, "k") == "memory"
+
+    # when k is asked for here with another function
+    out = ws.handle([compute_spec("k", b"b")], now=3.0)
+
+    # then a's result is dropped, not reported as b's, and b runs
+    assert finished(out) == [] and released(out) == ["k"]
+    assert executes(out) == ["k"] and executed_spec(ws, "k") == b"b"
+    out = ws.handle([execute_done("k")], now=4.0)
+    assert finished(out) == ["k"]
+
+
+def test_a_long_running_cancelled_task_asked_for_with_another_spec() -> None:
+    ws = make_worker(nthreads=1)
+    ws.handle([compute_spec("k", b"a")], now=0.0)
+    ws.handle([SecedeEvent("s-k", "k")], now=1.0)
+    ws.handle([free("k"), compute_spec("k", b"b")], now=2.0)
+    assert state_of(ws, "k") == "cancelled" and ws.tasks["k"] in ws.long_running
+
+    out = ws.handle([execute_done("k")], now=3.0)
+
+    assert finished(out) == [] and executes(out) == ["k"] and executed_spec(ws, "k") == b"b"
 
 
 def test_free_keys_of_memory_key_releases_data() -> None:
