@@ -95,8 +95,9 @@ async def raw_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     assert isinstance(answer, Welcome)
 
 
-async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 3.0) -> float:
-    """Seconds until the server closed the connection (EOF or reset); fails after timeout."""
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 10.0) -> float:
+    """Seconds until the server closed the connection (EOF or reset); fails if a read waits
+    ``timeout`` seconds (generous: the claim is that it closes, not how fast)."""
     start = time.monotonic()
     with contextlib.suppress(ConnectionError):
         while await asyncio.wait_for(reader.read(65536), timeout):
@@ -194,7 +195,7 @@ def test_bad_handshake_is_closed_and_logged(
         async with echo_server() as (listener, echo):
             async with raw_peer(listener.address) as (reader, writer):
                 writer.write(data)  # only the prefix, for the oversized cases
-                assert await closed_by_server(reader) < 2
+                await closed_by_server(reader)  # (the log says why: not a handshake timeout)
             assert echo.served == 0
             await assert_still_serving(listener)
 
@@ -251,7 +252,7 @@ def test_silent_peer_is_closed_after_the_handshake_timeout(
 
     with caplog.at_level(logging.WARNING, logger="shoal.comm"):
         elapsed = run(body())
-    assert 0.25 < elapsed < 2.0
+    assert 0.25 < elapsed < 0.3 + 5  # after the timeout (give or take the start), no hang
     assert any("no handshake within 0.3s" in r.message for r in caplog.records)
 
 
@@ -266,7 +267,7 @@ def test_connect_to_a_dead_port_fails_within_the_timeout(run: Run) -> None:
         with pytest.raises(ShoalConnectionError) as info:
             await connect(address, HELLO, timeout=0.5)
         elapsed = time.monotonic() - start
-        assert 0.4 < elapsed < 1.5, elapsed  # refused is retried until the timeout
+        assert 0.4 < elapsed < 0.5 + 5, elapsed  # refused is retried until the timeout
         assert str(info.value).startswith(f"could not connect to {address} within 0.5s: ")
         assert "refused" in str(info.value)
         assert isinstance(info.value, OSError)
@@ -286,7 +287,7 @@ def test_connect_to_a_server_that_never_answers_fails_within_the_timeout(run: Ru
         start = time.monotonic()
         with pytest.raises(ShoalConnectionError, match="within 0.3s: no answer to the handshake"):
             await connect(f"127.0.0.1:{port}", HELLO, timeout=0.3)
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 0.3 + 5  # the timeout, not a hang
         server.close()
         for writer in held:
             writer.close()
@@ -356,14 +357,15 @@ def test_failing_handler_is_logged_and_others_are_served(
 
 def test_stop_closes_served_connections_and_waits_for_handlers(run: Run, loop_name: str) -> None:
     async def body() -> None:
-        async with echo_server() as (listener, _):
+        # (a handshake timeout longer than closed_by_server's: stop is what closes ``silent``)
+        async with echo_server(handshake_timeout=60) as (listener, _):
             comm = await connect(listener.address, HELLO)
             silent = await asyncio.open_connection(*parse_address(listener.address)[1:])
             await listener.stop()  # the echo handler and the pending handshake both end
             with pytest.raises(CommClosedError):
                 await comm.read()
             await comm.close()
-            assert await closed_by_server(silent[0]) < 2
+            await closed_by_server(silent[0])
             silent[1].close()
 
     run(body(), loop=loop_name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from typing import Any
 
 import pytest
 
@@ -187,7 +187,16 @@ def test_parse_address_rejects_nonsense(text: str) -> None:
 # ------------------------------------------------------------------ bounded cost
 
 
-def test_snapshot_and_metrics_cost_does_not_grow_with_the_number_of_tasks() -> None:
+class _NoWalk(dict[str, Any]):
+    """A task table that fails the test if anything walks it (lookups are fine)."""
+
+    def _walked(self, *args: object) -> object:
+        raise AssertionError("walked the whole task table")
+
+    __iter__ = keys = values = items = _walked  # type: ignore[assignment]
+
+
+def test_snapshot_and_metrics_never_walk_the_tasks() -> None:
     # given: a scheduler holding 100,000 tasks (no worker: they wait)
     scheduler = Scheduler()
     specs = [spec(f"inc-{i:08d}") for i in range(100_000)]
@@ -196,23 +205,22 @@ def test_snapshot_and_metrics_cost_does_not_grow_with_the_number_of_tasks() -> N
     for i in range(5_000):
         scheduler.task_stream.record(f"inc-{i:08d}", "inc", "w1", 1.0, 1.01)
     collector = SchedulerCollector(scheduler)
+    # whose task table may be looked up but not walked: a walk would cost per task
+    scheduler.state.tasks = _NoWalk(scheduler.state.tasks)
 
-    async def snapshot() -> float:
-        start = time.perf_counter()
-        for _ in range(20):
-            api.info(scheduler)
-            api.workers(scheduler)
-            counts = api.task_counts(scheduler)
-            api.task_stream(scheduler, since=scheduler.task_stream.count - 100)
-            list(collector.collect())
-        assert counts["total"] == 101_000
-        assert {g["name"]: g["live"] for g in counts["groups"]} == {"inc": 100_000, "dec": 1_000}
-        return (time.perf_counter() - start) / 20
+    async def snapshot() -> dict[str, Any]:
+        api.info(scheduler)
+        api.workers(scheduler)
+        counts = api.task_counts(scheduler)
+        api.task_stream(scheduler, since=scheduler.task_stream.count - 100)
+        list(collector.collect())
+        return counts
 
     # when: the page's snapshot and a scrape are made
-    per_snapshot = asyncio.run(snapshot())
+    counts = asyncio.run(snapshot())
 
-    # then: each costs about a millisecond at most, not the ~50 ms a pass over the tasks takes
-    assert per_snapshot < 0.02, f"{per_snapshot * 1000:.2f} ms per snapshot"
+    # then: they are right, without a pass over the tasks (bench/bench_recording.py times them)
+    assert counts["total"] == 101_000
+    assert {g["name"]: g["live"] for g in counts["groups"]} == {"inc": 100_000, "dec": 1_000}
     # (the graph view declines to draw it)
     assert api.graph(scheduler)["too_big"] is True
