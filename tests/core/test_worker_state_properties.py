@@ -12,9 +12,11 @@ store with the spec that made it, so a report can be checked against what was as
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
@@ -254,10 +256,18 @@ class WorkerModel(RuleBasedStateMachine):
         self.handle(DataPut(self.sid("put"), {key: 8}))
 
 
-def test_random_event_sequences_keep_the_worker_state_valid_and_its_reports_true() -> None:
-    run_state_machine_as_test(
-        WorkerModel,
-        settings=settings(max_examples=200, stateful_step_count=40, deadline=None,
-                          derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow]),  # fmt: skip
-    )
+def test_random_event_sequences_keep_the_worker_state_valid_and_its_reports_true(
+    tmp_path: Path,
+) -> None:
+    # Hypothesis caches what it learns under its home directory (".hypothesis" in the working
+    # directory by default): keep it in the test's temporary directory, which pytest removes.
+    set_hypothesis_home_dir(tmp_path / "hypothesis")
+    try:
+        run_state_machine_as_test(
+            WorkerModel,
+            settings=settings(max_examples=200, stateful_step_count=40, deadline=None,
+                              derandomize=True, database=None,
+                              suppress_health_check=[HealthCheck.too_slow]),  # fmt: skip
+        )
+    finally:
+        set_hypothesis_home_dir(None)
