@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,38 +223,76 @@ def test_priority_runs_first(app: JobQueue) -> None:
     assert order == ["high", "normal", "low1", "low2"]
 
 
-def test_prefetch_is_bounded(app: JobQueue) -> None:
-    release = threading.Event()
+def test_prefetch_is_bounded(app: JobQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    turns = threading.Semaphore(0)
 
     @app.job
     def block() -> None:
-        release.wait(20)
+        turns.acquire(timeout=20)
 
     for _ in range(10):
         block.delay()
+    # every reservation is recorded with how many jobs the worker then held
+    held_after: list[int] = []
+    reserve = app.broker.reserve
+
+    def recording_reserve(*args: Any, **kwargs: Any) -> Any:
+        got = reserve(*args, **kwargs)
+        if got:
+            held_after.append(running())
+        return got
+
+    def running() -> int:
+        return int(app.broker.counts().get("default", {}).get("running", 0))
+
+    def succeeded() -> int:
+        return int(app.broker.counts().get("default", {}).get("succeeded", 0))
+
+    monkeypatch.setattr(app.broker, "reserve", recording_reserve)
     try:
         with app.worker(concurrency=2, prefetch=1):
-            wait_until(lambda: app.broker.counts()["default"].get("running", 0) == 3)
-            time.sleep(0.2)  # give an unbounded fetcher the chance to take more
-            assert app.broker.counts()["default"]["running"] == 3
-            release.set()
-            wait_until(lambda: app.broker.counts()["default"] == {"succeeded": 10}, timeout=20)
+            # when the jobs are let finish one at a time
+            for done in range(10):
+                # (the fetcher refilled up to the bound: it had its chance to take more)
+                wait_until(lambda: running() == min(3, 10 - done), message="refilled")
+                turns.release()
+                wait_until(lambda: succeeded() == done + 1, message=f"{done + 1} done")
     finally:
-        release.set()
+        for _ in range(10):
+            turns.release()
+    # then it reserved again after each one, and never held more than concurrency + prefetch
+    assert len(held_after) >= 8 and max(held_after) == 3, held_after
 
 
-def test_long_job_is_not_handed_out_twice(app: JobQueue) -> None:
+def test_long_job_is_not_handed_out_twice(app: JobQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    lease = 0.8
     runs: list[int] = []
+    #: (worker name, when) of each reservation attempt
+    polls: list[tuple[str, float]] = []
+    reserve = app.broker.reserve
+
+    def recording_reserve(queues: Any, worker: str, *args: Any, **kwargs: Any) -> Any:
+        polls.append((worker, time.monotonic()))
+        return reserve(queues, worker, *args, **kwargs)
+
+    monkeypatch.setattr(app.broker, "reserve", recording_reserve)
 
     @app.job(retries=3)
     def long() -> int:
         runs.append(1)
-        time.sleep(2.0)  # over twice the lease: only the heartbeat keeps it
+        # Run until the lease, had it not been renewed, would have lapsed twice over, and
+        # both workers have asked for work since: either could have taken the job then.
+        lapsed = time.monotonic() + 2 * lease
+
+        def both_asked_since() -> bool:
+            return {w for w, t in list(polls) if t > lapsed} == {"first", "second"}
+
+        wait_until(both_asked_since, timeout=20, message="both workers asked after the lapse")
         return len(runs)
 
     handle = long.delay()
-    with app.worker(lease=0.8, name="first"), app.worker(lease=0.8, name="second"):
-        assert handle.result(timeout=20) == 1
+    with app.worker(lease=lease, name="first"), app.worker(lease=lease, name="second"):
+        assert handle.result(timeout=30) == 1
     assert runs == [1] and handle.attempts == 1
 
 
@@ -291,7 +330,7 @@ def test_stop_hands_back_unfinished_jobs(app: JobQueue) -> None:
         assert started.wait(10)
         t0 = time.monotonic()
         worker.stop(grace=0.3)
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 0.3 + 10  # after the grace, not the stuck job's 20 s
         assert handle.status == "queued" and handle.attempts == 0
         assert all(h.status == "queued" for h in waiting)
     finally:
