@@ -6,8 +6,11 @@ import json
 import urllib.request
 from typing import Any
 
+import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import shoal
 from shoal.testing import gen_cluster, spawn_scheduler, spawn_worker, wait_until
 
 
@@ -84,8 +87,27 @@ def test_cli_scheduler_and_worker_serve_dashboards() -> None:
                    message="the worker gone from the dashboard")  # fmt: skip
 
 
-def test_cli_no_dashboard() -> None:
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` and its children listen on."""
+    proc = psutil.Process(pid)
+    return {c.laddr.port for p in [proc, *proc.children(recursive=True)]
+            for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}  # fmt: skip
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("nanny", ["--nanny", "--no-nanny"])
+def test_cli_no_dashboard(nanny: str) -> None:
     with spawn_scheduler(extra_args=["--no-dashboard"]) as scheduler:
-        with spawn_worker(scheduler.address, extra_args=["--no-dashboard", "--no-nanny"]):
-            pass
+        with spawn_worker(scheduler.address, extra_args=["--no-dashboard", nanny]) as worker:
+            # then: the worker serves its comm port and nothing else (no /metrics, /health)
+            assert listening_ports(worker.pid) == {port_of(worker.address)}
+            # and it tells the scheduler it has no dashboard
+            with shoal.Client(scheduler.address, set_as_default=False) as client:
+                workers = client.scheduler_info()["workers"]
+                assert [w["dashboard"] for w in workers.values()] == [""]
+            # and the scheduler serves its comm port only
+            assert listening_ports(scheduler.pid) == {port_of(scheduler.address)}
     assert not any("dashboard at" in line for line in scheduler.stdout)
