@@ -77,6 +77,7 @@ from .protocol.messages import (
     TaskFinished,
     WantKeys,
     WhoHas,
+    WorkerRemoved,
     WorkerDeath,
     WorkerDeaths,
 )
@@ -357,18 +358,19 @@ class Scheduler:
 
     def _client_event(self, client: str, msg: Msg, send: BatchedSend) -> SchedulerEvent | None:
         if isinstance(msg, SubmitTasks):
-            return TasksSubmitted(msg.stimulus_id or "submit", client, msg.tasks, msg.wanted)
+            return TasksSubmitted(msg.stimulus_id or "submit", client, msg.tasks, msg.wanted,
+                                  msg.generations)  # fmt: skip
         if isinstance(msg, ReleaseKeys):
-            return KeysReleased(msg.stimulus_id or "release", client, msg.keys)
+            return KeysReleased(msg.stimulus_id or "release", client, msg.keys, msg.generations)
         if isinstance(msg, WantKeys):
-            return KeysWanted("want", client, msg.keys)
+            return KeysWanted("want", client, msg.keys, msg.generations)
         if isinstance(msg, FireAndForgetKeys):
             return FireAndForget("fire-and-forget", msg.keys)
         if isinstance(msg, CancelKeys):
-            return KeysCancelled(msg.stimulus_id or "cancel", client, msg.keys)
+            return KeysCancelled(msg.stimulus_id or "cancel", client, msg.keys, msg.generations)
         if isinstance(msg, Scattered):
             return DataScattered(msg.stimulus_id or "scatter", client, msg.keys, msg.workers,
-                                 msg.nbytes)  # fmt: skip
+                                 msg.nbytes, msg.generations)  # fmt: skip
         if isinstance(msg, WhoHas):
             send.send(Reply(msg.rid, self.who_has(msg.keys)))
         elif isinstance(msg, Nthreads):
@@ -484,6 +486,10 @@ class Scheduler:
                 self._peers.forget(address)
             if not self._closing:
                 self._handle([WorkerLeft(f"worker-left-{address}", address, reason, graceful)])
+                # Clients fetching from it (it may be stopped, not closed) go elsewhere now.
+                for client_send in self._clients.values():
+                    if not client_send.closed:
+                        client_send.send(WorkerRemoved(address, reason))
             await send.close()
             logger.info("worker %s left: %s", address, reason)
 

@@ -366,13 +366,7 @@ def _rebuild_actor(cls: type, key: str, address: str | None) -> Actor:
         client = get_client()
     except (ValueError, RuntimeError):  # no client here (yet): bind on first use
         return Actor(cls, key, address)
-    from .future import Future
-
-    new = key not in client._states
-    future = Future(key, client)
-    if new:
-        client.want([future])
-    return Actor(cls, key, address, future, client)
+    return Actor(cls, key, address, client._future_on_arrival(key), client)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

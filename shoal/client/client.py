@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import hashlib
+import itertools
 import os
 import threading
+import types
 import uuid
 import warnings
 import weakref
@@ -25,18 +28,18 @@ from ..comm.core import Comm, CommClosedError
 from ..comm.registry import connect
 from ..coordination.datasets import DatasetsMixin
 from ..exceptions import FutureLostError, SchedulerGoneError
+from .data import DataMixin
 from .future import Future, FutureState, Status, as_completed, wait
 from ..protocol.messages import (
     PROTOCOL_VERSION,
     CancelKeys,
-    DataReply,
     FireAndForgetKeys,
-    GetData,
     Hello,
     Identity,
     KeyCancelled,
     KeyErred,
     KeyInMemory,
+    KeyLost,
     Msg,
     Nthreads,
     ReleaseKeys,
@@ -44,23 +47,21 @@ from ..protocol.messages import (
     RestartRequest,
     RetireWorkersRequest,
     RunOnWorkers,
-    Scattered,
-    ScatterTargets,
     SchedulerClosing,
     Story,
     SubmitTasks,
     TaskWarning,
     TaskSpec,
-    UpdateData,
     WantKeys,
     WhoHas,
     WorkerDeaths,
+    WorkerRemoved,
     SchedulerLogs,
     WorkerLogs,
 )
 from .annotate import resolve_options
 from ..protocol.refs import collecting
-from ..protocol.serialize import Serialized, deserialize, dumps_function, serialize
+from ..protocol.serialize import deserialize, dumps_function, serialize
 from ..comm.rpc import PeerPool, next_rid
 from ..utils.loop import LoopThread
 
@@ -84,7 +85,7 @@ def default_client() -> Client:
     return client
 
 
-class Client(DatasetsMixin):
+class Client(DataMixin, DatasetsMixin):
     """Connects to a scheduler (or starts a local cluster) and runs work on it."""
 
     def __init__(
@@ -107,11 +108,18 @@ class Client(DatasetsMixin):
         self._address = address
         self.scheduler_address = ""
         self.status = "created"
+        #: the current hold on each key; guarded by ``_lock`` (never taken by a finalizer)
         self._states: dict[str, FutureState] = {}
-        self._refcount: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: generations of holds: each new `FutureState` takes the next
+        self._generations = itertools.count(1)
+        #: messages for the scheduler and states whose handles died, in the order they came
+        #: (any thread, finalizers included: no lock); sent by the loop (`_drain_outbox`)
+        self._outbox: collections.deque[Msg | FutureState] = collections.deque()
+        self._drain_due = False
         self._replies: dict[int, asyncio.Future[Any]] = {}
-        self._function_cache: dict[int, tuple[Any, bytes]] = {}
+        #: id(function) -> (weak reference to it, its pickle): never keeps a function alive
+        self._function_cache: dict[int, tuple[weakref.ReferenceType[Any], bytes]] = {}
         self._comm: Comm | None = None
         self._send_batch: BatchedSend | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -123,8 +131,6 @@ class Client(DatasetsMixin):
         self._loop_thread: LoopThread | None = None
         #: why the scheduler connection ended, once it has (set on the loop thread)
         self._scheduler_lost: str | None = None
-        #: key -> KeyCancelled answers still due for cancels of states no longer in _states
-        self._cancel_acks: dict[str, int] = {}
         #: handlers of other scheduler messages, by type (e.g. topic messages for `Sub`)
         self._message_handlers: dict[type[Msg], Callable[[Any], None]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -258,12 +264,59 @@ class Client(DatasetsMixin):
                 self.loop.call_soon_threadsafe(fn, *args)
 
     def _send(self, msg: Msg) -> None:
-        self._call_soon(self._send_now, msg)
+        """Send ``msg`` to the scheduler from any thread (a finalizer too: no lock, no wait),
+        in order with every other message and release of this client."""
+        self._outbox.append(msg)
+        self._schedule_drain()
 
     def _send_now(self, msg: Msg) -> None:
+        """Send ``msg`` now, after what is queued before it (on the loop only)."""
+        self._drain_outbox()
+        self._write(msg)
+
+    def _write(self, msg: Msg) -> None:
         batch = self._send_batch
         if batch is not None and not batch.closed and self.status in ("running", "closing"):
             batch.send(msg)
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_due:
+            self._drain_due = True
+            loop = self.loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._drain_outbox)
+                except RuntimeError:  # the loop is closed: so is the client
+                    pass
+
+    def _drain_outbox(self) -> None:
+        """Send what is queued, in order; count released handles and tell the scheduler of
+        holds that ended (on the loop)."""
+        self._drain_due = False  # before draining: what is queued later schedules anew
+        outbox = self._outbox
+        if not outbox:
+            return
+        out: list[Msg] = []
+        keys: list[str] = []
+        generations: list[int] = []
+        with self._lock:
+            while outbox:
+                item = outbox.popleft()
+                if not isinstance(item, FutureState):
+                    if keys:
+                        out.append(ReleaseKeys(keys, generations=generations))
+                        keys, generations = [], []
+                    out.append(item)
+                    continue
+                item.refs -= 1
+                if item.refs <= 0 and self._states.get(item.key) is item:
+                    del self._states[item.key]
+                    keys.append(item.key)
+                    generations.append(item.generation)
+        if keys:
+            out.append(ReleaseKeys(keys, generations=generations))
+        for msg in out:
+            self._write(msg)
 
     def _sync(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the client's loop (sync mode) or hand it back (async mode)."""
@@ -297,26 +350,38 @@ class Client(DatasetsMixin):
             if self.status == "running":
                 self._fail_pending("scheduler-gone", reason)
 
+    def _current(self, key: str, generation: int) -> FutureState | None:
+        """The state a report about ``key`` at ``generation`` is for, if it is still held
+        (a report about an earlier hold of a reused key is stale and dropped)."""
+        st = self._states.get(key)
+        return st if st is not None and st.generation == generation else None
+
     def _on_message(self, msg: Msg) -> None:
         if isinstance(msg, KeyInMemory):
-            st = self._states.get(msg.key)
+            st = self._current(msg.key, msg.generation)
             if st is not None:
                 st.finish(msg.workers, msg.nbytes, msg.typename, msg.warnings)
         elif isinstance(msg, KeyErred):
-            st = self._states.get(msg.key)
+            st = self._current(msg.key, msg.generation)
             if st is not None:
                 status: Status = "error" if msg.kind == "exception" else "lost"
                 st.fail(msg.kind, msg.text, msg.exception, msg.traceback, msg.warnings, status)
+        elif isinstance(msg, KeyLost):
+            st = self._current(msg.key, msg.generation)
+            if st is not None and st.status == "finished":
+                st.reset()  # being computed again: its futures wait for the new result
         elif isinstance(msg, KeyCancelled):
+            # The scheduler dropped this hold (a dependency of it was cancelled): the next
+            # submission of the key is a new hold.
             with self._lock:
-                acks = self._cancel_acks.pop(msg.key, 0)
-                if acks > 1:
-                    self._cancel_acks[msg.key] = acks - 1
-            if acks:
-                return  # answers our own cancel: the handles it concerns are marked already
-            st = self._states.get(msg.key)
+                st = self._current(msg.key, msg.generation)
+                if st is not None:
+                    del self._states[msg.key]
             if st is not None and st.status != "cancelled":
                 st.fail("cancelled", msg.reason, status="cancelled")
+        elif isinstance(msg, WorkerRemoved):
+            if self._peers is not None:
+                self._peers.forget(msg.address)  # requests waiting on it fail over now
         elif isinstance(msg, Reply):
             fut = self._replies.pop(msg.rid, None)
             if fut is not None and not fut.done():
@@ -343,23 +408,33 @@ class Client(DatasetsMixin):
     # --------------------------------------------------- reference counting
 
     def _acquire(self, key: str) -> FutureState:
+        """A new handle on ``key``: the current hold's state (a new hold if there is none)."""
         with self._lock:
             st = self._states.get(key)
             if st is None:
-                st = self._states[key] = FutureState(key)
-            self._refcount[key] = self._refcount.get(key, 0) + 1
+                st = self._states[key] = FutureState(key, next(self._generations))
+            st.refs += 1
             return st
 
-    def _release(self, key: str) -> None:
+    def _future_on_arrival(self, key: str) -> Future:
+        """A handle for a future that arrived pickled: if this client did not hold the key,
+        it tells the scheduler it does now (else the future would never complete)."""
         with self._lock:
-            count = self._refcount.get(key, 0) - 1
-            if count > 0:
-                self._refcount[key] = count
-                return
-            self._refcount.pop(key, None)
-            self._states.pop(key, None)
-        if self.status == "running":
-            self._send(ReleaseKeys([key]))
+            st = self._states.get(key)
+            new = st is None
+            if st is None:
+                st = self._states[key] = FutureState(key, next(self._generations))
+            st.refs += 1
+        future = Future(key, self, st)
+        if new:
+            self._send(WantKeys([key], [st.generation]))
+        return future
+
+    def _queue_release(self, state: FutureState) -> None:
+        """A handle on ``state`` is gone. Called from finalizers on any thread: no lock, no
+        wait; the loop counts it, in order with the messages sent before (`_drain_outbox`)."""
+        self._outbox.append(state)
+        self._schedule_drain()
 
     def _on_done(self, state: FutureState, fn: Callable[[FutureState], None]) -> None:
         """Run ``fn(state)`` on the loop thread when ``state`` is done (now if it is)."""
@@ -387,13 +462,22 @@ class Client(DatasetsMixin):
     # --------------------------------------------------------------- submit
 
     def _pickled_function(self, fn: Callable[..., Any]) -> bytes:
-        cached = self._function_cache.get(id(fn))
-        if cached is not None and cached[0] is fn:
+        """``fn`` pickled, cached while ``fn`` lives: the cache holds it weakly, so a bound
+        method or a closure over a large object never outlives the user's last reference."""
+        cache = self._function_cache
+        cached = cache.get(id(fn))
+        if cached is not None and cached[0]() is fn:
             return cached[1]
         payload = dumps_function(fn)
-        if len(self._function_cache) > 256:
-            self._function_cache.clear()
-        self._function_cache[id(fn)] = (fn, payload)
+        if isinstance(fn, types.MethodType):
+            return payload  # made anew at each attribute access: a weak reference dies at once
+        ident = id(fn)
+        try:
+            # The callback only pops from a dict: no lock, no wait (it runs inside the GC).
+            ref = weakref.ref(fn, lambda _ref: cache.pop(ident, None))
+        except TypeError:  # not weakly referenceable (a builtin): not cached
+            return payload
+        cache[ident] = (ref, payload)
         return payload
 
     def _make_spec(self, fn: Callable[..., Any], function: bytes, args: tuple[Any, ...],
@@ -447,7 +531,7 @@ class Client(DatasetsMixin):
             allow_other_workers=allow_other_workers, retry_delay=retry_delay))  # fmt: skip
         spec = self._make_spec(fn, self._pickled_function(fn), args, kwargs, key, pure, options)
         future = Future(spec.key, self)
-        self._send(SubmitTasks([spec], [spec.key]))
+        self._send(SubmitTasks([spec], [spec.key], generations=[future._state.generation]))
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
@@ -470,7 +554,8 @@ class Client(DatasetsMixin):
             k = keys[i] if keys is not None else (f"{key}-{i}" if isinstance(key, str) else None)
             specs.append(self._make_spec(fn, function, args, kwargs, k, pure, options))
         futures = [Future(s.key, self) for s in specs]
-        self._send(SubmitTasks(specs, [s.key for s in specs]))
+        self._send(SubmitTasks(specs, [s.key for s in specs],
+                               generations=[f._state.generation for f in futures]))
         return futures
 
     def _check_running(self) -> None:
@@ -480,139 +565,32 @@ class Client(DatasetsMixin):
             # Submitting now would leave futures pending forever: nobody will answer.
             raise SchedulerGoneError(f"{self._scheduler_lost}; create a new Client")
 
-    # ---------------------------------------------------------------- gather
-
-    def gather(self, futures: Any, errors: str = "raise") -> Any:
-        """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
-        found: list[Future] = []
-        _collect_futures(futures, found)
-        states = list({f.key: f._state for f in found}.values())
-        if self.asynchronous:
-            return self._gather_async(futures, states, errors)
-        wait(found)
-        values = self._sync(self._fetch_async(_fetchable(states, errors)))
-        return _rebuild(futures, self._unpack(states, values, errors))
-
-    async def _gather_async(self, futures: Any, states: list[FutureState], errors: str) -> Any:
-        for st in states:
-            if not st.done():
-                waiter = asyncio.get_running_loop().create_future()
-                st.async_waiters.append(waiter)
-                await waiter
-        values = await self._fetch_async(_fetchable(states, errors))
-        return _rebuild(futures, self._unpack(states, values, errors))
-
-    def _unpack(self, states: list[FutureState], values: dict[str, Serialized],
-                errors: str) -> dict[str, Any]:  # fmt: skip
-        result: dict[str, Any] = {}
-        for st in states:
-            st.emit_warnings()
-            if st.status == "finished":
-                result[st.key] = deserialize(values[st.key])
-            elif errors == "raise":
-                error = st.exception_object()
-                assert error is not None
-                raise error
-            else:
-                result[st.key] = st.exception_object()
-        return result
-
-    def _fetch_one(self, state: FutureState, timeout: float | None) -> Any:
-        values = self._sync(self._fetch_async([state]), timeout)
-        return deserialize(values[state.key])
-
-    async def _fetch_async(self, states: list[FutureState]) -> dict[str, Serialized]:
-        """Fetch finished keys straight from workers; retry via the scheduler's who_has."""
-        assert self._peers is not None
-        out: dict[str, Serialized] = {}
-        todo = {st.key: list(st.workers) for st in states}
-        for _attempt in range(5):
-            by_worker: dict[str, list[str]] = {}
-            for key, holders in todo.items():
-                if holders:
-                    by_worker.setdefault(holders[hash(key) % len(holders)], []).append(key)
-            replies = await asyncio.gather(
-                *(self._peers.request(w, GetData(next_rid(), keys)) for w, keys in by_worker.items()),
-                return_exceptions=True,
-            )  # fmt: skip
-            for (worker, keys), reply in zip(by_worker.items(), replies):
-                if isinstance(reply, DataReply):
-                    for key, ser in reply.data.items():
-                        out[key] = ser
-                        todo.pop(key, None)
-            if not todo:
-                return out
-            who_has = await self._request(WhoHas(next_rid(), list(todo)))
-            todo = {k: list(who_has.get(k) or []) for k in todo}
-            missing = [k for k, holders in todo.items() if not holders]
-            if missing:
-                raise FutureLostError(f"no worker holds {missing[:5]} any more")
-        raise FutureLostError(f"could not fetch {sorted(todo)[:5]} from their workers")
-
-    # --------------------------------------------------------------- scatter
-
-    def scatter(self, data: Any, broadcast: bool = False, workers: list[str] | None = None,
-                hash: bool = True) -> Any:  # noqa: A002 - dask's name  # fmt: skip
-        """Put data on workers directly; returns futures in the shape of ``data``."""
-        self._check_running()
-        if isinstance(data, dict):
-            names, values = list(data), list(data.values())
-        elif isinstance(data, (list, tuple, set, frozenset)):
-            names, values = None, list(data)
-        else:
-            names, values = None, [data]
-        packed = [serialize(v, f"scattered {type(v).__name__}") for v in values]
-        keys = [str(n) for n in names] if names is not None else [
-            f"{type(v).__name__}-" + (_hash_frames(p) if hash else uuid.uuid4().hex)
-            for v, p in zip(values, packed)]  # fmt: skip
-        futures = [Future(k, self) for k in keys]
-        coro = self._scatter_async(keys, packed, broadcast, workers)
-        if self.asynchronous:
-            async def finish() -> Any:
-                await coro
-                return _scatter_shape(data, futures)
-
-            return finish()
-        self._sync(coro)
-        return _scatter_shape(data, futures)
-
-    async def _scatter_async(self, keys: list[str], packed: list[Serialized], broadcast: bool,
-                             workers: list[str] | None) -> None:  # fmt: skip
-        assert self._peers is not None
-        targets: list[list[str]] = await self._request(
-            ScatterTargets(next_rid(), len(keys), broadcast, workers))
-        if len(targets) != len(keys):
-            raise RuntimeError("no workers to scatter to: start some workers first")
-        per_worker: dict[str, dict[str, Serialized]] = {}
-        for key, ser, where in zip(keys, packed, targets):
-            for w in where:
-                per_worker.setdefault(w, {})[key] = ser
-        await asyncio.gather(*(self._peers.request(w, UpdateData(next_rid(), d))
-                               for w, d in per_worker.items()))  # fmt: skip
-        self._send_now(Scattered(keys, targets, [p.nbytes for p in packed]))
-
     # ------------------------------------------------------------- controls
 
     def cancel(self, futures: Iterable[Future] | Future) -> None:
-        """Cancel futures for this client (what depends on them too)."""
+        """Cancel futures for this client (what depends on them too): they end cancelled,
+        and the same key submitted again from now on is a new hold that runs anew."""
         fs = [futures] if isinstance(futures, Future) else list(futures)
-
+        states: dict[int, FutureState] = {}
         with self._lock:
             for f in fs:
-                # The same call submitted again from now on gets a fresh state; the cancelled
-                # handles keep theirs, and the scheduler's KeyCancelled answering this cancel
-                # is for them (it comes before anything about the new submission).
-                if not f._state.done() and self._states.get(f.key) is f._state:
+                st = f._state
+                if st.generation < 0 or st.status == "cancelled":
+                    continue  # a released handle, or cancelled already
+                if self._states.get(f.key) is st:
                     del self._states[f.key]
-                    self._cancel_acks[f.key] = self._cancel_acks.get(f.key, 0) + 1
+                states[id(st)] = st
+        if not states:
+            return
 
-        def mark() -> None:
-            for f in fs:
-                if not f._state.done():
-                    f._state.fail("cancelled", "cancelled by the client", status="cancelled")
+        def mark_and_send() -> None:
+            for st in states.values():
+                if st.status != "cancelled":
+                    st.fail("cancelled", "cancelled by the client", status="cancelled")
+            self._send_now(CancelKeys([st.key for st in states.values()],
+                                      generations=[st.generation for st in states.values()]))
 
-        self._call_soon(mark)
-        self._send(CancelKeys([f.key for f in fs]))
+        self._call_soon(mark_and_send)
 
     def fire_and_forget(self, futures: Iterable[Future] | Future) -> None:
         """Run these to the end even if every future for them is dropped."""
@@ -620,7 +598,8 @@ class Client(DatasetsMixin):
         self._send(FireAndForgetKeys([f.key for f in fs]))
 
     def want(self, futures: Iterable[Future]) -> None:
-        self._send(WantKeys([f.key for f in futures]))
+        fs = list(futures)
+        self._send(WantKeys([f.key for f in fs], [f._state.generation for f in fs]))
 
     # --------------------------------------------------------------- queries
 
@@ -753,7 +732,7 @@ class Client(DatasetsMixin):
         """Submit prebuilt tasks in one batch (any order); a future for each of ``wanted``."""
         self._check_running()
         futures = [Future(key, self) for key in wanted]
-        self._send(SubmitTasks(specs, wanted))
+        self._send(SubmitTasks(specs, wanted, generations=[f._state.generation for f in futures]))
         return futures
 
     def get_executor(self, **submit_options: Any) -> ShoalExecutor:
@@ -805,53 +784,6 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
 def _funcname(fn: Any) -> str:
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return "lambda" if name == "<lambda>" else str(name)
-
-
-def _hash_frames(ser: Serialized) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for frame in ser.frames:
-        h.update(frame)
-    return h.hexdigest()
-
-
-def _collect_futures(obj: Any, out: list[Future]) -> None:
-    if isinstance(obj, Future):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for x in obj:
-            _collect_futures(x, out)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            _collect_futures(x, out)
-
-
-def _rebuild(obj: Any, values: dict[str, Any]) -> Any:
-    if isinstance(obj, Future):
-        return values[obj.key]
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(_rebuild(x, values) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _rebuild(v, values) for k, v in obj.items()}
-    return obj
-
-
-def _fetchable(states: list[FutureState], errors: str) -> list[FutureState]:
-    if errors == "raise":
-        for st in states:
-            if st.status != "finished":
-                error = st.exception_object()
-                assert error is not None
-                st.emit_warnings()
-                raise error
-    return [st for st in states if st.status == "finished"]
-
-
-def _scatter_shape(data: Any, futures: list[Future]) -> Any:
-    if isinstance(data, dict):
-        return dict(zip(data, futures))
-    if isinstance(data, (list, tuple, set, frozenset)):
-        return type(data)(futures)
-    return futures[0]
 
 
 @atexit.register

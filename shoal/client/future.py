@@ -3,6 +3,14 @@
 A `Future` is a handle; many handles to one key share one `FutureState`, updated only on the
 client's event loop. While any handle to a key is alive the client holds the key on the
 scheduler; when the last one goes, the key is released.
+
+Each hold has a generation: a key released (or cancelled) and then submitted again gets a new
+`FutureState` with a new generation, and the scheduler's reports carry the generation they
+answer, so a late report about the old hold never lands on the new one.
+
+A handle's finalizer takes no lock and waits on nothing (the garbage collector may run it on
+any thread, even one holding the client's lock): it queues its state, and the client's loop
+counts the release (`Client._drain_releases`).
 """
 
 from __future__ import annotations
@@ -10,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext as _nothing
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..exceptions import FAILURE_KINDS, CancelledError, RemoteTraceback
@@ -30,11 +36,15 @@ Status = Literal["pending", "finished", "error", "cancelled", "lost"]
 class FutureState:
     """What the client knows of one key. Changed only on the client's loop thread."""
 
-    __slots__ = ("key", "status", "workers", "nbytes", "typename", "failure", "event",
-                 "callbacks", "warnings", "async_waiters")  # fmt: skip
+    __slots__ = ("key", "generation", "refs", "status", "workers", "nbytes", "typename",
+                 "failure", "event", "callbacks", "warnings", "async_waiters")  # fmt: skip
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, generation: int = 0) -> None:
         self.key = key
+        #: which hold of the client on ``key`` this is (reports for other holds are dropped)
+        self.generation = generation
+        #: live handles (`Future` objects) on this state; changed under the client's lock
+        self.refs = 0
         self.status: Status = "pending"
         self.workers: list[str] = []
         self.nbytes = 0
@@ -67,8 +77,9 @@ class FutureState:
         self._set(status)
 
     def reset(self) -> None:
-        """The key went back to pending (e.g. recomputed after a loss)."""
+        """The key went back to pending (recomputed after its holders were lost)."""
         self.status = "pending"
+        self.workers = []
         self.event.clear()
 
     def _set(self, status: Status) -> None:
@@ -144,21 +155,23 @@ class Future:
         """The task's result; raises its exception (original type, remote traceback attached)."""
         if self.client.asynchronous:
             return self._result_async(timeout)
-        if not wait_event(self._state.event, timeout):  # a task gives its slot back meanwhile
+        state = self._state
+        if not wait_event(state.event, timeout):  # a task gives its slot back meanwhile
             raise TimeoutError(f"{self.key} did not finish within {timeout}s")
-        self._state.emit_warnings()
-        error = self._state.exception_object()
+        state.emit_warnings()
+        error = state.exception_object()
         if error is not None:
             raise error
-        return self.client._fetch_one(self._state, timeout)
+        return self.client._fetch_one(state, timeout)
 
     async def _result_async(self, timeout: float | None = None) -> Any:
         await self._wait_async(timeout)
-        self._state.emit_warnings()
-        error = self._state.exception_object()
+        state = self._state
+        state.emit_warnings()
+        error = state.exception_object()
         if error is not None:
             raise error
-        values = await self.client._fetch_async([self._state])
+        values = await self.client._fetch_async([state], timeout)
         return deserialize(values[self.key])
 
     async def _wait_async(self, timeout: float | None = None) -> None:
@@ -203,7 +216,7 @@ class Future:
 
     def cancel(self) -> bool:
         """Cancel this key for this client; returns True unless it already finished."""
-        if self._state.status == "finished":
+        if self._state.status == "finished" or self._state is _RELEASED:
             return False
         self.client.cancel([self])
         return True
@@ -213,15 +226,19 @@ class Future:
         self.client._add_done_callback(self, fn)
 
     def release(self) -> None:
-        """Drop this handle's hold on the key now rather than at garbage collection."""
+        """Drop this handle's hold on the key now rather than at garbage collection. The
+        handle is unusable afterwards: ``result()`` raises `FutureLostError` saying so."""
         state, self._state = self._state, _RELEASED
         if state is not _RELEASED:
-            self.client._release(self.key)
+            self.client._queue_release(state)
 
     def __del__(self) -> None:
+        # No lock, no wait: the GC may run this on a thread that holds the client's lock.
         try:
-            self.release()
-        except Exception:  # noqa: BLE001 - interpreter shutdown, client already gone
+            state = self._state
+            if state is not _RELEASED:
+                self.client._queue_release(state)
+        except Exception:  # noqa: BLE001 - interpreter shutdown, half-made handle
             pass
 
     # -- pickling: inside task arguments a future becomes its value on the worker
@@ -244,7 +261,29 @@ class Future:
         return isinstance(other, Future) and other.key == self.key
 
 
-_RELEASED = FutureState("<released>")
+class _ReleasedState(FutureState):
+    """The state of every handle after `Future.release`: done, failed, and immutable, so
+    nothing the client hears later (a late cancel, a report) can change it."""
+
+    def __init__(self) -> None:
+        super().__init__("<released>", -1)
+        self.failure = ("released", "this future was released (Future.release() was called):"
+                        " it no longer refers to a result; keep a future to read it", None,
+                        None)  # fmt: skip
+        self.status = "lost"
+        self.event.set()
+
+    def finish(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def fail(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+_RELEASED: FutureState = _ReleasedState()
 
 
 def _traceback_text(error: BaseException | None) -> str | None:
@@ -253,10 +292,11 @@ def _traceback_text(error: BaseException | None) -> str | None:
 
 
 def _rebuild_future(key: str) -> Future:
+    """A future arriving pickled (in a queue item, an actor call, a task's result): it holds
+    the key in this process's client, which tells the scheduler if it did not hold it yet."""
     from .client import default_client
 
-    client = default_client()
-    return Future(key, client)
+    return default_client()._future_on_arrival(key)
 
 
 # ------------------------------------------------------------------ waiting
@@ -267,31 +307,39 @@ def wait(
     timeout: float | None = None,
     return_when: str = "ALL_COMPLETED",
 ) -> tuple[set[Future], set[Future]]:
-    """Wait like `concurrent.futures.wait`: returns ``(done, not_done)``."""
+    """Wait like `concurrent.futures.wait`: returns ``(done, not_done)``.
+
+    Each pending key counts down once when it is done, so waiting on N futures costs O(N)."""
     fs = [futures] if isinstance(futures, Future) else list(futures)
     if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"):
         raise ValueError(f"unknown return_when {return_when!r}")
-    changed = threading.Event()
-    deadline = None if timeout is None else time.monotonic() + timeout
-
-    def satisfied() -> bool:
-        done = [f for f in fs if f.done()]
-        if return_when == "ALL_COMPLETED":
-            return len(done) == len(fs)
-        if return_when == "FIRST_COMPLETED":
-            return bool(done) or not fs
-        return len(done) == len(fs) or any(f.status != "finished" for f in done)
-
+    pending: dict[int, tuple[Future, FutureState]] = {}
+    any_done = failed = False
     for f in fs:
-        if not f.done():
-            f.client._on_done(f._state, lambda _s: changed.set())
-    with seceded() if not satisfied() else _nothing():  # a task gives its slot back meanwhile
-        while not satisfied():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            changed.wait(remaining)
-            changed.clear()
+        state = f._state
+        if not state.done():
+            pending.setdefault(id(state), (f, state))
+        else:
+            any_done = True
+            failed = failed or state.status != "finished"
+    satisfied = (not pending or (return_when == "FIRST_COMPLETED" and any_done)
+                 or (return_when == "FIRST_EXCEPTION" and failed))  # fmt: skip
+    if not satisfied:
+        ready = threading.Event()
+        lock = threading.Lock()  # callbacks of futures of several clients run on their loops
+        left = [len(pending)]
+
+        def count_down(state: FutureState) -> None:
+            with lock:
+                left[0] -= 1
+                if (left[0] <= 0 or return_when == "FIRST_COMPLETED"
+                        or (return_when == "FIRST_EXCEPTION" and state.status != "finished")):
+                    ready.set()
+
+        for f, state in pending.values():
+            f.client._on_done(state, count_down)
+        with seceded():  # a task gives its slot back meanwhile
+            ready.wait(timeout)
     done = {f for f in fs if f.done()}
     return done, {f for f in fs if f not in done}
 

@@ -33,24 +33,32 @@ class TasksSubmitted(SchedulerEvent):
     client: ClientId
     tasks: list[TaskSpec]
     wanted: list[str]
+    #: the client's generation of its hold on each key (None: 0 for each)
+    generations: list[int] | None = None
 
 
 @dataclass(slots=True)
 class KeysWanted(SchedulerEvent):
     client: ClientId
     keys: list[str]
+    #: the client's generation of its hold on each key (None: 0 for each)
+    generations: list[int] | None = None
 
 
 @dataclass(slots=True)
 class KeysReleased(SchedulerEvent):
     client: ClientId
     keys: list[str]
+    #: the generation of each hold let go; a newer hold stays (None: any hold)
+    generations: list[int] | None = None
 
 
 @dataclass(slots=True)
 class KeysCancelled(SchedulerEvent):
     client: ClientId
     keys: list[str]
+    #: the generation of each hold let go; a newer hold stays (None: any hold)
+    generations: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -59,6 +67,8 @@ class DataScattered(SchedulerEvent):
     keys: list[str]
     workers: list[list[str]]
     nbytes: list[int]
+    #: the client's generation of its hold on each key (None: 0 for each)
+    generations: list[int] | None = None
 
 
 @dataclass(slots=True)

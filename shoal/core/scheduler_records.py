@@ -60,7 +60,8 @@ class TaskState:
         self.dependents: set[TaskState] = set()
         #: dependencies not yet in memory (only while waiting)
         self.waiting_on: set[TaskState] = set()
-        self.who_wants: set[ClientId] = set()
+        #: client -> the generation of its hold on this key (echoed in reports to it)
+        self.who_wants: dict[ClientId, int] = {}
         self.who_has: set[WorkerRecord] = set()
         self.processing_on: WorkerRecord | None = None
         self.nbytes = 0

@@ -40,6 +40,7 @@ from ..protocol.messages import (
     KeyCancelled,
     KeyErred,
     KeyInMemory,
+    KeyLost,
     RefreshWhoHas,
     TaskErred,
     TaskFinished,
@@ -151,7 +152,7 @@ class SchedulerState:
     def _handle_client_disconnected(self, ev: ClientDisconnected) -> None:
         wanted = self.clients.pop(ev.client, set())
         for ts in wanted:
-            ts.who_wants.discard(ev.client)
+            ts.who_wants.pop(ev.client, None)
         for ts in wanted:
             self._release_if_unneeded(ts)
 
@@ -180,10 +181,13 @@ class SchedulerState:
                     break
                 ts.dependencies.add(dep)
                 dep.dependents.add(ts)
-        wanted = [self.tasks[key] for key in ev.wanted if key in self.tasks]
-        for ts in wanted:
-            ts.who_wants.add(ev.client)
-            client_keys.add(ts)
+        wanted: list[TaskState] = []
+        for key, generation in zip(ev.wanted, _generations(ev.generations, len(ev.wanted))):
+            ts = self.tasks.get(key)
+            if ts is not None:
+                _hold(ts, ev.client, generation)
+                client_keys.add(ts)
+                wanted.append(ts)
         self._want(wanted, ev.client)
         for ts in new:
             self._forget_if_unused(ts)  # submitted but wanted by nobody, directly or not
@@ -191,14 +195,15 @@ class SchedulerState:
     def _handle_keys_wanted(self, ev: KeysWanted) -> None:
         client_keys = self.clients.setdefault(ev.client, set())
         wanted: list[TaskState] = []
-        for key in ev.keys:
+        for key, generation in zip(ev.keys, _generations(ev.generations, len(ev.keys))):
             ts = self.tasks.get(key)
             if ts is None:
                 self._out.append(ToClient(ev.client, KeyErred(
                     key, "lost", f"key {key!r} is not known to the scheduler"
-                    " (it was released by every client that held it)")))  # fmt: skip
+                    " (it was released by every client that held it)",
+                    generation=generation)))  # fmt: skip
                 continue
-            ts.who_wants.add(ev.client)
+            _hold(ts, ev.client, generation)
             client_keys.add(ts)
             wanted.append(ts)
         self._want(wanted, ev.client)
@@ -217,38 +222,39 @@ class SchedulerState:
 
     def _handle_keys_released(self, ev: KeysReleased) -> None:
         client_keys = self.clients.get(ev.client, set())
-        for key in ev.keys:
+        for key, generation in zip(ev.keys, _released_generations(ev.generations, len(ev.keys))):
             ts = self.tasks.get(key)
-            if ts is None or ev.client not in ts.who_wants:
-                continue
-            ts.who_wants.discard(ev.client)
+            if ts is None or ts.who_wants.get(ev.client, generation + 1) > generation:
+                continue  # not held, or held again since (a newer generation): it stays
+            del ts.who_wants[ev.client]
             client_keys.discard(ts)
             self._release_if_unneeded(ts)
 
     def _handle_keys_cancelled(self, ev: KeysCancelled) -> None:
-        for key in ev.keys:
+        for key, generation in zip(ev.keys, _released_generations(ev.generations, len(ev.keys))):
             ts = self.tasks.get(key)
-            if ts is None:
-                continue
+            if ts is None or ts.who_wants.get(ev.client, generation + 1) > generation:
+                continue  # not held, or held again since the cancel was sent: it stays
             # Cancelling drops this client's interest in the key and in what depends on it.
             for t in [ts, *self._dependents_closure(ts)]:
-                if ev.client in t.who_wants:
-                    t.who_wants.discard(ev.client)
+                held = t.who_wants.pop(ev.client, None)
+                if held is not None:
                     self.clients.get(ev.client, set()).discard(t)
-                    self._out.append(ToClient(ev.client, KeyCancelled(t.key, "cancelled")))
+                    self._out.append(ToClient(ev.client, KeyCancelled(t.key, "cancelled", held)))
             for t in [ts, *self._dependents_closure(ts)]:
                 self._release_if_unneeded(t)
 
     def _handle_data_scattered(self, ev: DataScattered) -> None:
         client_keys = self.clients.setdefault(ev.client, set())
-        for key, addresses, nbytes in zip(ev.keys, ev.workers, ev.nbytes):
+        generations = _generations(ev.generations, len(ev.keys))
+        for key, addresses, nbytes, generation in zip(ev.keys, ev.workers, ev.nbytes, generations):
             ts = self.tasks.get(key)
             if ts is None:
                 self._order += 1
                 ts = TaskState(key, None, (0, self._order))
                 self.tasks[key] = ts
                 self.groups.created(ts.group)
-            ts.who_wants.add(ev.client)
+            _hold(ts, ev.client, generation)
             client_keys.add(ts)
             holders = [self.workers[a] for a in addresses if a in self.workers]
             if ts.state == "memory":
@@ -440,7 +446,8 @@ class SchedulerState:
         """Every worker restarts: fail what clients wait for, forget every task."""
         for client, keys in self.clients.items():
             for ts in keys:
-                self._out.append(ToClient(client, KeyErred(ts.key, "lost", ev.reason)))
+                self._out.append(ToClient(client, KeyErred(
+                    ts.key, "lost", ev.reason, generation=ts.who_wants.get(client, 0))))
             keys.clear()
         for ts in self.tasks.values():
             self.story_log.append((ts.key, ts.state, "forgotten", self._stimulus, self._now))
@@ -470,7 +477,7 @@ class SchedulerState:
     def _let_go_if_forgotten(self, ts: TaskState) -> None:
         """A fire-and-forget key is done: stop holding it on the user's behalf."""
         if FIRE_AND_FORGET in ts.who_wants:
-            ts.who_wants.discard(FIRE_AND_FORGET)
+            del ts.who_wants[FIRE_AND_FORGET]
             self.clients.get(FIRE_AND_FORGET, set()).discard(ts)
 
     def _handle_replicas_added(self, ev: ReplicasAdded) -> None:
@@ -731,6 +738,9 @@ class SchedulerState:
         """
         for ts in lost:
             self._transition(ts, "released")
+            for client, generation in ts.who_wants.items():
+                if client != FIRE_AND_FORGET:  # its futures wait again, for the recomputation
+                    self._out.append(ToClient(client, KeyLost(ts.key, why, generation)))
         for ts in lost:
             for dependent in ts.dependents:
                 if dependent.state in ("processing", "queued", "no-worker"):
@@ -810,13 +820,15 @@ class SchedulerState:
     def _report_to_client(self, ts: TaskState, client: ClientId) -> None:
         if client == FIRE_AND_FORGET:
             return  # a pseudo-client: nobody to tell
+        generation = ts.who_wants.get(client, 0)
         if ts.state == "memory":
             self._out.append(ToClient(client, KeyInMemory(
-                ts.key, [w.address for w in ts.who_has], ts.nbytes, ts.typename, ts.warnings)))  # fmt: skip
+                ts.key, [w.address for w in ts.who_has], ts.nbytes, ts.typename, ts.warnings,
+                generation)))  # fmt: skip
         elif ts.state == "erred" and ts.failure is not None:
             f = ts.failure
             self._out.append(ToClient(client, KeyErred(
-                ts.key, f.kind, f.text, f.exception, f.traceback, ts.warnings)))  # fmt: skip
+                ts.key, f.kind, f.text, f.exception, f.traceback, ts.warnings, generation)))  # fmt: skip
 
     def _dependents_closure(self, ts: TaskState) -> list[TaskState]:
         seen: set[TaskState] = set()
@@ -837,6 +849,27 @@ class SchedulerState:
     def validate_state(self) -> None:
         """Check the invariants in the module docstring; raise AssertionError on a breach."""
         validate(self)
+
+
+def _generations(generations: list[int] | None, n: int) -> list[int]:
+    return generations if generations is not None and len(generations) == n else [0] * n
+
+
+def _released_generations(generations: list[int] | None, n: int) -> list[int]:
+    # No generations given: let go of whatever hold there is.
+    if generations is not None and len(generations) == n:
+        return generations
+    return [_ANY_GENERATION] * n
+
+
+_ANY_GENERATION = 2**62
+
+
+def _hold(ts: TaskState, client: ClientId, generation: int) -> None:
+    """``client`` holds ``ts`` at ``generation`` (a client's generations only grow)."""
+    held = ts.who_wants.get(client)
+    if held is None or generation > held:
+        ts.who_wants[client] = generation
 
 
 def _by_priority(ts: TaskState) -> tuple[int, int]:

@@ -91,12 +91,18 @@ class SubmitTasks(Msg, tag="submit"):
     tasks: list[TaskSpec]
     wanted: list[str]
     stimulus_id: str = ""
+    #: the client's generation of its hold on each wanted key (parallel to ``wanted``);
+    #: the scheduler echoes it in its reports, so a late report about an earlier hold on a
+    #: reused key is recognised as stale (None: generation 0 for each)
+    generations: list[int] | None = None
 
 
 class WantKeys(Msg, tag="want"):
     """The client holds futures for these existing keys (e.g. a future passed between clients)."""
 
     keys: list[str]
+    #: the client's generation of its hold on each key (see `SubmitTasks.generations`)
+    generations: list[int] | None = None
 
 
 class FireAndForgetKeys(Msg, tag="fire-and-forget"):
@@ -118,6 +124,9 @@ class ReleaseKeys(Msg, tag="release"):
 
     keys: list[str]
     stimulus_id: str = ""
+    #: the generation of each hold let go: a hold taken again since (a newer generation)
+    #: stays (None: release whatever hold there is)
+    generations: list[int] | None = None
 
 
 class CancelKeys(Msg, tag="cancel"):
@@ -125,6 +134,8 @@ class CancelKeys(Msg, tag="cancel"):
 
     keys: list[str]
     stimulus_id: str = ""
+    #: the generation of each hold cancelled (as for `ReleaseKeys.generations`)
+    generations: list[int] | None = None
 
 
 class ScatterTargets(Msg, tag="scatter-targets"):
@@ -143,6 +154,8 @@ class Scattered(Msg, tag="scattered"):
     workers: list[list[str]]
     nbytes: list[int]
     stimulus_id: str = ""
+    #: the client's generation of its hold on each key (see `SubmitTasks.generations`)
+    generations: list[int] | None = None
 
 
 class WhoHas(Msg, tag="who-has"):
@@ -237,6 +250,8 @@ class KeyInMemory(Msg, tag="key-in-memory"):
     typename: str = ""
     #: warnings the task raised, as a pickled list of (category, message, filename, lineno)
     warnings: Serialized | None = None
+    #: the generation of the client's hold this answers (a client drops other generations)
+    generation: int = 0
 
 
 class KeyErred(Msg, tag="key-erred"):
@@ -250,10 +265,29 @@ class KeyErred(Msg, tag="key-erred"):
     exception: Serialized | None = None
     traceback: Serialized | None = None
     warnings: Serialized | None = None
+    generation: int = 0
 
 
 class KeyCancelled(Msg, tag="key-cancelled"):
     key: str
+    reason: str = ""
+    generation: int = 0
+
+
+class KeyLost(Msg, tag="key-lost"):
+    """A key the client holds left memory (its holders died) and is being computed again:
+    its futures are pending until a new `KeyInMemory` or `KeyErred`."""
+
+    key: str
+    reason: str = ""
+    generation: int = 0
+
+
+class WorkerRemoved(Msg, tag="worker-removed"):
+    """Scheduler -> clients: this worker left the cluster. Requests still waiting on it (a
+    fetch from a stopped or cut-off worker) fail now and go to another holder."""
+
+    address: str
     reason: str = ""
 
 
@@ -671,6 +705,8 @@ Message = Union[
     KeyInMemory,
     KeyErred,
     KeyCancelled,
+    KeyLost,
+    WorkerRemoved,
     SchedulerClosing,
     RegisterWorker,
     ComputeTask,
@@ -767,6 +803,8 @@ SCHEDULER_TO_CLIENT: tuple[type[Msg], ...] = (
     KeyInMemory,
     KeyErred,
     KeyCancelled,
+    KeyLost,
+    WorkerRemoved,
     SchedulerClosing,
     TopicMessage,
 )

@@ -1,0 +1,253 @@
+"""Moving results between the client and the workers: `gather`, `scatter`, and the fetch
+both use (`DataMixin`, a base of `Client`).
+
+Data goes straight between the client and the workers, never through the scheduler. Every
+request to a worker has a deadline, and the scheduler tells the client when a worker leaves
+(`WorkerRemoved`), which fails the requests waiting on it at once: a fetch from a worker that
+was stopped or cut off goes to another holder instead of waiting forever. A key whose holders
+all died is computed again, and the fetch waits for the new result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from typing import TYPE_CHECKING, Any, cast
+
+from ..comm.rpc import next_rid
+from ..exceptions import FutureLostError
+from ..protocol.messages import DataReply, GetData, Scattered, ScatterTargets, UpdateData, WhoHas
+from ..protocol.serialize import Serialized, deserialize, serialize
+from .future import Future, FutureState, wait
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["DataMixin"]
+
+#: fetch rounds in a row that bring nothing before a fetch gives up
+_FUTILE_ROUNDS = 8
+
+
+class DataMixin:
+    """Gather and scatter methods of `Client` (kept apart from the client's own code)."""
+
+    # ---------------------------------------------------------------- gather
+
+    def gather(self, futures: Any, errors: str = "raise") -> Any:
+        """Results of futures, in the same nested structure (lists, tuples, dicts, sets)."""
+        client = cast("Client", self)
+        found: list[Future] = []
+        _collect_futures(futures, found)
+        states = list({id(f._state): f._state for f in found}.values())
+        if client.asynchronous:
+            return self._gather_async(futures, states, errors)
+        wait(found)
+        values = client._sync(self._fetch_async(_fetchable(states, errors)))
+        return _rebuild(futures, self._unpack(states, values, errors))
+
+    async def _gather_async(self, futures: Any, states: list[FutureState], errors: str) -> Any:
+        for st in states:
+            await _until_done(st, None)
+        values = await self._fetch_async(_fetchable(states, errors))
+        return _rebuild(futures, self._unpack(states, values, errors))
+
+    def _unpack(self, states: list[FutureState], values: dict[str, Serialized],
+                errors: str) -> dict[str, Any]:  # fmt: skip
+        result: dict[str, Any] = {}
+        for st in states:
+            st.emit_warnings()
+            if st.key in values:
+                result[st.key] = deserialize(values[st.key])
+            elif errors == "raise":
+                error = st.exception_object()
+                assert error is not None
+                raise error
+            else:
+                result[st.key] = st.exception_object()
+        return result
+
+    def _fetch_one(self, state: FutureState, timeout: float | None) -> Any:
+        client = cast("Client", self)
+        values = client._sync(self._fetch_async([state], timeout))
+        return deserialize(values[state.key])
+
+    async def _fetch_async(self, states: list[FutureState],
+                           timeout: float | None = None) -> dict[str, Serialized]:  # fmt: skip
+        """The values of finished keys, straight from their workers.
+
+        A holder that fails or left is dropped and the scheduler asked where else the key
+        is; a key that went back to pending (its holders died) is awaited again, up to
+        ``timeout``. Raises the key's error if it fails meanwhile, and `FutureLostError` when
+        several rounds in a row bring nothing."""
+        client = cast("Client", self)
+        peers = client._peers
+        assert peers is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        out: dict[str, Serialized] = {}
+        todo = {st.key: st for st in states}
+        holders = {st.key: list(st.workers) for st in states}
+        futile = 0
+        why = ""
+        while todo:
+            for st in list(todo.values()):
+                if not st.done():  # computed again after a loss: wait for the new result
+                    await _until_done(st, None if deadline is None else deadline - loop.time())
+                    holders[st.key] = list(st.workers)
+                if st.status != "finished":
+                    error = st.exception_object()
+                    assert error is not None
+                    raise error
+            by_worker: dict[str, list[str]] = {}
+            for key in todo:
+                where = holders[key]
+                if where:
+                    by_worker.setdefault(where[hash(key) % len(where)], []).append(key)
+            limit = client.timeout * 6
+            if deadline is not None:
+                limit = max(0.001, min(limit, deadline - loop.time()))
+            replies = await asyncio.gather(
+                *(peers.request(w, GetData(next_rid(), keys), limit) for w, keys in by_worker.items()),
+                return_exceptions=True,
+            )  # fmt: skip
+            progressed = False
+            for (worker, keys), reply in zip(by_worker.items(), replies):
+                if isinstance(reply, DataReply):
+                    for key, ser in reply.data.items():
+                        if todo.pop(key, None) is not None:
+                            out[key] = ser
+                            progressed = True
+                else:
+                    why = f"{worker}: {reply!r}"
+                for key in keys:  # what it did not give, it does not have (or it is gone)
+                    if key in todo:
+                        holders[key] = [w for w in holders[key] if w != worker]
+            if not todo:
+                break
+            futile = 0 if progressed else futile + 1
+            if futile >= _FUTILE_ROUNDS:
+                raise FutureLostError(f"could not fetch {sorted(todo)[:5]} from their workers"
+                                      f" ({why or 'no worker holds them'})")  # fmt: skip
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"could not fetch {sorted(todo)[:5]} within {timeout}s")
+            if futile > 1:
+                # The scheduler may not have noticed the loss yet: give it a moment.
+                await asyncio.sleep(min(0.05 * 2 ** futile, 1.0))
+            lost = [key for key in todo if not holders[key]]
+            if lost:
+                who_has = await client._request(WhoHas(next_rid(), lost))
+                for key in lost:
+                    holders[key] = list(who_has.get(key) or [])
+        return out
+
+    # --------------------------------------------------------------- scatter
+
+    def scatter(self, data: Any, broadcast: bool = False, workers: list[str] | None = None,
+                hash: bool = True) -> Any:  # noqa: A002 - dask's name  # fmt: skip
+        """Put data on workers directly; returns futures in the shape of ``data``."""
+        client = cast("Client", self)
+        client._check_running()
+        if isinstance(data, dict):
+            names, values = list(data), list(data.values())
+        elif isinstance(data, (list, tuple, set, frozenset)):
+            names, values = None, list(data)
+        else:
+            names, values = None, [data]
+        packed = [serialize(v, f"scattered {type(v).__name__}") for v in values]
+        keys = [str(n) for n in names] if names is not None else [
+            f"{type(v).__name__}-" + (_hash_frames(p) if hash else uuid.uuid4().hex)
+            for v, p in zip(values, packed)]  # fmt: skip
+        futures = [Future(k, client) for k in keys]
+        coro = self._scatter_async(futures, packed, broadcast, workers)
+        if client.asynchronous:
+            async def finish() -> Any:
+                await coro
+                return _scatter_shape(data, futures)
+
+            return finish()
+        client._sync(coro)
+        return _scatter_shape(data, futures)
+
+    async def _scatter_async(self, futures: list[Future], packed: list[Serialized],
+                             broadcast: bool, workers: list[str] | None) -> None:  # fmt: skip
+        client = cast("Client", self)
+        peers = client._peers
+        assert peers is not None
+        keys = [f.key for f in futures]
+        targets: list[list[str]] = await client._request(
+            ScatterTargets(next_rid(), len(keys), broadcast, workers))
+        if len(targets) != len(keys):
+            raise RuntimeError("no workers to scatter to: start some workers first")
+        per_worker: dict[str, dict[str, Serialized]] = {}
+        for key, ser, where in zip(keys, packed, targets):
+            for w in where:
+                per_worker.setdefault(w, {})[key] = ser
+        limit = client.timeout * 6
+        await asyncio.gather(*(peers.request(w, UpdateData(next_rid(), d), limit)
+                               for w, d in per_worker.items()))  # fmt: skip
+        client._send_now(Scattered(keys, targets, [p.nbytes for p in packed],
+                                   generations=[f._state.generation for f in futures]))
+
+
+# --------------------------------------------------------------------- helpers
+
+
+async def _until_done(state: FutureState, timeout: float | None) -> None:
+    """Wait on the client's loop until ``state`` is done (TimeoutError after ``timeout``)."""
+    if state.done():
+        return
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    state.async_waiters.append(waiter)
+    try:
+        await asyncio.wait_for(waiter, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{state.key} did not finish within {timeout}s") from None
+
+
+def _hash_frames(ser: Serialized) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for frame in ser.frames:
+        h.update(frame)
+    return h.hexdigest()
+
+
+def _collect_futures(obj: Any, out: list[Future]) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for x in obj:
+            _collect_futures(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _collect_futures(x, out)
+
+
+def _rebuild(obj: Any, values: dict[str, Any]) -> Any:
+    if isinstance(obj, Future):
+        return values[obj.key]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return type(obj)(_rebuild(x, values) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, values) for k, v in obj.items()}
+    return obj
+
+
+def _fetchable(states: list[FutureState], errors: str) -> list[FutureState]:
+    if errors == "raise":
+        for st in states:
+            if st.status != "finished":
+                error = st.exception_object()
+                assert error is not None
+                st.emit_warnings()
+                raise error
+    return [st for st in states if st.status == "finished"]
+
+
+def _scatter_shape(data: Any, futures: list[Future]) -> Any:
+    if isinstance(data, dict):
+        return dict(zip(data, futures))
+    if isinstance(data, (list, tuple, set, frozenset)):
+        return type(data)(futures)
+    return futures[0]
