@@ -4,6 +4,9 @@
 - ``process_client``: 2 worker processes.
 - ``gate``: a `shoal.testing.Gate` for tasks on ``client`` (in-process workers only).
 - ``tally``: a `shoal.testing.Tally` in a temporary directory, to count task runs.
+- ``require``: ``require(condition, why)`` for what a test needs from the machine (root,
+  network namespaces, Redis, Chromium): skips without it locally, fails under CI (``$CI``
+  set), where .ci/run provides it, so that a test cannot vanish from CI unnoticed.
 
 Helpers tests import live in `shoal.testing`, not here: test modules cannot reliably import
 a conftest (pytest may load several under the one name ``conftest``).
@@ -11,9 +14,10 @@ a conftest (pytest may load several under the one name ``conftest``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,17 @@ def tally() -> Iterator[Tally]:
         yield Tally(Path(directory) / "tally.txt")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _require(condition: object, why: str) -> None:
+    """Skip without ``condition`` locally; fail under CI (``$CI`` set), which must have it."""
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI must provide it: see .ci/run)", pytrace=False)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def require() -> Callable[[object, str], None]:
+    """``require(condition, why)``: skip locally, fail under CI, without ``condition``."""
+    return _require

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,12 @@ import shoal
 from shoal.testing import Gate, gen_cluster
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="chromium is not installed (apt-get install -y chromium; .ci/run does it)",
-)
+
+
+@pytest.fixture(autouse=True)
+def _needs_chromium(require: Callable[[object, str], None]) -> None:
+    require(CHROMIUM is not None,
+            "chromium is not installed (apt-get install -y chromium; .ci/run does it)")  # fmt: skip
 
 
 def chromium(url: str, *args: str, timeout: float = 45.0) -> str:

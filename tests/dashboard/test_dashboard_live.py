@@ -7,7 +7,7 @@ server-sent-event stream, and the test clicks its tabs and polls the DOM with a 
 (test_browser.py instead dumps the DOM of a polling page under virtual time.)
 
 Chromium is Debian's ``chromium`` package (.ci/run installs it); without it the browser
-test skips locally and fails under CI.
+test skips locally and fails under CI (the ``require`` fixture, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,6 @@ from shoal.testing import Gate, gen_cluster, spawn_scheduler, spawn_worker, wait
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def require(condition: bool, why: str) -> None:
-    """Skip without ``condition`` locally; fail under CI (``$CI`` set), which must have it."""
-    if not condition:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
 
 
 # --------------------------------------------------------------------- the event stream
@@ -228,8 +222,7 @@ class Page:
 def chromium() -> Iterator[str]:
     """Headless Chromium with remote debugging; yields the DevTools HTTP base URL. Its
     process group and profile directory go at the end."""
-    require(CHROMIUM is not None, "chromium is not installed (apt-get install -y chromium)")
-    assert CHROMIUM is not None
+    assert CHROMIUM is not None, "the test requires chromium first"
     profile = tempfile.mkdtemp(prefix="shoal-chromium-")
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -386,7 +379,9 @@ async def browse_every_tab(page: Page, *, workers: dict[str, Any], story_key: st
     assert "shoal.scheduler" in logs and "connected" in logs, logs[-2000:]
 
 
-def test_every_dashboard_tab_shows_the_running_cluster_in_chromium(tmp_path: Path) -> None:
+def test_every_dashboard_tab_shows_the_running_cluster_in_chromium(
+    tmp_path: Path, require: Callable[[object, str], None]
+) -> None:
     require(CHROMIUM is not None, "chromium is not installed (apt-get install -y chromium)")
     # a job queue with finished, failed, queued jobs and a schedule, for the Jobs tab
     jobs = JobQueue(f"sqlite:///{tmp_path / 'jobs.db'}")

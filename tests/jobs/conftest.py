@@ -4,16 +4,18 @@
 ``app`` build on it. Redis is the server at ``$SHOAL_TEST_REDIS_URL`` (default
 ``redis://127.0.0.1:6379/0``); if none answers there and ``redis-server`` is installed, one is
 started for the session in a temporary directory. Without either, Redis cases skip, except
-under CI (``$CI`` set), where they fail. Each test gets its own key prefix, deleted after.
+under CI (``$CI`` set), where they fail (the ``require`` fixture, tests/conftest.py). Each
+test gets its own key prefix, deleted after.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -29,23 +31,18 @@ BACKENDS = ["memory", "sqlite", "redis"]
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    if not os.environ.get("CI"):
-        pytest.importorskip("redis")
+def redis_url(require: Callable[[object, str], None]) -> Iterator[str]:
+    require(importlib.util.find_spec("redis"), "the redis package is not installed")
     url = os.environ.get("SHOAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     if redis_ping(url):
         yield url
         return
-    if shutil.which("redis-server"):
-        server = RedisServer().start()
-        try:
-            yield server.url
-        finally:
-            server.close()
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"no Redis server at {url} and no redis-server to start (CI must have one)")
-    pytest.skip(f"no Redis server at {url} and no redis-server installed")
+    require(shutil.which("redis-server"), f"no Redis server at {url} and no redis-server installed")
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.close()
 
 
 @pytest.fixture(params=BACKENDS)

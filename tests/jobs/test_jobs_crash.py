@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,8 @@ WORKERS = [("threads", 4), ("processes", 2)]
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if not shutil.which("redis-server"):
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (CI must have it)")
-        pytest.skip("redis-server is not installed")
+def redis_server(require: Callable[[object, str], None]) -> Iterator[RedisServer]:
+    require(shutil.which("redis-server"), "redis-server is not installed")
     with RedisServer() as server:
         yield server
 

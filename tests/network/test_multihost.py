@@ -2,7 +2,8 @@
 network namespace, with 20-50 ms of one-way latency and 1% frame loss between them
 (`shoal.testing.netns`), and a worker cut off from everyone and healed again.
 
-Skipped, with the reason, where namespaces cannot be made (not root, no CAP_NET_ADMIN, ...).
+Skipped, with the reason, where namespaces cannot be made (not root, no CAP_NET_ADMIN, ...);
+failed instead under CI (``$CI`` set), which must be able to make them.
 The client lives in the scheduler's namespace, in a client agent process: the test sends it
 the functions below (by value) and gets their results back.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import collections
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -29,10 +30,9 @@ MODULUS = 1_000_003
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _namespaces_available() -> None:
+def _namespaces_available(require: Callable[[object, str], None]) -> None:
     ok, why = netns_available()
-    if not ok:
-        pytest.skip(f"no virtual network here: {why}")
+    require(ok, f"no virtual network here: {why}")
 
 
 # ------------------------------------------------------------------ the graph
