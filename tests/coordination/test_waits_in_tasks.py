@@ -125,3 +125,38 @@ def test_lease_acquire_in_a_task_lets_the_task_behind_it_run(
     # and once the lease is given back, the waiter gets it
     held.release()
     assert waiter.result(timeout=15) is True
+
+
+def _acquire_and_release(name: str) -> bool:
+    lock = shoal.Lock(name)
+    granted = bool(lock.acquire())
+    lock.release()
+    return granted
+
+
+def test_a_task_secedes_only_when_it_must_wait(
+    one_slot: shoal.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given: the worker's secessions counted
+    [worker] = one_slot.cluster.workers
+    seceded: list[str] = []
+    secede_task = worker.secede_task
+
+    def counting_secede(key: str) -> None:
+        seceded.append(key)
+        secede_task(key)
+
+    monkeypatch.setattr(worker, "secede_task", counting_secede)
+    shoal.Queue("ready").put(1)
+    shoal.Event("set").set()
+    # when: tasks call what can answer at once, then they keep their slot
+    assert one_slot.submit(lambda: shoal.Queue("ready").get(), pure=False).result(15) == 1
+    assert one_slot.submit(lambda: shoal.Event("set").wait(), pure=False).result(15) is True
+    assert one_slot.submit(_acquire_and_release, "free", pure=False).result(15) is True
+    assert seceded == []
+    # when: one must wait, then it secedes for the wait
+    waiter = one_slot.submit(lambda: shoal.Queue("later").get(), pure=False)
+    _waits_for(one_slot, "queue-get", "later")
+    shoal.Queue("later").put(2)
+    assert waiter.result(timeout=15) == 2
+    assert seceded == [waiter.key]
