@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
-from ..protocol.messages import DatasetGet, DatasetList, DatasetPublish, DatasetUnpublish
 from ..comm.rpc import next_rid
+from ..protocol.messages import DatasetGet, DatasetList, DatasetPublish, DatasetUnpublish
 from .requests import request
 
 if TYPE_CHECKING:

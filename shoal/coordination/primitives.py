@@ -10,8 +10,9 @@ Every blocking call takes ``timeout`` (seconds; None waits for ever). The schedu
 deadline and answers when it passes, so a call never hangs much beyond it; a wait of any
 length ends (``FutureLostError``) when its client closes. A task that must wait gives its
 thread slot back meanwhile, as `Future.result` does (see `_Named._wait`), so the task that
-would end the wait (a `Queue.put` queued behind a `Queue.get`) can run on that slot. Leases (`Lock`, `Semaphore`) are
-held by the client's connection and given back when it closes or its process dies.
+would end the wait (a `Queue.put` queued behind a `Queue.get`) can run on that slot.
+Leases (`Lock`, `Semaphore`) are held by the client's connection and given back when it
+closes or its process dies.
 
 Queues and variables carry plain objects as pickled bytes the scheduler never opens, or
 futures, whose keys the scheduler keeps alive until they are taken (`get` returns a
@@ -29,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..client.future import Future
+from ..comm.rpc import next_rid
 from ..protocol.messages import (
     EventSet,
     EventWait,
@@ -47,7 +49,6 @@ from ..protocol.messages import (
     VariableSet,
 )
 from ..protocol.serialize import Serialized, deserialize, serialize
-from ..comm.rpc import next_rid
 from ..worker.context import current_context, seceded
 from .requests import check_running, done_awaitable, register_wait, request, send
 
@@ -86,8 +87,12 @@ class _Named:
             check_running(client)
         return client._sync(coro)
 
-    def _wait(self, attempt: Callable[[float | None], Coroutine[Any, Any, Any]],
-              timeout: float | None, missed: Callable[[Any], bool] = lambda _: False) -> Any:
+    def _wait(
+        self,
+        attempt: Callable[[float | None], Coroutine[Any, Any, Any]],
+        timeout: float | None,
+        missed: Callable[[Any], bool] = lambda _: False,
+    ) -> Any:
         """Run ``attempt(timeout)``, a request that may have to wait, like `_run`.
 
         In a task holding a thread slot (with a synchronous client), first try without

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from ..comm.rpc import next_rid
 from ..exceptions import SchedulerGoneError
 from ..protocol.messages import Msg, StopWaiting
-from ..comm.rpc import next_rid
 
 if TYPE_CHECKING:
     from ..client.client import Client
@@ -95,4 +95,3 @@ def done_awaitable(client: Client) -> Any:
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     fut.set_result(None)
     return fut
-

@@ -67,8 +67,11 @@ def test_bounded_queue_put_in_a_task_lets_the_consumer_behind_it_run(
     shoal.Queue("b", maxsize=1).put("first")
     waiter = one_slot.submit(lambda: shoal.Queue("b", maxsize=1).put("second"), pure=False)
     _waits_for(one_slot, "queue-put", "b")
+
     # when a task that takes from it is submitted, then it runs and the put goes in
-    take = lambda: shoal.Queue("b").get()  # noqa: E731
+    def take() -> object:
+        return shoal.Queue("b").get()
+
     assert _behind(one_slot, take, take) == "first"
     waiter.result(timeout=15)
     assert shoal.Queue("b").get(timeout=5) == "second"

@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 import cloudpickle
-import pytest
 
 import shoal
 from shoal.jobs import JobQueue

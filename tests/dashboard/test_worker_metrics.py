@@ -100,14 +100,16 @@ def port_of(address: str) -> int:
 
 @pytest.mark.parametrize("nanny", ["--nanny", "--no-nanny"])
 def test_cli_no_dashboard(nanny: str) -> None:
-    with spawn_scheduler(extra_args=["--no-dashboard"]) as scheduler:
-        with spawn_worker(scheduler.address, extra_args=["--no-dashboard", nanny]) as worker:
-            # then: the worker serves its comm port and nothing else (no /metrics, /health)
-            assert listening_ports(worker.pid) == {port_of(worker.address)}
-            # and it tells the scheduler it has no dashboard
-            with shoal.Client(scheduler.address, set_as_default=False) as client:
-                workers = client.scheduler_info()["workers"]
-                assert [w["dashboard"] for w in workers.values()] == [""]
-            # and the scheduler serves its comm port only
-            assert listening_ports(scheduler.pid) == {port_of(scheduler.address)}
+    with (
+        spawn_scheduler(extra_args=["--no-dashboard"]) as scheduler,
+        spawn_worker(scheduler.address, extra_args=["--no-dashboard", nanny]) as worker,
+    ):
+        # then: the worker serves its comm port and nothing else (no /metrics, /health)
+        assert listening_ports(worker.pid) == {port_of(worker.address)}
+        # and it tells the scheduler it has no dashboard
+        with shoal.Client(scheduler.address, set_as_default=False) as client:
+            workers = client.scheduler_info()["workers"]
+            assert [w["dashboard"] for w in workers.values()] == [""]
+        # and the scheduler serves its comm port only
+        assert listening_ports(scheduler.pid) == {port_of(scheduler.address)}
     assert not any("dashboard at" in line for line in scheduler.stdout)

@@ -254,9 +254,10 @@ def test_prefetch_is_bounded(app: JobQueue, monkeypatch: pytest.MonkeyPatch) -> 
             # when the jobs are let finish one at a time
             for done in range(10):
                 # (the fetcher refilled up to the bound: it had its chance to take more)
-                wait_until(lambda: running() == min(3, 10 - done), message="refilled")
+                held = min(3, 10 - done)
+                wait_until(lambda n=held: running() == n, message="refilled")
                 turns.release()
-                wait_until(lambda: succeeded() == done + 1, message=f"{done + 1} done")
+                wait_until(lambda n=done + 1: succeeded() == n, message=f"{done + 1} done")
     finally:
         for _ in range(10):
             turns.release()
