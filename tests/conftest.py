@@ -4,6 +4,7 @@
 - ``process_client``: 2 worker processes.
 - ``gate``: a `shoal.testing.Gate` for tasks on ``client`` (in-process workers only).
 - ``tally``: a `shoal.testing.Tally` in a temporary directory, to count task runs.
+- ``--gc-stress N`` (or ``SHOAL_GC_STRESS=N``): the cyclic GC runs every N allocations.
 - ``require``: ``require(condition, why)`` for what a test needs from the machine (root,
   network namespaces, Redis, Chromium): skips without it locally, fails under CI (``$CI``
   set), where .ci/run provides it, so that a test cannot vanish from CI unnoticed.
@@ -14,8 +15,10 @@ a conftest (pytest may load several under the one name ``conftest``).
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,3 +75,22 @@ def _require(condition: object, why: str) -> None:
 def require() -> Callable[[object, str], None]:
     """``require(condition, why)``: skip locally, fail under CI, without ``condition``."""
     return _require
+
+
+# ----------------------------------------------------------------- GC-stress mode
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--gc-stress", type=int, default=int(os.environ.get("SHOAL_GC_STRESS") or 0),
+        metavar="N", help="run the cyclic garbage collector every N allocations (and switch"
+        " threads often), so finalizers run anywhere, inside any lock (env SHOAL_GC_STRESS)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    every = config.getoption("--gc-stress")
+    if every:
+        # Generation 0 is collected each `every` allocations, on whichever thread allocates;
+        # older generations often too, so cycles of futures die at random points.
+        gc.set_threshold(every, 2, 2)
+        sys.setswitchinterval(0.0005)
