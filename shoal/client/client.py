@@ -243,11 +243,31 @@ class Client(DataMixin, DatasetsMixin):
         await self._close_async()
 
     def __del__(self) -> None:
-        if self.status == "running" and not self.asynchronous:
+        # A finalizer neither locks nor waits: ask the client's own loop to close it.
+        loop_thread = self._loop_thread
+        if self.status == "running" and loop_thread is not None:
             try:
-                self.close(timeout=5)
-            except Exception:  # noqa: BLE001 - interpreter shutdown
+                loop_thread.loop.call_soon_threadsafe(self._close_on_own_loop)
+            except Exception:  # noqa: BLE001 - interpreter shutdown, loop closed
                 pass
+
+    def _close_on_own_loop(self) -> None:
+        """Close from the client's loop thread, then stop that loop (no one waits)."""
+        if self.status != "running" or self._loop_thread is None:
+            return
+        self.status = "closing"
+        loop = self._loop_thread.loop
+
+        async def close() -> None:
+            try:
+                await self._stop_everything()
+            finally:
+                if self._callback_pool is not None:
+                    self._callback_pool.shutdown(wait=False)
+                self.status = "closed"
+                loop.stop()
+
+        asyncio.ensure_future(close())
 
     def __repr__(self) -> str:
         return f"<Client {self.scheduler_address!r} {self.status}>"
