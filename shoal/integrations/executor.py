@@ -8,10 +8,17 @@ cluster unchanged, and its futures are real `concurrent.futures.Future` objects,
 How a future is bridged: each call becomes a shoal task (with ``pure=False`` unless the
 options say otherwise, so every call runs, as with the standard executors). When the task
 ends, the client's event loop fetches the result from the worker that holds it (results
-finished in the same loop tick are fetched together, one request per worker), and the
-client's callback thread unpickles it and sets it on the `concurrent.futures.Future`, which
-runs that future's done callbacks there. From then on the result lives in the
-`concurrent.futures.Future` only: the cluster's copy is released.
+finished in the same loop tick are fetched together, one request per worker) and sets it on
+the `concurrent.futures.Future` right there: a small result is unpickled on the loop, a
+large one (over 1 MB) on the loop's worker thread pool first. Errors and cancellations are
+set on the loop too. Setting an outcome wakes `concurrent.futures.wait`, `as_completed` and
+``result()`` at once; the future's done callbacks are handed to the client's callback thread
+(which runs the done callbacks of shoal futures too), in the order they were added. So no
+callback runs on the loop or between the loop and a result, and a callback that blocks, waits for another future or shuts
+the executor down delays only the callbacks queued behind it, never a result. (As with the
+standard executors, a callback added to a future that is done already runs at once, in the
+thread that adds it.) From then on the result lives in the `concurrent.futures.Future`
+only: the cluster's copy is released.
 
 Differences from the standard executors, all inherent to a cluster:
 
@@ -41,15 +48,26 @@ if TYPE_CHECKING:
 __all__ = ["ShoalExecutor"]
 
 
-class ShoalFuture(cf.Future[Any]):
-    """A `concurrent.futures.Future` fed by a shoal task; ``cancel()`` cancels the task."""
+#: results larger than this (bytes) are unpickled on a worker thread, not on the event loop
+LARGE_RESULT = 1_000_000
 
-    def __init__(self, shoal_future: Future) -> None:
+
+class ShoalFuture(cf.Future[Any]):
+    """A `concurrent.futures.Future` fed by a shoal task; ``cancel()`` cancels the task.
+
+    Its outcome is set on the client's event loop; its done callbacks run on the client's
+    callback thread (see the module docstring)."""
+
+    def __init__(self, shoal_future: Future, executor: ShoalExecutor) -> None:
         super().__init__()
         #: the task's shoal future while it runs; dropped once the result is here
         self._shoal: Future | None = shoal_future
         #: the task's state, kept to re-raise the warnings it emitted when its result is read
         self._shoal_state: FutureState | None = shoal_future._state
+        #: the executor that made it, until the outcome is set (it counts pending futures)
+        self._executor: ShoalExecutor | None = executor
+        #: its client, whose callback thread runs the done callbacks
+        self._client = executor.client
 
     @property
     def key(self) -> str | None:
@@ -63,7 +81,7 @@ class ShoalFuture(cf.Future[Any]):
         # What a standard executor does when it reaches a cancelled item: waiters in
         # `concurrent.futures.wait` / `as_completed` count it as done from here on.
         self.set_running_or_notify_cancel()
-        shoal, self._shoal = self._shoal, None
+        shoal = self._let_go()
         if shoal is not None:
             if not shoal.done():
                 try:
@@ -92,9 +110,36 @@ class ShoalFuture(cf.Future[Any]):
         elif state is not None:
             self._shoal_state = state  # not done yet (timed out): keep them for later
 
+    def _invoke_callbacks(self) -> None:
+        """Hand the done callbacks to the client's callback thread: the outcome is set on
+        the event loop, which must never wait for user code (nor run it).
+
+        Overrides `concurrent.futures.Future._invoke_callbacks` (CPython's hook, called
+        once the outcome is set); `wait` and `as_completed` use the waiters, not this."""
+        if not getattr(self, "_done_callbacks", True):
+            return  # none: hand nothing over (a queued hand-over would keep the result alive)
+        # (getattr: typeshed does not declare this private hook)
+        run_callbacks: Callable[[], None] = getattr(super(), "_invoke_callbacks")  # noqa: B009
+        pool = self._client._callback_pool
+        if pool is not None:
+            try:
+                pool.submit(run_callbacks)
+                return
+            except RuntimeError:  # the client closed: no callback thread any more
+                pass
+        run_callbacks()
+
+    def _let_go(self) -> Future | None:
+        """Take the shoal future (once: None afterwards) and leave the executor's count."""
+        with self._condition:  # cancel() and _settle() may race from two threads
+            shoal, self._shoal = self._shoal, None
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor._forget(self)
+        return shoal
+
     def _settle(self, value: Any = None, error: BaseException | None = None) -> None:
         """Set the outcome (unless cancelled meanwhile) and let go of the shoal future."""
-        shoal, self._shoal = self._shoal, None
         try:
             if error is not None:
                 self.set_exception(error)
@@ -102,6 +147,7 @@ class ShoalFuture(cf.Future[Any]):
                 self.set_result(value)
         except cf.InvalidStateError:  # cancelled while the result was on its way
             pass
+        shoal = self._let_go()
         if shoal is not None:
             shoal.release()
 
@@ -190,14 +236,13 @@ class ShoalExecutor(cf.Executor):
             specs = [client._make_spec(fn, function, args, kwargs, None, self._pure, options)
                      for args, kwargs in calls]  # fmt: skip
             shoal_futures = client._submit_specs(specs, [s.key for s in specs])
-            futures = [ShoalFuture(f) for f in shoal_futures]
+            futures = [ShoalFuture(f, self) for f in shoal_futures]
             self._pending.update(futures)
         for shoal_future, future in zip(shoal_futures, futures):
-            future.add_done_callback(self._forget)
             client._on_done(shoal_future._state, _on_task_done(self, future))
         return futures
 
-    def _forget(self, future: cf.Future[Any]) -> None:
+    def _forget(self, future: ShoalFuture) -> None:
         with self._lock:
             self._pending.discard(future)
 
@@ -208,11 +253,12 @@ class ShoalExecutor(cf.Executor):
             future._settle()
             return
         if state.status == "cancelled":  # e.g. by client.cancel: cancelled here too
-            self._deliver_cancel(future)
+            if not future.cancel():  # not pending any more: just let go of the task
+                future._settle()
             return
         if state.status != "finished":
             error = state.exception_object()
-            self._deliver([(future, None, error or RuntimeError(f"{state.key} failed"))])
+            future._settle(error=error or RuntimeError(f"{state.key} failed"))
             return
         self._to_fetch.append((state, future))
         if len(self._to_fetch) == 1:
@@ -237,45 +283,26 @@ class ShoalExecutor(cf.Executor):
                     lambda t, item=(state, future): self._fetched([item], t))  # type: ignore[misc]
             return
         if error is not None:
-            self._deliver([(future, None, error) for _, future in batch])
-        else:
-            values = task.result()
-            self._deliver([(future, values[st.key], None) for st, future in batch])
+            for _, future in batch:
+                future._settle(error=error)
+            return
+        values = task.result()
+        for state, future in batch:
+            packed = values[state.key]
+            if packed.nbytes > LARGE_RESULT:
+                self._unpickle_off_loop(future, packed)
+            else:
+                _settle_with(future, packed)
 
-    def _deliver(self, outcomes: list[tuple[ShoalFuture, Serialized | None,
-                                           BaseException | None]]) -> None:  # fmt: skip
-        """Unpickle and set outcomes on the client's callback thread (done callbacks run
-        there, never on the event loop, so they may block or call the client)."""
-
-        def settle() -> None:
-            for future, packed, error in outcomes:
-                if error is None and packed is not None:
-                    try:
-                        value = deserialize(packed)
-                    except Exception as exc:  # noqa: BLE001 - reported through the future
-                        future._settle(error=exc)
-                        continue
-                    future._settle(value)
-                else:
-                    future._settle(error=error)
-
-        self._on_callback_thread(settle)
-
-    def _deliver_cancel(self, future: ShoalFuture) -> None:
-        def cancel() -> None:
-            if not future.cancel():  # not pending any more: just let go of the task
-                future._settle()
-
-        self._on_callback_thread(cancel)
-
-    def _on_callback_thread(self, fn: Callable[[], None]) -> None:
-        pool = self._client._callback_pool
+    def _unpickle_off_loop(self, future: ShoalFuture, packed: Serialized) -> None:
+        """Unpickle a large result on the loop's thread pool, then set it on the loop."""
+        loop = asyncio.get_running_loop()
         try:
-            if pool is None:
-                raise RuntimeError("no callback thread")
-            pool.submit(fn)
-        except RuntimeError:  # the client closed: run it here
-            fn()
+            unpickling = loop.run_in_executor(None, _unpickled, packed)
+        except RuntimeError:  # the loop is shutting its thread pool down
+            _settle_with(future, packed)
+            return
+        unpickling.add_done_callback(lambda done: _settle_unpickled(future, done))
 
     # ---------------------------------------------------------------- shutting down
 
@@ -290,6 +317,28 @@ class ShoalExecutor(cf.Executor):
                 future.cancel()
         if wait:
             cf.wait(pending)
+
+
+def _unpickled(packed: Serialized) -> tuple[Any, BaseException | None]:
+    """``(value, None)``, or ``(None, error)`` if ``packed`` does not unpickle here."""
+    try:
+        return deserialize(packed), None
+    except Exception as exc:  # noqa: BLE001 - reported through the future
+        return None, exc
+
+
+def _settle_with(future: ShoalFuture, packed: Serialized) -> None:
+    value, error = _unpickled(packed)
+    future._settle(value, error)
+
+
+def _settle_unpickled(future: ShoalFuture,
+                      done: asyncio.Future[tuple[Any, BaseException | None]]) -> None:  # fmt: skip
+    if done.cancelled():
+        future._settle(error=cf.CancelledError("the client closed while unpickling"))
+    else:
+        value, error = done.result()
+        future._settle(value, error)
 
 
 def _on_task_done(executor: ShoalExecutor, future: ShoalFuture) -> Callable[[FutureState], None]:

@@ -7,7 +7,7 @@ import concurrent.futures as cf
 import gc
 import threading
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -227,3 +227,169 @@ def test_a_call_cancelled_through_the_client_is_cancelled_here(
         done, _ = cf.wait([fut], timeout=10)
         assert fut in done and fut.cancelled()
         gate.open()
+
+
+# ------------------------------------------- done callbacks never hold up result delivery
+
+
+class Unpickled:
+    """A result that notes, when unpickled on the client, whether it was on an event loop."""
+
+    #: (payload size, whether it was unpickled on a running event loop), for each unpickling
+    unpickled: ClassVar[list[tuple[int, bool]]] = []
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_unpickled, (self.payload,))
+
+
+def _rebuild_unpickled(payload: bytes) -> Unpickled:
+    try:
+        asyncio.get_running_loop()
+        on_a_loop = True
+    except RuntimeError:
+        on_a_loop = False
+    Unpickled.unpickled.append((len(payload), on_a_loop))
+    return Unpickled(payload)
+
+
+def make_unpickled(nbytes: int) -> Unpickled:
+    return Unpickled(b"x" * nbytes)
+
+
+def _two_executors(client: shoal.Client) -> tuple[ShoalExecutor, ShoalExecutor]:
+    """One executor per worker, so a gated call never queues a quick one behind it."""
+    first, second = sorted(client.nthreads())
+    return client.get_executor(workers=[first]), client.get_executor(workers=[second])
+
+
+def _call_from_a_callback(future: cf.Future[Any], fn: Any) -> tuple[threading.Event, list[Any]]:
+    """Add a done callback to ``future`` that calls ``fn()``; the event is set once it has
+    returned (or raised), and the list holds what it returned or raised."""
+    outcome: list[Any] = []
+    returned = threading.Event()
+
+    def callback(_: cf.Future[Any]) -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            outcome.append(exc)
+        finally:
+            returned.set()
+
+    future.add_done_callback(callback)
+    return returned, outcome
+
+
+def test_a_done_callback_may_wait_for_the_result_of_a_pending_future(
+        client: shoal.Client, gate: Gate) -> None:  # fmt: skip
+    quick_ex, gated_ex = _two_executors(client)
+    with quick_ex, gated_ex:
+        pending = gated_ex.submit(gate, "late")
+        quick = quick_ex.submit(double, 1)
+
+        def wait_for_pending() -> Any:
+            assert not pending.done()  # the gate is still shut: it is pending for real
+            gate.open()
+            return pending.result(timeout=10)
+
+        returned, outcome = _call_from_a_callback(quick, wait_for_pending)
+        assert returned.wait(30), "the callback never returned"
+        assert outcome == ["late"]
+
+
+def test_a_done_callback_may_call_concurrent_futures_wait(
+        client: shoal.Client, gate: Gate) -> None:  # fmt: skip
+    quick_ex, gated_ex = _two_executors(client)
+    with quick_ex, gated_ex:
+        pending = [gated_ex.submit(gate, i) for i in range(3)]
+        quick = quick_ex.submit(double, 1)
+
+        def wait_for_pending() -> Any:
+            gate.open()
+            done, not_done = cf.wait(pending, timeout=10)
+            return len(done), len(not_done)
+
+        returned, outcome = _call_from_a_callback(quick, wait_for_pending)
+        assert returned.wait(30), "the callback never returned"
+        assert outcome == [(3, 0)]
+
+
+def test_a_done_callback_may_shut_the_executor_down_and_wait(
+        client: shoal.Client, gate: Gate) -> None:  # fmt: skip
+    quick_ex, gated_ex = _two_executors(client)
+    pending = [gated_ex.submit(gate, i) for i in range(3)]
+    quick = quick_ex.submit(double, 1)
+
+    def shut_down() -> Any:
+        gate.open()
+        gated_ex.shutdown(wait=True)
+        return [f.done() for f in pending]
+
+    returned, outcome = _call_from_a_callback(quick, shut_down)
+    try:
+        assert returned.wait(30), "the callback never returned"
+        assert outcome == [[True, True, True]]
+        assert [f.result(timeout=0) for f in pending] == [0, 1, 2]
+    finally:
+        for f in pending:
+            f.cancel()  # unblocks a stuck shutdown, should there be one
+        quick_ex.shutdown()
+
+
+def test_a_slow_done_callback_does_not_hold_up_other_results(client: shoal.Client) -> None:
+    release = threading.Event()
+    with client.get_executor() as ex:
+        first = ex.submit(double, 1)
+        returned, _ = _call_from_a_callback(first, lambda: release.wait(60))
+        try:
+            wait_until(first.done, timeout=10, message="the first call is done")
+            others = [ex.submit(double, i) for i in range(5)]
+            wait_until(lambda: all(f.done() for f in others), timeout=10,
+                       message="the other calls finish while a callback is busy")  # fmt: skip
+            assert [f.result() for f in others] == [0, 2, 4, 6, 8]
+            assert not returned.is_set()  # the slow callback is still running
+        finally:
+            release.set()
+        assert returned.wait(30)
+
+
+def test_done_callbacks_run_off_the_event_loop_in_order(client: shoal.Client) -> None:
+    with client.get_executor() as ex:
+        futures = [ex.submit(double, i) for i in range(5)]
+        for f in futures:
+            f.result(timeout=10)
+        calls: list[tuple[int, bool]] = []
+        finished = threading.Event()
+
+        def note(i: int) -> Any:
+            def callback(f: cf.Future[Any]) -> None:
+                try:
+                    asyncio.get_running_loop()
+                    on_loop = True
+                except RuntimeError:
+                    on_loop = False
+                calls.append((f.result(), on_loop))
+                if len(calls) == 3:
+                    finished.set()
+            return callback
+
+        late = ex.submit(double, 10)
+        late.add_done_callback(note(0))
+        late.add_done_callback(note(1))
+        futures[0].add_done_callback(note(2))  # done already: runs now, here, as cf does
+        assert finished.wait(30)
+    assert sorted(calls) == [(0, False), (20, False), (20, False)]
+
+
+def test_large_results_are_not_unpickled_on_the_event_loop(client: shoal.Client) -> None:
+    Unpickled.unpickled.clear()
+    with client.get_executor() as ex:
+        big = ex.submit(make_unpickled, 3_000_000)
+        small = ex.submit(make_unpickled, 10)
+        assert len(big.result(timeout=30).payload) == 3_000_000
+        assert len(small.result(timeout=30).payload) == 10
+    # The 3 MB result was unpickled off the loop (small ones may be unpickled on it).
+    assert (3_000_000, False) in Unpickled.unpickled and len(Unpickled.unpickled) == 2
