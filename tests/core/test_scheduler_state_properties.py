@@ -26,15 +26,22 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from shoal.core.scheduler_events import (
     ClientDisconnected,
+    ClusterRestarted,
+    DataMissing,
     DataScattered,
     KeysCancelled,
     KeysReleased,
@@ -60,6 +67,7 @@ from shoal.protocol.messages import (
     KeyLost,
     Msg,
     RefreshWhoHas,
+    RestartWorker,
     TaskErred,
     TaskFinished,
     TaskWarning,
@@ -156,11 +164,14 @@ class SchedulerModel(RuleBasedStateMachine):
         elif isinstance(msg, FreeKeys):
             w.assigned.difference_update(msg.keys)
             w.data.difference_update(msg.keys)
+        elif isinstance(msg, RestartWorker):
+            w.assigned.clear()
+            w.data.clear()
         elif isinstance(msg, RefreshWhoHas):
             for key, holders in msg.who_has.items():
                 assert holders and all(key in self.live[h].data for h in holders), msg
         else:  # pragma: no cover
-            raise AssertionError(f"unexpected message to {address}: {msg}")
+            raise TypeError(f"unexpected message to {address}: {msg}")
 
     def busy(self) -> list[tuple[str, str]]:
         return sorted((a, k) for a, w in self.live.items() for k in w.assigned)
@@ -186,15 +197,25 @@ class SchedulerModel(RuleBasedStateMachine):
 
     # ----------------------------------------------------------------- clients
 
+    def some_keys(self, data: st.DataObject, pool: list[str], most: int) -> list[str]:
+        """Up to ``most`` keys, mostly from ``pool``; now and then any key of `KEYS`."""
+        if pool and data.draw(st.integers(0, 9)) > 0:
+            return data.draw(st.lists(st.sampled_from(pool), max_size=most, unique=True))
+        return data.draw(st.lists(st.sampled_from(KEYS), max_size=most, unique=True))
+
+    @initialize()
+    def first_worker(self) -> None:
+        self.join("w1", 1, keep_data=False)
+
     @rule(client=st.sampled_from(CLIENTS), data=st.data())
-    def submit(self, client: str, data: Any) -> None:
+    def submit(self, client: str, data: st.DataObject) -> None:
         keys = data.draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True))
         specs = []
         for key in keys:
-            earlier = KEYS[: KEYS.index(key)]
+            i = KEYS.index(key)
             # Inputs among this batch and existing keys; now and then one nobody submitted.
-            deps = data.draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True)
-                             if earlier else st.just([]))  # fmt: skip
+            known = [k for k in KEYS[:i] if k in keys or k in self.state.tasks]
+            deps = [k for k in self.some_keys(data, known, 2) if KEYS.index(k) < i]
             specs.append(make_spec(key, deps, priority=data.draw(st.integers(0, 1)),
                                    retries=data.draw(st.sampled_from([0, 0, 1])),
                                    retry_delay=data.draw(st.sampled_from([0.0, 2.5]))))  # fmt: skip
@@ -205,9 +226,11 @@ class SchedulerModel(RuleBasedStateMachine):
             self.orphans.discard((client, key))
         self.handle(TasksSubmitted(self.sid("submit"), client, specs, wanted, generations))
 
-    @rule(client=st.sampled_from(CLIENTS),
-          keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True))
-    def want(self, client: str, keys: list[str]) -> None:
+    @rule(client=st.sampled_from(CLIENTS), data=st.data())
+    def want(self, client: str, data: st.DataObject) -> None:
+        keys = self.some_keys(data, sorted(self.state.tasks), 2)
+        if not keys:
+            return
         generations = [self.next_generation(client) for _ in keys]
         for key, g in zip(keys, generations):
             self.held[client, key] = g
@@ -217,7 +240,7 @@ class SchedulerModel(RuleBasedStateMachine):
                 self.orphans.add((client, key))  # answered KeyErred("lost"), not kept
         self.handle(KeysWanted(self.sid("want"), client, keys, generations))
 
-    def let_go_generation(self, client: str, key: str, how: str, data: Any) -> int | None:
+    def let_go_generation(self, client: str, key: str, how: str, data: st.DataObject) -> int | None:
         """The generation a release or cancel names: the current hold's, an older one (a
         message that crossed a newer submit on the wire), any (None), or one never held."""
         held = self.held.get((client, key))
@@ -229,40 +252,51 @@ class SchedulerModel(RuleBasedStateMachine):
             return data.draw(st.integers(1, held - 1))
         return held
 
-    @rule(client=st.sampled_from(CLIENTS), key=st.sampled_from(KEYS),
-          how=st.sampled_from(["current", "current", "older", "any"]), data=st.data())
-    def release(self, client: str, key: str, how: str, data: Any) -> None:
-        g = self.let_go_generation(client, key, how, data)
-        pair = (client, key)
-        if pair in self.held and (g is None or g >= self.held[pair]):
-            del self.held[pair]
-            self.orphans.discard(pair)
-        self.handle(KeysReleased(self.sid("release"), client, [key],
-                                 None if g is None else [g]))  # fmt: skip
+    def held_key(self, client: str, data: st.DataObject) -> str:
+        """Mostly a key ``client`` holds; now and then any key."""
+        held = sorted(k for c, k in self.held if c == client)
+        keys = self.some_keys(data, held, 1)
+        return keys[0] if keys else data.draw(st.sampled_from(KEYS))
 
-    @rule(client=st.sampled_from(CLIENTS), key=st.sampled_from(KEYS),
+    @rule(client=st.sampled_from(CLIENTS),
+          what=st.sampled_from(["release", "release", "release", "cancel", "cancel", "bye"]),
           how=st.sampled_from(["current", "current", "older", "any"]), data=st.data())
-    def cancel(self, client: str, key: str, how: str, data: Any) -> None:
+    def let_go(self, client: str, what: str, how: str, data: st.DataObject) -> None:
+        """The client releases or cancels a key (maybe of an older generation), or leaves."""
+        if what == "bye":
+            for pair in [p for p in self.held if p[0] == client]:
+                del self.held[pair]
+                self.orphans.discard(pair)
+            self.handle(ClientDisconnected(self.sid("bye"), client))
+            return
+        key = self.held_key(client, data)
         g = self.let_go_generation(client, key, how, data)
+        generations = None if g is None else [g]
         pair = (client, key)
         lets_go = pair in self.held and (g is None or g >= self.held[pair])
-        if lets_go and pair in self.orphans:
-            del self.held[pair]  # the scheduler keeps nothing for it: the client just drops it
-            self.orphans.discard(pair)
+        if what == "release" or pair in self.orphans:
+            # The client drops its hold now (the scheduler keeps none for an orphan).
+            if lets_go:
+                del self.held[pair]
+                self.orphans.discard(pair)
             lets_go = False
-        self.handle(KeysCancelled(self.sid("cancel"), client, [key],
-                                  None if g is None else [g]))  # fmt: skip
+        if what == "release":
+            self.handle(KeysReleased(self.sid("release"), client, [key], generations))
+            return
+        # A cancel is answered with KeyCancelled (for the key and the client's holds of its
+        # dependents), which ends the hold in `client_gets`.
+        self.handle(KeysCancelled(self.sid("cancel"), client, [key], generations))
         if lets_go:
             assert pair not in self.held, f"cancel of {pair} at {g} was not answered"
 
     @rule(client=st.sampled_from(CLIENTS), key=st.sampled_from(KEYS), data=st.data())
-    def scatter(self, client: str, key: str, data: Any) -> None:
+    def scatter(self, client: str, key: str, data: st.DataObject) -> None:
         live = sorted(self.live)
-        targets = data.draw(st.lists(st.sampled_from(live), max_size=2, unique=True)
+        targets = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=2, unique=True)
                             if live else st.just([]))  # fmt: skip
         for a in targets:
             self.live[a].data.add(key)
-        if data.draw(st.booleans()):
+        if data.draw(st.integers(0, 3)) == 0:  # one that left (or never was) on the way
             targets.append(data.draw(st.sampled_from(WORKERS + ["w-dead"])))
             if targets[-1] in self.live:
                 self.live[targets[-1]].data.add(key)
@@ -271,13 +305,6 @@ class SchedulerModel(RuleBasedStateMachine):
         self.held[client, key] = g
         self.orphans.discard((client, key))
         self.handle(DataScattered(self.sid("scatter"), client, [key], [targets], [64], [g]))
-
-    @rule(client=st.sampled_from(CLIENTS))
-    def disconnect(self, client: str) -> None:
-        for pair in [p for p in self.held if p[0] == client]:
-            del self.held[pair]
-            self.orphans.discard(pair)
-        self.handle(ClientDisconnected(self.sid("bye"), client))
 
     # ----------------------------------------------------------------- workers
 
@@ -302,39 +329,62 @@ class SchedulerModel(RuleBasedStateMachine):
         self.handle(WorkerLeft(self.sid("leave"), address, "chaos", graceful=graceful))
 
     @rule(data=st.data(), ok=st.sampled_from([True, True, True, False]))
-    def run_one(self, data: Any, ok: bool) -> None:
+    def run_one(self, data: st.DataObject, ok: bool) -> None:
         busy = self.busy()
         if not busy:
             return
         address, key = data.draw(st.sampled_from(busy))
         self.finish(address, key) if ok else self.fail(address, key)
 
-    @rule(data=st.data(), ok=st.booleans())
-    def late_report(self, data: Any, ok: bool) -> None:
-        """A live worker reports a task it was sent once and is not running now: moved,
-        released or already finished (a duplicate)."""
-        late = sorted((a, k) for a, k in self.ever_sent
-                      if a in self.live and k not in self.live[a].assigned)  # fmt: skip
+    @rule(data=st.data(), ok=st.sampled_from([True, True, True, False]))
+    def run_another(self, data: st.DataObject, ok: bool) -> None:
+        self.run_one(data, ok)  # twice the weight: work gets done between the chaos
+
+    @rule(data=st.data(), ok=st.booleans(), gone=st.booleans())
+    def late_report(self, data: st.DataObject, ok: bool, gone: bool) -> None:
+        """A report of a task a worker was sent once and is not running now (moved, released
+        or already finished: a duplicate), or from a worker that left."""
+        if gone:
+            late = sorted((a, k) for a, k in self.ever_sent if a not in self.live)
+        else:
+            late = sorted((a, k) for a, k in self.ever_sent
+                          if a in self.live and k not in self.live[a].assigned)  # fmt: skip
         if not late:
             return
         address, key = data.draw(st.sampled_from(late))
         self.finish(address, key) if ok else self.fail(address, key)
 
-    @rule(data=st.data(), ok=st.booleans())
-    def report_from_gone_worker(self, data: Any, ok: bool) -> None:
-        gone = sorted((a, k) for a, k in self.ever_sent if a not in self.live)
-        if not gone:
+    @rule(data=st.data())
+    def data_missing(self, data: st.DataObject) -> None:
+        """A worker could not fetch a key from a holder that really lost it."""
+        in_memory = sorted((ws.address, ts.key) for ts in self.state.tasks.values()
+                           for ws in ts.who_has)  # fmt: skip
+        if not in_memory:
             return
-        address, key = data.draw(st.sampled_from(gone))
-        self.finish(address, key) if ok else self.fail(address, key)
+        holder, key = data.draw(st.sampled_from(in_memory))
+        self.live[holder].data.discard(key)
+        asker = data.draw(st.sampled_from(sorted(self.live)))
+        self.handle(DataMissing(self.sid("missing"), asker, key, holder))
+
+    @rule(now=st.sampled_from([False] * 9 + [True]))
+    def restart(self, now: bool) -> None:
+        """Every worker restarts (rarely): every client's hold errs "lost" and is forgotten."""
+        if not now:
+            return
+        self.handle(ClusterRestarted(self.sid("restart")))
+        for pair in self.held:
+            self.orphans.add(pair)
 
     @rule(advance=st.sampled_from([0.0, 1.0, 5.0]))
     def tick(self, advance: float) -> None:
         self.now += advance
         self.tick_due()
 
-    @rule()
-    def settle(self) -> None:
+    @rule(now=st.sampled_from([False] * 4 + [True]))
+    def settle(self, now: bool) -> None:
+        """Now and then (besides at the end): let everything run to an end and check."""
+        if not now:
+            return
         self.drain()
         self.check_settled()
 
@@ -420,16 +470,15 @@ class SchedulerModel(RuleBasedStateMachine):
             self.check_settled()
 
 
+SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None, derandomize=True,
+                    database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
 def test_random_event_sequences_keep_holds_generations_and_liveness(tmp_path: Path) -> None:
     # Hypothesis caches what it learns under its home directory (".hypothesis" in the working
     # directory by default): keep it in the test's temporary directory, which pytest removes.
     set_hypothesis_home_dir(tmp_path / "hypothesis")
     try:
-        run_state_machine_as_test(
-            SchedulerModel,
-            settings=settings(max_examples=150, stateful_step_count=40, deadline=None,
-                              derandomize=True, database=None,
-                              suppress_health_check=[HealthCheck.too_slow]),  # fmt: skip
-        )
+        run_state_machine_as_test(SchedulerModel, settings=SETTINGS)
     finally:
         set_hypothesis_home_dir(None)
