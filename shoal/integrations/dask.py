@@ -79,10 +79,60 @@ def shoal_key(key: Key) -> str:
 # ------------------------------------------------------------- running a node
 
 
-def run_dask_node(node: GraphNode, values: dict[Key, Any]) -> Any:
+def run_dask_node(node: GraphNode, values: dict[Key, Any], inherit: tuple[Key, ...] = (),
+                  forward: bool = False) -> Any:  # fmt: skip
     """A shoal task's function: run one dask node; ``values`` maps each dask key the node
-    depends on to its value (each arrived on this worker as a shoal dependency)."""
-    return node(values)
+    depends on to its value (each arrived on this worker as a shoal dependency).
+
+    Warnings (see "Warnings" in the module docstring): the warnings that the inputs named in
+    ``inherit`` carry become this task's own, as if it had raised them; with ``forward`` (an
+    intermediate task) the value leaves wrapped with all of them when there are any."""
+    records = _task_warnings()
+    if any(isinstance(v, _Warned) for v in values.values()):
+        unwrapped: dict[Key, Any] = {}
+        for dep, value in values.items():
+            if isinstance(value, _Warned):
+                if dep in inherit and records is not None:
+                    records.extend(value.records)
+                value = value.value
+            unwrapped[dep] = value
+        values = unwrapped
+    result = node(values)
+    if forward and records:
+        return _Warned(result, list(records))
+    return result
+
+
+def _task_warnings() -> list[tuple[Any, ...]] | None:
+    """The warnings the running task has raised so far (a list it appends to), or None
+    outside a worker's task. (The worker captures them per thread, see worker/execution.)"""
+    from ..worker import execution
+
+    records: list[tuple[Any, ...]] | None = getattr(execution._capture, "records", None)
+    return records
+
+
+class _Warned:
+    """An intermediate task's value with the warnings it raised and inherited, on their way
+    to the one dependent that reports them (see the module docstring). Only the tasks of
+    this module see one: they unwrap their inputs."""
+
+    __slots__ = ("records", "value")
+
+    def __init__(self, value: Any, records: list[tuple[Any, ...]]) -> None:
+        self.value = value
+        #: (category, message, filename, lineno), as the worker captures them
+        self.records = records
+
+    @property
+    def nbytes(self) -> int:
+        """The value's size, for the worker's memory accounting."""
+        from ..worker.execution import sizeof
+
+        return sizeof(self.value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Warned, (self.value, self.records))
 
 
 _FUNCTION: bytes | None = None
@@ -171,7 +221,25 @@ def materialize(dsk: Any) -> tuple[dict[Key, GraphNode], dict[str, dict[Key, Any
         dsk = dsk.__dask_graph__()
     if not isinstance(dsk, dict):
         dsk = dict(dsk)  # a HighLevelGraph, or another mapping
-    return convert_legacy_graph(dsk), annotations
+    graph: dict[Key, GraphNode] = convert_legacy_graph(dsk)
+    for key, node in graph.items():
+        if node.key != key:
+            graph[key] = _keyed(key, node)
+    return graph, annotations
+
+
+def _keyed(key: Key, node: GraphNode) -> GraphNode:
+    """``node`` under graph key ``key``.
+
+    A graph may store a node under another key than the node's own: dask.dataframe's
+    ``from_delayed`` maps ``('fromdelayed-…', i)`` to ``Alias(('delayed-container-…', i))``.
+    dask's schedulers go by the graph's keys, but `Task.fuse` (and so
+    `fuse_linear_task_spec`) goes by the nodes' own: it found two nodes with one key in
+    such a chain, no output, and failed ("pop from an empty set"). So the node takes its
+    graph key here, before anything reads it."""
+    if isinstance(node, Alias):
+        return Alias(key, node.target)
+    return node.substitute({}, key=key)
 
 
 def _cull(dsk: Mapping[Key, GraphNode], keys: list[Key]) -> dict[Key, GraphNode]:
@@ -247,18 +315,29 @@ def submit_graph(client: Client, dsk: Any, keys: list[Key],
         priorities = {}
     tasks = [k for k, node in culled.items() if _is_task(node)]
     tasks.sort(key=lambda k: priorities.get(k, 0))
+    wanted = list(dict.fromkeys(names(k) for k in keys))
+    reported = set(wanted)  # tasks whose warnings reach the client with their own results
+    heirs: set[str] = set()  # the intermediate tasks whose heir is chosen already
     function = _function()
     specs: list[TaskSpec] = []
     for k in tasks:
         node = culled[k]
-        refs = {dep: _Ref(names(dep)) for dep in node.dependencies}
+        refs: dict[Key, _Ref] = {}
+        inherit: list[Key] = []
+        for dep in node.dependencies:
+            name = names(dep)
+            refs[dep] = _Ref(name)
+            if name not in reported and name not in heirs:
+                heirs.add(name)  # this task is the one to report on that input's warnings
+                inherit.append(dep)
         task_options = base
         if per_key:
             extra = {name: values[k] for name, values in per_key.items() if k in values}
             if extra:
                 task_options = {**base, **_checked(extra)}
-        specs.append(_spec(names(k), function, (node, refs), task_options))
-    wanted = list(dict.fromkeys(names(k) for k in keys))
+        name = names(k)
+        args = (node, refs, tuple(inherit), name not in reported)
+        specs.append(_spec(name, function, args, task_options))
     futures = dict(zip(wanted, client._submit_specs(specs, wanted)))
     made = {spec.key for spec in specs}
     held = [futures[name] for name in wanted if name not in made]
@@ -315,9 +394,14 @@ def _host(address: str) -> str:
 def get(client: Client, dsk: Any, keys: Any, **options: Any) -> Any:
     """Run graph ``dsk`` and return the values of ``keys`` (a key, or nested lists of keys,
     answered in the same shape). dask's scheduler interface: ``scheduler=client.get``.
-    With an asynchronous client, a coroutine to await."""
+    With an asynchronous client, a coroutine to await.
+
+    dask passes every keyword of ``dask.compute(..., scheduler=client.get, **kwargs)`` on to
+    here; like dask's own schedulers, this takes the ones it knows (the task options
+    ``priority``, ``retries``, ``retry_delay``, ``resources``, ``workers``,
+    ``allow_other_workers``) and ignores the others (``num_workers``, ``pool``...)."""
     flat = list(flatten(keys)) if isinstance(keys, list) else [keys]
-    futures = submit_graph(client, dsk, flat, **options)
+    futures = submit_graph(client, dsk, flat, **_known_options(options))
     ordered = [futures[k] for k in flat]
     if client.asynchronous:
         async def gather() -> Any:
@@ -328,6 +412,11 @@ def get(client: Client, dsk: Any, keys: Any, **options: Any) -> Any:
     values = client.gather(ordered)
     del ordered, futures  # release the results on the cluster before returning them
     return _repack(keys, dict(zip(flat, values)))
+
+
+def _known_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The task options among keywords dask passed on (it passes every keyword it got)."""
+    return {name: value for name, value in options.items() if name in TASK_OPTIONS}
 
 
 def _repack(keys: Any, values: dict[Key, Any]) -> Any:
@@ -378,7 +467,10 @@ def _contains_collection(obj: Any) -> bool:
 def persist(client: Client, collections: Any, *, optimize_graph: bool = True,
             **options: Any) -> Any:  # fmt: skip
     """Start computing dask collections and return equivalent collections backed by the
-    results held on the workers (each chunk a shoal future), to build further work on."""
+    results held on the workers (each chunk a shoal future), to build further work on.
+
+    ``dask.persist(..., scheduler=client)`` calls this with every keyword it got: as `get`,
+    it takes the task options and ignores the others."""
     singleton = not isinstance(collections, (list, tuple, set, frozenset))
     items = [collections] if singleton else list(collections)
     if not all(is_dask_collection(c) for c in items):
@@ -386,7 +478,7 @@ def persist(client: Client, collections: Any, *, optimize_graph: bool = True,
     with _cluster_shuffles():
         expr = collections_to_expr(items, optimize_graph).optimize()
     keys = expr.__dask_keys__()
-    futures = submit_graph(client, expr, list(flatten(keys)), **options)
+    futures = submit_graph(client, expr, list(flatten(keys)), **_known_options(options))
     result = []
     for collection, ks in zip(items, keys):
         rebuild, args = collection.__dask_postpersist__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import warnings
 from typing import Any
 
 import pytest
@@ -231,3 +232,148 @@ def test_a_graph_naming_an_unknown_key_fails_instead_of_hanging(client: shoal.Cl
         client.get({"a": Alias("a", "never-submitted")}, "a")
     with pytest.raises(Exception, match="unknown key"):
         client.get({"b": Task("b", operator.add, TaskRef("never-submitted"), 1)}, "b")
+
+
+# ------------------------------------------------------------- dask's scheduler protocol
+
+
+def test_get_ignores_keywords_meant_for_other_schedulers(client: shoal.Client) -> None:
+    x = da.ones(10, chunks=5)
+    # dask passes every keyword of compute/persist on to the scheduler, which takes the
+    # ones it knows (shoal: the task options) and ignores the rest, as dask's own do.
+    assert dask.compute(x.sum(), scheduler=client.get, any_kwarg=1, num_workers=3,
+                        pool=None, cache=None)[0] == 10  # fmt: skip
+    assert x.sum().compute(scheduler=client, any_kwarg=1) == 10
+    (xp,) = dask.persist(x, scheduler=client, any_kwarg=1)
+    assert xp.sum().compute(scheduler=client.get) == 10
+    with client.as_dask_scheduler():
+        assert x.sum().compute(any_kwarg=1) == 10
+        (xp,) = dask.persist(x, any_kwarg=1)
+        assert xp.sum().compute() == 10
+    # The keywords shoal knows still apply.
+    first = min(client.nthreads())
+    places = dask.compute(*[dask.delayed(where_am_i)(i) for i in range(4)],
+                          scheduler=client.get, workers=[first], any_kwarg=1)  # fmt: skip
+    assert set(places) == {first}
+
+
+# ------------------------------------------------------------- warnings of every task
+
+
+def _recorded(fn: Any) -> list[str]:
+    """The messages of the warnings ``fn()`` lets reach this thread's caller, sorted."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return sorted(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+
+
+def _warning_graph() -> Any:
+    """A diamond whose tasks warn: a -> (b, c) -> d, plus two leaves e, f summed into d."""
+    def warn(value: Any, message: str) -> Any:
+        warnings.warn(message, UserWarning, stacklevel=1)
+        return value
+
+    delayed = dask.delayed(pure=True)
+    a = delayed(warn)(1, "a warned")
+    b = delayed(warn)(delayed(operator.add)(a, 1), "b warned")
+    c = delayed(warn)(delayed(operator.mul)(a, 2), "c warned")
+    leaves = [delayed(warn)(i, f"leaf {i} warned") for i in range(2)]
+    return delayed(sum)([b, c, *leaves])
+
+
+def test_warnings_of_intermediate_tasks_reach_the_caller(process_client: shoal.Client) -> None:
+    # Worker processes: the warnings cannot reach this process but through shoal.
+    total = _warning_graph()
+    expected = _recorded(lambda: total.compute(scheduler="sync"))
+    assert expected == ["a warned", "b warned", "c warned", "leaf 0 warned", "leaf 1 warned"]
+    assert _recorded(lambda: total.compute(scheduler=process_client.get)) == expected
+    assert _recorded(lambda: dask.compute(total, total + 1, scheduler=process_client)) == expected
+    future = process_client.compute(_warning_graph())
+    assert _recorded(lambda: future.result(timeout=30)) == expected
+    # Values are plain values, whether or not their inputs warned.
+    values: list[Any] = []
+    _recorded(lambda: values.append(process_client.compute(total, sync=True)))
+    (persisted,) = process_client.persist([total])
+    _recorded(lambda: values.append(persisted.compute(scheduler=process_client.get)))
+    assert values == [5, 5]
+
+
+# ------------------------------------------------------------- fusion of linear chains
+
+
+def _inc(x: int) -> int:
+    return x + 1
+
+
+def _frame(i: int) -> Any:
+    return pd.DataFrame({"a": [i, i + 1], "b": [str(i)] * 2})
+
+
+def _graph_shapes() -> dict[str, tuple[dict[Any, Any], Any]]:
+    from dask._task_spec import Alias, DataNode, Task, TaskRef
+
+    return {
+        "chain": ({"a": 1, "b": (_inc, "a"), "c": (_inc, "b"), "d": (_inc, "c")}, "d"),
+        "chain through aliases": (
+            {"a": 1, "b": (_inc, "a"), "c": "b", "d": "c", "e": (_inc, "d")}, "e"),
+        "a wanted key inside a chain": (
+            {"a": 1, "b": (_inc, "a"), "c": (_inc, "b"), "d": (_inc, "c")}, ["d", "b"]),
+        "a wanted alias inside a chain": (
+            {"a": 1, "b": (_inc, "a"), "c": "b", "d": (_inc, "c")}, ["d", "c"]),
+        "diamond": ({"a": 1, "b": (_inc, "a"), "c": (_inc, "a"), "d": (operator.add, "b", "c"),
+                     "e": (_inc, "d")}, "e"),
+        "triangle": ({"a": 1, "b": (_inc, "a"), "c": (_inc, "b"), "d": (operator.add, "a", "c")},
+                     "d"),
+        "fan out into chains": (
+            {"a": 1, **{f"b{i}": (_inc, "a") for i in range(3)},
+             **{f"c{i}": (_inc, f"b{i}") for i in range(3)},
+             "d": (sum, [f"c{i}" for i in range(3)])}, "d"),
+        "two chains into one": (
+            {"x": 1, "y": 2, "x1": (_inc, "x"), "y1": (_inc, "y"), "x2": "x1", "y2": "y1",
+             "z": (operator.mul, "x2", "y2")}, ["z", "x1"]),
+        # Nodes stored under another key than their own, as dask.dataframe's from_delayed
+        # makes them: the graph's key is the one that counts.
+        "nodes under other keys": (
+            {"t0": Task("t0", _inc, 1), "t1": Task("t1", _inc, 2),
+             "c0": Alias("t0"), "c1": Alias("t1"),
+             "f0": Alias("c0"), "f1": Alias("c1"),
+             "s": Task("s", operator.add, TaskRef("f0"), TaskRef("f1"))}, "s"),
+        "a task under another key": (
+            {"d": DataNode("d", 5), "x": Task("other", _inc, TaskRef("d")),
+             "y": Task("y", _inc, TaskRef("x"))}, "y"),
+    }
+
+
+@pytest.mark.parametrize("shape", list(_graph_shapes()))
+def test_graph_shapes_compute_as_with_dask(client: shoal.Client, shape: str) -> None:
+    dsk, keys = _graph_shapes()[shape]
+    expected = dask.get(dsk, keys)  # dask's synchronous scheduler (a tuple for a list)
+    got = client.get(dsk, keys)  # (a list for a list, as dask.distributed's)
+    assert (list(got) if isinstance(keys, list) else got) == (
+        list(expected) if isinstance(keys, list) else expected)
+
+
+def test_dataframe_from_delayed_frames(client: shoal.Client) -> None:
+    parts = [dask.delayed(_frame)(0), dask.delayed(_frame)(10)]
+    with dask.config.set(scheduler="sync"):  # it computes its meta from the first part
+        df = dd.from_delayed(parts, verify_meta=False)
+    expected = df.compute(scheduler="sync")
+    pd.testing.assert_frame_equal(df.compute(scheduler=client.get), expected)
+    pd.testing.assert_frame_equal(client.compute(df, sync=True), expected)
+    assert df.a.sum().compute(scheduler=client.get) == expected.a.sum()
+    typed = dd.from_delayed(parts, meta=_frame(0).iloc[:0])
+    pd.testing.assert_frame_equal(typed.compute(scheduler=client.get),
+                                  typed.compute(scheduler="sync"))  # fmt: skip
+
+
+def test_collections_with_chains_compute_as_with_dask(client: shoal.Client) -> None:
+    x = da.arange(40, chunks=8)
+    y = ((x + 1) * 2 - 3)[::2].rechunk(5) ** 2
+    np.testing.assert_array_equal(y.compute(scheduler=client.get), y.compute(scheduler="sync"))
+    b = db.from_sequence(range(30), npartitions=4).map(_inc).filter(lambda v: v % 2).map(str)
+    assert b.compute(scheduler=client.get) == b.compute(scheduler="sync")
+    chain = dask.delayed(_inc)(0)
+    for _ in range(20):
+        chain = dask.delayed(_inc)(chain)
+    assert chain.compute(scheduler=client.get) == 21
