@@ -144,8 +144,12 @@ class SchedulerModel(RuleBasedStateMachine):
         # released one.
         assert pair in self.held, f"{msg} to {client}, which does not hold {msg.key}"
         assert msg.generation == self.held[pair], (
-            f"{msg} to {client}, whose hold of {msg.key} is generation {self.held[pair]}")
+            f"{msg} to {client}, whose hold of {msg.key} is generation {self.held[pair]}"
+        )
         self.reports[pair] = msg
+        if isinstance(msg, KeyInMemory):
+            for h in msg.workers:
+                assert h in self.live and msg.key in self.live[h].data, (msg, h)
         if isinstance(msg, KeyCancelled):
             del self.held[pair]  # the client's future is cancelled: it holds the key no more
             self.orphans.discard(pair)
@@ -225,6 +229,7 @@ class SchedulerModel(RuleBasedStateMachine):
             self.held[client, key] = g
             self.orphans.discard((client, key))
         self.handle(TasksSubmitted(self.sid("submit"), client, specs, wanted, generations))
+        self.check_answered(client, wanted)
 
     @rule(client=st.sampled_from(CLIENTS), data=st.data())
     def want(self, client: str, data: st.DataObject) -> None:
@@ -239,6 +244,17 @@ class SchedulerModel(RuleBasedStateMachine):
             else:
                 self.orphans.add((client, key))  # answered KeyErred("lost"), not kept
         self.handle(KeysWanted(self.sid("want"), client, keys, generations))
+        self.check_answered(client, keys)
+
+    def check_answered(self, client: str, keys: list[str]) -> None:
+        """A new hold of a key that is done now was answered at once, at its generation."""
+        for key in keys:
+            ts = self.state.tasks.get(key)
+            if ts is not None and ts.state in ("memory", "erred") and (client, key) in self.held:
+                report = self.reports.get((client, key))
+                kind = KeyInMemory if ts.state == "memory" else KeyErred
+                assert isinstance(report, kind), (client, ts, report)
+                assert report.generation == self.held[client, key], (client, ts, report)
 
     def let_go_generation(self, client: str, key: str, how: str, data: st.DataObject) -> int | None:
         """The generation a release or cancel names: the current hold's, an older one (a
@@ -258,9 +274,12 @@ class SchedulerModel(RuleBasedStateMachine):
         keys = self.some_keys(data, held, 1)
         return keys[0] if keys else data.draw(st.sampled_from(KEYS))
 
-    @rule(client=st.sampled_from(CLIENTS),
-          what=st.sampled_from(["release", "release", "release", "cancel", "cancel", "bye"]),
-          how=st.sampled_from(["current", "current", "older", "any"]), data=st.data())
+    @rule(
+        client=st.sampled_from(CLIENTS),
+        what=st.sampled_from(["release", "release", "release", "cancel", "cancel", "bye"]),
+        how=st.sampled_from(["current", "current", "older", "any"]),
+        data=st.data(),
+    )
     def let_go(self, client: str, what: str, how: str, data: st.DataObject) -> None:
         """The client releases or cancels a key (maybe of an older generation), or leaves."""
         if what == "bye":
@@ -305,11 +324,11 @@ class SchedulerModel(RuleBasedStateMachine):
         self.held[client, key] = g
         self.orphans.discard((client, key))
         self.handle(DataScattered(self.sid("scatter"), client, [key], [targets], [64], [g]))
+        self.check_answered(client, [key])
 
     # ----------------------------------------------------------------- workers
 
-    @rule(address=st.sampled_from(WORKERS), nthreads=st.integers(1, 2),
-          keep_data=st.booleans())
+    @rule(address=st.sampled_from(WORKERS), nthreads=st.integers(1, 2), keep_data=st.booleans())
     def join(self, address: str, nthreads: int, keep_data: bool) -> None:
         if address in self.live:
             return
@@ -470,8 +489,14 @@ class SchedulerModel(RuleBasedStateMachine):
             self.check_settled()
 
 
-SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None, derandomize=True,
-                    database=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def test_random_event_sequences_keep_holds_generations_and_liveness(tmp_path: Path) -> None:
