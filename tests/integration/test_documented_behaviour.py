@@ -296,36 +296,40 @@ def test_shoal_token_in_the_environment_guards_the_scheduler(
 # ------------------------------------------------------- --memory-limit, --memory-fractions
 
 
-def megabyte(i: int) -> bytes:
-    return bytes([i % 256]) * 1_000_000
+def ten_megabytes(i: int) -> bytes:
+    return bytes([i % 256]) * 10_000_000
 
 
 def test_memory_limit_is_reported_and_a_low_target_fraction_spills() -> None:
     with no_leaks(timeout=15), spawn_scheduler(extra_args=["--no-dashboard"]) as scheduler, \
             spawn_worker(scheduler.address, name="small", extra_args=[
                 "--no-dashboard", "--memory-limit", "1GB",
-                # target: spill results beyond 2 MB; the RSS-based fractions off
-                "--memory-fractions", "0.002,none,none,none"]) as worker:  # fmt: skip
+                # target: spill results beyond 250 MB; the other fractions off
+                "--memory-fractions", "0.25,none,none,none"]) as worker:  # fmt: skip
         with shoal.Client(scheduler.address, timeout=10, set_as_default=False) as client:
             client.wait_for_workers(1, timeout=20)
             (info,) = client.scheduler_info()["workers"].values()
             assert info["memory_limit"] == 1_000_000_000
 
-            # when: ten 1 MB results are held
-            held = client.map(megabyte, range(10))
-            shoal.wait(held, timeout=30)
+            # when: 300 MB of results are held
+            held = client.map(ten_megabytes, range(30))
+            shoal.wait(held, timeout=60)
 
-            # then: most of them went to disk (as heartbeats report it)
+            # then: some went to disk (as heartbeats report it), and what stayed in memory
+            # is within the target
             def spilled() -> int:
                 (w,) = client.scheduler_info()["workers"].values()
                 return int(w["spilled_bytes"])
 
-            wait_until(lambda: spilled() >= 5_000_000, timeout=20,
-                       message=lambda: f"5 MB spilled (spilled_bytes={spilled()})")  # fmt: skip
+            wait_until(lambda: spilled() >= 40_000_000, timeout=20,
+                       message=lambda: f"40 MB spilled (spilled_bytes={spilled()})")  # fmt: skip
             (w,) = client.scheduler_info()["workers"].values()
-            assert w["managed_bytes"] <= 3_000_000
+            assert w["managed_bytes"] <= 260_000_000
             # and they come back when read
-            assert [r[0] for r in client.gather(held)] == list(range(10))
+            for i, future in enumerate(held):
+                value = future.result(timeout=30)
+                assert len(value) == 10_000_000 and value[0] == i
+            del value
         worker.stop(signal.SIGTERM, timeout=15)
 
 
