@@ -87,7 +87,14 @@ class EventStream:
 
 
 def test_event_stream_of_a_scheduler_process_follows_running_work(tmp_path: Path) -> None:
-    with spawn_scheduler(extra_args=["--dashboard-address", ":0"]) as scheduler, \
+    # a job queue for the scheduler to show (--jobs-url), with two jobs waiting
+    jobs_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    jobs = JobQueue(jobs_url)
+    send = jobs.job(name="send", queue="mail")(double)
+    send.delay(1), send.delay(2)
+    jobs.close()
+    with spawn_scheduler(extra_args=["--dashboard-address", ":0", "--jobs-url", jobs_url]) \
+            as scheduler, \
             spawn_worker(scheduler.address, name="sse-worker",
                          extra_args=["--no-dashboard"]) as worker:  # fmt: skip
         link = scheduler.wait_for_line(r"shoal dashboard at (\S+)", 10).group(1)
@@ -100,6 +107,10 @@ def test_event_stream_of_a_scheduler_process_follows_running_work(tmp_path: Path
                 assert set(first) == {"info", "workers", "tasks", "jobs", "stream"}
                 assert [w["name"] for w in first["workers"]] == ["sse-worker"]
                 assert first["info"]["address"] == scheduler.address
+                # (the queue's counts are read on a thread: the first event may precede them)
+                mail = stream.until(lambda e: e["jobs"]["queues"], 15, "the job queue")
+                assert mail["jobs"]["attached"] and mail["jobs"]["url"] == jobs_url
+                assert mail["jobs"]["queues"]["mail"]["queued"] == 2
 
                 # when: a task starts and keeps running
                 release = str(tmp_path / "release")
@@ -144,6 +155,16 @@ def test_event_stream_of_a_scheduler_process_follows_running_work(tmp_path: Path
                 last = stream.until(five_doubles, 15, "five doubles in memory")
             finally:
                 stream.close()
+
+            # and a job enqueued now shows in a later event (the broker is read every 2 s)
+            send.delay(3)
+            jobs.close()
+            third = EventStream(link + "api/events?interval=0.1")
+            try:
+                third.until(lambda e: e["jobs"]["queues"].get("mail", {}).get("queued") == 3,
+                            15, "three queued jobs")  # fmt: skip
+            finally:
+                third.close()
 
             # and a new listener that gives ``since`` gets only what came after
             since = int(last["stream"]["next"])
