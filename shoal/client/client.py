@@ -13,6 +13,7 @@ import atexit
 import collections
 import hashlib
 import itertools
+import logging
 import os
 import threading
 import types
@@ -70,6 +71,8 @@ if TYPE_CHECKING:
     from ..integrations.executor import ShoalExecutor
 
 __all__ = ["Client", "as_completed", "default_client", "wait"]
+
+logger = logging.getLogger("shoal.client")
 
 _default: weakref.ReferenceType[Client] | None = None
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -363,7 +366,11 @@ class Client(DataMixin, DatasetsMixin):
         try:
             while True:
                 for msg in await comm.read():
-                    self._on_message(msg)
+                    try:
+                        self._on_message(msg)
+                    except Exception:  # noqa: BLE001 - one bad message must not end the reader
+                        logger.exception("client %s: error handling %s", self.name,
+                                         type(msg).__name__)  # fmt: skip
         except CommClosedError as exc:
             reason = f"lost the scheduler at {self.scheduler_address}: {exc}"
         finally:
@@ -407,7 +414,10 @@ class Client(DataMixin, DatasetsMixin):
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         elif isinstance(msg, TaskWarning):
-            warnings.warn(msg.text, RuntimeWarning, stacklevel=1)
+            try:
+                warnings.warn(msg.text, RuntimeWarning, stacklevel=1)
+            except Warning:  # a filter turned it into an error: it is still worth a log line
+                logger.warning("%s", msg.text)
         elif isinstance(msg, SchedulerClosing):
             self._fail_pending("scheduler-gone", f"the scheduler closed: {msg.reason}")
         else:

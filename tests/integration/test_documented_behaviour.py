@@ -365,12 +365,6 @@ def test_shoal_demo_runs_to_completion() -> None:
 # --------------------------------------------------------- warnings turned into errors
 
 
-@pytest.mark.xfail(strict=True, raises=(TimeoutError, shoal.SchedulerGoneError), reason=(
-    "shoal/client/client.py re-emits a scheduler TaskWarning with warnings.warn on the client's"
-    " event-loop thread; under a warnings 'error' filter (as this project's pytest config sets)"
-    " that raises inside the scheduler reader, which dies: the client then takes the scheduler"
-    " for gone (SchedulerGoneError) or, at 1938268, hangs every later request and future until"
-    " its own timeout, though the scheduler is fine"))
 def test_a_warning_filter_set_to_error_does_not_stall_the_client() -> None:
     with gen_cluster(n_workers=1) as client, warnings.catch_warnings():
         warnings.simplefilter("error")
