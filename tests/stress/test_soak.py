@@ -37,7 +37,8 @@ unexpected exception type or message, a call past its deadline):
   `SYNC_OPS`.
 - ``coord``: Lock / Semaphore acquire with timeouts (False on timeout; never a value
   wrong), Event set/wait/clear, Queue put/get, Variable set/get (a value or a future),
-  a dataset published/read/unpublished, and a task taking a `shoal.Lock` in the cluster.
+  a dataset published/read/unpublished, Pub/Sub (from here and from a task, each
+  publisher's messages in order), and a task taking a `shoal.Lock` in the cluster.
 - ``dask``: `dask.delayed` sums through `client.compute` and `dask.compute(...,
   scheduler=client.get)` (`dask.array` is out of the mix: a known bug, see `op_dask`).
 
@@ -148,6 +149,10 @@ def locked_inc(name: str, x: int, deadline: float) -> int:
         return x + 1
     finally:
         lock.release()
+
+
+def publish(topic: str, msg: int) -> None:
+    shoal.Pub(topic).put(msg)
 
 
 class Counter:
@@ -336,7 +341,8 @@ def op_actor(s: Soak, rng: random.Random, who: str) -> None:
 
 
 def op_coord(s: Soak, rng: random.Random, who: str) -> None:
-    what = rng.choice(["lock", "semaphore", "event", "queue", "variable", "dataset", "task-lock"])
+    what = rng.choice(["lock", "semaphore", "event", "queue", "variable", "dataset", "task-lock",
+                       "pubsub"])  # fmt: skip
     s.note("coord", what)
     c = s.client
     if what == "lock":
@@ -395,6 +401,21 @@ def op_coord(s: Soak, rng: random.Random, who: str) -> None:
             del got
         finally:
             c.unpublish_dataset(name)
+    elif what == "pubsub":
+        topic = f"soak-topic-{who}"
+        sub = shoal.Sub(topic, client=c)  # subscribed when this returns (sync client)
+        try:
+            items = [rng.randrange(1000) for _ in range(rng.randrange(1, 4))]
+            pub = shoal.Pub(topic, client=c)
+            for item in items:
+                pub.put(item)
+            x = -rng.randrange(1, 1000)  # one from a task too, told apart by its sign
+            c.submit(publish, topic, x, pure=False).result(timeout=DEADLINE)
+            got = [sub.get(timeout=DEADLINE) for _ in range(len(items) + 1)]
+            # One publisher's messages arrive in order; the two publishers interleave.
+            check("pubsub", ([m for m in got if m >= 0], [m for m in got if m < 0]), (items, [x]))
+        finally:
+            sub.close()
     else:
         x = rng.randrange(1000)
         check("task-lock", c.submit(locked_inc, "soak-task-lock", x, DEADLINE,
@@ -648,8 +669,9 @@ def run_soak(client: shoal.Client, seed: int, seconds: float, tmp: Path) -> dict
             s.stop.wait(0.5)
     finally:
         s.stop.set()
+        joined_by = time.monotonic() + HANG  # every wait in an operation is bounded
         for t in threads:
-            t.join(timeout=HANG)
+            t.join(timeout=max(0.0, joined_by - time.monotonic()))
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
             faulthandler.dump_traceback(file=2, all_threads=True)
@@ -665,6 +687,14 @@ def run_soak(client: shoal.Client, seed: int, seconds: float, tmp: Path) -> dict
                    f" {sorted(tasks)[:10]})")  # fmt: skip
     except AssertionError as e:
         s.fail(str(e))
+    # The scheduler heard of each kill from the nanny (it keeps the latest MAX_DEATHS).
+    from shoal.scheduler import MAX_DEATHS
+
+    deaths = [d for d in client.worker_deaths()
+              if d["name"] == "local-1" and d["reason"] == "signal SIGKILL"]  # fmt: skip
+    if len(deaths) != min(s.kills, MAX_DEATHS):
+        s.fail(f"{s.kills} kills, but the scheduler reports {len(deaths)} SIGKILL deaths of"
+               f" local-1: {client.worker_deaths()}")  # fmt: skip
     if steady.pid != steady_pid:
         s.fail(f"worker local-0 (never killed) was restarted: {client.worker_deaths()}")
 
