@@ -226,3 +226,35 @@ def test_a_submitted_closure_does_not_outlive_its_futures(process_client: shoal.
     del fn
     gc.collect()
     assert alive() is None
+
+
+# ------------------------------ 7. threads scattering equal values (one content key)
+
+
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+@pytest.mark.parametrize("cluster", ["client", "process_client"])
+def test_threads_scattering_equal_values_never_lose_each_others_data(
+        cluster: str, request: pytest.FixtureRequest) -> None:  # fmt: skip
+    client: shoal.Client = request.getfixturevalue(cluster)
+    errors: list[BaseException] = []
+
+    def user(seed: int) -> None:
+        try:
+            for i in range(60):
+                data = client.scatter(list(range(i % 4 + 10)))  # equal across threads
+                assert client.submit(total, data, pure=False).result(timeout=10) == sum(
+                    range(i % 4 + 10))
+                del data  # dropped at once, while other threads scatter the same value
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a scattering thread hung"
+    assert not errors, errors[:3]
