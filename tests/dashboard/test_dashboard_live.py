@@ -265,6 +265,16 @@ def chromium() -> Iterator[str]:
                 seen += os.read(proc.stderr.fileno(), 65536)
         yield f"http://{match.group(1).decode()}"
     finally:
+        # Its singleton socket lives in a directory of its own under /tmp: remove it too.
+        try:
+            singleton: str | None = os.path.dirname(os.readlink(Path(profile, "SingletonSocket")))
+        except OSError:
+            singleton = None
+        proc.terminate()  # a clean exit first, then whatever helpers are left
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -273,6 +283,8 @@ def chromium() -> Iterator[str]:
         if proc.stderr is not None:
             proc.stderr.close()
         shutil.rmtree(profile, ignore_errors=True)
+        if singleton and os.path.basename(singleton).startswith("org.chromium.Chromium."):
+            shutil.rmtree(singleton, ignore_errors=True)
 
 
 @asynccontextmanager
