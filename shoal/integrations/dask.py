@@ -34,7 +34,19 @@ with an explanation otherwise.
 
 Per-key ``dask.annotate`` values for ``priority``, ``retries``, ``resources``, ``workers``
 and ``allow_other_workers`` become the task's options; keyword arguments to `get`,
-`compute` and `persist` apply to every task of the graph.
+`compute` and `persist` apply to every task of the graph (`get` and `persist`, which dask
+calls with every keyword the user gave it, ignore the ones that are not task options).
+
+Warnings: as with dask's local schedulers, a warning raised by any task of a graph reaches
+the caller (when the results are read), not only those of the tasks whose results are
+returned, and each once. A worker captures a task's warnings; the scheduler sends those of
+the requested keys to the client with their results, and those of an intermediate task ride
+with its value: an intermediate task that warned returns its value wrapped with the
+warnings (`_Warned`; only `run_dask_node` sees it: it unwraps its inputs). Of the tasks
+that use an intermediate result, one, chosen when the graph is submitted, takes those
+warnings as its own, so they travel one path to one requested key and cost no round trip.
+(A key that one graph computes as an intermediate and another requests at the same time
+holds the wrapped value: a corner that deterministic keys make possible.)
 """
 
 from __future__ import annotations
@@ -406,12 +418,18 @@ def get(client: Client, dsk: Any, keys: Any, **options: Any) -> Any:
     if client.asynchronous:
         async def gather() -> Any:
             values = await client.gather(ordered)
-            return _repack(keys, dict(zip(flat, values)))
+            return _repack(keys, dict(zip(flat, map(_unwrapped, values))))
 
         return gather()
-    values = client.gather(ordered)
+    values = [_unwrapped(v) for v in client.gather(ordered)]
     del ordered, futures  # release the results on the cluster before returning them
     return _repack(keys, dict(zip(flat, values)))
+
+
+def _unwrapped(value: Any) -> Any:
+    """A requested key's value (wrapped only if another graph computed it as an
+    intermediate at the same time; see "Warnings" in the module docstring)."""
+    return value.value if isinstance(value, _Warned) else value
 
 
 def _known_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 
 import shoal
 from shoal.protocol.messages import TaskSpec
-from shoal.testing import gen_cluster, wait_until
+from shoal.testing import Gate, gen_cluster, wait_until
 from shoal.worker.context import get_worker
 
 dask = pytest.importorskip("dask", reason="dask is an optional extra: pip install 'shoal[dask]'")
@@ -109,13 +109,37 @@ def test_bag(client: shoal.Client) -> None:
     assert freq == {"a": 1, "b": 2, "c": 3}
 
 
-def test_delayed_with_shared_dependencies_and_spread(client: shoal.Client) -> None:
+def test_delayed_with_shared_dependencies(client: shoal.Client) -> None:
     inc = dask.delayed(lambda v: v + 1, pure=True)
     base = [inc(i) for i in range(10)]
     total = dask.delayed(sum)([dask.delayed(operator.mul)(a, b) for a in base for b in base[:2]])
     assert total.compute(scheduler=client.get) == sum(a * b for a in range(1, 11) for b in (1, 2))
     places = dask.compute(*[dask.delayed(where_am_i)(i) for i in range(20)], scheduler=client.get)
-    assert set(places) <= set(client.nthreads()) and len(places) == 20
+    assert set(places) <= set(client.nthreads()) and len(places) == 20  # spread: see below
+
+
+#: addresses of the workers that started a `held_where` task (in-process workers only)
+_STARTED: list[str] = []
+
+
+def held_where(gate: Gate, i: int) -> str:
+    """Note where this runs, then hold the worker's only thread until ``gate`` opens."""
+    address = get_worker().address
+    _STARTED.append(address)
+    gate(i)
+    return address
+
+
+def test_delayed_spread_over_the_workers(client: shoal.Client, gate: Gate) -> None:
+    # Each task holds its worker's single thread until the gate opens, so a second task can
+    # start only on the other worker: the graph is spread, whatever the timing.
+    _STARTED.clear()
+    futures = client.compute([dask.delayed(held_where)(gate, i) for i in range(6)])
+    wait_until(lambda: len(set(_STARTED)) >= 2, timeout=10,
+               message="tasks of one graph run on both workers at once")  # fmt: skip
+    gate.open()
+    places = client.gather(futures)
+    assert len(places) == 6 and set(places) == set(client.nthreads())
 
 
 def test_task_errors_keep_their_type(client: shoal.Client) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import time
+import threading
 from typing import Any
 
 import pytest
@@ -19,9 +20,64 @@ np = pytest.importorskip("numpy")
 import shoal.integrations.joblib  # noqa: E402 - registers the backend, after the importorskip
 
 
-def where(x: Any, *_: Any, **__: Any) -> tuple[Any, str]:
-    time.sleep(0.02)  # long enough that both workers get some
-    return x, get_worker().address
+class _Workers:
+    """The workers that have started a call (in-process workers share this object).
+
+    `arrive` holds the first call on each worker until calls have started on ``n`` workers
+    (or 10 s pass): while one worker is held, more calls can start only on another, so a
+    backend that spreads work passes, whatever the timing, and one that does not fails."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.changed = threading.Condition()
+        self.n = 2
+
+    def arrive(self) -> str:
+        address = get_worker().address  # raises ValueError outside a worker's task
+        with self.changed:
+            if address in self.seen:
+                return address
+            self.seen.add(address)
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: len(self.seen) >= self.n, timeout=10)
+        return address
+
+
+_WORKERS = _Workers()
+
+
+@pytest.fixture
+def workers_seen() -> _Workers:
+    global _WORKERS
+    _WORKERS = _Workers()
+    return _WORKERS
+
+
+def where_held(x: Any) -> tuple[Any, str]:
+    return x, _WORKERS.arrive()
+
+
+#: where each fit of a `RecordingTree` ran: a worker's address, or "here" outside tasks
+_FITTED_ON: list[str] = []
+
+
+def _recording_tree() -> Any:
+    from sklearn.tree import DecisionTreeClassifier
+
+    class RecordingTree(DecisionTreeClassifier):  # type: ignore[misc]
+        """A decision tree that notes where it is fitted."""
+
+        def fit(self, X: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                _FITTED_ON.append(_WORKERS.arrive())
+            except ValueError:  # not in a task: GridSearchCV's refit, in this process
+                _FITTED_ON.append("here")
+            return super().fit(X, y, *args, **kwargs)
+
+    RecordingTree.__module__ = __name__
+    RecordingTree.__qualname__ = "RecordingTree"
+    globals()["RecordingTree"] = RecordingTree  # pickled by reference, to this module
+    return RecordingTree
 
 
 def first_plus(x: int, data: Any) -> float:
@@ -42,11 +98,27 @@ def test_import_shoal_imports_neither_joblib_nor_dask() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_parallel_runs_on_the_workers(client: shoal.Client) -> None:
+def test_parallel_runs_on_the_workers(client: shoal.Client, workers_seen: _Workers) -> None:
     with joblib.parallel_backend("shoal"):
-        results = joblib.Parallel(batch_size=1)(joblib.delayed(where)(i) for i in range(30))
+        results = joblib.Parallel(batch_size=1)(joblib.delayed(where_held)(i) for i in range(30))
     assert [x for x, _ in results] == list(range(30))
-    assert {w for _, w in results} == set(client.nthreads()), "both workers ran calls"
+    # Each call ran in a worker's task (get_worker raises anywhere else), on both workers.
+    assert {w for _, w in results} == set(client.nthreads()) == workers_seen.seen
+
+
+def test_parallel_runs_in_the_worker_processes(process_client: shoal.Client) -> None:
+    def where(x: Any) -> tuple[Any, int, str]:
+        """``x``, and the process and worker that ran this (a local function: pickled by
+        value, as worker processes cannot import test modules)."""
+        return x, os.getpid(), get_worker().address
+
+    worker_pids = process_client.run(os.getpid)  # {address: pid}
+    with joblib.parallel_backend("shoal"):
+        results = joblib.Parallel(batch_size=1)(joblib.delayed(where)(i) for i in range(20))
+    assert [x for x, _, _ in results] == list(range(20))
+    assert os.getpid() not in {pid for _, pid, _ in results}
+    assert all(worker_pids[address] == pid for _, pid, address in results), (
+        "every call ran in the process of the worker that ran its task")
 
 
 def test_n_jobs_means_the_clusters_threads(client: shoal.Client) -> None:
@@ -111,18 +183,23 @@ def test_return_as_generator(client: shoal.Client) -> None:
         assert sorted(gen) == list(range(10))
 
 
-def test_grid_search_cv_spreads_over_the_workers(client: shoal.Client) -> None:
+def test_grid_search_cv_spreads_over_the_workers(client: shoal.Client,
+                                                 workers_seen: _Workers) -> None:  # fmt: skip
     sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is optional")
     from sklearn.model_selection import GridSearchCV
-    from sklearn.tree import DecisionTreeClassifier
 
+    tree = _recording_tree()
     X, y = sklearn_datasets.make_classification(n_samples=300, n_features=8, random_state=0)
     grid = {"max_depth": [2, 4, 8], "min_samples_leaf": [1, 5]}
-    local = GridSearchCV(DecisionTreeClassifier(random_state=0), grid, cv=3).fit(X, y)
+    local = GridSearchCV(tree(random_state=0), grid, cv=3).fit(X, y)
+    assert _FITTED_ON.count("here") == 6 * 3 + 1
+    _FITTED_ON.clear()
     with joblib.parallel_backend("shoal"):
-        remote = GridSearchCV(DecisionTreeClassifier(random_state=0), grid, cv=3,
-                              n_jobs=-1).fit(X, y)  # fmt: skip
+        remote = GridSearchCV(tree(random_state=0), grid, cv=3, n_jobs=-1).fit(X, y)
     assert remote.best_params_ == local.best_params_
     assert remote.best_score_ == pytest.approx(local.best_score_)
     np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
                                local.cv_results_["mean_test_score"])  # fmt: skip
+    # Every cross-validation fit ran on a worker, over both; only the final refit ran here.
+    assert len(_FITTED_ON) == 6 * 3 + 1 and _FITTED_ON.count("here") == 1
+    assert {w for w in _FITTED_ON if w != "here"} == set(client.nthreads())
