@@ -114,6 +114,9 @@ class Client(DataMixin, DatasetsMixin):
         #: the current hold on each key; guarded by ``_lock`` (never taken by a finalizer)
         self._states: dict[str, FutureState] = {}
         self._lock = threading.Lock()
+        #: unique keys of impure calls: a random prefix per client, then a count
+        self._key_prefix = uuid.uuid4().hex[:16]
+        self._key_counter = itertools.count()
         #: generations of holds: each new `FutureState` takes the next
         self._generations = itertools.count(1)
         #: messages for the scheduler and states whose handles died, in the order they came
@@ -466,6 +469,19 @@ class Client(DataMixin, DatasetsMixin):
         self._outbox.append(state)
         self._schedule_drain()
 
+    def _on_done_many(self, states: list[FutureState],
+                      fn: Callable[[FutureState], None]) -> None:  # fmt: skip
+        """`_on_done` for many states in one hop to the loop."""
+
+        def register() -> None:
+            for state in states:
+                if state.done():
+                    fn(state)
+                else:
+                    state.callbacks.append(fn)
+
+        self._call_soon(register)
+
     def _on_done(self, state: FutureState, fn: Callable[[FutureState], None]) -> None:
         """Run ``fn(state)`` on the loop thread when ``state`` is done (now if it is)."""
 
@@ -522,7 +538,8 @@ class Client(DataMixin, DatasetsMixin):
                     h.update(frame)
                 key = f"{_funcname(fn)}-{h.hexdigest()}"
             else:
-                key = f"{_funcname(fn)}-{uuid.uuid4().hex}"
+                # Unique without a system call per task: this client's random prefix + a count.
+                key = f"{_funcname(fn)}-{self._key_prefix}{next(self._key_counter):x}"
         workers = options.get("workers")
         return TaskSpec(
             key, function, packed, list(dict.fromkeys(deps)),

@@ -32,12 +32,15 @@ if TYPE_CHECKING:
 
 Status = Literal["pending", "finished", "error", "cancelled", "lost"]
 
+#: guards the lazy creation of `FutureState.event` (held for an instant, never by a finalizer)
+_EVENT_LOCK = threading.Lock()
+
 
 class FutureState:
     """What the client knows of one key. Changed only on the client's loop thread."""
 
     __slots__ = ("key", "generation", "refs", "status", "workers", "nbytes", "typename",
-                 "failure", "event", "callbacks", "warnings", "async_waiters")  # fmt: skip
+                 "failure", "_event", "callbacks", "warnings", "async_waiters")  # fmt: skip
 
     def __init__(self, key: str, generation: int = 0) -> None:
         self.key = key
@@ -51,7 +54,8 @@ class FutureState:
         self.typename = ""
         #: (kind, text, exception, traceback) once erred, lost or cancelled
         self.failure: tuple[str, str, Serialized | None, Serialized | None] | None = None
-        self.event = threading.Event()
+        #: made on first use by a waiting thread: most states are never waited on alone
+        self._event: threading.Event | None = None
         #: called with the state on the loop thread when the key is done (internal use)
         self.callbacks: list[Callable[[FutureState], None]] = []
         self.warnings: Serialized | None = None
@@ -59,6 +63,21 @@ class FutureState:
 
     def done(self) -> bool:
         return self.status != "pending"
+
+    @property
+    def event(self) -> threading.Event:
+        """Set while the key is done (for threads that wait on it)."""
+        event = self._event
+        if event is None:
+            with _EVENT_LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+            # After publishing it: `_set` changes the status before it reads ``_event``, so
+            # one of the two sees the other's write and the event cannot stay clear.
+            if self.status != "pending":
+                event.set()
+        return event
 
     def finish(self, workers: list[str], nbytes: int, typename: str,
                warnings_: Serialized | None) -> None:  # fmt: skip
@@ -80,11 +99,15 @@ class FutureState:
         """The key went back to pending (recomputed after its holders were lost)."""
         self.status = "pending"
         self.workers = []
-        self.event.clear()
+        event = self._event
+        if event is not None:
+            event.clear()
 
     def _set(self, status: Status) -> None:
         self.status = status
-        self.event.set()
+        event = self._event
+        if event is not None:
+            event.set()
         for waiter in self.async_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -336,8 +359,11 @@ def wait(
                         or (return_when == "FIRST_EXCEPTION" and state.status != "finished")):
                     ready.set()
 
+        by_client: dict[int, tuple[Client, list[FutureState]]] = {}
         for f, state in pending.values():
-            f.client._on_done(state, count_down)
+            by_client.setdefault(id(f.client), (f.client, []))[1].append(state)
+        for client, states in by_client.values():
+            client._on_done_many(states, count_down)  # one hop to the loop, not one per key
         with seceded():  # a task gives its slot back meanwhile
             ready.wait(timeout)
     done = {f for f in fs if f.done()}
@@ -354,13 +380,29 @@ class as_completed:  # noqa: N801 - named like concurrent.futures.as_completed
         self._queue: queue.Queue[Future] = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
-        for f in futures:
-            self.add(f)
+        self.update(futures)
 
     def add(self, future: Future) -> None:
+        self.update([future])
+
+    def update(self, futures: Iterable[Future]) -> None:
+        """Add many futures: one hop to each client's loop, not one per future."""
+        by_client: dict[int, tuple[Client, dict[int, tuple[FutureState, list[Future]]]]] = {}
+        count = 0
+        for f in futures:
+            by_state = by_client.setdefault(id(f.client), (f.client, {}))[1]
+            by_state.setdefault(id(f._state), (f._state, []))[1].append(f)
+            count += 1
         with self._lock:
-            self._pending += 1
-        future.client._on_done(future._state, lambda _s: self._queue.put(future))
+            self._pending += count
+        for client, by_state in by_client.values():
+            waiting = {sid: fs for sid, (_, fs) in by_state.items()}
+
+            def on_done(state: FutureState, waiting: dict[int, list[Future]] = waiting) -> None:
+                for future in waiting.pop(id(state), ()):
+                    self._queue.put(future)
+
+            client._on_done_many([state for state, _ in by_state.values()], on_done)
 
     def count(self) -> int:
         with self._lock:
