@@ -69,3 +69,28 @@ def test_a_key_lost_with_its_worker_is_waited_for_again(short_ttl_client: shoal.
     # then the future is recomputed, and result() waits for it instead of failing
     assert future.result(timeout=30) == 42
     assert future.status == "finished"
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def test_an_actor_call_to_a_stopped_worker_fails_once_the_worker_is_removed(
+        short_ttl_client: shoal.Client) -> None:  # fmt: skip
+    client = short_ttl_client
+    client.wait_for_workers(2, timeout=30)
+    counter = client.submit(Counter, actor=True).result(timeout=30)
+    assert counter.incr().result(timeout=10) == 1
+    pid = worker_pids(client)[counter._address]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        call = counter.incr()  # sent to a worker that cannot answer
+        with pytest.raises(shoal.ActorLostError):
+            call.result(timeout=60)  # fails when the scheduler removes it, well before this
+    finally:
+        os.kill(pid, signal.SIGCONT)
