@@ -63,6 +63,7 @@ from dask._task_spec import (
     Alias,
     DataNode,
     GraphNode,
+    Task,
     convert_legacy_graph,
     fuse_linear_task_spec,
 )
@@ -251,7 +252,14 @@ def _keyed(key: Key, node: GraphNode) -> GraphNode:
     graph key here, before anything reads it."""
     if isinstance(node, Alias):
         return Alias(key, node.target)
-    return node.substitute({}, key=key)
+    keyed = node.substitute({}, key=key)
+    if keyed.key != key:  # e.g. a container node (`List`...), which keeps no key of its own
+        keyed = Task(key, _identity, node)
+    return keyed
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 def _cull(dsk: Mapping[Key, GraphNode], keys: list[Key]) -> dict[Key, GraphNode]:

@@ -335,7 +335,7 @@ def _frame(i: int) -> Any:
 
 
 def _graph_shapes() -> dict[str, tuple[dict[Any, Any], Any]]:
-    from dask._task_spec import Alias, DataNode, Task, TaskRef
+    from dask._task_spec import Alias, DataNode, List, Task, TaskRef
 
     return {
         "chain": ({"a": 1, "b": (_inc, "a"), "c": (_inc, "b"), "d": (_inc, "c")}, "d"),
@@ -363,6 +363,9 @@ def _graph_shapes() -> dict[str, tuple[dict[Any, Any], Any]]:
              "c0": Alias("t0"), "c1": Alias("t1"),
              "f0": Alias("c0"), "f1": Alias("c1"),
              "s": Task("s", operator.add, TaskRef("f0"), TaskRef("f1"))}, "s"),
+        "a container node without a key": (
+            {"a": DataNode("a", 1), "b": Task("b", _inc, TaskRef("a")),
+             "c": List(TaskRef("b"), TaskRef("a"))}, "c"),
         "a task under another key": (
             {"d": DataNode("d", 5), "x": Task("other", _inc, TaskRef("d")),
              "y": Task("y", _inc, TaskRef("x"))}, "y"),
