@@ -25,8 +25,9 @@ unexpected exception type or message, a call past its deadline):
   the two clients: one key, computed once).
 - ``keyed``: explicit keys from a small pool, each with a fixed recipe, submitted, then
   cancelled / released / waited at random and resubmitted: the right value, or
-  `CancelledError` (a cancel by another thread of the same client cancels its future for the
-  same key too: dask's semantics).
+  `CancelledError` if this thread cancelled it, or if another thread of the same client
+  cancelled the key after it was submitted (that cancels every future of the client for the
+  key: dask's semantics); a resubmitted key must not end cancelled by an earlier cancel.
 - ``map``: the right values (waited with a deadline, then gathered).
 - ``fail``: the task's `ValueError` with its message, and a `RemoteTraceback` as cause.
 - ``retries``: a task failing its first attempt, with ``retries=2``: the right value.
@@ -194,6 +195,15 @@ class Soak:
         self.kills = 0
         self.restart_seconds: list[float] = []
         self.serial = 0
+        self.cancel_counts: Tally[str] = Tally()  # cancels of each key by the sync threads
+
+    def cancels_of(self, key: str) -> int:
+        with self.lock:
+            return self.cancel_counts[key]
+
+    def cancelled(self, key: str) -> None:
+        with self.lock:
+            self.cancel_counts[key] += 1
 
     def unique(self) -> int:
         with self.lock:
@@ -271,23 +281,34 @@ def op_pure(s: Soak, rng: random.Random, who: str) -> None:
 def op_keyed(s: Soak, rng: random.Random, who: str) -> None:
     i = rng.randrange(KEY_POOL)
     key = f"soak-key-{i}"
+    # A future of this client may end cancelled only by a cancel of its key that began after
+    # it was submitted: `cancels[key]` counts cancels once they are made, so a count that did
+    # not move since before the submit proves no other cancel could have reached it.
+    before = s.cancels_of(key)
     f = s.client.submit(slow_square, i, 0.02, key=key)
     action = rng.choice(["result", "cancel", "release"])
     if action == "cancel":
         f.cancel()
+        s.cancelled(key)
     elif action == "release":
         f.release()
     if action != "release":
         try:
             check("keyed", f.result(timeout=DEADLINE), i * i)  # it may have finished already
         except shoal.CancelledError:
+            if action != "cancel" and s.cancels_of(key) == before:
+                raise WrongAnswer(f"keyed: {key} cancelled, but nobody cancelled it") from None
             s.note("keyed", "cancelled")
     del f
+    before = s.cancels_of(key)
     g = s.client.submit(slow_square, i, 0.02, key=key)  # again: a new hold, runs anew
     try:
         check("keyed", g.result(timeout=DEADLINE), i * i)
-    except shoal.CancelledError:  # another thread cancelled the key meanwhile
-        s.note("keyed", "resubmit cancelled")
+    except shoal.CancelledError:
+        if s.cancels_of(key) == before:
+            raise WrongAnswer(f"keyed: resubmitted {key} cancelled, but no cancel came after"
+                              " the resubmit") from None  # fmt: skip
+        s.note("keyed", "resubmit cancelled by another thread")
 
 
 def op_map(s: Soak, rng: random.Random, who: str) -> None:
