@@ -150,7 +150,7 @@ def test_event_stream_of_a_scheduler_process_follows_running_work(tmp_path: Path
                 def five_doubles(event: dict[str, Any]) -> bool:
                     all_runs(event)
                     states = {g["name"]: g["states"] for g in event["tasks"]["groups"]}
-                    return states.get("double", {}).get("memory") == 5
+                    return bool(states.get("double", {}).get("memory") == 5)
 
                 last = stream.until(five_doubles, 15, "five doubles in memory")
             finally:
@@ -185,7 +185,7 @@ def test_event_stream_of_a_scheduler_process_follows_running_work(tmp_path: Path
 class Page:
     """One browser tab over the DevTools Protocol."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, ws: Any) -> None:
         self.ws = ws
         self.ids = itertools.count(1)
 
@@ -398,7 +398,8 @@ async def browse_every_tab(page: Page, *, workers: dict[str, Any], story_key: st
     headers = await page.eval("[...document.querySelectorAll('#jobs th')].map(t => t.innerText)")
     mail = await page.eval("[...document.querySelector('#jobs tr[data-queue=\"mail\"]').cells]"
                            ".map(c => c.innerText)")  # fmt: skip
-    per_status = dict(zip(headers[1:], mail[1:]))
+    assert len(headers) == len(mail), (headers, mail)
+    per_status = dict(zip(headers[1:], mail[1:], strict=True))
     assert per_status["succeeded"] == "2" and per_status["queued"] == "1", per_status
     assert per_status["dead"] == "1" and per_status["failed"] == "1", per_status
     schedules = await page.text("#schedules")
@@ -407,7 +408,8 @@ async def browse_every_tab(page: Page, *, workers: dict[str, Any], story_key: st
     # ---- Logs: the scheduler's newest records
     await page.click('#tabs button[data-tab="logs"]')
     logs = await page.wait_for("document.querySelectorAll('#logs div').length &&"
-                               " document.getElementById('logs').innerText", 10, "log rows")  # fmt: skip
+                               " document.getElementById('logs').innerText", 10,
+                               "log rows")  # fmt: skip
     assert "shoal.scheduler" in logs and "connected" in logs, logs[-2000:]
 
 

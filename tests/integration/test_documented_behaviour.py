@@ -27,8 +27,14 @@ import psutil
 import pytest
 
 import shoal
-from shoal.testing import (ShoalProcess, gen_cluster, no_leaks, spawn_scheduler, spawn_worker,
-                           wait_until)
+from shoal.testing import (
+    ShoalProcess,
+    gen_cluster,
+    no_leaks,
+    spawn_scheduler,
+    spawn_worker,
+    wait_until,
+)
 
 # Worker processes cannot import this test module: send its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -117,54 +123,54 @@ def test_a_worker_rejoins_a_scheduler_that_comes_back_on_the_same_port(tmp_path:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler_args = ("scheduler", "--port", str(port), "--no-dashboard", "--log-level", "warning")
-    with no_leaks(timeout=15):
-        # given: a worker (under its nanny) joined to a scheduler on a fixed port
-        with shoal_process(*scheduler_args) as first:
-            assert first.address == address
-            with shoal_process("worker", address, "--name", "comeback", "--death-timeout", "30",
-                               "--no-dashboard", "--log-level", "warning") as worker:  # fmt: skip
-                old_client = shoal.Client(address, timeout=10, set_as_default=False)
-                try:
-                    old_client.wait_for_workers(1, timeout=20)
-                    before = worker_child_pids(old_client)
-                    release = str(tmp_path / "release")
-                    pending = old_client.submit(wait_for_file, release, pure=False)
-                    wait_until(lambda: os.path.exists(release + ".started"), timeout=20,
-                               message="the task started")  # fmt: skip
-                    # when: the scheduler is killed ...
-                    first.kill()
-                    # then: the client's pending future fails, and new work is refused
-                    with pytest.raises(shoal.SchedulerGoneError):
-                        pending.result(timeout=20)
-                    with pytest.raises(shoal.SchedulerGoneError):
-                        old_client.submit(square, 2)
-                finally:
-                    old_client.close()
-                # (the task that was running when the scheduler died finishes meanwhile)
-                Path(release).touch()
-                # ... and a new, empty one starts on the same port
-                with shoal_process(*scheduler_args) as second:
-                    assert second.address == address
-                    # then: the same worker process registers with it again
-                    with shoal.Client(address, timeout=10, set_as_default=False) as client:
-                        client.wait_for_workers(1, timeout=30)
-                        info = client.scheduler_info()["workers"]
-                        assert [w["name"] for w in info.values()] == ["comeback"]
-                        assert worker_child_pids(client) == before, "the worker was replaced"
-                        # and runs new work
-                        assert client.submit(square, 7).result(timeout=20) == 49
-                        assert client.submit(whoami, pure=False).result(timeout=20) in set(
-                            before.values())
-                    assert worker.proc.poll() is None
-                    worker.stop(signal.SIGTERM, timeout=15)
-                    second.stop(signal.SIGTERM, timeout=15)
+    # given: a worker (under its nanny) joined to a scheduler on a fixed port
+    with no_leaks(timeout=15), shoal_process(*scheduler_args) as first:
+        assert first.address == address
+        with shoal_process("worker", address, "--name", "comeback", "--death-timeout", "30",
+                           "--no-dashboard", "--log-level", "warning") as worker:  # fmt: skip
+            old_client = shoal.Client(address, timeout=10, set_as_default=False)
+            try:
+                old_client.wait_for_workers(1, timeout=20)
+                before = worker_child_pids(old_client)
+                release = str(tmp_path / "release")
+                pending = old_client.submit(wait_for_file, release, pure=False)
+                wait_until(lambda: os.path.exists(release + ".started"), timeout=20,
+                           message="the task started")  # fmt: skip
+                # when: the scheduler is killed ...
+                first.kill()
+                # then: the client's pending future fails, and new work is refused
+                with pytest.raises(shoal.SchedulerGoneError):
+                    pending.result(timeout=20)
+                with pytest.raises(shoal.SchedulerGoneError):
+                    old_client.submit(square, 2)
+            finally:
+                old_client.close()
+            # (the task that was running when the scheduler died finishes meanwhile)
+            Path(release).touch()
+            # ... and a new, empty one starts on the same port
+            with shoal_process(*scheduler_args) as second:
+                assert second.address == address
+                # then: the same worker process registers with it again
+                with shoal.Client(address, timeout=10, set_as_default=False) as client:
+                    client.wait_for_workers(1, timeout=30)
+                    info = client.scheduler_info()["workers"]
+                    assert [w["name"] for w in info.values()] == ["comeback"]
+                    assert worker_child_pids(client) == before, "the worker was replaced"
+                    # and runs new work
+                    assert client.submit(square, 7).result(timeout=20) == 49
+                    assert client.submit(whoami, pure=False).result(timeout=20) in set(
+                        before.values())
+                assert worker.proc.poll() is None
+                worker.stop(signal.SIGTERM, timeout=15)
+                second.stop(signal.SIGTERM, timeout=15)
 
 
 def test_a_silent_worker_is_dropped_after_worker_ttl_and_its_work_moves() -> None:
     with no_leaks(timeout=15), \
             spawn_scheduler(extra_args=["--no-dashboard", "--worker-ttl", "2"]) as scheduler, \
             spawn_worker(scheduler.address, name="mute", extra_args=["--no-dashboard"]) as mute, \
-            spawn_worker(scheduler.address, name="talker", extra_args=["--no-dashboard"]):  # fmt: skip
+            spawn_worker(scheduler.address, name="talker",
+                         extra_args=["--no-dashboard"]):  # fmt: skip
         with shoal.Client(scheduler.address, timeout=10, set_as_default=False) as client:
             client.wait_for_workers(2, timeout=20)
             by_name = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
@@ -203,55 +209,57 @@ def test_a_silent_worker_is_dropped_after_worker_ttl_and_its_work_moves() -> Non
 
 
 def test_restart_of_a_local_process_cluster_gives_new_worker_processes() -> None:
-    with no_leaks(timeout=15):
-        with shoal.Client(n_workers=2, threads_per_worker=1, processes=True,
-                          dashboard_address=None, set_as_default=False) as client:  # fmt: skip
-            # given: two worker processes that hold a result
-            held = client.submit(square, 3)
-            assert held.result(timeout=20) == 9
-            before = worker_child_pids(client)
-            assert len(before) == 2 and os.getpid() not in before.values()
+    with no_leaks(timeout=15), shoal.Client(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            set_as_default=False) as client:  # fmt: skip
+        # given: two worker processes that hold a result
+        held = client.submit(square, 3)
+        assert held.result(timeout=20) == 9
+        before = worker_child_pids(client)
+        assert len(before) == 2 and os.getpid() not in before.values()
 
-            # when
-            assert client.restart(timeout=30) == 2
+        # when
+        assert client.restart(timeout=30) == 2
 
-            # then: two workers are back, in new processes, and run new tasks
-            after = worker_child_pids(client)
-            assert len(after) == 2
-            assert not set(after.values()) & set(before.values())
-            assert all(_zombie(p) for p in before.values())
-            # (results held before are gone)
-            with pytest.raises(shoal.FutureLostError, match="restarted"):
-                held.result(timeout=10)
-            assert client.gather(client.map(square, range(10))) == [x * x for x in range(10)]
+        # then: two workers are back, in new processes, and run new tasks
+        after = worker_child_pids(client)
+        assert len(after) == 2
+        assert not set(after.values()) & set(before.values())
+        assert all(_zombie(p) for p in before.values())
+        # (results held before are gone)
+        with pytest.raises(shoal.FutureLostError, match="restarted"):
+            held.result(timeout=10)
+        assert client.gather(client.map(square, range(10))) == [x * x for x in range(10)]
 
 
 def test_restart_replaces_the_worker_processes_of_shoal_worker_nannies() -> None:
-    with no_leaks(timeout=15), spawn_scheduler(extra_args=["--no-dashboard"]) as scheduler, \
-            spawn_worker(scheduler.address, name="n1", extra_args=["--no-dashboard"]) as n1, \
-            spawn_worker(scheduler.address, name="n2", extra_args=["--no-dashboard"]) as n2:  # fmt: skip
-        with shoal.Client(scheduler.address, timeout=10, set_as_default=False) as client:
-            client.wait_for_workers(2, timeout=20)
-            before = worker_child_pids(client)
-            parents = {psutil.Process(p).ppid() for p in before.values()}
-            assert parents == {n1.pid, n2.pid}
+    quiet = ["--no-dashboard"]
+    with no_leaks(timeout=15), spawn_scheduler(extra_args=quiet) as scheduler, \
+            spawn_worker(scheduler.address, name="n1", extra_args=quiet) as n1, \
+            spawn_worker(scheduler.address, name="n2", extra_args=quiet) as n2, \
+            shoal.Client(scheduler.address, timeout=10,
+                         set_as_default=False) as client:  # fmt: skip
+        client.wait_for_workers(2, timeout=20)
+        before = worker_child_pids(client)
+        parents = {psutil.Process(p).ppid() for p in before.values()}
+        assert parents == {n1.pid, n2.pid}
 
-            assert client.restart(timeout=30) == 2
+        assert client.restart(timeout=30) == 2
 
-            # then: the nannies live on, each with a new worker child
-            wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=20,
-                       message="two workers registered after restart")  # fmt: skip
-            after = worker_child_pids(client)
-            assert len(after) == 2 and not set(after.values()) & set(before.values())
-            assert {psutil.Process(p).ppid() for p in after.values()} == {n1.pid, n2.pid}
-            names = sorted(w["name"] for w in client.scheduler_info()["workers"].values())
-            assert names == ["n1", "n2"]
-            assert client.submit(sum, client.map(square, range(5))).result(timeout=20) == 30
+        # then: the nannies live on, each with a new worker child
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=20,
+                   message="two workers registered after restart")  # fmt: skip
+        after = worker_child_pids(client)
+        assert len(after) == 2 and not set(after.values()) & set(before.values())
+        assert {psutil.Process(p).ppid() for p in after.values()} == {n1.pid, n2.pid}
+        names = sorted(w["name"] for w in client.scheduler_info()["workers"].values())
+        assert names == ["n1", "n2"]
+        assert client.submit(sum, client.map(square, range(5))).result(timeout=20) == 30
 
 
 def _zombie(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
