@@ -167,7 +167,7 @@ def test_a_worker_rejoins_a_scheduler_that_comes_back_on_the_same_port(tmp_path:
 
 def test_a_silent_worker_is_dropped_after_worker_ttl_and_its_work_moves() -> None:
     with no_leaks(timeout=15), \
-            spawn_scheduler(extra_args=["--no-dashboard", "--worker-ttl", "2"]) as scheduler, \
+            spawn_scheduler(extra_args=["--no-dashboard", "--worker-ttl", "3"]) as scheduler, \
             spawn_worker(scheduler.address, name="mute", extra_args=["--no-dashboard"]) as mute, \
             spawn_worker(scheduler.address, name="talker",
                          extra_args=["--no-dashboard"]):  # fmt: skip
