@@ -8,12 +8,15 @@ the generation of its current hold per key. Workers join (fresh, or back at an o
 their data), leave (gracefully or not), finish or fail what they were sent, and send late and
 duplicate reports: a finish for a task that was moved, released or already finished, a report
 from a worker that left, a release or cancel of an older generation than the current hold.
+Missing data (`DataMissing`), ticks and cluster restarts happen too.
 
 Checked after every step:
 1. `validate_state` (the state is built with ``validate=True``);
 2. every report to a client (`KeyInMemory`, `KeyErred`, `KeyCancelled`, `KeyLost`) carries the
    generation of that client's current hold of the key, so nothing answers a released hold or
-   an older one; and the scheduler's holds are exactly the clients' holds;
+   an older one; the scheduler's holds are exactly the clients' holds; a new hold of a key that
+   is done is answered at once; a `KeyInMemory` names workers that hold the data, and a client
+   whose last word is `KeyInMemory` is right (a key that leaves memory is reported `KeyLost`);
 3. the scheduler's books agree with the workers: who holds what, who runs what;
 4. no instruction addresses a worker that left.
 Checked after draining (every task run to an end, every requested wake-up given):
