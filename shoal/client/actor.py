@@ -31,6 +31,7 @@ from ..protocol.refs import collected_keys, resolve_ref
 from ..protocol.serialize import deserialize, serialize
 from ..comm.rpc import next_rid
 from ..worker.context import current_context, get_client, seceded
+from .future import receive, receiving_client
 
 if TYPE_CHECKING:
     from .client import Client
@@ -290,7 +291,7 @@ class Actor:
             raise RuntimeError(reply.error)
         ok, *rest = reply.value
         if ok:
-            return deserialize(rest[0])
+            return receive(self._bound_client(), rest[0])
         error: BaseException = deserialize(rest[0])
         try:
             error.__cause__ = RemoteTraceback(deserialize(rest[1]))
@@ -362,10 +363,12 @@ def _rebuild_actor(cls: type, key: str, address: str | None) -> Actor:
     """A handle arriving in this process: it holds the actor in this process's client."""
     if getattr(_local, "unbound", 0):
         return Actor(cls, key, address)
-    try:
-        client = get_client()
-    except (ValueError, RuntimeError):  # no client here (yet): bind on first use
-        return Actor(cls, key, address)
+    client = receiving_client()
+    if client is None:
+        try:
+            client = get_client()
+        except (ValueError, RuntimeError):  # no client here (yet): bind on first use
+            return Actor(cls, key, address)
     return Actor(cls, key, address, client._future_on_arrival(key), client)
 
 

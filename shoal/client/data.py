@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 from ..comm.rpc import next_rid
 from ..exceptions import FutureLostError
 from ..protocol.messages import DataReply, GetData, Scattered, ScatterTargets, UpdateData, WhoHas
-from ..protocol.serialize import Serialized, deserialize, serialize
-from .future import Future, FutureState, wait
+from ..protocol.serialize import Serialized, serialize
+from .future import Future, FutureState, receive, wait
 
 if TYPE_CHECKING:
     from .client import Client
@@ -55,11 +55,12 @@ class DataMixin:
 
     def _unpack(self, states: list[FutureState], values: dict[str, Serialized],
                 errors: str) -> dict[str, Any]:  # fmt: skip
+        client = cast("Client", self)
         result: dict[str, Any] = {}
         for st in states:
             st.emit_warnings()
             if st.key in values:
-                result[st.key] = deserialize(values[st.key])
+                result[st.key] = receive(client, values[st.key])
             elif errors == "raise":
                 error = st.exception_object()
                 assert error is not None
@@ -71,7 +72,7 @@ class DataMixin:
     def _fetch_one(self, state: FutureState, timeout: float | None) -> Any:
         client = cast("Client", self)
         values = client._sync(self._fetch_async([state], timeout))
-        return deserialize(values[state.key])
+        return receive(client, values[state.key])
 
     async def _fetch_async(self, states: list[FutureState],
                            timeout: float | None = None) -> dict[str, Serialized]:  # fmt: skip

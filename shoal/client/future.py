@@ -195,7 +195,7 @@ class Future:
         if error is not None:
             raise error
         values = await self.client._fetch_async([state], timeout)
-        return deserialize(values[self.key])
+        return receive(self.client, values[self.key])
 
     async def _wait_async(self, timeout: float | None = None) -> None:
         if not self._state.done():
@@ -314,12 +314,33 @@ def _traceback_text(error: BaseException | None) -> str | None:
     return cause.tb if isinstance(cause, RemoteTraceback) else None
 
 
+_receiving = threading.local()
+
+
+def receive(client: Client, packed: Serialized) -> Any:
+    """Unpickle a value that ``client`` received: futures and actor handles inside it hold
+    their keys in ``client`` (not in whichever client is the process's default)."""
+    previous = getattr(_receiving, "client", None)
+    _receiving.client = client
+    try:
+        return deserialize(packed)
+    finally:
+        _receiving.client = previous
+
+
+def receiving_client() -> Client | None:
+    """The client unpickling a value it received on this thread (see `receive`), if any."""
+    client: Client | None = getattr(_receiving, "client", None)
+    return client
+
+
 def _rebuild_future(key: str) -> Future:
     """A future arriving pickled (in a queue item, an actor call, a task's result): it holds
-    the key in this process's client, which tells the scheduler if it did not hold it yet."""
+    the key in the client receiving it, which tells the scheduler if it did not hold it yet."""
     from .client import default_client
 
-    return default_client()._future_on_arrival(key)
+    client = receiving_client() or default_client()
+    return client._future_on_arrival(key)
 
 
 # ------------------------------------------------------------------ waiting

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..client.future import Future
+from ..client.future import Future, receive
 from ..comm.rpc import next_rid
 from ..protocol.messages import (
     EventSet,
@@ -48,7 +48,7 @@ from ..protocol.messages import (
     VariableGet,
     VariableSet,
 )
-from ..protocol.serialize import Serialized, deserialize, serialize
+from ..protocol.serialize import Serialized, serialize
 from ..worker.context import current_context, seceded
 from .requests import check_running, done_awaitable, register_wait, request, send
 
@@ -309,10 +309,8 @@ def _unpack(client: Client, wire: list[Any]) -> Any:
     """An item as the scheduler sent it: a value, or a future (for a key it made us want)."""
     value, key = wire
     if key is None:
-        return deserialize(value)
-    future = Future(key, client)
-    client.want([future])  # asks the scheduler to report the key's state to us again
-    return future
+        return receive(client, value)
+    return client._future_on_arrival(key)  # the scheduler made us want it: hold it here
 
 
 class Queue(_Named):
@@ -507,7 +505,7 @@ class Sub(_Named):
 
     async def _get(self, timeout: float | None) -> Any:
         if self._buffer:
-            return deserialize(self._buffer.popleft())
+            return receive(self.client, self._buffer.popleft())
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         client = self.client
@@ -519,7 +517,7 @@ class Sub(_Named):
             raise TimeoutError(f"no message on topic {self.topic!r} within {timeout}s") from None
         finally:
             client._replies.pop(rid, None)
-        return deserialize(payload)
+        return receive(client, payload)
 
     def close(self) -> None:
         """Unsubscribe; messages already here can still be taken."""

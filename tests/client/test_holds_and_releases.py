@@ -110,6 +110,27 @@ def test_a_future_arriving_through_a_queue_completes_in_another_client(
         del arrived
 
 
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def test_an_actor_handle_in_a_result_belongs_to_the_client_that_fetched_it(client: shoal.Client) -> None:
+    # given a newer client, which is now the process's default
+    newer = shoal.Client(client.scheduler_address)
+    try:
+        # when the first client fetches an actor handle
+        counter = client.submit(Counter, actor=True).result(timeout=10)
+    finally:
+        newer.close()
+    # then it is held through the client that fetched it, which is still open
+    assert counter.incr().result(timeout=10) == 1
+
+
 def _get_in(other: shoal.Client, name: str) -> shoal.Future:
     """Unpickle a queued future with ``other`` as the default client."""
     from shoal.client import client as client_module
