@@ -12,15 +12,31 @@ machine). Fractions of it, dask.distributed's defaults (`MemoryFractions`):
 - transfer 0.1: inputs being fetched from peers at once (at least one).
 
 `WorkerMemory` is a worker's part: its store and the monitor that reads the process's RSS
-every 20 ms. A result waits on its task's thread for room in
-memory (`SpillBuffer.wait_for_room`), so tasks cannot outrun the disk. A worker in the
-client's process (``in_process``) shares its RSS with everything else there, so it spills
-by the target only and never pauses.
+every 20 ms. A poll alone acts too late: one task can allocate a tenth of the limit and more
+between two readings (its inputs read back from disk and its result), and a peer's data
+lands all at once. So the worker also acts *before* it allocates, on the projected memory:
+
+- a task, before it starts (on its thread), reserves what it will allocate: the inputs it
+  reads back from disk or unpickles, and a result as big as the last of its kind
+  (`WorkerMemory.reserve`). It waits, up to a deadline, until the RSS plus every
+  reservation fits under `MemoryMonitor.line`, the store spilling meanwhile: reservations
+  lower the store's ceiling like memory already in use. Reservations are kept under the
+  target fraction: the band up to the spill fraction is for what no reservation foresees
+  (data being sent, buffers);
+- a fetch from a peer reserves its bytes the same way (`WorkerMemory.reserve_async`);
+- when a result is stored or a peer's data lands, the RSS is read again at once
+  (`WorkerMemory.check_now`): the store spills and the worker pauses then, not a poll later;
+- the pause decision counts the reservations too (the projected RSS).
+
+A result also waits on its task's thread for room in memory (`SpillBuffer.wait_for_room`),
+so tasks cannot outrun the disk. A worker in the client's process (``in_process``) shares
+its RSS with everything else there, so it spills by the target only and never pauses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import ctypes.util
 import functools
@@ -28,6 +44,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -162,6 +180,14 @@ def parse_memory_limit(value: str | int | float | None, n_workers: int = 1) -> i
     return int(number)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def key_prefix(key: str) -> str:
+    """``"add-3f2a..."`` -> ``"add"``, ``"x-12"`` -> ``"x"``: tasks of one kind."""
+    return key.rsplit("-", 1)[0] if "-" in key else key
+
+
 @functools.cache
 def _libc() -> Any:
     if not sys.platform.startswith("linux"):
@@ -194,10 +220,12 @@ class MemoryMonitor:
 
     The store may hold results until the RSS would reach the spill fraction: its
     ``ceiling`` is that fraction less the memory held outside the store (the RSS less the
-    store's bytes, as last measured), so that it spills as results arrive rather than a
-    reading later. Once the RSS passes the spill fraction, the ceiling drops to the target
-    fraction less that memory, until the RSS is back under the target. Above the pause
-    fraction the worker should be paused (``paused``), and back under, resumed.
+    store's bytes, as last measured) and less the bytes reserved for allocations about to
+    happen (``reserved``), so that it spills as results arrive rather than a reading later.
+    Once the RSS passes the spill fraction, the ceiling drops to the target fraction less
+    that memory, until the RSS is back under the target. Above the pause fraction (the RSS
+    plus the reservations) the worker should be paused (``paused``), and back under, resumed.
+    Thread-safe: task threads reserve while the event loop checks.
     """
 
     def __init__(self, data: SpillBuffer, limit: int, fractions: MemoryFractions) -> None:
@@ -214,11 +242,43 @@ class MemoryMonitor:
         #: gives freed memory back to the system (`trim_memory`), tried while spilling
         self.trim: Callable[[], object] = trim_memory
         self._checks = 0
+        #: bytes promised to allocations under way or about to start (tasks, fetches)
+        self.reserved = 0
+        self._lock = threading.RLock()
+
+    @property
+    def spills(self) -> bool:
+        """Whether the store spills at all (a target or a spill fraction is set)."""
+        return self.fractions.target is not None or self.fractions.spill is not None
+
+    @property
+    def line(self) -> int | None:
+        """Bytes the RSS plus the reservations should stay under: the target fraction (else
+        the lowest of spill, pause and terminate that is set); None if every one is off.
+        The band from the target up to the spill fraction is left to what no reservation
+        foresees: data being sent to peers, buffers, the interpreter's own."""
+        f = self.fractions
+        for fraction in (f.target, f.spill, f.pause, f.terminate):
+            if fraction is not None:
+                return int(fraction * self.limit)
+        return None
+
+    def change_reserved(self, delta: int, rss: int | None = None) -> None:
+        """Add ``delta`` (negative: give back) to ``reserved``, and act on it at once
+        (with ``rss``, a fresh reading, if given)."""
+        with self._lock:
+            self.reserved = max(0, self.reserved + delta)
+            self.check(self.rss if rss is None else rss)
 
     def check(self, rss: int) -> None:
+        with self._lock:
+            self._check(rss)
+
+    def _check(self, rss: int) -> None:
         self.rss = rss
         self._checks += 1
         f, limit = self.fractions, self.limit
+        reserved = self.reserved
         if f.spill is not None:
             spill_at = f.spill * limit
             target = (f.target if f.target is not None else f.spill) * limit
@@ -228,7 +288,10 @@ class MemoryMonitor:
                 self.spilling = False
                 self._warned_unmanaged = False
             unmanaged = max(0, rss - self.data.memory_bytes)
-            self.data.ceiling = max(0, int((target if self.spilling else spill_at) - unmanaged))
+            line = target if self.spilling else spill_at
+            if reserved:  # room for them under their own line (`line`), which may be lower
+                line = min(line, self.line or line)
+            self.data.ceiling = max(0, int(line - unmanaged - reserved))
             if self.spilling:
                 if self._checks % 10 == 1:  # about once a second at most
                     self.trim()
@@ -239,8 +302,13 @@ class MemoryMonitor:
                         " nothing left to spill: memory held outside stored results (a leak,"
                         " or large task temporaries)?", self.data.name, format_bytes(rss),
                         f.spill * 100, format_bytes(limit))  # fmt: skip
+        elif f.target is not None:
+            # Spilling by the target only: reservations still make room under it.
+            unmanaged = max(0, rss - self.data.memory_bytes)
+            self.data.ceiling = (max(0, int(f.target * limit - unmanaged - reserved))
+                                 if reserved else None)  # fmt: skip
         if f.pause is not None:
-            paused = rss > f.pause * limit
+            paused = rss + reserved > f.pause * limit
             if paused != self.paused:
                 self.paused = paused
                 if paused:
@@ -273,21 +341,108 @@ class WorkerMemory:
         #: None without a limit, and in-process (the RSS is not the worker's alone)
         self.monitor = (MemoryMonitor(self.data, limit, f)
                         if limit and not in_process else None)  # fmt: skip
+        self._proc = psutil.Process(os.getpid())
+        #: result sizes by key prefix (`expected_result`), and the last results' sizes
+        self._results: dict[str, int] = {}
+        self._recent: collections.deque[int] = collections.deque(maxlen=16)
+
+    # ------------------------------------------------- acting before allocating
+
+    def read_rss(self) -> int:
+        """The process's RSS now (bytes): a few microseconds."""
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):  # not Linux
+            return int(self._proc.memory_info().rss)
+
+    def expected_result(self, key: str) -> int:
+        """Bytes a task's result is likely to take: as much as the last of its kind (same key
+        prefix), else the largest of the last results here."""
+        size = self._results.get(key_prefix(key))
+        if size is not None:
+            return size
+        return max(self._recent, default=0)
+
+    def note_result(self, key: str, nbytes: int) -> None:
+        self._results[key_prefix(key)] = nbytes
+        if len(self._results) > 1000:
+            self._results.clear()  # many kinds of tasks: start over rather than grow
+        self._recent.append(nbytes)
+
+    def reserve(self, nbytes: int, timeout: float = 30.0) -> int:
+        """Reserve ``nbytes`` for an allocation about to happen on this (task) thread, once
+        they fit: wait until the RSS plus every reservation is under `MemoryMonitor.line`,
+        the store spilling meanwhile. Goes ahead anyway when nothing more can be spilled, or
+        after ``timeout`` seconds. Returns what was reserved (give it back with `release`)."""
+        monitor = self.monitor
+        line = monitor.line if monitor is not None else None
+        if monitor is None or line is None or nbytes <= 0:
+            return 0
+        deadline = time.monotonic() + timeout
+        # Reserved at once, even while waiting: it lowers the store's ceiling, so it spills.
+        monitor.change_reserved(nbytes, self.read_rss())
+        while True:
+            rss = self.read_rss()
+            with monitor._lock:
+                monitor.check(rss)
+                if (rss + monitor.reserved <= line or not monitor.spills
+                        or self.data.spillable_bytes() == 0):  # fmt: skip
+                    return nbytes
+            if self.data.closed:
+                return nbytes
+            if time.monotonic() >= deadline:
+                logger.warning("worker %s: %s more would bring the process to %s, over %s;"
+                               " going on", self.data.name, format_bytes(nbytes),
+                               format_bytes(rss + monitor.reserved), format_bytes(line))  # fmt: skip
+                return nbytes
+            # The spill thread writes meanwhile; the RSS drops as each value leaves memory.
+            self.data.wait_for_change(0.01)
+
+    async def reserve_async(self, nbytes: int, timeout: float = 10.0) -> int:
+        """`reserve`, on the event loop (for a fetch from a peer)."""
+        monitor = self.monitor
+        line = monitor.line if monitor is not None else None
+        if monitor is None or line is None or nbytes <= 0:
+            return 0
+        deadline = time.monotonic() + timeout
+        monitor.change_reserved(nbytes, self.read_rss())
+        while time.monotonic() < deadline and not self.data.closed:
+            rss = self.read_rss()
+            monitor.check(rss)
+            if (rss + monitor.reserved <= line or not monitor.spills
+                    or self.data.spillable_bytes() == 0):  # fmt: skip
+                break
+            await asyncio.sleep(0.01)
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        """Give back a reservation: what it was for is allocated (counted in the RSS) or
+        freed."""
+        if self.monitor is not None and nbytes:
+            self.monitor.change_reserved(-nbytes, self.read_rss())
+
+    def check_now(self, worker: Worker) -> None:
+        """Read the RSS and act on it now (after an allocation), not at the next poll."""
+        if self.monitor is None:
+            return
+        self.monitor.check(self.read_rss())
+        self._sync_pause(worker)
+
+    def _sync_pause(self, worker: Worker) -> None:
+        assert self.monitor is not None
+        state = worker.state
+        # Compared with the state each time: a reconnect starts a fresh, unpaused one.
+        if state is not None and state.paused != self.monitor.paused and not worker._closing:
+            worker._handle([PauseEvent("memory-monitor", self.monitor.paused)])
 
     async def run(self, worker: Worker) -> None:
         """Read the RSS every ``interval`` and act on it, until cancelled."""
         if self.monitor is None:
             return
-        proc = psutil.Process(os.getpid())
         while True:
-            try:
-                self.monitor.check(proc.memory_info().rss)
-            except psutil.Error:  # pragma: no cover - our own process
-                pass
-            state = worker.state
-            # Compared with the state each time: a reconnect starts a fresh, unpaused one.
-            if state is not None and state.paused != self.monitor.paused and not worker._closing:
-                worker._handle([PauseEvent("memory-monitor", self.monitor.paused)])
+            self.monitor.check(self.read_rss())
+            self._sync_pause(worker)
             await asyncio.sleep(self.interval)
 
     def close(self) -> None:

@@ -405,11 +405,19 @@ class Worker:
         assert compute is not None
         # Spilled inputs come as handles, read back on the task's thread, not here.
         deps = self.data.hold(compute.who_has)
-        self._executor.submit(self._run_in_thread, key, compute.function, compute.args, deps)
+        # What it will allocate: the inputs it reads back or unpickles, and its result.
+        need = sum(v.nbytes for v in deps.values() if isinstance(v, Lazy))
+        need += self.memory.expected_result(key)
+        self._executor.submit(self._run_in_thread, key, compute.function, compute.args, deps,
+                              need)  # fmt: skip
 
     def _run_in_thread(self, key: str, function: bytes, args: Serialized,
-                       deps: dict[str, Any]) -> None:  # fmt: skip
+                       deps: dict[str, Any], need: int = 0) -> None:  # fmt: skip
+        reserved = 0
         try:
+            # Room first, under the spill line, for what the task will allocate (the store
+            # spills meanwhile): acting on a poll after the allocation would be too late.
+            reserved = self.memory.reserve(need)
             with running(TaskContext(self, key)):
                 self.data.wait_to_load(deps)  # room first for inputs coming back from disk
                 for dep, value in deps.items():
@@ -430,6 +438,8 @@ class Worker:
                 self.data.wait_for_room(outcome.nbytes)
             except BaseException:  # noqa: BLE001 - the result goes in anyway
                 logger.exception("waiting for room for %s", key)
+        # The result is allocated (in the RSS) or the run failed: the reservation goes.
+        self.memory.release(reserved)
         self._done.append(outcome)
         if not self._drain_scheduled:
             self._drain_scheduled = True
@@ -446,6 +456,7 @@ class Worker:
             out = self._done.popleft()
             if out.ok:
                 self.data[out.key] = out.value
+                self.memory.note_result(out.key, out.nbytes)
                 events.append(ExecuteDone(f"execute-{out.key}", out.key, out.nbytes,
                                           out.typename, out.start, out.stop, out.warnings))  # fmt: skip
             else:
@@ -454,6 +465,7 @@ class Worker:
                                             out.traceback, out.text, out.start, out.stop,
                                             out.warnings))  # fmt: skip
         if events and not self._closing:
+            self.memory.check_now(self)  # results stored: spill or pause now if need be
             self._handle(events)
 
     # ------------------------------------------------- seceding (from task threads)
@@ -493,21 +505,27 @@ class Worker:
     async def _gather(self, ins: GatherDep) -> None:
         assert self._peers is not None
         stimulus = f"gather-{ins.peer}"
+        # Room first for what arrives (the store spills meanwhile), as for a task.
+        reserved = await self.memory.reserve_async(ins.total_nbytes)
         try:
-            reply = await self._peers.request(ins.peer, GetData(next_rid(), ins.keys),
-                                              timeout=max(30.0, ins.total_nbytes / 50e6))  # fmt: skip
-        except (OSError, asyncio.TimeoutError) as exc:
-            logger.info("could not fetch %d keys from %s: %s", len(ins.keys), ins.peer, exc)
-            self._handle([GatherFailed(stimulus, ins.peer, ins.keys, str(exc))])
-            return
-        if not isinstance(reply, DataReply):
-            self._handle([GatherFailed(stimulus, ins.peer, ins.keys, "bad reply")])
-            return
-        nbytes: dict[str, int] = {}
-        for key, ser in reply.data.items():
-            self.data.setdefault(key, Packed(ser))
-            nbytes[key] = ser.nbytes
-        self.bytes_in += sum(nbytes.values())
+            try:
+                reply = await self._peers.request(ins.peer, GetData(next_rid(), ins.keys),
+                                                  timeout=max(30.0, ins.total_nbytes / 50e6))  # fmt: skip
+            except (OSError, asyncio.TimeoutError) as exc:
+                logger.info("could not fetch %d keys from %s: %s", len(ins.keys), ins.peer, exc)
+                self._handle([GatherFailed(stimulus, ins.peer, ins.keys, str(exc))])
+                return
+            if not isinstance(reply, DataReply):
+                self._handle([GatherFailed(stimulus, ins.peer, ins.keys, "bad reply")])
+                return
+            nbytes: dict[str, int] = {}
+            for key, ser in reply.data.items():
+                self.data.setdefault(key, Packed(ser))
+                nbytes[key] = ser.nbytes
+            self.bytes_in += sum(nbytes.values())
+        finally:
+            self.memory.release(reserved)
+        self.memory.check_now(self)  # the data landed: spill or pause now if need be
         self._handle([GatherDone(stimulus, ins.peer, nbytes, reply.missing)])
 
     async def _serve_peer(self, comm: Comm) -> None:
@@ -519,7 +537,10 @@ class Worker:
                     if send.closed:
                         return
                     if isinstance(msg, GetData):
-                        send.send(self._get_data(msg))
+                        if self.memory.monitor is not None and self.data.disk_bytes(msg.keys):
+                            self._spawn(self._get_data_from_disk(msg, send))
+                        else:
+                            send.send(self._get_data(msg))
                     elif isinstance(msg, UpdateData):
                         send.send(self._update_data(msg))
                     elif isinstance(msg, RunFunction):
@@ -536,6 +557,18 @@ class Worker:
             pass
         finally:
             await send.close()
+
+    async def _get_data_from_disk(self, msg: GetData, send: BatchedSend) -> None:
+        """`_get_data` for keys read back from disk to be sent: room first for them, as for a
+        task, but for a short while only (the peer waits; its reply holds no room of ours)."""
+        reserved = await self.memory.reserve_async(self.data.disk_bytes(msg.keys), timeout=2.0)
+        try:
+            reply = self._get_data(msg)
+            if not send.closed:
+                send.send(reply)
+            del reply
+        finally:
+            self.memory.release(reserved)
 
     def _get_data(self, msg: GetData) -> DataReply:
         data: dict[str, Serialized] = {}

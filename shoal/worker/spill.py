@@ -50,6 +50,11 @@ class Lazy:
 
     __slots__ = ()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes it takes in memory once loaded (as weighed now)."""
+        raise NotImplementedError
+
     def load(self) -> Any:
         raise NotImplementedError
 
@@ -316,6 +321,11 @@ class SpillBuffer(MutableMapping[str, Any]):
         """Where spilled values go (None until the first spill, for a temporary one)."""
         return self._directory
 
+    def disk_bytes(self, keys: Iterable[str]) -> int:
+        """Bytes those of ``keys`` that are on disk take once read back (for `peek`)."""
+        with self._lock:
+            return sum(self.slow[k].nbytes for k in keys if k in self.slow)
+
     def spillable_bytes(self) -> int:
         """Bytes in memory that could still be spilled."""
         with self._lock:
@@ -423,6 +433,16 @@ class SpillBuffer(MutableMapping[str, Any]):
                     return  # nothing left to spill (or too long): go over rather than hang
                 self._maybe_spill()
                 self._room.wait(left)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until bytes leave memory (a spill, a delete), or ``timeout`` seconds."""
+        with self._lock:
+            if not self._closed:
+                self._room.wait(timeout)
 
     def wait_to_load(self, held: Mapping[str, Any]) -> None:
         """`wait_for_room` for the values a task is about to read back from disk (the

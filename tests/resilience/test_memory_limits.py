@@ -11,6 +11,7 @@ import pytest
 from shoal.worker.memory import (
     MemoryFractions,
     MemoryMonitor,
+    WorkerMemory,
     format_bytes,
     parse_bytes,
     parse_memory_limit,
@@ -128,3 +129,62 @@ def test_fractions_turned_off_do_nothing(store: SpillBuffer) -> None:
     m = MemoryMonitor(store, 100 * MB, MemoryFractions(spill=None, pause=None))
     m.check(99 * MB)
     assert store.ceiling is None and not m.paused
+
+
+# ------------------------------------------------------ acting before allocating
+
+
+def test_reservations_lower_the_ceiling_and_count_toward_the_pause(store: SpillBuffer) -> None:
+    # given a 100 MB worker whose process takes 30 MB, 10 MB of it in the store
+    store["a"] = b"x" * (10 * MB)
+    m = monitor_of(store)
+    m.check(30 * MB)
+    assert store.ceiling == 50 * MB  # 70 - 20 held elsewhere
+
+    # when a task reserves 20 MB: the store must make room for it under the target (60 MB)
+    m.change_reserved(20 * MB, 30 * MB)
+    assert store.ceiling == (60 - 20 - 20) * MB and not m.paused
+
+    # when 40 MB more are reserved: 30 + 60 projected is over the pause fraction (80 MB)
+    m.change_reserved(40 * MB, 30 * MB)
+    assert m.paused
+    # and once they are given back, the worker may resume, the store fill up again
+    m.change_reserved(-60 * MB, 30 * MB)
+    assert not m.paused and store.ceiling == 50 * MB
+
+
+def test_a_task_waits_for_the_store_to_spill_before_it_allocates(tmp_path: Path) -> None:
+    # given a 100 MB worker: 20 MB outside the store, 40 MB of results in it
+    memory = WorkerMemory("w", 100 * MB, MemoryFractions(), str(tmp_path))
+    memory.read_rss = lambda: 20 * MB + memory.data.memory_bytes  # type: ignore[method-assign]
+    try:
+        for i in range(4):
+            memory.data[f"x-{i}"] = b"x" * (10 * MB)
+        assert memory.data.memory_bytes == 40 * MB
+
+        # when a task reserves 20 MB: projected 80 MB, over the 60 MB line
+        reserved = memory.reserve(20 * MB, timeout=10)
+
+        # then it returns once the store spilled enough: 20 + 20 + 20 fits under 60 MB
+        assert reserved == 20 * MB
+        assert memory.data.memory_bytes <= 20 * MB and memory.data.spilled_bytes >= 20 * MB
+        assert memory.monitor is not None and memory.monitor.reserved == 20 * MB
+        memory.release(reserved)
+        assert memory.monitor.reserved == 0
+    finally:
+        memory.close()
+
+
+def test_without_spilling_a_reservation_does_not_wait(tmp_path: Path) -> None:
+    # given a worker that never spills (no target, no spill fraction), over its line
+    fractions = MemoryFractions(target=None, spill=None, pause=0.3, terminate=None)
+    memory = WorkerMemory("w", 100 * MB, fractions, str(tmp_path))
+    memory.read_rss = lambda: 90 * MB  # type: ignore[method-assign]
+    try:
+        memory.data["x"] = b"x" * MB
+        # then a reservation is counted (it pauses the worker) but does not wait
+        assert memory.reserve(10 * MB, timeout=30) == 10 * MB
+        assert memory.monitor is not None and memory.monitor.paused
+        memory.release(10 * MB)
+    finally:
+        memory.close()
