@@ -44,6 +44,7 @@ from ..protocol.messages import (
     RefreshWhoHas,
     TaskErred,
     TaskFinished,
+    TaskSpec,
     TaskWarning,
 )
 from . import placement
@@ -119,6 +120,8 @@ class SchedulerState:
         #: workers being retired (see `_check_retiring`)
         self._retiring: set[WorkerRecord] = set()
         self._wake_requested = float("inf")
+        #: recent function payloads, each kept once (see `_share_function`)
+        self._functions: dict[bytes, bytes] = {}
 
     # ------------------------------------------------------------------ entry
 
@@ -162,6 +165,7 @@ class SchedulerState:
         for spec in ev.tasks:
             ts = self.tasks.get(spec.key)
             if ts is None:
+                self._share_function(spec)
                 self._order += 1
                 ts = TaskState(spec.key, spec, (-spec.priority, self._order))
                 self.tasks[spec.key] = ts
@@ -191,6 +195,18 @@ class SchedulerState:
         self._want(wanted, ev.client)
         for ts in new:
             self._forget_if_unused(ts)  # submitted but wanted by nobody, directly or not
+
+    def _share_function(self, spec: TaskSpec) -> None:
+        """Keep one copy of each recent function payload: a map of a million calls arrives
+        as a million equal copies of the pickled function."""
+        functions = self._functions
+        shared = functions.get(spec.function)
+        if shared is None:
+            if len(functions) >= _SHARED_FUNCTIONS:
+                del functions[next(iter(functions))]  # the oldest
+            functions[spec.function] = spec.function
+        else:
+            spec.function = shared
 
     def _handle_keys_wanted(self, ev: KeysWanted) -> None:
         client_keys = self.clients.setdefault(ev.client, set())
@@ -863,6 +879,9 @@ def _released_generations(generations: list[int] | None, n: int) -> list[int]:
 
 
 _ANY_GENERATION = 2**62
+
+#: how many distinct function payloads `_share_function` remembers
+_SHARED_FUNCTIONS = 256
 
 
 def _hold(ts: TaskState, client: ClientId, generation: int) -> None:
