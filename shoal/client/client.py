@@ -296,7 +296,8 @@ class Client(DataMixin, DatasetsMixin):
         self._schedule_drain()
 
     def _send_now(self, msg: Msg) -> None:
-        """Send ``msg`` now, after what is queued before it (on the loop only)."""
+        """Send ``msg`` now, after what is queued before it (on the loop only; a user thread
+        uses `_send`: a callback it schedules may run after a drain of later messages)."""
         self._drain_outbox()
         self._write(msg)
 
@@ -630,14 +631,15 @@ class Client(DataMixin, DatasetsMixin):
         if not states:
             return
 
-        def mark_and_send() -> None:
+        def mark() -> None:
             for st in states.values():
                 if st.status != "cancelled":
                     st.fail("cancelled", "cancelled by the client", status="cancelled")
-            self._send_now(CancelKeys([st.key for st in states.values()],
-                                      generations=[st.generation for st in states.values()]))
 
-        self._call_soon(mark_and_send)
+        self._call_soon(mark)
+        # Through the outbox, so it reaches the scheduler before a resubmission made after it.
+        self._send(CancelKeys([st.key for st in states.values()],
+                              generations=[st.generation for st in states.values()]))
 
     def fire_and_forget(self, futures: Iterable[Future] | Future) -> None:
         """Run these to the end even if every future for them is dropped."""
