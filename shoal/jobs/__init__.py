@@ -12,7 +12,8 @@ Run job workers with ``shoal jobs worker myapp:app --concurrency 4 --queues a,b`
 
 Modules, one concern each:
   app.py          JobQueue: registering jobs and schedules, opening the broker
-  definition.py   JobFunction: delay / enqueue, and a job's options
+  definition.py   JobFunction: delay / enqueue / prepare / enqueue_many, and a job's options
+  batch.py        Batch: ``with app.batch():`` sends delay() calls many at a time
   job.py          Job: the handle (status, result, cancel, attempts, last_error)
   message.py      the msgspec envelope (JobMessage) and stored record (JobRecord)
   payload.py      arguments, results and exceptions <-> bytes (cloudpickle)
@@ -28,6 +29,7 @@ Modules, one concern each:
 """
 
 from .app import JobQueue as JobQueue
+from .batch import Batch as Batch
 from .broker import Broker as Broker
 from .definition import JobFunction as JobFunction
 from .errors import BrokerUnavailable as BrokerUnavailable
@@ -37,5 +39,6 @@ from .errors import JobFailed as JobFailed
 from .errors import ParentFailed as ParentFailed
 from .errors import TimeLimitExceeded as TimeLimitExceeded
 from .job import Job as Job
+from .message import JobMessage as JobMessage
 from .message import JobRecord as JobRecord
 from .worker import Worker as Worker

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from . import batch as _batch
+from .batch import Batch
 from .broker import Broker
 from .definition import JobFunction, JobOptions, check_priority, seconds
 from .errors import DuplicateJob
 from .job import Job
+from .message import JobMessage
 from .policy.leases import DEFAULT_LEASE, check_lease
 from .schedules import CatchUp, Schedule, every_seconds
 
@@ -52,8 +55,12 @@ class JobQueue:
         return self._broker
 
     def close(self) -> None:
-        """Close the broker's connections (it reopens on next use). A ``memory://`` broker
-        is kept: its jobs live nowhere else."""
+        """Send the jobs of an open ``app.batch()`` block of this context, then close the
+        broker's connections (it reopens on next use). A ``memory://`` broker is kept: its
+        jobs live nowhere else."""
+        open_batch = _batch.current.get()
+        if open_batch is not None and open_batch.app is self:
+            open_batch.flush()
         with self._lock:
             broker = self._broker
             if broker is None or not broker.shared:
@@ -138,6 +145,40 @@ class JobQueue:
         return register
 
     # ------------------------------------------------------------ using
+
+    def enqueue_many(self, messages: Iterable[JobMessage]) -> list[Job]:
+        """Store many jobs, from `JobFunction.prepare`, in few broker calls (memory: one;
+        SQLite: one transaction; Redis: one script call per 1,000); their handles, in order.
+
+        The same as enqueueing each in turn (keys already used, here or earlier in the
+        batch, return the existing job with ``created`` False; a job may come after an
+        earlier one of the batch), except that an unknown parent raises ``KeyError`` before
+        anything is stored. Inside ``app.batch()`` the batch is sent first, to keep order."""
+        batch = list(messages)
+        open_batch = _batch.current.get()
+        if open_batch is not None and open_batch.app is self:
+            open_batch.flush()
+        broker = self.broker
+        return [Job(job_id, broker, created) for job_id, created in broker.enqueue_many(batch)]
+
+    def batch(self, size: int = 500) -> Batch:
+        """``with app.batch(): ...``: jobs enqueued in the block (``delay``, ``enqueue``,
+        this app, this thread or task) are sent ``size`` at a time with `enqueue_many`, and
+        the rest when the block ends, even by an exception.
+
+        Durability: ``delay()`` returns at once, and the job is stored only when its batch
+        is sent. A crash (or ``os._exit``) inside the block loses jobs not sent yet;
+        leaving the block, ``batch.flush()``, ``app.close()`` or reading a handle
+        (``status``, ``result()``...) sends them. Outside a block, ``delay()`` returns only
+        once the job is stored, as always."""
+        return Batch(self, size)
+
+    def _submit(self, message: JobMessage) -> Job:
+        open_batch = _batch.current.get()
+        if open_batch is not None and open_batch.app is self:
+            return open_batch.add(message)
+        job_id, created = self.broker.enqueue(message)
+        return Job(job_id, self.broker, created)
 
     def get(self, job_id: str) -> Job:
         """The handle of a job by id (it may have been enqueued elsewhere)."""

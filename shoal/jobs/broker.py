@@ -60,6 +60,21 @@ class Broker(ABC):
         and False. With parents, the job waits for them (and fails or is cancelled at once
         if one already has); an unknown parent id raises ``KeyError``."""
 
+    def enqueue_many(self, messages: Sequence[JobMessage]) -> list[tuple[str, bool]]:
+        """Store many jobs; return ``(id, created)`` for each, in order.
+
+        The same as `enqueue` on each message in turn: a key used by an existing job or by
+        an earlier message of the batch returns that job's id (and False); a message may name
+        an earlier one of the batch as a parent. Unlike separate calls, an unknown parent
+        raises ``KeyError`` before anything is stored. Backends store a batch in one step
+        (memory: one lock; SQLite: one transaction; Redis: one script call per chunk of
+        `ENQUEUE_CHUNK` messages, each chunk atomic). This default calls `enqueue` on each,
+        after checking parents."""
+        if not messages:
+            return []
+        check_parents(messages, lambda ids: [self.get(i) is not None for i in ids])
+        return [self.enqueue(m) for m in messages]
+
     # --------------------------------------------------------------- consuming
 
     @abstractmethod
@@ -145,3 +160,25 @@ class Broker(ABC):
 
     def close(self) -> None:
         """Release connections. The broker must not be used afterwards."""
+
+
+#: Messages per atomic step in `Broker.enqueue_many` where a backend splits a batch.
+ENQUEUE_CHUNK = 1000
+
+
+def check_parents(messages: Sequence[JobMessage],
+                   exist: Callable[[list[str]], list[bool]]) -> None:
+    """Raise ``KeyError`` for the first parent that is neither an earlier message of the
+    batch nor a job ``exist`` finds (asked once, for all outside parents together)."""
+    earlier: set[str] = set()
+    outside: dict[str, None] = {}
+    for m in messages:
+        for pid in m.parents:
+            if pid not in earlier:
+                outside[pid] = None
+        earlier.add(m.id)
+    if outside:
+        ids = list(outside)
+        missing = [pid for pid, ok in zip(ids, exist(ids)) if not ok]
+        if missing:
+            raise KeyError(f"unknown parent job {missing[0]!r}")

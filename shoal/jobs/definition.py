@@ -81,7 +81,7 @@ class JobFunction(Generic[P, R]):
         priority: int | None = None,
         key: str | None = None,
         queue: str | None = None,
-        after: Iterable[Job | str] = (),
+        after: Iterable[Job | JobMessage | str] = (),
         pass_results: bool = True,
         retries: int | None = None,
         time_limit: timedelta | float | None = None,
@@ -94,7 +94,30 @@ class JobFunction(Generic[P, R]):
         succeed first; then this one is called as ``fn(*parent_results, *args, **kwargs)``
         with their results in the order given (``pass_results=False``: ``fn(*args,
         **kwargs)``). If one of them fails or is cancelled, so is this job.
-        Arguments that cannot be pickled raise `shoal.SerializationError` naming them."""
+        Arguments that cannot be pickled raise `shoal.SerializationError` naming them.
+        Inside ``with app.batch():`` the job is kept and sent with the batch."""
+        return self.app._submit(self.prepare(
+            args, kwargs, delay=delay, at=at, priority=priority, key=key, queue=queue,
+            after=after, pass_results=pass_results, retries=retries, time_limit=time_limit))
+
+    def prepare(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        delay: timedelta | float | None = None,
+        at: datetime | float | None = None,
+        priority: int | None = None,
+        key: str | None = None,
+        queue: str | None = None,
+        after: Iterable[Job | JobMessage | str] = (),
+        pass_results: bool = True,
+        retries: int | None = None,
+        time_limit: timedelta | float | None = None,
+    ) -> JobMessage:
+        """The envelope `enqueue` would store, not stored: give many to
+        `JobQueue.enqueue_many`. Same arguments as `enqueue`; ``after`` may name envelopes
+        sent earlier in the same `enqueue_many` call."""
         from .job import Job
 
         opts = self.options
@@ -111,11 +134,11 @@ class JobFunction(Generic[P, R]):
                 eta = at.timestamp()
             else:
                 eta = float(at)
-        parents = tuple(p.id if isinstance(p, Job) else str(p) for p in after)
+        parents = tuple(p.id if isinstance(p, (Job, JobMessage)) else str(p) for p in after)
         n_retries = opts.retries if retries is None else retries
         if n_retries < 0:
             raise ValueError(f"retries must be >= 0, not {n_retries}")
-        message = JobMessage(
+        return JobMessage(
             id=uuid.uuid4().hex,
             name=self.name,
             queue=queue or opts.queue,
@@ -131,5 +154,20 @@ class JobFunction(Generic[P, R]):
             parents=parents,
             pass_results=pass_results,
         )
-        job_id, created = self.app.broker.enqueue(message)
-        return Job(job_id, self.app.broker, created)
+
+    def enqueue_many(self, calls: Iterable[Sequence[Any]], *, delay: timedelta | float | None = None,
+                     at: datetime | float | None = None, priority: int | None = None,
+                     queue: str | None = None, retries: int | None = None,
+                     time_limit: timedelta | float | None = None) -> list[Job]:
+        """Enqueue one job per argument tuple in ``calls``, all with the same options, in a
+        few broker calls (`JobQueue.enqueue_many`): ``send.enqueue_many([("ada",), ("bob",)])``.
+        For keyword arguments, keys or parents per job, give `prepare` envelopes to
+        `JobQueue.enqueue_many`."""
+        messages = []
+        for args in calls:
+            if not isinstance(args, (tuple, list)):
+                raise TypeError(f"each call is a tuple of arguments, e.g. [(1,), (2,)], "
+                                f"not {type(args).__name__}")
+            messages.append(self.prepare(args, delay=delay, at=at, priority=priority,
+                                         queue=queue, retries=retries, time_limit=time_limit))
+        return self.app.enqueue_many(messages)

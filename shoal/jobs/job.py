@@ -10,6 +10,7 @@ from .message import FINISHED, JobRecord, Status
 from .payload import load
 
 if TYPE_CHECKING:
+    from .batch import Batch
     from .broker import Broker
 
 
@@ -17,17 +18,48 @@ class Job:
     """A job in a broker, by id. Every property reads the broker afresh.
 
     ``created`` is False when `enqueue` found a job with the same ``key`` and returned it
-    instead of storing a new one."""
+    instead of storing a new one.
 
-    __slots__ = ("broker", "created", "id")
+    A handle from inside ``with app.batch():`` may name a job not sent yet: reading it
+    (``status``, ``result()``, ``record``..., or ``id`` / ``created`` when it has a key,
+    since the key may name an older job) sends the batch first."""
 
-    def __init__(self, job_id: str, broker: Broker, created: bool = True) -> None:
-        self.id = job_id
+    __slots__ = ("_batch", "_created", "_id", "_keyed", "broker")
+
+    def __init__(self, job_id: str, broker: Broker, created: bool = True,
+                 batch: Batch | None = None, keyed: bool = False) -> None:
+        self._id = job_id
         self.broker = broker
-        self.created = created
+        self._created = created
+        #: the batch holding this job until it is sent (None once sent)
+        self._batch = batch
+        #: enqueued with a key: its id is known only once sent (the key may be taken)
+        self._keyed = keyed
+
+    def _settle(self) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.flush()
+
+    @property
+    def id(self) -> str:
+        if self._batch is not None and self._keyed:
+            self._settle()
+        return self._id
+
+    @property
+    def created(self) -> bool:
+        if self._batch is not None and self._keyed:
+            self._settle()
+        return self._created
+
+    @property
+    def pending(self) -> bool:
+        """True while the job waits in a batch, not yet sent to the broker."""
+        return self._batch is not None
 
     def __repr__(self) -> str:
-        return f"<Job {self.id}>"
+        return f"<Job {self._id}{' (not sent yet)' if self._batch is not None else ''}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Job) and other.id == self.id
@@ -37,7 +69,8 @@ class Job:
 
     @property
     def record(self) -> JobRecord:
-        record = self.broker.get(self.id)
+        self._settle()
+        record = self.broker.get(self._id)
         if record is None:
             raise KeyError(f"job {self.id} is not in the broker (purged?)")
         return record
@@ -82,11 +115,13 @@ class Job:
     def cancel(self) -> bool:
         """Cancel the job if it has not started (and its waiting descendants with it);
         False if it is running or finished. A running job is not interrupted."""
-        return self.broker.cancel(self.id)
+        self._settle()
+        return self.broker.cancel(self._id)
 
     def retry(self) -> bool:
         """Run a dead-lettered job again with fresh attempts."""
-        return self.broker.retry(self.id)
+        self._settle()
+        return self.broker.retry(self._id)
 
 
 def _outcome(record: JobRecord) -> Any:

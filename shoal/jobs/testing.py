@@ -316,6 +316,94 @@ def check_counts_list_purge(broker: Broker, clock: FakeClock) -> None:
     assert broker.get(running) is not None and broker.get(waiting) is None
 
 
+def check_enqueue_many_is_n_enqueues(broker: Broker, clock: FakeClock) -> None:
+    old = _enqueue(broker, key="k-old")
+    parent = message()
+    batch = [
+        message(priority=-1),
+        message(key="k-old"),  # a key an existing job holds
+        message(key="k-new"),
+        message(key="k-new"),  # a key an earlier message of the batch holds
+        message(priority=5),
+        message(eta=clock.now + 60),
+        parent,
+        message(parents=(parent.id,)),  # an earlier message of the batch as its parent
+        message(parents=(old,)),  # an existing job as its parent
+    ]
+    assert broker.enqueue_many([]) == []
+    out = broker.enqueue_many(batch)
+    ids = [job_id for job_id, _ in out]
+    assert [created for _, created in out] == [True, False, True, False, True, True, True, True, True]
+    assert ids[1] == old and ids[3] == ids[2] == batch[2].id
+    assert [ids[i] for i in (0, 2, 4, 5, 6, 7, 8)] == [batch[i].id for i in (0, 2, 4, 5, 6, 7, 8)]
+    statuses = {job_id: broker.get(job_id).status for job_id in ids}  # type: ignore[union-attr]
+    assert statuses[ids[5]] == "scheduled"
+    assert statuses[ids[7]] == statuses[ids[8]] == "waiting"
+    assert broker.counts() == {"default": {"queued": 5, "scheduled": 1, "waiting": 2}}
+    # Reserved as if enqueued one by one: priority, then order of enqueue.
+    order = [d.id for d in _take(broker, 10)]
+    assert order == [ids[4], old, ids[2], parent.id, ids[0]]
+    assert broker.get(batch[1].id) is None and broker.get(batch[3].id) is None
+    clock.advance(60)
+    assert [d.id for d in _take(broker, 10)] == [ids[5]]
+
+
+def check_enqueue_many_unknown_parent_stores_nothing(broker: Broker, clock: FakeClock) -> None:
+    first = message(key="k1")
+    later = message(parents=("no-such-job",))
+    try:
+        broker.enqueue_many([first, message(), later])
+    except KeyError as exc:
+        assert "no-such-job" in str(exc)
+    else:
+        raise AssertionError("enqueue_many after an unknown parent did not raise KeyError")
+    assert broker.get(first.id) is None and broker.counts() == {}
+    # A key whose message was not stored (an earlier one of the batch has it) names no job.
+    a, b = message(key="k2"), message(key="k2")
+    try:
+        broker.enqueue_many([a, b, message(parents=(b.id,))])
+    except KeyError as exc:
+        assert b.id in str(exc)
+    else:
+        raise AssertionError("a parent whose key was taken in the batch was accepted")
+    assert broker.get(a.id) is None and broker.counts() == {}
+
+
+def check_enqueue_many_large_batch(broker: Broker, clock: FakeClock) -> None:
+    from .broker import ENQUEUE_CHUNK
+
+    n = ENQUEUE_CHUNK + 7  # spans a chunk where a backend splits a batch
+    batch = [message("t.job", i, key=f"k{i % (n - 3)}") for i in range(n)]
+    batch.append(message(parents=(batch[0].id, batch[n - 4].id)))  # across chunks
+    out = broker.enqueue_many(batch)
+    assert [c for _, c in out] == [True] * (n - 3) + [False] * 3 + [True]
+    assert [i for i, _ in out[n - 3:n]] == [batch[0].id, batch[1].id, batch[2].id]
+    assert broker.counts() == {"default": {"queued": n - 3, "waiting": 1}}
+    assert [d.id for d in _take(broker, 3)] == [m.id for m in batch[:3]]
+
+
+def check_counts_follow_every_change(broker: Broker, clock: FakeClock) -> None:
+    ids = [_enqueue(broker, max_attempts=2) for _ in range(4)]
+    cancelled = _enqueue(broker, queue="q2")
+    assert broker.cancel(cancelled)
+    ds = _take(broker, 3)
+    broker.ack(ds[0].id, ds[0].token, b"\x80\x05N.")
+    broker.fail(ds[1].id, ds[1].token, "E: x", None, None, clock.now + 5)
+    broker.fail(ds[2].id, ds[2].token, "E: x", None, None, None)
+    assert broker.counts() == {
+        "default": {"succeeded": 1, "scheduled": 1, "failed": 1, "queued": 1},
+        "q2": {"cancelled": 1},
+    }
+    assert broker.retry(ds[2].id)
+    [d] = _take(broker, 1)
+    assert broker.release(d.id, d.token)
+    clock.advance(5)
+    assert broker.counts() == {"default": {"succeeded": 1, "queued": 3}, "q2": {"cancelled": 1}}
+    assert broker.purge(pending=True) == 5
+    assert broker.counts() == {}
+    assert len(ids) == 4
+
+
 def check_schedule_slots(broker: Broker, clock: FakeClock) -> None:
     assert broker.schedule_last("s") is None
     broker.schedule_advance("s", 100.0)

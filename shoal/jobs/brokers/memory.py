@@ -120,42 +120,60 @@ class MemoryBroker(Broker):
 
     def enqueue(self, message: JobMessage) -> tuple[str, bool]:
         with self._lock:
+            return self._enqueue(message, self.clock())
+
+    def enqueue_many(self, messages: Sequence[JobMessage]) -> list[tuple[str, bool]]:
+        with self._lock:
+            # Check every parent before storing anything: the batch is all or nothing.
+            created: set[str] = set()
+            keys: set[str] = set()
+            for m in messages:
+                for pid in m.parents:
+                    if pid not in self._jobs and pid not in created:
+                        raise KeyError(f"unknown parent job {pid!r}")
+                if m.key is None or (m.key not in self._keys and m.key not in keys):
+                    created.add(m.id)
+                    if m.key is not None:
+                        keys.add(m.key)
             now = self.clock()
-            if message.key is not None and message.key in self._keys:
-                return self._keys[message.key], False
-            parents = [self._jobs.get(p) for p in message.parents]
-            for pid, parent in zip(message.parents, parents):
-                if parent is None:
-                    raise KeyError(f"unknown parent job {pid!r}")
-            record = JobRecord(
-                id=message.id, name=message.name, queue=message.queue, status="queued",
-                priority=message.priority, max_attempts=message.max_attempts,
-                eta=max(message.eta, 0.0), created=now, parents=message.parents, key=message.key,
-            )
-            job = _Job(record, encode(message), next(self._seq))
-            self._jobs[message.id] = job
-            if message.key is not None:
-                self._keys[message.key] = message.id
-            bad = next((p for p in parents if p is not None and p.record.status in ("failed", "cancelled")), None)
-            for parent in parents:
-                assert parent is not None
-                parent.children.append(message.id)
-                if parent.record.status != "succeeded":
-                    job.pending += 1
-            if bad is not None:
-                verb = "failed" if bad.record.status == "failed" else "was cancelled"
-                record.status = bad.record.status
-                record.finished = now
-                job.failed_by = bad.record.id
-                what = "ParentFailed" if verb == "failed" else "ParentCancelled"
-                record.last_error = f"{what}: parent job {bad.record.id} ({bad.record.name}) {verb}"
-                if bad.record.status == "failed":
-                    record.last_error += f": {bad.record.last_error}"
-            elif job.pending:
-                record.status = "waiting"
-            else:
-                self._push(job, now)
-            return message.id, True
+            return [self._enqueue(m, now) for m in messages]
+
+    def _enqueue(self, message: JobMessage, now: float) -> tuple[str, bool]:
+        if message.key is not None and message.key in self._keys:
+            return self._keys[message.key], False
+        parents = [self._jobs.get(p) for p in message.parents]
+        for pid, parent in zip(message.parents, parents):
+            if parent is None:
+                raise KeyError(f"unknown parent job {pid!r}")
+        record = JobRecord(
+            id=message.id, name=message.name, queue=message.queue, status="queued",
+            priority=message.priority, max_attempts=message.max_attempts,
+            eta=max(message.eta, 0.0), created=now, parents=message.parents, key=message.key,
+        )
+        job = _Job(record, encode(message), next(self._seq))
+        self._jobs[message.id] = job
+        if message.key is not None:
+            self._keys[message.key] = message.id
+        bad = next((p for p in parents if p is not None and p.record.status in ("failed", "cancelled")), None)
+        for parent in parents:
+            assert parent is not None
+            parent.children.append(message.id)
+            if parent.record.status != "succeeded":
+                job.pending += 1
+        if bad is not None:
+            verb = "failed" if bad.record.status == "failed" else "was cancelled"
+            record.status = bad.record.status
+            record.finished = now
+            job.failed_by = bad.record.id
+            what = "ParentFailed" if verb == "failed" else "ParentCancelled"
+            record.last_error = f"{what}: parent job {bad.record.id} ({bad.record.name}) {verb}"
+            if bad.record.status == "failed":
+                record.last_error += f": {bad.record.last_error}"
+        elif job.pending:
+            record.status = "waiting"
+        else:
+            self._push(job, now)
+        return message.id, True
 
     # --------------------------------------------------------------- consuming
 

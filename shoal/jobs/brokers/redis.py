@@ -26,13 +26,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 from redis.commands.core import Script
 
-from ..broker import Broker, Clock
+from ..broker import ENQUEUE_CHUNK, Broker, Clock, check_parents
 from ..errors import BrokerUnavailable
 from ..message import Delivery, Filter, JobMessage, JobRecord, Records, encode
 
 T = TypeVar("T")
 
-_SCRIPTS = ("enqueue", "reserve", "renew", "ack", "fail", "release", "cancel", "retry",
+_SCRIPTS = ("enqueue", "enqueue_many", "reserve", "renew", "ack", "fail", "release", "cancel", "retry",
             "purge", "advance")
 _TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -102,6 +102,34 @@ class RedisBroker(Broker):
                 raise KeyError(str(exc).split("unknown parent job", 1)[1].strip()) from None
             raise
         return job_id.decode(), bool(created)
+
+    def enqueue_many(self, messages: Sequence[JobMessage]) -> list[tuple[str, bool]]:
+        """One script call per `ENQUEUE_CHUNK` messages, each atomic. Parents outside the
+        batch are checked first (one pipelined round trip), so that an unknown one stores
+        nothing even when the batch spans chunks."""
+        if any(m.parents for m in messages):
+            def exist(ids: list[str]) -> list[bool]:
+                def ask() -> list[int]:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for job_id in ids:
+                        pipe.exists(self._k("job", job_id))
+                    return pipe.execute()  # type: ignore[no-any-return]
+                return [bool(n) for n in self._do(ask)]
+            check_parents(messages, exist)
+        out: list[tuple[str, bool]] = []
+        for start in range(0, len(messages), ENQUEUE_CHUNK):
+            args: list[Any] = [repr(self.clock())]
+            for m in messages[start:start + ENQUEUE_CHUNK]:
+                args += [m.id, m.name, m.queue, m.priority, repr(max(m.eta, 0.0)), m.max_attempts,
+                         m.key or "", ",".join(m.parents), encode(m)]
+            try:
+                flat = self._run("enqueue_many", *args)
+            except redis.exceptions.ResponseError as exc:
+                if "unknown parent job" in str(exc):
+                    raise KeyError(str(exc).split("unknown parent job", 1)[1].strip()) from None
+                raise
+            out += [(flat[i].decode(), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return out
 
     # ---------------------------------------------------------------- consuming
 

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(queue, priority DESC, eta) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leases ON jobs(lease) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS jobs_dead ON jobs(finished) WHERE dead = 1;
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, queue);
+DROP INDEX IF EXISTS jobs_status;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(status, queue, eta);
 CREATE TABLE IF NOT EXISTS edges (
     parent TEXT NOT NULL,
     child TEXT NOT NULL,
@@ -61,6 +62,30 @@ CREATE TABLE IF NOT EXISTS edges (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, last REAL NOT NULL);
 """
+
+# Jobs per (queue, status), kept by triggers in the transaction that changes a job, so that
+# `counts` (``shoal jobs status``) reads a few rows however deep the queue is. Created with
+# the rows an older database already holds.
+_COUNTS = (
+    "CREATE TABLE counts (queue TEXT NOT NULL, status TEXT NOT NULL, n INTEGER NOT NULL, "
+    "PRIMARY KEY (queue, status)) WITHOUT ROWID",
+    "INSERT INTO counts (queue, status, n) SELECT queue, status, COUNT(*) FROM jobs "
+    "GROUP BY queue, status",
+    "CREATE TRIGGER jobs_counted AFTER INSERT ON jobs BEGIN "
+    "INSERT INTO counts (queue, status, n) VALUES (new.queue, new.status, 1) "
+    "ON CONFLICT (queue, status) DO UPDATE SET n = n + 1; END",
+    "CREATE TRIGGER jobs_recounted AFTER UPDATE OF status ON jobs "
+    "WHEN old.status <> new.status BEGIN "
+    "UPDATE counts SET n = n - 1 WHERE queue = old.queue AND status = old.status; "
+    "INSERT INTO counts (queue, status, n) VALUES (new.queue, new.status, 1) "
+    "ON CONFLICT (queue, status) DO UPDATE SET n = n + 1; END",
+    "CREATE TRIGGER jobs_uncounted AFTER DELETE ON jobs BEGIN "
+    "UPDATE counts SET n = n - 1 WHERE queue = old.queue AND status = old.status; END",
+)
+
+_INSERT = ("INSERT INTO jobs (id, name, queue, status, priority, eta, max_attempts, pending, "
+           "failed_by, created, finished, last_error, key, parents, message) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 _COLUMNS = ("id, name, queue, status, priority, attempts, max_attempts, eta, created, finished, "
             "last_error, traceback, result, dead, parents, key, worker")
@@ -88,6 +113,11 @@ class SQLiteBroker(Broker):
         self._pid = os.getpid()
         try:
             self._conn().executescript(_SCHEMA)
+            with self._transaction() as db:
+                if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                              "AND name = 'counts'").fetchone() is None:
+                    for statement in _COUNTS:
+                        db.execute(statement)
         except sqlite3.OperationalError as exc:
             raise BrokerUnavailable(f"{url}: {exc}") from exc
 
@@ -192,39 +222,60 @@ class SQLiteBroker(Broker):
     # ---------------------------------------------------------------- producing
 
     def enqueue(self, message: JobMessage) -> tuple[str, bool]:
-        data = encode(message)
+        with self._transaction() as db:
+            return self._enqueue(db, message, self.clock())
+
+    def enqueue_many(self, messages: Sequence[JobMessage]) -> list[tuple[str, bool]]:
+        """One transaction (an unknown parent rolls it all back). Runs of messages with
+        no key and no parents go in with one ``executemany``."""
+        out: list[tuple[str, bool]] = []
+        if not messages:
+            return out
         with self._transaction() as db:
             now = self.clock()
-            if message.key is not None:
-                row = db.execute("SELECT id FROM jobs WHERE key = ?", (message.key,)).fetchone()
-                if row is not None:
-                    return str(row[0]), False
-            status, pending, finished, error, failed_by = "queued", 0, None, None, None
-            for pid in message.parents:
-                row = db.execute("SELECT status, name, last_error FROM jobs WHERE id = ?",
-                                 (pid,)).fetchone()
-                if row is None:
-                    raise KeyError(f"unknown parent job {pid!r}")
-                p_status, p_name, p_error = row
-                if p_status != "succeeded":
-                    pending += 1
-                if p_status in ("failed", "cancelled") and failed_by is None:
-                    failed_by, finished, status = pid, now, p_status
-                    error = (f"ParentFailed: parent job {pid} ({p_name}) failed: {p_error}"
-                             if p_status == "failed"
-                             else f"ParentCancelled: parent job {pid} ({p_name}) was cancelled")
-            if failed_by is None and pending:
-                status = "waiting"
-            db.execute(
-                "INSERT INTO jobs (id, name, queue, status, priority, eta, max_attempts, pending, "
-                "failed_by, created, finished, last_error, key, parents, message) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (message.id, message.name, message.queue, status, message.priority,
-                 max(message.eta, 0.0), message.max_attempts, pending, failed_by, now, finished,
-                 error, message.key, ",".join(message.parents), data))
-            db.executemany("INSERT OR IGNORE INTO edges (parent, child) VALUES (?, ?)",
-                           [(pid, message.id) for pid in message.parents])
-            return message.id, True
+            plain: list[tuple[Any, ...]] = []
+            for m in messages:
+                if m.key is None and not m.parents:
+                    plain.append((m.id, m.name, m.queue, "queued", m.priority, max(m.eta, 0.0),
+                                  m.max_attempts, 0, None, now, None, None, None, "", encode(m)))
+                    out.append((m.id, True))
+                    continue
+                if plain:  # in order: a later message may name these as parents
+                    db.executemany(_INSERT, plain)
+                    plain = []
+                out.append(self._enqueue(db, m, now))
+            if plain:
+                db.executemany(_INSERT, plain)
+        return out
+
+    def _enqueue(self, db: sqlite3.Connection, message: JobMessage, now: float) -> tuple[str, bool]:
+        if message.key is not None:
+            row = db.execute("SELECT id FROM jobs WHERE key = ?", (message.key,)).fetchone()
+            if row is not None:
+                return str(row[0]), False
+        status, pending, finished, error, failed_by = "queued", 0, None, None, None
+        for pid in message.parents:
+            row = db.execute("SELECT status, name, last_error FROM jobs WHERE id = ?",
+                             (pid,)).fetchone()
+            if row is None:
+                raise KeyError(f"unknown parent job {pid!r}")
+            p_status, p_name, p_error = row
+            if p_status != "succeeded":
+                pending += 1
+            if p_status in ("failed", "cancelled") and failed_by is None:
+                failed_by, finished, status = pid, now, p_status
+                error = (f"ParentFailed: parent job {pid} ({p_name}) failed: {p_error}"
+                         if p_status == "failed"
+                         else f"ParentCancelled: parent job {pid} ({p_name}) was cancelled")
+        if failed_by is None and pending:
+            status = "waiting"
+        db.execute(_INSERT, (message.id, message.name, message.queue, status, message.priority,
+                             max(message.eta, 0.0), message.max_attempts, pending, failed_by, now,
+                             finished, error, message.key, ",".join(message.parents),
+                             encode(message)))
+        db.executemany("INSERT OR IGNORE INTO edges (parent, child) VALUES (?, ?)",
+                       [(pid, message.id) for pid in message.parents])
+        return message.id, True
 
     # ---------------------------------------------------------------- consuming
 
@@ -389,14 +440,31 @@ class SQLiteBroker(Broker):
         return self.list("dead", limit=limit)
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """From the counters the triggers keep; only ``scheduled`` (queued, eta still to
+        come) is counted, per queue, in a range of the ``jobs_state`` index."""
         now = self.clock()
-        rows = self._read(lambda db: db.execute(
-            "SELECT queue, CASE WHEN status = 'queued' AND eta > ? THEN 'scheduled' ELSE status END "
-            "AS s, COUNT(*) FROM jobs GROUP BY queue, s", (now,)).fetchall())
-        out: dict[str, dict[str, int]] = {}
-        for queue, status, n in rows:
-            out.setdefault(queue, {})[status] = n
-        return out
+
+        def read(db: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            db.execute("BEGIN")  # one snapshot for both reads
+            try:
+                for queue, status, n in db.execute("SELECT queue, status, n FROM counts WHERE n > 0"):
+                    out.setdefault(queue, {})[status] = n
+                for queue, per in out.items():
+                    if per.get("queued"):
+                        (later,) = db.execute(
+                            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND queue = ? "
+                            "AND eta > ?", (queue, now)).fetchone()
+                        if later:
+                            per["scheduled"] = later
+                            per["queued"] -= later
+                            if not per["queued"]:
+                                del per["queued"]
+            finally:
+                db.execute("COMMIT")
+            return out
+
+        return self._read(read)
 
     def purge(self, queue: str | None = None, finished_before: float | None = None,
               pending: bool = False) -> int:
