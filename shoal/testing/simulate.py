@@ -368,6 +368,7 @@ _TO_WORKER = 1
 _TASK_DONE = 2
 _FETCH_DONE = 3
 _TICK = 4
+_KILL = 5
 
 
 class Simulation:
@@ -402,6 +403,8 @@ class Simulation:
         self.workers: dict[str, SimWorker] = {
             f"sim://w{i}": SimWorker(f"sim://w{i}", threads) for i in range(workers)
         }
+        #: every worker that ever ran (the dead too)
+        self.all_workers = list(self.workers.values())
         self.now = 0.0
         self._heap: list[tuple[float, int, int, object, object]] = []
         self._seq = 0
@@ -565,7 +568,8 @@ class Simulation:
     def _fetch_done(self, w: SimWorker, key: str) -> None:
         nbytes, waiters = w.incoming.pop(key)
         if waiters is not None:
-            waiters = [k for k in waiters if k in w.waiting]
+            # (a key freed and asked again while this input was in flight is listed twice)
+            waiters = [k for k in dict.fromkeys(waiters) if k in w.waiting]
             if not waiters:
                 return  # everything here that needed it was freed: drop it
         w.data[key] = nbytes
@@ -602,6 +606,12 @@ class Simulation:
             self._to_scheduler(TaskFinishedEvent(self._sid("finished"), w.address, TaskFinished(
                 key, nbytes, "sim", start, self.now)))  # fmt: skip
         self._start(w)
+
+    def kill(self, at: float, address: str) -> None:
+        """Worker ``address`` dies at virtual time ``at``: its data and running tasks are
+        lost; the scheduler hears `WorkerLeft` one latency later. (A transfer from it that
+        already started completes: the model reserves a transfer's bytes when it starts.)"""
+        self._push(at, _KILL, address, None)
 
     def _leave(self, w: SimWorker, reason: str, graceful: bool) -> None:
         w.alive = False
@@ -641,9 +651,9 @@ class Simulation:
             pstats.Stats(self.profiler, stream=s).sort_stats("tottime").print_stats(15)
             profile = s.getvalue()
         wl = self.workload
-        nthreads = sum(w.nthreads for w in self.workers.values()) or 1
+        nthreads = sum(w.nthreads for w in self.all_workers) or 1
         return SimResult(
-            workload=wl.name, tasks=len(wl), workers=len(self.workers), threads=self.nthreads,
+            workload=wl.name, tasks=len(wl), workers=len(self.all_workers), threads=self.nthreads,
             bandwidth=self.bandwidth, seed=self.seed, completed=done, makespan=self.makespan,
             bound_work=wl.total_work() / nthreads, bound_critical_path=wl.critical_path(),
             transitions=sum(self.state.transition_counts.values()),
@@ -652,7 +662,7 @@ class Simulation:
             transfers=self.transfers, steals=self.steals, runs=self.runs,
             cancelled_runs=self.cancelled_runs, missing_data=self.missing_data,
             to_dead_workers=self.to_dead,
-            tasks_per_worker={a: w.tasks_run for a, w in self.workers.items()},
+            tasks_per_worker={w.address: w.tasks_run for w in self.all_workers},
             tasks_left_after_release=tasks_left, worker_keys_left_after_release=workers_left,
             problems=problems[:20], profile=profile,
         )  # fmt: skip
@@ -686,6 +696,10 @@ class Simulation:
                 assert isinstance(a, SimWorker) and isinstance(b, str)
                 if a.alive:
                     self._fetch_done(a, b)
+            elif kind == _KILL:
+                dying = self.workers.get(str(a))
+                if dying is not None:
+                    self._leave(dying, "killed by the simulation", graceful=False)
             else:  # _TICK
                 self._ticks.discard(when)
                 if a == "heartbeat":
@@ -754,10 +768,12 @@ def simulate(
     validate: bool = False,
     profile: bool = False,
     progress: float | None = None,
+    kill: int = 0,
 ) -> SimResult:
     """Build ``workload`` (a name in `WORKLOADS` or a `Workload`) and run it once.
 
-    ``progress``: print the core's progress to stderr every this many wall seconds."""
+    ``progress``: print the core's progress to stderr every this many wall seconds.
+    ``kill``: this many random workers die at random times within the work bound."""
     wl = WORKLOADS[workload](tasks, seed) if isinstance(workload, str) else workload
     spec_bytes = core_bytes = None
     if memory:
@@ -765,6 +781,10 @@ def simulate(
         core_bytes = core_memory_per_task(wl)
     sim = Simulation(wl, workers, threads, bandwidth, latency, seed, tick_interval,
                      state=SchedulerState(validate=validate), profile=profile)  # fmt: skip
+    rng = random.Random(seed)
+    bound = wl.total_work() / (workers * threads)
+    for address in rng.sample(sorted(sim.workers), min(kill, workers - 1)):
+        sim.kill(rng.uniform(0, bound), address)
     stop = threading.Event()
     if progress:
         threading.Thread(target=_watch, args=(sim, progress, stop), daemon=True).start()
@@ -841,6 +861,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=0.001, help="seconds per message")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tick", type=float, default=None, help="also Tick every this many s")
+    p.add_argument(
+        "--kill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N random workers die at random times during the run",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the tracemalloc measures")
     p.add_argument("--validate", action="store_true", help="check core invariants each call")
     p.add_argument("--profile", action="store_true", help="cProfile top-15 inside handle")
@@ -863,7 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, tasks, workers, threads in runs:
         r = simulate(name, tasks, workers, threads, args.bandwidth, args.latency, args.seed,
                      args.tick, memory=not args.no_memory, validate=args.validate,
-                     profile=args.profile, progress=args.progress)  # fmt: skip
+                     profile=args.profile, progress=args.progress, kill=args.kill)  # fmt: skip
         results.append(r)
         if args.json:
             d = r.as_dict()
