@@ -110,6 +110,7 @@ class PeerPool:
                     fut = peer.waiting.pop(rid, None) if rid is not None else None
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                    del msg, fut  # not kept while waiting to read: a reply may hold data
         except CommClosedError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - a broken peer fails its requests, not us

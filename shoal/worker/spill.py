@@ -488,6 +488,9 @@ class SpillBuffer(MutableMapping[str, Any]):
                     continue
                 value, size = self.fast[key], self._sizes[key]
             self._spill_one(key, value, size, path)
+            # Not kept while this thread waits for the next victim: that would hold the
+            # memory the spill was to free.
+            del value
 
     def _spill_one(self, key: str, value: Any, size: int, path: str) -> None:
         # Its own frame, so that nothing here outlives the write (the loop then waits).
