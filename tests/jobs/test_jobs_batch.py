@@ -191,3 +191,23 @@ def test_sqlite_counts_are_built_for_an_older_database(tmp_path: Path) -> None:
         assert again.counts() == {"a": {"queued": 2, "succeeded": 1}, "b": {"queued": 1}}
     finally:
         again.close()
+
+
+def test_redis_job_stored_with_its_envelope_in_the_hash_still_runs(redis_url: str) -> None:
+    import uuid
+
+    from shoal.jobs.brokers.redis import RedisBroker
+    from shoal.jobs.testing import message
+
+    broker = RedisBroker(f"{redis_url}?prefix=test-{uuid.uuid4().hex[:12]}")
+    try:
+        m = message()
+        broker.enqueue(m)
+        envelope = broker.redis.get(broker._k("msg", m.id))
+        broker.redis.delete(broker._k("msg", m.id))  # as stored before msg:ID existed
+        broker.redis.hset(broker._k("job", m.id), "message", envelope)
+        [d] = broker.reserve(["default"], "w", 30, 1)
+        assert d.id == m.id and d.message == envelope
+    finally:
+        broker.flush()
+        broker.close()

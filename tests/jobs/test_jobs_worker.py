@@ -104,7 +104,7 @@ def _corrupt(app: JobQueue, job_id: str) -> None:
     elif app.url.startswith("sqlite"):
         broker._conn().execute("UPDATE jobs SET message = ? WHERE id = ?", (garbage, job_id))  # type: ignore[attr-defined]
     else:
-        broker.redis.hset(broker._k("job", job_id), "message", garbage)  # type: ignore[attr-defined]
+        broker.redis.set(broker._k("msg", job_id), garbage)  # type: ignore[attr-defined]
 
 
 def test_bad_messages_go_to_dead_letter_and_worker_keeps_going(app: JobQueue) -> None:

@@ -6,7 +6,8 @@ children), fail, release, cancel, retry, purge. The scripts live in ``lua/``, ea
 prefixed with ``common.lua``.
 
 Keys, all under one hash tag ``{PREFIX}`` (``?prefix=`` in the URL, default
-``shoal.jobs``): ``job:ID`` (hash), ``ready:QUEUE`` (sorted by priority then arrival),
+``shoal.jobs``): ``job:ID`` (hash), ``msg:ID`` (the envelope, kept apart so the hash stays
+compact), ``ready:QUEUE`` (sorted by priority then arrival),
 ``delayed`` (by eta), ``leases`` (by lease end), ``waiting``, ``finished``, ``dead`` (by
 time), ``children:ID`` (set), ``keys`` (idempotency key -> id), ``counts`` (per queue and
 status), ``schedules``, and ``wake:QUEUE`` (a short list an idle worker blocks on).
@@ -23,6 +24,7 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import msgspec
 import redis
 from redis.commands.core import Script
 
@@ -34,6 +36,7 @@ T = TypeVar("T")
 
 _SCRIPTS = ("enqueue", "enqueue_many", "reserve", "renew", "ack", "fail", "release", "cancel", "retry",
             "purge", "advance")
+_packer = msgspec.msgpack.Encoder()
 _TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -118,10 +121,11 @@ class RedisBroker(Broker):
             check_parents(messages, exist)
         out: list[tuple[str, bool]] = []
         for start in range(0, len(messages), ENQUEUE_CHUNK):
-            args: list[Any] = [repr(self.clock())]
-            for m in messages[start:start + ENQUEUE_CHUNK]:
-                args += [m.id, m.name, m.queue, m.priority, repr(max(m.eta, 0.0)), m.max_attempts,
-                         m.key or "", ",".join(m.parents), encode(m)]
+            chunk = messages[start:start + ENQUEUE_CHUNK]
+            headers = _packer.encode([
+                (m.id, m.name, m.queue, str(m.priority), repr(max(m.eta, 0.0)), str(m.max_attempts),
+                 m.key or "", ",".join(m.parents)) for m in chunk])
+            args: list[Any] = [repr(self.clock()), headers, *map(encode, chunk)]
             try:
                 flat = self._run("enqueue_many", *args)
             except redis.exceptions.ResponseError as exc:

@@ -2,6 +2,8 @@
 -- share its hash tag. A job is the hash NS:job:ID; indexes are sorted sets of ids.
 local ns = KEYS[1]
 local function jk(id) return ns .. ':job:' .. id end
+-- The envelope apart from the hash, so that the hash stays small (a listpack in Redis).
+local function mk(id) return ns .. ':msg:' .. id end
 local function count(queue, status, d)
   redis.call('HINCRBY', ns .. ':counts', queue .. '|' .. status, d)
 end
@@ -78,7 +80,8 @@ local function enqueue_one(id, name, queue, priority, eta, max_attempts, key, pa
   end
   redis.call('HSET', jk(id), 'id', id, 'name', name, 'queue', queue, 'status', 'new',
     'priority', priority, 'eta', eta, 'max_attempts', max_attempts, 'attempts', 0, 'token', 0,
-    'pending', pending, 'created', now, 'key', key, 'parents', parents, 'message', message, 'dead', 0)
+    'pending', pending, 'created', now, 'key', key, 'parents', parents, 'dead', 0)
+  redis.call('SET', mk(id), message)
   count(queue, 'new', 1)
   if key ~= '' then redis.call('HSET', ns .. ':keys', key, id) end
   for _, pid in ipairs(ids) do redis.call('SADD', ns .. ':children:' .. pid, id) end

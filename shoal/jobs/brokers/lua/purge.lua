@@ -5,7 +5,7 @@ local function drop(id, q, status)
   count(q, status, -1)
   local key = redis.call('HGET', jk(id), 'key')
   if key and key ~= '' then redis.call('HDEL', ns .. ':keys', key) end
-  redis.call('DEL', jk(id), ns .. ':children:' .. id)
+  redis.call('DEL', jk(id), mk(id), ns .. ':children:' .. id)
   for _, index in ipairs({'finished', 'dead', 'delayed', 'waiting'}) do
     redis.call('ZREM', ns .. ':' .. index, id)
   end

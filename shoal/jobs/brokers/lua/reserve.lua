@@ -42,7 +42,7 @@ while taken < limit do
   table.insert(out, best)
   table.insert(out, token)
   table.insert(out, attempts)
-  table.insert(out, redis.call('HGET', k, 'message'))
+  table.insert(out, redis.call('GET', mk(best)) or redis.call('HGET', k, 'message'))  -- (older jobs)
   taken = taken + 1
 end
 return out
