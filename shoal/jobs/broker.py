@@ -137,9 +137,15 @@ class Broker(ABC):
     def dead(self, limit: int = 100) -> Records:
         """The dead-letter list, most recent first."""
 
+    def dead_count(self) -> int:
+        """How many jobs the dead-letter list holds. Default: list them all."""
+        return len(self.dead(limit=2**62))
+
     @abstractmethod
     def counts(self) -> dict[str, dict[str, int]]:
-        """``{queue: {status: n}}`` for statuses with at least one job."""
+        """``{queue: {status: n}}`` for statuses with at least one job. SQLite and Redis
+        answer from counters kept as jobs change, not by reading every job, so that
+        ``shoal jobs status`` stays quick on a deep queue."""
 
     @abstractmethod
     def purge(self, queue: str | None = None, finished_before: float | None = None,

@@ -141,7 +141,7 @@ def status(target: str) -> None:
     order = ["waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled"]
     rows = [[q, *(str(per.get(s, 0)) for s in order)] for q, per in sorted(counts.items())]
     _table(["queue", *order], rows)
-    click.echo(f"dead-letter list: {len(broker.dead(limit=1_000_000))} jobs")
+    click.echo(f"dead-letter list: {broker.dead_count()} jobs")
     broker.close()
 
 

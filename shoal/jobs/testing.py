@@ -184,11 +184,11 @@ def check_fail_retry_then_dead(broker: Broker, clock: FakeClock) -> None:
     assert record is not None and record.status == "failed" and record.dead
     assert (record.last_error, record.traceback, record.result) == ("ValueError: two", "tb2", b"exc")
     assert not broker.fail(d2.id, d2.token, "again", None, None, None)
-    assert [r.id for r in broker.dead()] == [job_id]
+    assert [r.id for r in broker.dead()] == [job_id] and broker.dead_count() == 1
     # From the dead-letter list it runs again with fresh attempts.
     assert broker.retry(job_id)
     assert not broker.retry(job_id)
-    assert broker.dead() == []
+    assert broker.dead() == [] and broker.dead_count() == 0
     [d3] = _take(broker)
     assert d3.attempt == 1
 

@@ -346,6 +346,10 @@ class MemoryBroker(Broker):
     def dead(self, limit: int = 100) -> Records:
         return self.list("dead", limit=limit)
 
+    def dead_count(self) -> int:
+        with self._lock:
+            return sum(1 for job in self._jobs.values() if job.record.dead)
+
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         with self._lock:

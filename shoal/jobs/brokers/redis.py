@@ -252,6 +252,9 @@ class RedisBroker(Broker):
     def dead(self, limit: int = 100) -> Records:
         return self.list("dead", limit=limit)
 
+    def dead_count(self) -> int:
+        return int(self._do(lambda: self.redis.zcard(self._k("dead"))))
+
     def counts(self) -> dict[str, dict[str, int]]:
         fields = self._do(lambda: self.redis.hgetall(self._k("counts")))
         out: dict[str, dict[str, int]] = {}

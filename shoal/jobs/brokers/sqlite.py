@@ -439,6 +439,12 @@ class SQLiteBroker(Broker):
     def dead(self, limit: int = 100) -> Records:
         return self.list("dead", limit=limit)
 
+    def dead_count(self) -> int:
+        """Counted in the partial index ``jobs_dead`` (dead-lettered jobs only)."""
+        row = self._read(lambda db: db.execute(
+            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_dead WHERE dead = 1").fetchone())
+        return int(row[0])
+
     def counts(self) -> dict[str, dict[str, int]]:
         """From the counters the triggers keep; only ``scheduled`` (queued, eta still to
         come) is counted, per queue, in a range of the ``jobs_state`` index."""
