@@ -14,6 +14,10 @@ Task states on a worker:
                                                   cannot be stopped); when the old run ends
                                                   its outcome is dropped --> waiting/ready
     cancelled --FreeKeys--> cancelled (a waiting new spec is dropped too)
+    executing/long-running --ComputeTask, another spec--> cancelled, the new spec waiting
+                                                  (as if freed first: a late message)
+    waiting/ready --ComputeTask, another spec--> waiting/ready, for the new spec
+    memory (made here, unreported) --ComputeTask, another spec--> waiting (data dropped)
     executing --Secede--> long-running --Rejoin (once a slot is free)--> executing
                                                  (a task that waits on other tasks gives its
                                                  thread slot back; it still reports its result)
@@ -23,12 +27,16 @@ Task states on a worker:
 
 A key names a result, but a key may be reused for other work (a cancelled future's explicit
 key, submitted again with another function): only a run of the spec last asked for
-(`same_spec`: its function and arguments) is ever reported or kept as the key's result.
+(`same_spec`: its function and arguments) is ever reported as the key's result. A result
+kept unreported for a task here (a cancelled run's) is dropped if the key is then asked
+for with another spec.
 
 Invariants (checked by `validate_state`):
 - a running task's ``run`` is the spec its thread runs; a reported ``executing`` or
   ``long-running`` task runs the spec the scheduler last asked for (``compute``); a
   ``cancelled`` task's ``compute`` is None (freed) or another spec, to run once it ends;
+  only running tasks and results in memory have a ``run`` (in memory: the spec that made
+  it here; None for data fetched or put here);
 - tasks holding a thread slot (`executing`: state ``executing``, or ``cancelled`` while
   holding one) never exceed ``nthreads``; seceded tasks (`long_running`: ``long-running``,
   or ``cancelled`` after seceding) hold none; every running task is in exactly one of them;
