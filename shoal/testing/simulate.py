@@ -392,7 +392,6 @@ class Simulation:
     ) -> None:
         self.workload = workload
         self.state = state if state is not None else SchedulerState()
-        self.rng = random.Random(seed)
         self.seed = seed
         self.nthreads = threads
         self.bandwidth = bandwidth
@@ -853,7 +852,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="ratio = makespan / max(work bound, critical path). 'million' = the array "
                "workload at 1,000,000 tasks on 1,000 workers x 4 threads (flags override). "
                "'all' runs every workload (not the preset).")  # fmt: skip
-    p.add_argument("--workload", choices=names, default="all")
+    p.add_argument(
+        "--workload",
+        choices=names,
+        default="all",
+        help="a workload, the 'million' preset, or 'all' workloads (default)",
+    )
     p.add_argument("--tasks", type=int, default=None, help="about this many tasks (default 10,000)")
     p.add_argument("--workers", type=int, default=None, help="simulated workers (default 50)")
     p.add_argument("--threads", type=int, default=None, help="threads per worker (default 2)")
