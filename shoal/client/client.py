@@ -721,12 +721,20 @@ class Client(DataMixin, DatasetsMixin):
             for address, answer in replies.items():
                 if not answer.get("ok"):
                     if answer.get("result") is not None:
-                        raise deserialize(answer["result"])
+                        error = deserialize(answer["result"])
+                        if not isinstance(error, Exception) and not self.asynchronous:
+                            # KeyboardInterrupt...: raised on the client's loop it would stop
+                            # it; the caller's thread raises it instead (below).
+                            raise _CarriedError(error)
+                        raise error
                     raise ConnectionError(f"worker {address}: {answer.get('error')}")
                 out[address] = deserialize(answer["result"])
             return out
 
-        return self._sync(go())
+        try:
+            return self._sync(go())
+        except _CarriedError as carried:
+            raise carried.error from None
 
     def retire_workers(self, workers: list[str] | None = None, n: int | None = None,
                        timeout: float = 60.0) -> Any:  # fmt: skip
@@ -843,3 +851,12 @@ def _close_clients_at_exit() -> None:
                 client.close(timeout=10)
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
+
+
+class _CarriedError(Exception):
+    """A function's exception that is not an `Exception` (KeyboardInterrupt, SystemExit...),
+    carried off the client's event loop to be raised in the caller's thread."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error

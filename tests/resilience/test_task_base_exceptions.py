@@ -89,3 +89,17 @@ def test_an_actor_method_raising_keyboard_interrupt_answers_with_it() -> None:
         assert pet.incr().result(timeout=10) == 1
         assert pet.incr().result(timeout=10) == 2
         assert isinstance(pet, shoal.Actor)
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt("from run")
+
+
+def test_client_run_raising_keyboard_interrupt_answers_and_the_worker_serves_on() -> None:
+    with gen_cluster(n_workers=1, threads_per_worker=1, processes=True) as client:
+        # when a function run on the workers raises KeyboardInterrupt, then the call fails
+        with pytest.raises(BaseException, match="from run"):
+            client.run(interrupt)
+        # and the worker process, still the same one, serves on
+        assert client.submit(inc, 1, pure=False).result(timeout=20) == 2
+        assert client.worker_deaths() == []
