@@ -123,21 +123,26 @@ def test_a_chain_stays_where_its_input_is() -> None:
     assert result.steals == 0
 
 
-def _core_calls(run: Callable[[], Any]) -> int:
-    """Python function calls into `shoal.core` made while ``run()`` runs."""
-    calls = 0
+def _core_lines(run: Callable[[], Any]) -> int:
+    """Lines of `shoal.core` executed while ``run()`` runs (every loop iteration counts,
+    comprehensions included: a scan over all tasks shows even when it calls no function)."""
+    lines = 0
 
-    def profiler(frame: FrameType, event: str, arg: object) -> None:
-        nonlocal calls
-        if event == "call" and frame.f_code.co_filename.startswith(CORE_DIR):
-            calls += 1
+    def in_core(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return in_core
 
-    sys.setprofile(profiler)
+    def on_call(frame: FrameType, event: str, arg: object) -> Any:
+        return in_core if frame.f_code.co_filename.startswith(CORE_DIR) else None
+
+    sys.settrace(on_call)
     try:
         run()
     finally:
-        sys.setprofile(None)
-    return calls
+        sys.settrace(None)
+    return lines
 
 
 @pytest.mark.parametrize(
@@ -149,11 +154,25 @@ def test_core_work_per_task_stays_flat_as_the_graph_grows(
     build: Callable[[int, int], Workload],
 ) -> None:
     """A scheduler path that goes quadratic in the number of tasks shows as a growing
-    number of calls per task (counted, not timed: a loaded machine cannot flake it)."""
-    small = _core_calls(lambda: simulate(build(200, 0), workers=4, threads=2))
-    large = _core_calls(lambda: simulate(build(800, 0), workers=4, threads=2))
+    number of core lines run per task (counted, not timed: a loaded machine cannot flake it)."""
+    small = _core_lines(lambda: simulate(build(200, 0), workers=4, threads=2))
+    large = _core_lines(lambda: simulate(build(800, 0), workers=4, threads=2))
 
     assert large / small < 6, (small, large)
+
+
+def test_the_line_count_sees_a_quadratic_path() -> None:
+    """The check above is not vacuous: `validate_state` after every ``handle`` call is O(tasks)
+    per call, so a validating run is quadratic, and the count says so."""
+
+    def run(n: int) -> Callable[[], Any]:
+        state = SchedulerState(validate=True)
+        return lambda: Simulation(wide_map(n, 0), workers=4, threads=2, state=state).run()
+
+    small = _core_lines(run(50))
+    large = _core_lines(run(200))
+
+    assert large / small > 8, (small, large)
 
 
 def test_cli_prints_a_json_line_per_workload(capsys: pytest.CaptureFixture[str]) -> None:
