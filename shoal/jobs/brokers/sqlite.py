@@ -209,8 +209,10 @@ class SQLiteBroker(Broker):
                               f"ParentFailed: parent job {job_id} ({name}) failed: {error}", now)
 
     def _reclaim(self, db: sqlite3.Connection, now: float) -> None:
+        # INDEXED BY: with many jobs running, the planner would rather scan jobs_state.
         lapsed = db.execute("SELECT id, name, attempts, max_attempts, worker FROM jobs "
-                            "WHERE status = 'running' AND lease <= ?", (now,)).fetchall()
+                            "INDEXED BY jobs_leases WHERE status = 'running' AND lease <= ?",
+                            (now,)).fetchall()
         for job_id, name, attempts, max_attempts, worker in lapsed:
             error = f"WorkerLost: worker {worker} stopped renewing its lease (attempt {attempts})"
             if attempts >= max_attempts:
@@ -288,9 +290,9 @@ class SQLiteBroker(Broker):
         def anything(db: sqlite3.Connection) -> bool:
             # A cheap read first: an idle worker polling never takes the write lock.
             row = db.execute(
-                f"SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND queue IN ({marks}) "
-                "AND eta <= ?) OR EXISTS (SELECT 1 FROM jobs WHERE status = 'running' "
-                "AND lease <= ?)", (*queues, now, now)).fetchone()
+                f"SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_ready WHERE status = 'queued' "
+                f"AND queue IN ({marks}) AND eta <= ?) OR EXISTS (SELECT 1 FROM jobs INDEXED BY "
+                "jobs_leases WHERE status = 'running' AND lease <= ?)", (*queues, now, now)).fetchone()
             return bool(row[0])
 
         if not self._read(anything):
@@ -302,8 +304,11 @@ class SQLiteBroker(Broker):
             candidates: list[tuple[int, float, int, str]] = []
             for q in queues:
                 candidates += db.execute(
-                    "SELECT -priority, eta, rowid, id FROM jobs WHERE status = 'queued' "
-                    "AND queue = ? AND eta <= ? ORDER BY priority DESC, eta, rowid LIMIT ?",
+                    # The ready index gives them in order: the first `limit` due ones are
+                    # read, however deep the queue (the planner alone would sort them all).
+                    "SELECT -priority, eta, rowid, id FROM jobs INDEXED BY jobs_ready "
+                    "WHERE status = 'queued' AND queue = ? AND eta <= ? "
+                    "ORDER BY priority DESC, eta, rowid LIMIT ?",
                     (q, now, limit)).fetchall()
             candidates.sort()
             for *_, job_id in candidates[:limit]:
@@ -334,11 +339,12 @@ class SQLiteBroker(Broker):
                 "('succeeded', 'failed', 'cancelled')", (result, now, job_id))
             if cur.rowcount == 0:
                 return False
+            # "+status": look the children up by id, not by scanning every waiting job.
             children = "SELECT child FROM edges WHERE parent = ?"
-            db.execute(f"UPDATE jobs SET pending = pending - 1 WHERE status = 'waiting' "
+            db.execute(f"UPDATE jobs SET pending = pending - 1 WHERE +status = 'waiting' "
                        f"AND id IN ({children})", (job_id,))
             db.execute(f"UPDATE jobs SET status = 'queued', eta = MAX(eta, ?) WHERE "
-                       f"status = 'waiting' AND pending <= 0 AND id IN ({children})", (now, job_id))
+                       f"+status = 'waiting' AND pending <= 0 AND id IN ({children})", (now, job_id))
             return True
 
     def fail(self, job_id: str, token: int, error: str, traceback: str | None,
