@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-import uuid
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,6 +27,13 @@ def seconds(value: timedelta | float | None, what: str) -> float | None:
     if out < 0:
         raise ValueError(f"{what} must not be negative, not {value!r}")
     return out
+
+
+def new_job_id(now: float) -> str:
+    """32 hex digits: milliseconds since the epoch (12), then 80 random bits (20), like a
+    UUIDv7. Ids made one after the other sort together, so a broker's id index grows at its
+    end instead of at random places (SQLite's enqueue rate stays flat as the table grows)."""
+    return f"{int(now * 1000) & 0xFFFF_FFFF_FFFF:012x}{secrets.token_hex(10)}"
 
 
 def check_priority(priority: int) -> int:
@@ -139,7 +146,7 @@ class JobFunction(Generic[P, R]):
         if n_retries < 0:
             raise ValueError(f"retries must be >= 0, not {n_retries}")
         return JobMessage(
-            id=uuid.uuid4().hex,
+            id=new_job_id(now),
             name=self.name,
             queue=queue or opts.queue,
             payload=dump_arguments(self.name, tuple(args), dict(kwargs or {})),
