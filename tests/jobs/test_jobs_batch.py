@@ -211,3 +211,33 @@ def test_redis_job_stored_with_its_envelope_in_the_hash_still_runs(redis_url: st
     finally:
         broker.flush()
         broker.close()
+
+
+def test_redis_scripts_survive_a_script_flush_and_dropped_connections(redis_url: str) -> None:
+    import uuid
+
+    import redis
+
+    from shoal.jobs.brokers.redis import RedisBroker
+    from shoal.jobs.testing import message
+
+    broker = RedisBroker(f"{redis_url}?prefix=test-{uuid.uuid4().hex[:12]}")
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        first = broker.enqueue(message())[0]
+        admin.script_flush()  # as after a server restart: EVALSHA says NOSCRIPT
+        second = broker.enqueue(message())[0]
+        addrs = ["{}:{}".format(*c._sock.getsockname()[:2]) for c in broker._conns]
+        assert addrs
+        for addr in addrs:  # the script connections drop (only ours: Redis may be shared)
+            admin.client_kill_filter(_id=None, addr=addr)
+        assert not {c["addr"] for c in admin.client_list()} & set(addrs)
+        [d] = broker.reserve(["default"], "w", 30, 1)
+        assert d.id == first
+        assert broker.ack(d.id, d.token, b"\x80\x05N.")
+        assert broker.counts() == {"default": {"queued": 1, "succeeded": 1}}
+        assert broker.get(second) is not None
+    finally:
+        broker.flush()
+        broker.close()
+        admin.close()
