@@ -6,7 +6,9 @@ Starts its own redis-server (append-only file on, as the jobs are meant to be du
 free loopback port in a temporary directory, and for each system:
 
 - throughput: N trivial jobs enqueued one by one, then waited for; jobs/s from the first
-  enqueue to the last job done, with 2 worker processes already running and idle;
+  enqueue to the last job done, with 2 worker processes already running and idle; for shoal
+  also with the N enqueued by one ``enqueue_many`` call, and by ``delay()`` inside
+  ``with app.batch():`` (sent 500 at a time), both compared with Celery's ``delay()``;
 - enqueue latency: median time of one ``delay()`` call (over the N calls above);
 - round trip: median of ``delay(i)`` then waiting for its result, one at a time, idle.
 
@@ -109,31 +111,58 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
+def _timed_enqueues(delay: Callable[[int], Any], n: int) -> list[float]:
+    latencies = []
+    for i in range(n):
+        a = time.perf_counter()
+        delay(i)
+        latencies.append(time.perf_counter() - a)
+    return latencies
+
+
+def throughput(enqueue_all: Callable[[int], Any], n: int, r: Any) -> dict[str, Any]:
+    """Jobs/s from the first enqueue to the N-th job done; how long enqueueing took."""
+    r.set(COUNTER, 0)
+    t0 = time.perf_counter()
+    out = enqueue_all(n)
+    t_enq = time.perf_counter() - t0
+    _wait_count(r, n, 300)
+    elapsed = time.perf_counter() - t0
+    return {"jobs_s": n / elapsed, "elapsed": elapsed, "enqueue_s": t_enq, "out": out}
+
+
 def measure(name: str, delay: Callable[[int], Any], round_trip: Callable[[int], Any],
-            n: int, r: Any) -> dict[str, Any]:
+            n: int, r: Any, batched: dict[str, Callable[[int], Any]] | None = None) -> dict[str, Any]:
     # warm-up: both workers have imported everything and run a job
     r.set(COUNTER, 0)
     for i in range(50):
         delay(i)
     _wait_count(r, 50, 60)
-    r.set(COUNTER, 0)
-    latencies = []
-    t0 = time.perf_counter()
-    for i in range(n):
-        a = time.perf_counter()
-        delay(i)
-        latencies.append(time.perf_counter() - a)
-    t_enq = time.perf_counter() - t0
-    _wait_count(r, n, 300)
-    elapsed = time.perf_counter() - t0
+    one = throughput(lambda k: _timed_enqueues(delay, k), n, r)
+    row = {"name": name, "jobs_s": one["jobs_s"], "elapsed": one["elapsed"],
+           "enqueue_s": one["enqueue_s"], "enqueue_ms": statistics.median(one["out"]) * 1e3}
+    for label, enqueue_all in (batched or {}).items():
+        got = throughput(enqueue_all, n, r)
+        row[f"{label}_jobs_s"] = got["jobs_s"]
+        row[f"{label}_elapsed"] = got["elapsed"]
+        row[f"{label}_enqueue_s"] = got["enqueue_s"]
     trips = []
     for i in range(200):
         a = time.perf_counter()
         round_trip(i)
         trips.append(time.perf_counter() - a)
-    return {"name": name, "jobs_s": n / elapsed, "elapsed": elapsed, "enqueue_s": t_enq,
-            "enqueue_ms": statistics.median(latencies) * 1e3,
-            "round_trip_ms": statistics.median(trips) * 1e3}
+    row["round_trip_ms"] = statistics.median(trips) * 1e3
+    return row
+
+
+def _pipelined(n: int) -> None:
+    with app.batch(size=500):
+        for i in range(n):
+            trivial.delay(i)
+
+
+def _enqueue_many(n: int) -> None:
+    trivial.enqueue_many([(i,) for i in range(n)])
 
 
 def run_shoal(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
@@ -142,7 +171,8 @@ def run_shoal(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
     procs = [_spawn(cmd, env) for _ in range(2)]
     try:
         return measure("shoal.jobs", lambda i: trivial.delay(i),
-                       lambda i: echo.delay(i).result(timeout=30), n, r)
+                       lambda i: echo.delay(i).result(timeout=30), n, r,
+                       {"many": _enqueue_many, "batch": _pipelined})
     finally:
         _stop(procs)
         app.broker.purge(pending=True)
@@ -200,25 +230,36 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "|---|---|---|---|---|---|---|",
     ]
 
-    def row(label: str, unit: str, key: str, target: str, better_high: bool, goal: float) -> None:
+    def row(label: str, unit: str, key: str, target: str, better_high: bool, goal: float,
+            celery_key: str | None = None) -> None:
         sv = s[key]
         if c is None:
             lines.append(f"| {label} | {unit} | {sv:,.2f} | - | - | {target} | - |")
             return
-        ratio = sv / c[key]
+        cv = c[celery_key or key]
+        ratio = sv / cv
         met = ratio >= goal if better_high else ratio <= goal
-        lines.append(f"| {label} | {unit} | {sv:,.2f} | {c[key]:,.2f} | {ratio:.2f}x | {target} | "
+        lines.append(f"| {label} | {unit} | {sv:,.2f} | {cv:,.2f} | {ratio:.2f}x | {target} | "
                      f"{'met' if met else 'NOT MET'} |")
 
     row(f"{args.jobs:,} trivial jobs, enqueue to done, 2 worker processes", "jobs/s", "jobs_s",
         ">= 2x", True, 2.0)
+    row("the same, shoal with `enqueue_many` (celery: delay() one by one)", "jobs/s", "many_jobs_s",
+        ">= 4x", True, 4.0, "jobs_s")
+    row("the same, shoal with delay() in `app.batch()` (celery: delay())", "jobs/s",
+        "batch_jobs_s", ">= 4x", True, 4.0, "jobs_s")
     row("enqueue latency (median of the delay() calls)", "ms", "enqueue_ms", "<= 1x", False, 1.0)
     row("round trip, idle: delay + result (median of 200)", "ms", "round_trip_ms", "<= 1x", False, 1.0)
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; Python {platform.python_version()}; "
           f"{os.cpu_count()} CPUs")
     for r in rows:
-        print(f"- {r['name']}: {args.jobs:,} jobs in {r['elapsed']:.2f} s "
-              f"(enqueueing took {r['enqueue_s']:.2f} s of it)")
+        print(f"- {r['name']}, delay() one by one: {args.jobs:,} jobs in {r['elapsed']:.2f} s "
+              f"(enqueueing took {r['enqueue_s']:.2f} s of it: {args.jobs / r['enqueue_s']:,.0f}/s)")
+        for label, what in (("many", "enqueue_many"), ("batch", "delay() in app.batch()")):
+            if f"{label}_elapsed" in r:
+                print(f"- {r['name']}, {what}: {args.jobs:,} jobs in {r[label + '_elapsed']:.2f} s "
+                      f"(enqueueing took {r[label + '_enqueue_s']:.2f} s of it: "
+                      f"{args.jobs / r[label + '_enqueue_s']:,.0f}/s)")
     print()
     print("\n".join(lines))
 

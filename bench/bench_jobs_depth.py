@@ -15,13 +15,14 @@ WAL, ``synchronous=NORMAL``):
    and disk per job (SQLite file plus WAL), and ``shoal jobs status`` wall time (a fresh
    process: median of 3 with bytecode cached, and the first run that compiles shoal from
    source) and ``Broker.counts()`` time in this process;
-3. reserve and ack as a worker does (``reserve(limit=10)``, then ``ack`` each) for one
-   window at depth N;
+3. reserve and ack as a worker does (``reserve(limit=10)``, then ``ack`` each) for three
+   windows at depth N;
 4. drain: ``reserve(limit=1000)`` windows (leases of an hour, not acked: they stay
    ``running``) until 90% of the jobs are taken, timing each window;
-5. reserve and ack as in 3, for one window with 90% of the jobs taken.
+5. reserve and ack as in 3, with 90% of the jobs taken.
 
-Per-job cost is flat if the rate of the first window and of the window at 90% agree.
+Rates are medians of several windows (the machine's load moves single ones). Per-job cost
+is flat if the rates near the start and near 90% agree.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+#: windows whose median is reported at each point (one window moves with the machine's load)
+SPAN = 5
+#: windows of worker-like reserve + ack at each point
+WORKER_WINDOWS = 3
 RESULT = b"\x80\x05K\x01."  # pickle of 1
 
 
@@ -76,6 +81,11 @@ def _worker_window(broker: Any, n: int) -> tuple[float, float]:
             broker.ack(d.id, d.token, RESULT)
         done += len(got)
     return _rate(n, t_reserve), _rate(n, time.perf_counter() - t0)
+
+
+def _worker_windows(broker: Any, n: int) -> tuple[float, float]:
+    runs = [_worker_window(broker, n) for _ in range(WORKER_WINDOWS)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def run(backend: str, n: int, window: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -127,8 +137,9 @@ def run(backend: str, n: int, window: int, log: Callable[[str], None]) -> dict[s
         out["fill_s"] = time.perf_counter() - t_fill
         out["enqueue_rates"] = rates
         out["prepare_rate"] = _rate(n, prepare_s)
-        at90 = min(len(rates) - 1, int(0.9 * n) // window)
-        out["enqueue_first"], out["enqueue_90"] = rates[0], rates[at90]
+        at90 = min(len(rates) - SPAN, int(0.9 * n) // window)
+        out["enqueue_first"] = statistics.median(rates[:SPAN])
+        out["enqueue_90"] = statistics.median(rates[at90:at90 + SPAN])
         out["enqueue_mean"] = _rate(n, sum(window / r for r in rates))
 
         # 2. footprint and status at depth
@@ -145,10 +156,10 @@ def run(backend: str, n: int, window: int, log: Callable[[str], None]) -> dict[s
         log(f"{backend}: {out['bytes_per_job']:,.0f} bytes/job, status {out['status_s']:.3f} s")
 
         # 3. worker-like reserve + ack at full depth
-        out["reserve_first"], out["worker_first"] = _worker_window(broker, window)
+        out["reserve_first"], out["worker_first"] = _worker_windows(broker, window)
 
         # 4. drain to 90% taken with bulk reserves
-        taken, drain = window, []
+        taken, drain = WORKER_WINDOWS * window, []
         target = int(0.9 * n)
         while taken < target:
             k = min(window, target - taken)
@@ -161,10 +172,11 @@ def run(backend: str, n: int, window: int, log: Callable[[str], None]) -> dict[s
             if len(drain) % 10 == 0:
                 log(f"{backend}: {taken:,} taken, last window {drain[-1]:,.0f} jobs/s")
         out["drain_rates"] = drain
-        out["drain_first"], out["drain_last"] = (drain[0], drain[-1]) if drain else (0.0, 0.0)
+        out["drain_first"] = statistics.median(drain[:SPAN])
+        out["drain_last"] = statistics.median(drain[-SPAN:])
 
         # 5. worker-like reserve + ack with 90% taken
-        out["reserve_90"], out["worker_90"] = _worker_window(broker, window)
+        out["reserve_90"], out["worker_90"] = _worker_windows(broker, window)
         out["status_90_s"], _ = _status_wall(url, f"{tmp}/pycache")
         app.close()
         return out
@@ -193,20 +205,22 @@ def report(rows: list[dict[str, Any]]) -> None:
         lines.append(f"| {label} | {unit} | " + " | ".join(fmt.format(r[key]) for r in rows) + " |")
 
     n = rows[0]["jobs"]
-    row(f"enqueue_many, first {w:,} (queue empty)", "jobs/s", "enqueue_first")
-    row(f"enqueue_many, {w:,} at {int(0.9 * n):,} queued", "jobs/s", "enqueue_90")
+    row(f"enqueue_many, windows of {w:,} from empty (median of {SPAN})", "jobs/s", "enqueue_first")
+    row(f"enqueue_many, windows of {w:,} from {int(0.9 * n):,} queued (median of {SPAN})", "jobs/s",
+        "enqueue_90")
     row(f"enqueue_many, all {n:,}", "jobs/s", "enqueue_mean")
     row("broker memory (Redis) / disk (SQLite) at depth", "bytes/job", "bytes_per_job")
     row(f"`shoal jobs status` with {n:,} queued (new process, bytecode cached)", "s", "status_s",
         "{:.3f}")
     row("the same, first run compiling shoal from source", "s", "status_cold_s", "{:.3f}")
     row("`Broker.counts()` in process", "ms", "counts_ms", "{:.2f}")
-    row(f"reserve(10) + ack, {w:,} at full depth: reserve alone", "jobs/s", "reserve_first")
-    row(f"reserve(10) + ack, {w:,} at full depth: both", "jobs/s", "worker_first")
-    row(f"reserve(1000), first {w:,} of the drain", "jobs/s", "drain_first")
-    row(f"reserve(1000), last {w:,} before 90% taken", "jobs/s", "drain_last")
-    row(f"reserve(10) + ack, {w:,} with 90% taken: reserve alone", "jobs/s", "reserve_90")
-    row(f"reserve(10) + ack, {w:,} with 90% taken: both", "jobs/s", "worker_90")
+    k = f"median of {WORKER_WINDOWS} windows of {w:,}"
+    row(f"reserve(10) + ack at full depth, {k}: reserve alone", "jobs/s", "reserve_first")
+    row(f"reserve(10) + ack at full depth, {k}: both", "jobs/s", "worker_first")
+    row(f"reserve(1000), first windows of the drain (median of {SPAN})", "jobs/s", "drain_first")
+    row(f"reserve(1000), last windows before 90% taken (median of {SPAN})", "jobs/s", "drain_last")
+    row(f"reserve(10) + ack with 90% taken, {k}: reserve alone", "jobs/s", "reserve_90")
+    row(f"reserve(10) + ack with 90% taken, {k}: both", "jobs/s", "worker_90")
     row("`shoal jobs status` with 90% taken (new process)", "s", "status_90_s", "{:.3f}")
     print()
     print("\n".join(lines))
