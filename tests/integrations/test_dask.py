@@ -292,13 +292,15 @@ def _recorded(fn: Any) -> list[str]:
     return sorted(str(w.message) for w in caught if issubclass(w.category, UserWarning))
 
 
-def _warning_graph() -> Any:
-    """A diamond whose tasks warn: a -> (b, c) -> d, plus two leaves e, f summed into d."""
+def _warning_graph(pure: bool = True) -> Any:
+    """A diamond whose tasks warn: a -> (b, c) -> d, plus two leaves e, f summed into d.
+    (``pure=False``: keys of its own, so no earlier hold of the same keys, whose warnings
+    were shown already, is reused.)"""
     def warn(value: Any, message: str) -> Any:
         warnings.warn(message, UserWarning, stacklevel=1)
         return value
 
-    delayed = dask.delayed(pure=True)
+    delayed = dask.delayed(pure=pure)
     a = delayed(warn)(1, "a warned")
     b = delayed(warn)(delayed(operator.add)(a, 1), "b warned")
     c = delayed(warn)(delayed(operator.mul)(a, 2), "c warned")
@@ -313,7 +315,7 @@ def test_warnings_of_intermediate_tasks_reach_the_caller(process_client: shoal.C
     assert expected == ["a warned", "b warned", "c warned", "leaf 0 warned", "leaf 1 warned"]
     assert _recorded(lambda: total.compute(scheduler=process_client.get)) == expected
     assert _recorded(lambda: dask.compute(total, total + 1, scheduler=process_client)) == expected
-    future = process_client.compute(_warning_graph())
+    future = process_client.compute(_warning_graph(pure=False))
     assert _recorded(lambda: future.result(timeout=30)) == expected
     # Values are plain values, whether or not their inputs warned.
     values: list[Any] = []
