@@ -50,6 +50,12 @@ def install_warning_capture(always: bool) -> None:
         _installed = True
 
 
+#: Held while a task's function or arguments are unpickled (not while it runs): unpickling
+#: may import modules for the first time, and two threads importing a package with circular
+#: imports (dask.array) at once can see it half-initialised ("No dispatch for ndarray").
+_UNPICKLING = threading.Lock()
+
+
 class FunctionCache:
     """Unpickled task functions by their pickled bytes (a `map` shares one function)."""
 
@@ -64,7 +70,8 @@ class FunctionCache:
             if fn is not None:
                 self._cache.move_to_end(payload)
                 return fn
-        fn = pickle.loads(payload)
+        with _UNPICKLING:
+            fn = pickle.loads(payload)
         with self._lock:
             self._cache[payload] = fn
             if len(self._cache) > self._size:
@@ -101,7 +108,7 @@ def run_task(key: str, function: bytes, args: Serialized, data: Mapping[str, Any
     out.start = clock()
     try:
         fn = functions.load(function)
-        with providing(data):
+        with providing(data), _UNPICKLING:
             call_args, call_kwargs = deserialize(args)
         value = fn(*call_args, **call_kwargs)
         out.ok = True
