@@ -39,6 +39,9 @@ class Batch:
         self._messages: list[JobMessage] = []
         self._handles: list[Job] = []
         self._token: Token[Batch | None] | None = None
+        #: the block has ended: later jobs (from an asyncio task created in the block, which
+        #: copied its context) are sent at once, as no one would send them otherwise
+        self._closed = False
         self.sent = 0  #: jobs sent so far
 
     def __repr__(self) -> str:
@@ -52,6 +55,8 @@ class Batch:
         outer = current.get()
         if outer is not None:
             outer.flush()  # keep the order of jobs across nested blocks
+        with self._lock:
+            self._closed = False
         self._token = current.set(self)
         return self
 
@@ -59,15 +64,22 @@ class Batch:
         if self._token is not None:
             current.reset(self._token)
             self._token = None
+        with self._lock:
+            self._closed = True
         self.flush()
 
     def add(self, message: JobMessage) -> Job:
         """Keep ``message`` for the next send; its handle. Sends when the batch is full."""
         handle = Job(message.id, self.app.broker, True, self, keyed=message.key is not None)
         with self._lock:
-            self._messages.append(message)
-            self._handles.append(handle)
+            kept = not self._closed
+            if kept:
+                self._messages.append(message)
+                self._handles.append(handle)
             full = len(self._messages) >= self.size
+        if not kept:
+            job_id, created = self.app.broker.enqueue(message)
+            return Job(job_id, self.app.broker, created)
         if full:
             self.flush()
         return handle

@@ -241,3 +241,26 @@ def test_redis_scripts_survive_a_script_flush_and_dropped_connections(redis_url:
         broker.flush()
         broker.close()
         admin.close()
+
+
+def test_a_task_outliving_its_batch_block_sends_at_once(app: JobQueue) -> None:
+    import asyncio
+
+    @app.job
+    def noop() -> None:
+        return None
+
+    async def main() -> Job:
+        go = asyncio.Event()
+
+        async def later() -> Job:
+            await go.wait()
+            return noop.delay()  # the task copied the context, batch and all
+
+        with app.batch():
+            task = asyncio.create_task(later())
+        go.set()
+        return await task
+
+    handle = asyncio.run(main())
+    assert not handle.pending and handle.status == "queued"
