@@ -33,9 +33,21 @@ from .runner import Outcome, failure, run_call
 _HEADER = struct.Struct("!I")
 
 
-def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type else ctypes.c_void_p(0))
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               ctypes.py_object(exc_type))  # fmt: skip
+
+
+def _absorb_raised() -> None:
+    """Let an exception `_raise_in_thread` sent to this thread arrive (at the next bytecode
+    boundary) and drop it. Withdrawing it with ``SetAsyncExc(NULL)`` instead leaves CPython's
+    eval breaker set for good: every thread runs slower, and line tracing (debuggers,
+    coverage) loops forever on one line."""
+    try:
+        for _ in range(1000):
+            pass
+    except TimeLimitExceeded:
+        pass
 
 
 class InlineExecutor:
@@ -50,10 +62,14 @@ class InlineExecutor:
         if limit is None:
             return run_call(job.fn, job.options.retry_on, message.payload, parents, message.pass_results)
         thread_id = threading.get_ident()
+        fired = False
 
         def expire() -> None:
+            nonlocal fired
             with self._guard:
                 if self._armed:
+                    self._armed = False
+                    fired = True
                     _raise_in_thread(thread_id, TimeLimitExceeded)
 
         timer = threading.Timer(limit, expire)
@@ -69,7 +85,9 @@ class InlineExecutor:
                 timer.cancel()
                 with self._guard:
                     self._armed = False
-                _raise_in_thread(thread_id, None)  # drop one raised but not yet delivered
+                    raised = fired
+                if raised:
+                    _absorb_raised()
         except TimeLimitExceeded:
             return failure(overrun(limit), isinstance(overrun(limit), job.options.retry_on))
         if not outcome.ok and outcome.error.startswith("TimeLimitExceeded"):

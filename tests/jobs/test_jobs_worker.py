@@ -3,6 +3,7 @@ bad messages, delays, idempotency, cancellation, prefetch and leases."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -336,3 +337,45 @@ def test_stop_hands_back_unfinished_jobs(app: JobQueue) -> None:
         assert all(h.status == "queued" for h in waiting)
     finally:
         release.set()
+
+
+def test_a_time_limit_in_a_thread_leaves_the_interpreter_sound(app: JobQueue) -> None:
+    """Stopping an attempt raises into its thread; withdrawing an exception raised that way
+    left CPython's eval breaker set, after which line tracing (debuggers, coverage) looped
+    forever on one line."""
+
+    @app.job(retries=0, time_limit=0.2)
+    def spin() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    @app.job(time_limit=5)
+    def quick() -> int:
+        return 1
+
+    handle, fast = spin.delay(), quick.delay()
+    with app.worker(pool="threads"):  # type: ignore[arg-type]
+        with pytest.raises(TimeLimitExceeded):
+            handle.result(timeout=20)
+        assert fast.result(timeout=20) == 1  # disarmed without firing
+
+    lines = 0
+
+    def count_lines(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            if lines > 100_000:
+                raise RuntimeError("line tracing loops on one line")
+        return count_lines
+
+    def work() -> int:
+        return sum(i for i in range(1000))
+
+    sys.settrace(count_lines)
+    try:
+        work()
+    finally:
+        sys.settrace(None)
+    assert lines < 10_000
