@@ -29,6 +29,7 @@ from ..comm.core import Comm, CommClosedError
 from ..comm.registry import connect
 from ..coordination.datasets import DatasetsMixin
 from ..exceptions import FutureLostError, SchedulerGoneError
+from .cluster_ops import ClusterMixin
 from .data import DataMixin
 from .future import Future, FutureState, Status, as_completed, wait
 from ..protocol.messages import (
@@ -42,27 +43,18 @@ from ..protocol.messages import (
     KeyInMemory,
     KeyLost,
     Msg,
-    Nthreads,
     ReleaseKeys,
     Reply,
-    RestartRequest,
-    RetireWorkersRequest,
-    RunOnWorkers,
     SchedulerClosing,
-    Story,
     SubmitTasks,
     TaskWarning,
     TaskSpec,
     WantKeys,
-    WhoHas,
-    WorkerDeaths,
     WorkerRemoved,
-    SchedulerLogs,
-    WorkerLogs,
 )
 from .annotate import resolve_options
 from ..protocol.refs import collecting
-from ..protocol.serialize import deserialize, dumps_function, serialize
+from ..protocol.serialize import dumps_function, serialize
 from ..comm.rpc import PeerPool, next_rid
 from ..utils.loop import LoopThread
 
@@ -88,7 +80,7 @@ def default_client() -> Client:
     return client
 
 
-class Client(DataMixin, DatasetsMixin):
+class Client(DataMixin, ClusterMixin, DatasetsMixin):
     """Connects to a scheduler (or starts a local cluster) and runs work on it."""
 
     def __init__(
@@ -650,139 +642,6 @@ class Client(DataMixin, DatasetsMixin):
         fs = list(futures)
         self._send(WantKeys([f.key for f in fs], [f._state.generation for f in fs]))
 
-    # --------------------------------------------------------------- queries
-
-    def who_has(self, futures: Iterable[Future] | None = None) -> Any:
-        keys = None if futures is None else [f.key for f in futures]
-        return self._sync(self._request(WhoHas(next_rid(), keys)))
-
-    def nthreads(self) -> Any:
-        return self._sync(self._request(Nthreads(next_rid())))
-
-    ncores = nthreads
-
-    def scheduler_info(self) -> Any:
-        return self._sync(self._request(Identity(next_rid())))
-
-    def story(self, key: str | Future) -> Any:
-        k = key.key if isinstance(key, Future) else key
-        return self._sync(self._request(Story(next_rid(), k)))
-
-    def worker_deaths(self) -> Any:
-        """Worker processes that died lately and were restarted by their nanny, oldest
-        first: ``[{"address", "name", "reason", "time"}]``, where reason is e.g. "signal
-        SIGKILL", "exit code 1" or "memory: RSS 190.2 MiB of limit 200.0 MiB"."""
-        return self._sync(self._request(WorkerDeaths(next_rid())))
-
-    # ---------------------------------------------------------- observability
-
-    @property
-    def dashboard_link(self) -> str | None:
-        """The URL of the scheduler's dashboard, or None when it serves none."""
-        if self._dashboard_link is None:
-            local = getattr(self.cluster, "dashboard_link", None)
-            if local is not None:
-                self._dashboard_link = str(local)
-            elif self.status == "running" and not self.asynchronous:
-                self._dashboard_link = str(self.scheduler_info().get("dashboard") or "")
-        return self._dashboard_link or None
-
-    def get_scheduler_logs(self, n: int = 1000) -> Any:
-        """The scheduler's newest ``n`` log records, oldest first, as ``(time, level,
-        logger, message)`` tuples (those that passed the ``shoal`` logger's level: see
-        ``SHOAL_LOG_LEVEL``)."""
-
-        async def go() -> list[tuple[Any, ...]]:
-            rows = await self._request(SchedulerLogs(next_rid(), n))
-            return [tuple(row) for row in rows]
-
-        return self._sync(go())
-
-    def get_worker_logs(self, n: int = 1000, workers: list[str] | None = None) -> Any:
-        """Each worker's newest ``n`` log records: ``{address: [(time, level, logger,
-        message), ...]}`` (``workers``: addresses or names; all by default). A worker that
-        did not answer maps to ``{"error": text}``."""
-
-        async def go() -> dict[str, Any]:
-            replies = await self._request(WorkerLogs(next_rid(), n, workers))
-            return {address: [tuple(row) for row in rows] if isinstance(rows, list) else rows
-                    for address, rows in replies.items()}  # fmt: skip
-
-        return self._sync(go())
-
-    def run(self, fn: Callable[..., Any], *args: Any, workers: list[str] | None = None,
-            **kwargs: Any) -> Any:  # fmt: skip
-        """Run ``fn(*args, **kwargs)`` once on every worker; returns ``{address: result}``."""
-        packed = serialize(lambda: fn(*args, **kwargs), "function")
-
-        async def go() -> dict[str, Any]:
-            replies = await self._request(RunOnWorkers(next_rid(), packed, workers))
-            out: dict[str, Any] = {}
-            for address, answer in replies.items():
-                if not answer.get("ok"):
-                    if answer.get("result") is not None:
-                        error = deserialize(answer["result"])
-                        if not isinstance(error, Exception) and not self.asynchronous:
-                            # KeyboardInterrupt...: raised on the client's loop it would stop
-                            # it; the caller's thread raises it instead (below).
-                            raise _CarriedError(error)
-                        raise error
-                    raise ConnectionError(f"worker {address}: {answer.get('error')}")
-                out[address] = deserialize(answer["result"])
-            return out
-
-        try:
-            return self._sync(go())
-        except _CarriedError as carried:
-            raise carried.error from None
-
-    def retire_workers(self, workers: list[str] | None = None, n: int | None = None,
-                       timeout: float = 60.0) -> Any:  # fmt: skip
-        """Gracefully stop workers: results only they hold move to other workers first.
-
-        ``workers``: addresses (or names) to retire; or ``n``: retire that many, those
-        holding the least data. Returns the addresses that left within ``timeout``."""
-
-        async def go() -> list[str]:
-            info = await self._request(Identity(next_rid()))
-            by_name = {w["name"]: a for a, w in info["workers"].items()}
-            if workers is not None:
-                chosen = [by_name.get(w, w) for w in workers]
-            else:
-                ranked = sorted(info["workers"], key=lambda a: info["workers"][a]["nbytes"])
-                chosen = ranked[: n or 0]
-            gone: list[str] = await self._request(
-                RetireWorkersRequest(next_rid(), chosen, timeout), timeout=timeout + 10)
-            return gone
-
-        return self._sync(go())
-
-    def restart(self, timeout: float = 60.0) -> Any:
-        """Restart every worker: all tasks and data are dropped (pending futures fail as
-        lost); returns once as many workers as before are back, or after ``timeout``."""
-
-        async def go() -> int:
-            count: int = await self._request(RestartRequest(next_rid(), timeout),
-                                             timeout=timeout + 10)  # fmt: skip
-            return count
-
-        return self._sync(go())
-
-    def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> Any:
-        async def go() -> None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + (timeout if timeout is not None else 60)
-            while True:
-                info = await self._request(Identity(next_rid()))
-                if len(info["workers"]) >= n_workers:
-                    return
-                if loop.time() > deadline:
-                    raise TimeoutError(f"only {len(info['workers'])} of {n_workers} workers"
-                                       f" arrived within {timeout}s")  # fmt: skip
-                await asyncio.sleep(0.05)
-
-        return self._sync(go())
-
     # ------------------------------------------------ the ecosystem (integrations/)
 
     def _submit_specs(self, specs: list[TaskSpec], wanted: list[str]) -> list[Future]:
@@ -852,11 +711,3 @@ def _close_clients_at_exit() -> None:
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
 
-
-class _CarriedError(Exception):
-    """A function's exception that is not an `Exception` (KeyboardInterrupt, SystemExit...),
-    carried off the client's event loop to be raised in the caller's thread."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(repr(error))
-        self.error = error
