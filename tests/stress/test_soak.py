@@ -34,14 +34,13 @@ unexpected exception type or message, a call past its deadline):
 - ``scatter``: the same values scattered from several threads, then summed by a task.
 - ``nested``: a task that submits tasks with `shoal.get_client()` and waits on them.
 - ``actor`` (and ``a-actor``): ``submit(Counter, actor=True)``; ``incr`` calls answer 1, 2,
-  3...; ``.n`` reads. The sync client's actors are out of the mix: a known bug, see
-  `SYNC_OPS`.
+  3...; ``.n`` reads.
 - ``coord``: Lock / Semaphore acquire with timeouts (False on timeout; never a value
   wrong), Event set/wait/clear, Queue put/get, Variable set/get (a value or a future),
   a dataset published/read/unpublished, Pub/Sub (from here and from a task, each
   publisher's messages in order), and a task taking a `shoal.Lock` in the cluster.
 - ``dask``: `dask.delayed` sums through `client.compute` and `dask.compute(...,
-  scheduler=client.get)` (`dask.array` is out of the mix: a known bug, see `op_dask`).
+  scheduler=client.get)`, and a small `dask.array` reduction.
 
 At the end: every thread ended (none hung); the scheduler holds no task once every future
 is dropped (polled with a deadline); and from the warm-up measure (at 20% of the run) to the
@@ -447,14 +446,10 @@ def op_dask(s: Soak, rng: random.Random, who: str) -> None:
     import dask
 
     n = rng.randrange(2, 12)
-    # KNOWN BUG (concurrent first import on a worker): a worker process with 2 threads that
-    # unpickles two dask.array tasks at once, both importing dask.array for the first time
-    # (a fresh or restarted worker), fails some of them with "TypeError: No dispatch for
-    # <class 'numpy.ndarray'>" or "ImportError: cannot import name 'array_creation_dispatch'
-    # from partially initialized module 'dask.array.backends'": task arguments are
-    # deserialized on the task threads concurrently (shoal/worker/execution.py run_task).
-    # dask.array is out of the mix until fixed: add "array" back to the choices.
-    how = rng.choice(["delayed", "client.get"])
+    # "array" was out of the mix while two task threads of a fresh worker could unpickle
+    # dask.array tasks at once and see dask.array half-imported ("No dispatch for ndarray");
+    # a worker now unpickles task functions and arguments one at a time.
+    how = rng.choice(["delayed", "client.get", "array"])
     parts = [dask.delayed(inc)(i) for i in range(n)]
     result = dask.delayed(total)(parts)
     if how == "delayed":
@@ -482,13 +477,9 @@ SYNC_OPS: dict[str, tuple[float, Callable[..., None]]] = {
     "retries": (1, op_retries),
     "scatter": (2, op_scatter),
     "nested": (1, op_nested),
-    # KNOWN BUG (actor handle bound to the wrong client): a handle arriving in a result binds
-    # to `shoal.get_client()`, the process's most recent client, not to the client that
-    # fetched it (`_rebuild_actor` in shoal/client/actor.py). With the async client alive,
-    # `sync_client.submit(Counter, actor=True).result().incr().result()` returns a coroutine;
-    # with a second sync client, the actor is held through (and dies with) that other
-    # client. Skipped from the sync mix until fixed; weight 1 puts it back.
-    "actor": (0, op_actor),
+    # Was out of the mix while a handle arriving in a result bound to the process's most
+    # recent client instead of the one that fetched it (fixed: `shoal.client.future.receive`).
+    "actor": (1, op_actor),
     "coord": (2, op_coord),
     "dask": (1, op_dask),
 }
