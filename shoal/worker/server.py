@@ -5,10 +5,10 @@ connection to the scheduler, runs tasks on ``nthreads`` threads and holds their 
 Decisions (what to run, fetch or drop) are the state machine's; this file only carries
 them out and feeds the outcomes back as events.
 
-Tasks may launch tasks through a client the worker makes for them (`shoal.worker_client`);
-a task waiting on others secedes: it keeps its thread, which no longer counts against
-``nthreads``, so the pool runs more threads than that. Actors made here live in `actors`
-and answer calls from the peer listener (`shoal.actor`).
+Tasks may launch tasks through a client the worker makes for them (`task_client`; their
+thread context is in `context`); a task waiting on others secedes: it keeps its thread,
+which no longer counts against ``nthreads``, so the pool runs more threads than that.
+Actors made here live in `actors` and answer calls from the peer listener.
 """
 
 from __future__ import annotations
