@@ -29,6 +29,9 @@ __all__ = ["DataMixin"]
 #: fetch rounds in a row that bring nothing before a fetch gives up
 _FUTILE_ROUNDS = 8
 
+#: rounds of new targets for values that no worker took before a scatter gives up
+_SCATTER_ROUNDS = 3
+
 
 class DataMixin:
     """Gather and scatter methods of `Client` (kept apart from the client's own code)."""
@@ -173,23 +176,48 @@ class DataMixin:
 
     async def _scatter_async(self, futures: list[Future], packed: list[Serialized],
                              broadcast: bool, workers: list[str] | None) -> None:  # fmt: skip
+        """Put each value on the workers the scheduler picks. A worker that fails (it died
+        meanwhile) is dropped; a value none of its workers took goes to new targets, up to
+        `_SCATTER_ROUNDS` times, then `FutureLostError` says which workers failed and why."""
         client = cast("Client", self)
         peers = client._peers
         assert peers is not None
-        keys = [f.key for f in futures]
-        targets: list[list[str]] = await client._request(
-            ScatterTargets(next_rid(), len(keys), broadcast, workers))
-        if len(targets) != len(keys):
-            raise RuntimeError("no workers to scatter to: start some workers first")
-        per_worker: dict[str, dict[str, Serialized]] = {}
-        for key, ser, where in zip(keys, packed, targets):
-            for w in where:
-                per_worker.setdefault(w, {})[key] = ser
         limit = client.timeout * 6
-        await asyncio.gather(*(peers.request(w, UpdateData(next_rid(), d), limit)
-                               for w, d in per_worker.items()))  # fmt: skip
-        client._send_now(Scattered(keys, targets, [p.nbytes for p in packed],
-                                   generations=[f._state.generation for f in futures]))
+        todo = list(range(len(futures)))
+        held: dict[int, list[str]] = {}
+        failures: list[str] = []
+        for _round in range(_SCATTER_ROUNDS):
+            targets: list[list[str]] = await client._request(
+                ScatterTargets(next_rid(), len(todo), broadcast, workers))
+            if len(targets) != len(todo):
+                raise RuntimeError("no workers to scatter to: start some workers first")
+            per_worker: dict[str, dict[str, Serialized]] = {}
+            for i, where in zip(todo, targets):
+                for w in where:
+                    per_worker.setdefault(w, {})[futures[i].key] = packed[i]
+            replies = await asyncio.gather(
+                *(peers.request(w, UpdateData(next_rid(), data), limit)
+                  for w, data in per_worker.items()),
+                return_exceptions=True)  # fmt: skip
+            failed = set()
+            for w, reply in zip(per_worker, replies):
+                if isinstance(reply, BaseException):
+                    failed.add(w)
+                    failures.append(f"{w}: {reply!r}")
+            for i, where in zip(todo, targets):
+                held[i] = [w for w in where if w not in failed]
+            todo = [i for i in todo if not held[i]]
+            if not todo:
+                break
+            # The scheduler may not have noticed the failed workers yet: give it a moment.
+            await asyncio.sleep(0.5 * (_round + 1))
+        if todo:
+            why = "; ".join(failures[-3:])
+            raise FutureLostError(f"could not scatter {[futures[i].key for i in todo][:5]}:"
+                                  f" every worker it was sent to failed ({why})")
+        client._send_now(Scattered(
+            [f.key for f in futures], [held[i] for i in range(len(futures))],
+            [p.nbytes for p in packed], generations=[f._state.generation for f in futures]))
 
 
 # --------------------------------------------------------------------- helpers

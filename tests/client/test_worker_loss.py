@@ -7,11 +7,14 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import cloudpickle
 import pytest
 
 import shoal
+from shoal.comm.core import CommClosedError
+from shoal.protocol.messages import UpdateData
 from shoal.testing import gen_cluster, wait_until
 
 # Worker processes get this module's functions by value.
@@ -94,3 +97,28 @@ def test_an_actor_call_to_a_stopped_worker_fails_once_the_worker_is_removed(
             call.result(timeout=60)  # fails when the scheduler removes it, well before this
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_a_scatter_to_a_worker_that_fails_goes_to_another(client: shoal.Client) -> None:
+    """A worker that dies while values are put on it: they go to the others instead."""
+    peers = client._peers
+    assert peers is not None
+    real_request = peers.request
+    failed: list[str] = []
+
+    async def first_target_fails(address: str, msg: Any, timeout: float | None = None) -> Any:
+        if isinstance(msg, UpdateData) and not failed:
+            failed.append(address)
+            raise CommClosedError(f"connection to {address} closed (the worker died)")
+        return await real_request(address, msg, timeout)
+
+    peers.request = first_target_fails  # type: ignore[method-assign]
+    try:
+        futures = client.scatter(list(range(10)), hash=False)
+    finally:
+        peers.request = real_request  # type: ignore[method-assign]
+    assert failed
+    assert client.gather(futures) == list(range(10))
+    # every value has a holder that really took it (the failed send is not counted as one)
+    who_has = client.who_has(futures)
+    assert all(who_has[f.key] for f in futures)
