@@ -299,14 +299,13 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
             batch.send(msg)
 
     def _schedule_drain(self) -> None:
-        if not self._drain_due:
+        loop = self.loop
+        if not self._drain_due and loop is not None:
             self._drain_due = True
-            loop = self.loop
-            if loop is not None:
-                try:
-                    loop.call_soon_threadsafe(self._drain_outbox)
-                except RuntimeError:  # the loop is closed: so is the client
-                    pass
+            try:
+                loop.call_soon_threadsafe(self._drain_outbox)
+            except RuntimeError:  # the loop is closed: so is the client
+                pass
 
     def _drain_outbox(self) -> None:
         """Send what is queued, in order; count released handles and tell the scheduler of
