@@ -13,7 +13,6 @@ import cloudpickle
 import numpy as np
 import pytest
 
-import shoal
 from shoal.worker.memory import MemoryFractions
 from shoal.testing import Tally, gen_cluster, wait_until
 
