@@ -111,6 +111,7 @@ class Worker:
         spill_directory: str | None = None,
         previous_death: WorkerDeath | None = None,
         dashboard_address: str | int | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         #: where this worker's HTTP server (/metrics, /health) listens; None: it has none
@@ -143,8 +144,13 @@ class Worker:
         self.functions = FunctionCache()
         self.address = ""
         self.state: WorkerState | None = None
-        self._executor = ThreadPoolExecutor(nthreads + SECEDED_THREADS,
-                                            thread_name_prefix=f"shoal-{self.name}")  # fmt: skip
+        #: an executor given by the caller (shared by many workers in one process,
+        #: `shoal.testing.many_workers`) is theirs to shut down, not ours
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(nthreads + SECEDED_THREADS,
+                                                        thread_name_prefix=f"shoal-{self.name}")  # fmt: skip
+        #: heartbeats sent so far (scale tests count them)
+        self.heartbeats_sent = 0
         #: seceded tasks waiting in `rejoin_task` for a slot: key -> set when they have one
         self._rejoin_events: dict[str, threading.Event] = {}
         #: actors living here (see `shoal.actor`)
@@ -264,6 +270,15 @@ class Worker:
                                 proc.cpu_percent(), self.data.spilled_bytes,
                                 self.data.memory_bytes, self.state.paused,
                                 bytes_in=self.bytes_in, bytes_out=self.bytes_out))  # fmt: skip
+            self.heartbeats_sent += 1
+
+    def scheduler_traffic(self) -> dict[str, int]:
+        """Heartbeats sent, and messages and batches sent on the current connection to the
+        scheduler: for scale tests and benchmarks."""
+        send = self._scheduler
+        return {"heartbeats": self.heartbeats_sent,
+                "messages": send.messages_sent if send is not None else 0,
+                "batches": send.batches_sent if send is not None else 0}  # fmt: skip
 
     def __await__(self) -> Any:
         return self.start().__await__()
@@ -297,7 +312,8 @@ class Worker:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current),
                              return_exceptions=True)  # fmt: skip
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         self.memory.close()  # drops the data, removes the spilled files
         self.status = "closed"
         self._closed.set()
