@@ -22,6 +22,7 @@ Modules, one concern each:
   worker.py       Worker: fetch (bounded prefetch), run, heartbeat leases, ack/fail
   executors.py    where an attempt runs: a thread, or a child process (child.py)
   runner.py       one attempt: arguments in, Outcome out
+  signing.py      HMAC-SHA256 signatures on every stored pickle (``secret=``)
   policy/         pure policy: retries (backoff), time limits, leases
   schedules.py    pure: cron / interval slots and what is due; periodic.py runs them
   cli.py          ``shoal jobs worker | status | list | dead | retry | purge``
@@ -32,6 +33,7 @@ from .app import JobQueue as JobQueue
 from .batch import Batch as Batch
 from .broker import Broker as Broker
 from .definition import JobFunction as JobFunction
+from .errors import BadSignature as BadSignature
 from .errors import BrokerUnavailable as BrokerUnavailable
 from .errors import JobCancelled as JobCancelled
 from .errors import JobError as JobError

@@ -16,6 +16,7 @@ from .job import Job
 from .message import JobMessage
 from .policy.leases import DEFAULT_LEASE, check_lease
 from .schedules import CatchUp, Schedule, every_seconds
+from .signing import SecretSetting, Signer
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -30,19 +31,30 @@ class JobQueue:
     ``url``: ``"sqlite:///jobs.db"`` (one machine, the default), ``"redis://host:6379/0"``
     (many machines) or ``"memory://"`` (tests, one process). The broker is opened on first
     use, so defining an app at import time connects to nothing. ``lease``: seconds a job
-    worker holds a job between heartbeats before another may take it over."""
+    worker holds a job between heartbeats before another may take it over.
+
+    ``secret``: sign every stored pickle (arguments, results, exceptions) with HMAC-SHA256,
+    and unpickle nothing whose signature is missing or wrong (job workers dead-letter such
+    a job; ``result()`` raises `BadSignature`). One secret of at least 16 bytes, or a list
+    (the first signs, any verifies: for rotation). Default: ``$SHOAL_JOBS_SECRET`` (comma
+    separated). Without either, anyone who can write to the broker can run code on every
+    job worker (see docs/jobs-signing.md)."""
 
     def __init__(self, url: str = "sqlite:///jobs.db", *, lease: float = DEFAULT_LEASE,
-                 broker: Broker | None = None) -> None:
+                 broker: Broker | None = None, secret: SecretSetting | None = None) -> None:
         self.url = broker.url if broker is not None else url
         self.lease = check_lease(lease)
+        #: signs and checks stored pickles; None: unsigned (``secret`` and the env var unset)
+        self.signer: Signer | None = Signer.from_setting(secret)
         self.jobs: dict[str, JobFunction[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}
         self._broker = broker
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<JobQueue {self.url} jobs={len(self.jobs)} schedules={len(self.schedules)}>"
+        signed = "" if self.signer is None else " signed"
+        return (f"<JobQueue {self.url}{signed} jobs={len(self.jobs)} "
+                f"schedules={len(self.schedules)}>")
 
     @property
     def broker(self) -> Broker:
@@ -159,7 +171,8 @@ class JobQueue:
         if open_batch is not None and open_batch.app is self:
             open_batch.flush()
         broker = self.broker
-        return [Job(job_id, broker, created) for job_id, created in broker.enqueue_many(batch)]
+        return [Job(job_id, broker, created, signer=self.signer)
+                for job_id, created in broker.enqueue_many(batch)]
 
     def batch(self, size: int = 500) -> Batch:
         """``with app.batch(): ...``: jobs enqueued in the block (``delay``, ``enqueue``,
@@ -178,11 +191,11 @@ class JobQueue:
         if open_batch is not None and open_batch.app is self:
             return open_batch.add(message)
         job_id, created = self.broker.enqueue(message)
-        return Job(job_id, self.broker, created)
+        return Job(job_id, self.broker, created, signer=self.signer)
 
     def get(self, job_id: str) -> Job:
         """The handle of a job by id (it may have been enqueued elsewhere)."""
-        return Job(job_id, self.broker)
+        return Job(job_id, self.broker, signer=self.signer)
 
     def worker(self, **options: Any) -> Worker:
         """A `Worker` for this app, to run in this process (``with app.worker(): ...``)."""

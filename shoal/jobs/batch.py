@@ -70,7 +70,8 @@ class Batch:
 
     def add(self, message: JobMessage) -> Job:
         """Keep ``message`` for the next send; its handle. Sends when the batch is full."""
-        handle = Job(message.id, self.app.broker, True, self, keyed=message.key is not None)
+        handle = Job(message.id, self.app.broker, True, self, keyed=message.key is not None,
+                     signer=self.app.signer)
         with self._lock:
             kept = not self._closed
             if kept:
@@ -79,7 +80,7 @@ class Batch:
             full = len(self._messages) >= self.size
         if not kept:
             job_id, created = self.app.broker.enqueue(message)
-            return Job(job_id, self.app.broker, created)
+            return Job(job_id, self.app.broker, created, signer=self.app.signer)
         if full:
             self.flush()
         return handle

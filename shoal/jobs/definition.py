@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .message import MAX_PRIORITY, MIN_PRIORITY, JobMessage
 from .payload import dump_arguments
+from .signing import args_context, sign
 
 if TYPE_CHECKING:
     from .app import JobQueue
@@ -145,11 +146,14 @@ class JobFunction(Generic[P, R]):
         n_retries = opts.retries if retries is None else retries
         if n_retries < 0:
             raise ValueError(f"retries must be >= 0, not {n_retries}")
+        job_id = new_job_id(now)
+        payload = dump_arguments(self.name, tuple(args), dict(kwargs or {}))
         return JobMessage(
-            id=new_job_id(now),
+            id=job_id,
             name=self.name,
             queue=queue or opts.queue,
-            payload=dump_arguments(self.name, tuple(args), dict(kwargs or {})),
+            payload=sign(self.app.signer, args_context(job_id, self.name, parents, pass_results),
+                         payload),
             priority=check_priority(opts.priority if priority is None else priority),
             max_attempts=n_retries + 1,
             backoff=opts.backoff,

@@ -37,6 +37,12 @@ class TimeLimitExceeded(JobError):
     """An attempt ran past its ``time_limit`` and was stopped; counted as a failed attempt."""
 
 
+class BadSignature(JobError):
+    """A stored payload, argument or result has no valid signature (see `shoal.jobs.signing`):
+    it is never unpickled. A job worker dead-letters the job with this reason; ``result()``
+    raises it."""
+
+
 class UnknownJob(JobError):
     """A message names a job this worker's app does not define."""
 

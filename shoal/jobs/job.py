@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import JobCancelled, JobFailed, ParentFailed
+from .errors import BadSignature, JobCancelled, JobFailed, ParentFailed
 from .message import FINISHED, JobRecord, Status
 from .payload import load
+from .signing import Signer, error_context, result_context, unwrap
 
 if TYPE_CHECKING:
     from .batch import Batch
@@ -22,14 +23,19 @@ class Job:
 
     A handle from inside ``with app.batch():`` may name a job not sent yet: reading it
     (``status``, ``result()``, ``record``..., or ``id`` / ``created`` when it has a key,
-    since the key may name an older job) sends the batch first."""
+    since the key may name an older job) sends the batch first.
 
-    __slots__ = ("_batch", "_created", "_id", "_keyed", "broker")
+    With a ``signer`` (the app's secret), ``result()`` unpickles only a correctly signed
+    result or exception, and raises `BadSignature` otherwise."""
+
+    __slots__ = ("_batch", "_created", "_id", "_keyed", "broker", "signer")
 
     def __init__(self, job_id: str, broker: Broker, created: bool = True,
-                 batch: Batch | None = None, keyed: bool = False) -> None:
+                 batch: Batch | None = None, keyed: bool = False, *,
+                 signer: Signer | None = None) -> None:
         self._id = job_id
         self.broker = broker
+        self.signer = signer
         self._created = created
         #: the batch holding this job until it is sent (None once sent)
         self._batch = batch
@@ -99,13 +105,15 @@ class Job:
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to finish and return its value. Raises the job's own exception
         (its cause a `shoal.RemoteTraceback`) or `JobFailed` if it failed, `JobCancelled`
-        if it was cancelled, ``TimeoutError`` if ``timeout`` seconds pass first."""
+        if it was cancelled, ``TimeoutError`` if ``timeout`` seconds pass first, and
+        `BadSignature` (unpickling nothing) if the app has a secret and the stored result
+        or exception is unsigned or its signature does not match."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0005
         while True:
             record = self.record
             if record.status in FINISHED:
-                return _outcome(record)
+                return _outcome(record, self.signer)
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {self.id} is still {record.status} after {timeout}s")
             left = 0.05 if deadline is None else max(0.0, deadline - time.monotonic())
@@ -124,9 +132,12 @@ class Job:
         return self.broker.retry(self._id)
 
 
-def _outcome(record: JobRecord) -> Any:
+def _outcome(record: JobRecord, signer: Signer | None) -> Any:
     if record.status == "succeeded":
-        return None if record.result is None else load(record.result)
+        if record.result is None:
+            return None
+        return load(unwrap(signer, result_context(record.id), record.result,
+                           f"the result of job {record.id} ({record.name})"))
     if record.status == "cancelled":
         raise JobCancelled(f"job {record.id} ({record.name}) was cancelled"
                            + (f": {record.last_error}" if record.last_error else ""))
@@ -135,7 +146,12 @@ def _outcome(record: JobRecord) -> Any:
     failure = JobFailed(record.id, record.last_error or "unknown error", record.traceback)
     if record.result is not None:
         try:
-            exc = load(record.result)
+            data = unwrap(signer, error_context(record.id), record.result,
+                          f"the exception of failed job {record.id} ({record.name})")
+        except BadSignature as bad:
+            raise BadSignature(f"{bad} (the job failed: {record.last_error})") from None
+        try:
+            exc = load(data)
         except Exception:
             exc = None
         if isinstance(exc, BaseException):

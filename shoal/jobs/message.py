@@ -32,7 +32,7 @@ class JobMessage(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     name: str  #: the registered job name, e.g. ``"myapp.send_mail"``
     queue: str = "default"
-    payload: bytes  #: cloudpickle of ``(args, kwargs)``
+    payload: bytes  #: cloudpickle of ``(args, kwargs)``, signed with a secret (`signing`)
     priority: int = 0  #: higher runs first
     max_attempts: int = 1  #: 1 + retries
     backoff: float = 1.0  #: seconds before the first retry; doubles each retry
@@ -60,7 +60,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     finished: float | None = None
     last_error: str | None = None  #: ``"TypeError: ..."`` or a reason the broker gave
     traceback: str | None = None
-    result: bytes | None = None  #: cloudpickled return value, or the pickled exception
+    #: cloudpickled return value, or the pickled exception (signed blobs with a secret)
+    result: bytes | None = None
     dead: bool = False  #: in the dead-letter list (failed on its own, not by a parent)
     parents: tuple[str, ...] = ()
     key: str | None = None

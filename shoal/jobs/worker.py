@@ -31,13 +31,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from .errors import BrokerUnavailable
+from msgspec import structs
+
+from .errors import BadSignature, BrokerUnavailable
 from .executors import ChildExecutor, InlineExecutor
 from .message import Delivery, JobMessage, decode
 from .periodic import PeriodicScheduler
 from .policy.leases import check_lease, renew_interval
 from .policy.retries import next_attempt_at
 from .runner import Outcome
+from .signing import ENV_VAR, args_context, error_context, result_context, sign, sign_optional, unwrap
 
 if TYPE_CHECKING:
     from .app import JobQueue
@@ -45,6 +48,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.jobs.worker")
 T = TypeVar("T")
 Pool = Literal["threads", "processes"]
+
+#: the unsigned-payloads warning is logged once per process, not once per worker
+_warned_unsigned = False
+
+
+def _warn_unsigned(url: str) -> None:
+    global _warned_unsigned
+    if not _warned_unsigned:
+        _warned_unsigned = True
+        log.warning("job payloads are unsigned: anyone who can write to the broker (%s) can "
+                    "run any code on this job worker. Set JobQueue(secret=...) or $%s on "
+                    "producers and workers (docs/jobs-signing.md)", url, ENV_VAR)
 
 
 class _GaveUp(Exception):
@@ -102,8 +117,11 @@ class Worker:
         self._threads = [spawn(self._fetch, "fetcher"), spawn(self._heartbeat, "heartbeat")]
         if self._scheduler is not None:
             self._threads.append(spawn(self._scheduler.run, "scheduler"))
-        log.info("job worker %s: queues %s, %d %s, broker %s", self.name, ",".join(self.queues),
-                 self.concurrency, self.pool, self.app.url)
+        log.info("job worker %s: queues %s, %d %s, broker %s, %s", self.name,
+                 ",".join(self.queues), self.concurrency, self.pool, self.app.url,
+                 "unsigned" if self.app.signer is None else "signed payloads only")
+        if self.app.signer is None:
+            _warn_unsigned(self.app.url)
         return self
 
     def __enter__(self) -> Worker:
@@ -296,6 +314,17 @@ class Worker:
         if job is None:
             self._dead(d, f"UnknownJob: this worker's app defines no job named {message.name!r}")
             return
+        # Nothing from the broker is unpickled before its signature is checked here, in this
+        # process: the executor (thread or child) gets verified pickles only.
+        signer = self.app.signer
+        try:
+            payload = unwrap(signer, args_context(d.id, message.name, message.parents,
+                                                  message.pass_results),
+                             message.payload, f"the arguments of job {d.id} ({message.name})")
+        except BadSignature as exc:
+            self._dead(d, f"BadSignature: {exc}")
+            return
+        message = structs.replace(message, payload=payload)
         parents: list[bytes] = []
         if message.parents and message.pass_results:
             records = self._call(lambda: self.broker.get_many(message.parents))
@@ -303,22 +332,29 @@ class Worker:
                 if record is None or record.status != "succeeded" or record.result is None:
                     self._dead(d, f"ParentResultMissing: the result of parent job {pid} is gone")
                     return
-                parents.append(record.result)
+                try:
+                    parents.append(unwrap(signer, result_context(pid), record.result,
+                                          f"the result of parent job {pid} ({record.name})"))
+                except BadSignature as exc:
+                    self._dead(d, f"BadSignature: {exc}")
+                    return
         outcome = self._executors[slot].run(job, message, parents)
         if self._abandon.is_set():
             return  # handed back already
         self._finish(d, message, outcome)
 
     def _finish(self, d: Delivery, message: JobMessage, outcome: Outcome) -> None:
+        signer = self.app.signer
         if outcome.ok:
             assert outcome.result is not None
-            result = outcome.result
+            result = sign(signer, result_context(d.id), outcome.result)
             self._call(lambda: self.broker.ack(d.id, d.token, result))
             return
+        exception = sign_optional(signer, error_context(d.id), outcome.exception)
         retry_at = next_attempt_at(message, d.attempt, self.broker.clock(), outcome.retryable,
                                    self._rand.random())
         if retry_at is None:
             log.warning("job worker %s: job %s (%s) failed for good after %d attempts: %s",
                         self.name, d.id, message.name, d.attempt, outcome.error)
         self._call(lambda: self.broker.fail(d.id, d.token, outcome.error, outcome.traceback,
-                                            outcome.exception, retry_at))
+                                            exception, retry_at))
