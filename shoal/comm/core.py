@@ -33,6 +33,9 @@ class Comm(ABC):
 
     #: The peer's handshake; set on the server side once it passed.
     peer: Hello | None = None
+    #: The shoal roles in the peer's TLS certificate (verified against our CA); None on a
+    #: transport without certificates.
+    peer_roles: frozenset[str] | None = None
 
     @abstractmethod
     async def read(self) -> list[Message]:
@@ -50,6 +53,11 @@ class Comm(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Close at once, dropping unsent data."""
+
+    def limit_frames(self, nbytes: int, peer: str = "") -> None:
+        """Cap the frames the peer may send once the handshake passed; ``peer`` names it in
+        the log line when it sends a bigger one. (A transport that does not frame bytes
+        from another process has nothing to cap.)"""
 
     @property
     @abstractmethod

@@ -1,12 +1,18 @@
 """`connect` and `listen` by address: the backend is chosen by the URI scheme, and every
-connection goes through the handshake here, the same way for all backends."""
+connection goes through the handshake here, the same way for all backends.
+
+``tls://`` is the tcp backend with the TLS context of a `Security` (which must be given);
+a `Security` given with a plaintext address is an error rather than a silent downgrade.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection
+import ssl
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import TYPE_CHECKING
 
 from ..protocol.codec import ProtocolError
 from ..protocol.messages import Hello
@@ -15,6 +21,9 @@ from .core import Backend, Comm, CommClosedError, HandshakeRejected, Listener, S
 from .handshake import client_handshake, server_handshake
 from .inproc import InprocBackend
 from .tcp import TCPBackend
+
+if TYPE_CHECKING:
+    from ..security.credentials import Security
 
 logger = logging.getLogger("shoal.comm")
 
@@ -31,6 +40,10 @@ def register_backend(scheme: str, backend: Backend) -> None:
 
 
 def get_backend(scheme: str) -> Backend:
+    if scheme == "tls":
+        raise ValueError("tls:// addresses need TLS credentials: pass security=shoal.Security"
+                         "(ca_file=..., cert_file=..., key_file=...) or set SHOAL_TLS_CA_FILE,"
+                         " SHOAL_TLS_CERT and SHOAL_TLS_KEY")  # fmt: skip
     try:
         return _backends[scheme]
     except KeyError:
@@ -38,8 +51,24 @@ def get_backend(scheme: str) -> Backend:
         raise ValueError(f"unknown transport {scheme!r} (known: {known})") from None
 
 
+def _backend_for(address: str, security: Security | None, server: bool) -> Backend:
+    scheme, _ = split_address(address)
+    if security is None:
+        return get_backend(scheme)
+    if scheme != "tls":
+        raise ValueError(f"TLS credentials were given, but {address} is not a tls:// address:"
+                         " refusing to fall back to plaintext")  # fmt: skip
+    return TCPBackend(security.server_context() if server else security.client_context())
+
+
 async def connect(
-    address: str, hello: Hello, timeout: float = 10.0, retry_refused: bool = True
+    address: str,
+    hello: Hello,
+    timeout: float = 10.0,
+    retry_refused: bool = True,
+    *,
+    security: Security | None = None,
+    server_role: str | None = None,
 ) -> Comm:
     """Connect to ``address`` and pass the handshake, all within ``timeout`` seconds.
 
@@ -47,10 +76,14 @@ async def connect(
     growing pause, unless ``retry_refused`` is False (a peer that left will not come back
     at that address: fail at once). Raises `ShoalConnectionError` naming the address and
     the timeout, or `HandshakeRejected` with the server's reason.
+
+    ``tls://`` addresses need ``security``; then the listener's certificate must hold
+    ``server_role`` ("scheduler" or "worker"), and a TLS failure (a certificate our CA did
+    not sign, or none) is a `ShoalConnectionError` that says so.
     """
     address = normalize_address(address)
     scheme, location = split_address(address)
-    backend = get_backend(scheme)
+    backend = _backend_for(address, security, server=False)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
 
@@ -73,11 +106,16 @@ async def connect(
                 raise failed(exc) from exc
             await asyncio.sleep(min(delay, remaining))
             delay = min(2 * delay, MAX_RETRY_DELAY)
+        except ssl.SSLError as exc:
+            raise failed(f"TLS handshake failed: {_describe_tls(exc)}") from exc
+        except ConnectionResetError as exc:
+            raise failed(f"{exc} (a TLS listener refusing our certificate, or not TLS?)"
+                         if security is not None else exc) from exc  # fmt: skip
         except OSError as exc:
             raise failed(exc) from exc
 
     try:
-        await asyncio.wait_for(client_handshake(comm, hello), deadline - loop.time())
+        await asyncio.wait_for(client_handshake(comm, hello, server_role), deadline - loop.time())
     except asyncio.TimeoutError:
         comm.abort()
         raise failed("no answer to the handshake") from None
@@ -88,6 +126,18 @@ async def connect(
         comm.abort()
         raise
     return comm
+
+
+def _describe_tls(exc: ssl.SSLError) -> str:
+    reason = getattr(exc, "reason", None) or ""
+    if reason == "CERTIFICATE_VERIFY_FAILED":
+        return (f"the server's certificate is not signed by our CA ({exc.args[-1]})"
+                if len(exc.args) > 1 else "the server's certificate is not signed by our CA")
+    if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"):
+        return f"the server refused our certificate ({reason})"
+    if reason == "WRONG_VERSION_NUMBER":
+        return "the server does not speak TLS (a tcp:// address?)"
+    return str(exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -106,6 +156,8 @@ async def listen(
     token: str | None = None,
     handshake_timeout: float = 10.0,
     roles: Collection[str] | None = None,
+    security: Security | None = None,
+    frame_limits: Mapping[str, int] | None = None,
 ) -> Listener:
     """Listen at ``address``; each connection that passes the handshake is given to
     ``handler`` in a task of its own, with ``comm.peer`` set to the peer's `Hello`.
@@ -114,11 +166,16 @@ async def listen(
     token (if ``token`` is given); a peer that fails it gets a `Reject` and is
     disconnected, one that breaks the protocol or stays silent for ``handshake_timeout``
     seconds is disconnected; both are logged. ``name`` is sent in the `Welcome`.
+
+    A ``tls://`` address needs ``security``: every peer must then show a certificate our CA
+    signed, whose role allows the role its `Hello` claims. ``frame_limits`` caps the frames
+    each role may send once it passed the handshake (a bigger one closes that connection).
     """
     scheme, location = split_address(address)
-    backend = get_backend(scheme)
+    backend = _backend_for(normalize_address(address), security, server=True)
     listener = _HandshakingListener(
-        handler, name=name, token=token, roles=roles, handshake_timeout=handshake_timeout
+        handler, name=name, token=token, roles=roles, handshake_timeout=handshake_timeout,
+        frame_limits=frame_limits,
     )
     listener.inner = await backend.listen(location, listener.on_comm)
     return listener
@@ -141,8 +198,10 @@ class _HandshakingListener(Listener):
         token: str | None,
         roles: Collection[str] | None,
         handshake_timeout: float,
+        frame_limits: Mapping[str, int] | None = None,
     ) -> None:
         self._handler = handler
+        self._frame_limits = dict(frame_limits or {})
         self._name = name
         self._token = token
         self._roles = None if roles is None else frozenset(roles)
@@ -168,7 +227,8 @@ class _HandshakingListener(Listener):
         peer = comm.peer_address
         try:
             hello = await asyncio.wait_for(
-                server_handshake(comm, name=self._name, token=self._token, roles=self._roles),
+                server_handshake(comm, name=self._name, token=self._token, roles=self._roles,
+                                 frame_limits=self._frame_limits),
                 self._handshake_timeout,
             )
         except HandshakeRejected as exc:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .batched import BatchedSend
 from .core import Comm, CommClosedError
 from .registry import connect
 from ..protocol.messages import Hello, Msg
+
+if TYPE_CHECKING:
+    from ..security.credentials import Security
 
 logger = logging.getLogger("shoal.rpc")
 
@@ -38,9 +41,14 @@ class _Peer:
 class PeerPool:
     """One connection per peer address, shared by all requests to it."""
 
-    def __init__(self, hello: Hello, connect_timeout: float = 10.0) -> None:
+    def __init__(self, hello: Hello, connect_timeout: float = 10.0,
+                 security: Security | None = None, server_role: str = "worker") -> None:  # fmt: skip
+        """``security``: TLS credentials for ``tls://`` peers, whose certificates must hold
+        ``server_role`` (the peers are workers, unless told otherwise)."""
         self.hello = hello
         self.connect_timeout = connect_timeout
+        self.security = security
+        self.server_role = server_role
         self._peers: dict[str, _Peer] = {}
         self._connecting: dict[str, asyncio.Future[_Peer]] = {}
         self._closed = False
@@ -88,7 +96,8 @@ class PeerPool:
         try:
             # Peers are known to be up: a refused connection means the peer is gone.
             comm = await connect(address, self.hello, timeout=self.connect_timeout,
-                                 retry_refused=False)
+                                 retry_refused=False, security=self.security,
+                                 server_role=self.server_role)  # fmt: skip
             peer = _Peer(comm)
             peer.reader = asyncio.ensure_future(self._read(address, peer))
             self._peers[address] = peer

@@ -1,4 +1,5 @@
-"""TCP transport: frames (see `protocol.framing`) over an asyncio ``BufferedProtocol``.
+"""TCP transport, and TLS over it: frames (see `protocol.framing`) over an asyncio
+``BufferedProtocol``.
 
 Reads land where they belong: a large part goes straight from the kernel into a buffer of
 its own, and the decoded `Serialized` values are memoryviews of it, so a NumPy array is
@@ -6,6 +7,10 @@ rebuilt without a copy. Writes never join large parts: they go to the transport 
 straight from the caller's memory (small parts are joined, so a small frame is one
 packet), and ``write`` waits while the transport is full. Works on the default event loop
 and on uvloop, IPv4 and IPv6.
+
+``tls://`` is the same protocol inside the event loop's TLS transport (`TCPBackend` given
+an ``ssl.SSLContext``): the TLS handshake completes before the protocol sees a byte, so a
+peer without a certificate the CA signed (or speaking plain TCP) never reaches our code.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import cast
@@ -21,6 +27,7 @@ from ..protocol.codec import Codec, ProtocolError, decode_handshake, encode_hand
 from ..protocol.framing import HANDSHAKE_MAX_FRAME_BYTES, FrameReader, frame_prefix, max_frame_bytes
 from ..protocol.messages import Message, Msg, Welcome
 from ..protocol.serialize import Buffer
+from ..security.credentials import peer_roles
 from .addressing import format_address, parse_host_port
 from .core import Backend, Comm, CommClosedError, Listener
 
@@ -40,6 +47,8 @@ PIECE_BYTES = 1024 * 1024
 CLOSE_TIMEOUT = 5.0
 #: Pending connections the kernel queues; many workers may connect at once.
 BACKLOG = 1024
+#: Seconds a peer has to complete the TLS handshake.
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class _FrameProtocol(asyncio.BufferedProtocol):
@@ -47,9 +56,13 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     and why it ended. `TCPComm` is the face of it."""
 
     def __init__(
-        self, max_frame_bytes: int, on_accept: Callable[[_FrameProtocol], None] | None = None
+        self,
+        max_frame_bytes: int,
+        on_accept: Callable[[_FrameProtocol], None] | None = None,
+        scheme: str = "tcp",
     ) -> None:
         """``on_accept`` is given on the server side: it is called with the new connection."""
+        self._scheme = scheme
         self._loop = asyncio.get_running_loop()
         self._on_accept = on_accept
         self._max_frame_bytes = max_frame_bytes
@@ -71,18 +84,19 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self.lost = False  #: the connection is gone
         self.lost_future: asyncio.Future[None] = self._loop.create_future()
         self.error: BaseException | None = None  #: why it ended, unless by a clean close
-        self.peer_address = "tcp://?"
+        self.peer_address = f"{scheme}://?"
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._write_paused = False
         self._read_paused = False
         self._write_lock = asyncio.Lock()  # held while a frame is written in pieces
+        self._peer_label = ""  # who the peer said it is, for log lines
 
     # -- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.peer_address = _format_sockname(transport.get_extra_info("peername"))
+        self.peer_address = _format_sockname(transport.get_extra_info("peername"), self._scheme)
         # Pause writers as soon as the transport holds unsent data, resume them once it is
         # empty: each piece of a large part is then handed over when the socket can take it
         # straight from our memory.
@@ -153,12 +167,20 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self.established = True
         self.reader.max_frame_bytes = self._max_frame_bytes
 
+    def limit_frames(self, nbytes: int, peer: str = "") -> None:
+        """Lower the limit that applies once the handshake passed (never raise it)."""
+        self._max_frame_bytes = min(self._max_frame_bytes, nbytes)
+        self._peer_label = peer
+        if self.established:
+            self.reader.max_frame_bytes = self._max_frame_bytes
+
     def violation(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: drop the connection."""
         if self.error is None:
             self.error = exc
         if self.established:  # before that, the handshake reports it
-            logger.warning("closing connection with %s: %s", self.peer_address, exc)
+            who = f" ({self._peer_label})" if self._peer_label else ""
+            logger.warning("closing connection with %s%s: %s", self.peer_address, who, exc)
         self.abort()
 
     def abort(self) -> None:
@@ -251,10 +273,10 @@ def _frame_nbytes(frame: list[memoryview]) -> int:
     return sum(part.nbytes for part in frame)
 
 
-def _format_sockname(sockname: object) -> str:
+def _format_sockname(sockname: object, scheme: str = "tcp") -> str:
     if isinstance(sockname, tuple) and len(sockname) >= 2:
-        return format_address("tcp", str(sockname[0]), int(sockname[1]))
-    return f"tcp://{sockname}"
+        return format_address(scheme, str(sockname[0]), int(sockname[1]))
+    return f"{scheme}://{sockname}"
 
 
 class TCPComm(Comm):
@@ -262,7 +284,12 @@ class TCPComm(Comm):
         self._protocol = protocol
         self._encoder = Codec()
         self._decoder = Codec()
-        self._local_address = _format_sockname(protocol.transport.get_extra_info("sockname"))
+        transport = protocol.transport
+        self._local_address = _format_sockname(transport.get_extra_info("sockname"),
+                                               protocol._scheme)  # fmt: skip
+        if transport.get_extra_info("sslcontext") is not None:
+            # Verified by the TLS layer against our CA (CERT_REQUIRED both ways).
+            self.peer_roles = peer_roles(transport.get_extra_info("peercert"))
 
     @property
     def closed(self) -> bool:
@@ -304,6 +331,9 @@ class TCPComm(Comm):
 
     def abort(self) -> None:
         self._protocol.abort()
+
+    def limit_frames(self, nbytes: int, peer: str = "") -> None:
+        self._protocol.limit_frames(nbytes, peer)
 
     async def write_handshake(self, msg: Msg) -> None:
         if isinstance(msg, Welcome):
@@ -356,13 +386,24 @@ class TCPListener(Listener):
 
 
 class TCPBackend(Backend):
+    """``tcp://``; with an ``ssl_context``, ``tls://`` (mutual TLS: the context says so)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
+        self.scheme = "tls" if ssl_context is not None else "tcp"
+
     async def connect(self, location: str) -> Comm:
         host, port = parse_host_port(location)
         if not host or port is None:
-            raise ValueError(f"a tcp address needs a host and a port, not {location!r}")
+            raise ValueError(f"a {self.scheme} address needs a host and a port, not {location!r}")
         limit = max_frame_bytes()
         loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(lambda: _FrameProtocol(limit), host, port)
+        context = self.ssl_context
+        _, protocol = await loop.create_connection(
+            lambda: _FrameProtocol(limit, scheme=self.scheme), host, port, ssl=context,
+            server_hostname=host if context else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if context else None,
+        )
         return TCPComm(protocol)
 
     async def listen(self, location: str, on_comm: Callable[[Comm], None]) -> Listener:
@@ -373,13 +414,16 @@ class TCPBackend(Backend):
             on_comm(TCPComm(protocol))
 
         loop = asyncio.get_running_loop()
+        context = self.ssl_context
         server = await loop.create_server(
-            lambda: _FrameProtocol(limit, on_accept=accepted),
+            lambda: _FrameProtocol(limit, on_accept=accepted, scheme=self.scheme),
             host or DEFAULT_HOST,
             port or 0,
             backlog=BACKLOG,
+            ssl=context,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if context else None,
         )
         # With port 0 and a name that resolves to several addresses, each socket gets its
         # own port; the first one is the address we report.
-        address = _format_sockname(server.sockets[0].getsockname())
+        address = _format_sockname(server.sockets[0].getsockname(), self.scheme)
         return TCPListener(server, address)
