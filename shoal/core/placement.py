@@ -10,6 +10,11 @@ Policy, in order:
    waits in the scheduler's queue, so a huge graph is released in step with free threads.
 4. An idle worker takes queued work preferred elsewhere when moving the inputs costs less
    than the wait at the preferred worker (work stealing, weighed by transfer vs. compute).
+
+Cost: a task without restrictions is placed in O(its inputs' holders), never O(workers):
+the best worker is one of the holders (`bytes_by_holder`), and a task without inputs takes
+the least occupied of a few workers that have room (`ROOMY_SAMPLE`, see
+`SchedulerState._pick_roomy`). Restricted tasks (``workers=``, resources) filter all workers.
 """
 
 from __future__ import annotations
@@ -30,6 +35,37 @@ QUEUE_MAX_PER_THREAD = 100
 UNKNOWN_DURATION_S = 0.5
 #: Bandwidth assumed between workers, to price moving inputs.
 BANDWIDTH_BYTES_S = 200e6
+#: A task without inputs goes to the least occupied of this many workers with room (taken
+#: round-robin), not of all of them: a thousand workers must not make each placement slower.
+ROOMY_SAMPLE = 4
+
+
+def is_unrestricted(ts: TaskState) -> bool:
+    """Any non-retiring worker may run ``ts`` (no ``workers=``, no resources)."""
+    spec = ts.spec
+    return spec is None or (not spec.workers and not spec.resources)
+
+
+def bytes_by_holder(ts: TaskState) -> dict[WorkerRecord, int]:
+    """Bytes of ``ts``'s inputs on each (non-retiring) worker holding some: one pass over the
+    inputs' replicas, so its cost follows the graph, not the cluster."""
+    held: dict[WorkerRecord, int] = {}
+    for dep in ts.dependencies:
+        for ws in dep.who_has:
+            if not ws.retiring:
+                held[ws] = held.get(ws, 0) + dep.nbytes
+    return held
+
+
+def best_holder(held: dict[WorkerRecord, int]) -> WorkerRecord:
+    """The holder of the most input bytes; ties: the least occupied, then by address (the
+    holders come from sets: without a last tie-break one seed could give two runs)."""
+    return max(held, key=lambda w: (held[w], -w.occupancy / w.nthreads, -len(w.processing),
+                                    w.address))  # fmt: skip
+
+
+def input_bytes(ts: TaskState) -> int:
+    return sum(d.nbytes for d in ts.dependencies)
 
 
 def valid_workers(ts: TaskState, workers: Iterable[WorkerRecord]) -> tuple[list[WorkerRecord], str]:

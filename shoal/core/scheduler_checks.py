@@ -62,6 +62,9 @@ def validate(state: SchedulerState) -> None:
             used = sum((t.spec.resources or {}).get(r, 0.0) for t in ws.processing
                        if t.spec is not None)  # fmt: skip
             assert abs(ws.used_resources.get(r, 0.0) - used) < 1e-9 * max(1.0, total), ws
+    roomy = {w for w in state.workers.values() if not w.retiring and placement.has_capacity(w)}
+    assert set(state.roomy) == roomy, (list(state.roomy), roomy)
+    assert state.active_workers == sum(not w.retiring for w in state.workers.values())
     for client, keys in state.clients.items():
         for ts in keys:
             assert client in ts.who_wants, (client, ts)

@@ -27,7 +27,7 @@ Invariants (checked by `validate_state`):
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,6 +122,11 @@ class SchedulerState:
         self._wake_requested = float("inf")
         #: recent function payloads, each kept once (see `_share_function`)
         self._functions: dict[bytes, bytes] = {}
+        #: non-retiring workers with capacity (`placement.has_capacity`), oldest-served first:
+        #: where a task without inputs goes, found without scanning every worker
+        self.roomy: OrderedDict[WorkerRecord, None] = OrderedDict()
+        #: how many connected workers are not retiring (any of them may run unrestricted tasks)
+        self.active_workers = 0
 
     # ------------------------------------------------------------------ entry
 
@@ -300,6 +305,8 @@ class SchedulerState:
         if ws is None:
             ws = WorkerRecord(ev.address, ev.nthreads, ev.name, ev.memory_limit, ev.resources)
             self.workers[ev.address] = ws
+            self.active_workers += 1
+            self._note_room(ws)
         for key in ev.keys:
             ts = self.tasks.get(key)
             if ts is None or ts.state not in ("memory",):
@@ -318,6 +325,9 @@ class SchedulerState:
         ws = self.workers.pop(ev.address, None)
         if ws is None:
             return
+        self.roomy.pop(ws, None)
+        if not ws.retiring:
+            self.active_workers -= 1
         # First the data that died with it, so that rescheduled tasks see true holders.
         lost: list[TaskState] = []
         refresh: dict[str, dict[str, list[str]]] = {}
@@ -427,6 +437,8 @@ class SchedulerState:
             if ws is not None and not ws.retiring:
                 ws.retiring = True
                 self._retiring.add(ws)
+                self.active_workers -= 1
+                self._note_room(ws)
 
     def _check_retiring(self, ws: WorkerRecord) -> None:
         """Copy what only retiring workers hold to keepers; close ``ws`` once nothing is left."""
@@ -480,6 +492,7 @@ class SchedulerState:
             ws.nbytes = 0
             ws.occupancy = 0.0
             ws.used_resources = {}
+            self._note_room(ws)
             self._out.append(ToWorker(ws.address, RestartWorker(ev.reason)))
 
     def _handle_fire_and_forget(self, ev: FireAndForget) -> None:
@@ -519,6 +532,7 @@ class SchedulerState:
         ws.occupancy = ws.occupancy - ts.est if len(ws.processing) > 1 else 0.0
         ts.est = 0.0
         self._freed.add(ws)
+        self._note_room(ws)
 
     def _handle_data_missing(self, ev: DataMissing) -> None:
         ts = self.tasks.get(ev.key)
@@ -581,6 +595,13 @@ class SchedulerState:
 
     def _try_schedule(self, ts: TaskState) -> None:
         """Place a waiting task whose inputs are all in memory: on a worker, or in the queue."""
+        if placement.is_unrestricted(ts) and self.active_workers:
+            self.unrunnable.discard(ts)
+            if ts.not_before > self._now:
+                self._queue(ts)
+            elif not self._place_unrestricted(ts):
+                self._queue(ts)
+            return
         valid, why = placement.valid_workers(ts, self.workers.values())
         if not valid:
             self._transition(ts, "no-worker", why)
@@ -605,6 +626,59 @@ class SchedulerState:
                 return
         self._queue(ts)
 
+    def _place_unrestricted(self, ts: TaskState) -> bool:
+        """`_try_schedule` for a task any worker may run, in O(its inputs' holders)."""
+        held = placement.bytes_by_holder(ts) if ts.dependencies else None
+        if not held:
+            ws = self._pick_roomy()
+            if ws is None:
+                return False
+            self._assign(ts, ws)
+            return True
+        best = placement.best_holder(held)
+        if best in self.roomy:
+            self._assign(ts, best)
+            return True
+        # Steal at placement: a worker with room takes it if moving inputs beats waiting.
+        # The candidates: holders with room (cheapest moves), then a few others with room.
+        total = placement.input_bytes(ts)
+        candidates = [w for w in held if w in self.roomy]
+        candidates.extend(w for w in self._roomy_sample() if w not in held)
+        if not candidates:
+            return False
+        alt = min(candidates, key=lambda w: (total - held.get(w, 0), w.load, w.address))
+        if (total - held.get(alt, 0)) / placement.BANDWIDTH_BYTES_S < placement.wait_time(best):
+            self._assign(ts, alt)
+            return True
+        return False
+
+    def _roomy_sample(self) -> list[WorkerRecord]:
+        sample: list[WorkerRecord] = []
+        for ws in self.roomy:
+            sample.append(ws)
+            if len(sample) == placement.ROOMY_SAMPLE:
+                break
+        return sample
+
+    def _pick_roomy(self) -> WorkerRecord | None:
+        """The least occupied of the next few workers with room; it goes to the back of the
+        line, so that tasks without inputs spread round-robin over the cluster."""
+        sample = self._roomy_sample()
+        if not sample:
+            return None
+        ws = min(sample, key=lambda w: (w.occupancy / w.nthreads, w.load))
+        self.roomy.move_to_end(ws)
+        return ws
+
+    def _note_room(self, ws: WorkerRecord) -> None:
+        """Keep ``roomy`` true for ``ws`` after its load, retirement or membership changed."""
+        if (not ws.retiring and placement.has_capacity(ws)
+                and self.workers.get(ws.address) is ws):  # fmt: skip
+            if ws not in self.roomy:
+                self.roomy[ws] = None
+        else:
+            self.roomy.pop(ws, None)
+
     def _queue(self, ts: TaskState) -> None:
         self._transition(ts, "queued")
         heapq.heappush(self.queue, (ts.priority, ts.key))
@@ -628,8 +702,24 @@ class SchedulerState:
             ts = self.tasks.get(entry[1])
             if ts is None or ts.state != "queued" or ts.priority != entry[0]:
                 continue  # stale entry: the task moved on
+            if ts.not_before > self._now:
+                passed.append(entry)
+                continue
+            if placement.is_unrestricted(ts):
+                if ws.retiring:
+                    passed.append(entry)
+                    continue
+                held = placement.bytes_by_holder(ts) if ts.dependencies else None
+                best = placement.best_holder(held) if held else ws
+                if best is not ws and best in self.roomy:
+                    self._assign(ts, best)
+                elif best is ws or placement.transfer_time(ts, ws) < placement.wait_time(best):
+                    self._assign(ts, ws)
+                else:
+                    skipped.append(entry)  # cheaper to wait for the worker holding its inputs
+                continue
             kind = _restriction_kind(ts)
-            if ts.not_before > self._now or kind in cannot:
+            if kind in cannot:
                 passed.append(entry)
                 continue
             valid, _ = placement.valid_workers(ts, self.workers.values())
@@ -648,7 +738,8 @@ class SchedulerState:
             heapq.heappush(self.queue, entry)
 
     def _fill_all(self) -> None:
-        for ws in sorted(self.workers.values(), key=_worker_load):
+        # Only workers with capacity can take anything (`_fill` stops at once on the others).
+        for ws in sorted(self.roomy, key=_worker_load):
             self._fill(ws)
 
     def _assign(self, ts: TaskState, ws: WorkerRecord) -> None:
@@ -659,6 +750,7 @@ class SchedulerState:
         ts.est = self.group_duration.get(ts.group, placement.UNKNOWN_DURATION_S)
         ws.processing.add(ts)
         ws.occupancy += ts.est
+        self._note_room(ws)
         if spec.resources:
             for r, need in spec.resources.items():
                 ws.used_resources[r] = ws.used_resources.get(r, 0.0) + need
@@ -683,6 +775,7 @@ class SchedulerState:
             ws.used_resources = dict.fromkeys(ws.used_resources, 0.0)
         ts.processing_on = None
         self._freed.add(ws)
+        self._note_room(ws)
 
     def _warn_unrunnable(self, ts: TaskState, why: str) -> None:
         if self.workers:  # with no workers at all, waiting for one is expected

@@ -1137,7 +1137,7 @@ class SchedulerSim:
         address, key = self.rng.choice(busy)
         w = self.workers[address]
         w.assigned.discard(key)
-        if err:
+        if err and key not in w.data:  # a real worker holding the key reports it done
             self.handle(task_erred(address, key, stimulus_id=self.fresh("erred")))
         else:
             w.data.add(key)
