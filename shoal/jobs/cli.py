@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -141,8 +142,25 @@ def status(target: str) -> None:
     order = ["waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled"]
     rows = [[q, *(str(per.get(s, 0)) for s in order)] for q, per in sorted(counts.items())]
     _table(["queue", *order], rows)
-    click.echo(f"dead-letter list: {broker.dead_count()} jobs")
+    n_dead = broker.dead_count()
+    line = f"dead-letter list: {n_dead} jobs"
+    if n_dead:
+        latest = broker.dead(limit=_REASONS_OF)
+        reasons = Counter(_reason(r.last_error) for r in latest)
+        line += (f"; by reason{'' if len(latest) == n_dead else f' (latest {len(latest):,})'}: "
+                 + ", ".join(f"{why}: {n}" for why, n in reasons.most_common()))
+    click.echo(line)
     broker.close()
+
+
+#: `status` sums up the reasons of this many dead-lettered jobs (the most recent)
+_REASONS_OF = 1000
+
+
+def _reason(error: str | None) -> str:
+    """The error type a dead-letter reason starts with (``BadSignature``, ``ValueError``)."""
+    head = (error or "").partition(":")[0].strip()
+    return head if head and " " not in head else "other"
 
 
 @jobs.command("list")

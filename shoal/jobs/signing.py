@@ -118,7 +118,7 @@ class Signer:
         if not blob.startswith(MAGIC):
             raise BadSignature(f"{what}: no signature, and this JobQueue has a secret, so it "
                                "reads only signed payloads (this one was written by a producer "
-                               "without the secret, or straight into the store)")
+                               "or job worker without the secret, or straight into the store)")
         mac, data = blob[len(MAGIC):len(MAGIC) + MAC_SIZE], blob[len(MAGIC) + MAC_SIZE:]
         if len(mac) == MAC_SIZE:
             for key in self._keys:
