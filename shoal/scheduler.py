@@ -198,12 +198,17 @@ class Scheduler:
         return self
 
     async def _start_dashboard(self, address: str | int) -> None:
+        from .dashboard.auth import DashboardRefused
         from .dashboard.server import SchedulerDashboard
 
         host = self.listen_address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
-        dashboard = SchedulerDashboard(self, address, self._jobs,
-                                       default_host=host if "tcp://" in self.listen_address
-                                       and host else "127.0.0.1")  # fmt: skip
+        try:
+            dashboard = SchedulerDashboard(self, address, self._jobs, default_host=host if
+                                           self.listen_address.startswith(("tcp://", "tls://"))
+                                           and host else "127.0.0.1")  # fmt: skip
+        except DashboardRefused:
+            await self.close()  # an open dashboard beyond loopback: refuse to start at all
+            raise
         try:
             await dashboard.start()
         except OSError as exc:

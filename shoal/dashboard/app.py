@@ -4,7 +4,9 @@ Routes (documented in docs/dashboard.md):
 
     GET /                     the dashboard page (static/index.html)
     GET /static/{file}        its JS and CSS
-    GET /health               200 "ok"
+    GET /health               200 "ok" (open to anyone; everything else may need a login)
+    GET/POST /login           the login form (see shoal.dashboard.login); POST /logout
+    GET /api/session          whether a login is required, and how this request passed
     GET /metrics              Prometheus text format
     GET /api                  this list
     GET /api/info             the scheduler at a glance
@@ -37,6 +39,7 @@ from aiohttp import web
 
 from ..diagnostics.logs import log_ring
 from . import api
+from .login import add_login_routes, login_middleware
 from .metrics import CONTENT_TYPE, render, scheduler_registry
 
 if TYPE_CHECKING:
@@ -53,6 +56,8 @@ _encoder = msgspec.json.Encoder()
 ROUTES = {
     "/": "the dashboard page",
     "/health": "200 ok",
+    "/login": "the login form (POST the token as 'token'); POST /logout ends the session",
+    "/api/session": "whether a login is required, and how this request authenticated",
     "/metrics": "Prometheus metrics",
     "/api/info": "the scheduler at a glance",
     "/api/workers": "one row per worker",
@@ -181,7 +186,9 @@ def make_scheduler_app(dash: SchedulerDashboard) -> web.Application:
             pass  # the page went away
         return response
 
-    app = web.Application(middlewares=[errors])
+    app = web.Application(middlewares=[login_middleware(dash.auth, dash.certificate_check),
+                                       errors])  # fmt: skip
+    add_login_routes(app, dash.auth)
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC)
     app.router.add_get("/health", health)

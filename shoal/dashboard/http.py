@@ -14,6 +14,7 @@ import errno
 import importlib
 import logging
 import socket
+import ssl
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -74,8 +75,11 @@ class HttpServer:
 
     def __init__(self, address: str | int, build: Callable[[], web.Application],
                  default_host: str = "127.0.0.1", what: str = "dashboard",
-                 preload: tuple[str, ...] = ("aiohttp.web",)) -> None:  # fmt: skip
+                 preload: tuple[str, ...] = ("aiohttp.web",),
+                 ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.host, self.requested_port = parse_address(address, default_host)
+        #: serve HTTPS with this context (None: plain HTTP)
+        self.ssl_context = ssl_context
         self.build = build
         #: modules ``build`` needs, imported on a thread the first time
         self.preload = preload
@@ -103,7 +107,8 @@ class HttpServer:
             logger.warning("%s port %d is in use; serving on port %d instead", self.what,
                            self.requested_port, self._sock.getsockname()[1])  # fmt: skip
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://{_url_host(self.host)}:{self.port}/"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://{_url_host(self.host)}:{self.port}/"
         self._task = asyncio.ensure_future(self._serve(self._sock))
         return self
 
@@ -123,7 +128,7 @@ class HttpServer:
                                    shutdown_timeout=1.0)  # fmt: skip
             await runner.setup()
             self._runner = runner
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, ssl_context=self.ssl_context).start()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -1,4 +1,5 @@
-"""A worker's aiohttp application: ``/metrics``, ``/health``, ``/api/info``, ``/api/logs``."""
+"""A worker's aiohttp application: ``/metrics``, ``/health``, ``/api/info``, ``/api/logs``,
+behind the same login as the scheduler's dashboard (`shoal.dashboard.login`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import msgspec
 from aiohttp import web
 
 from ..diagnostics.logs import log_ring
+from .auth import DashboardAuth
+from .login import CertificateCheck, add_login_routes, login_middleware
 from .metrics import CONTENT_TYPE, render, worker_registry
 
 if TYPE_CHECKING:
@@ -44,7 +47,8 @@ def worker_info(w: Worker) -> dict[str, Any]:
     }
 
 
-def make_worker_app(w: Worker) -> web.Application:
+def make_worker_app(w: Worker, auth: DashboardAuth,
+                    certificate: CertificateCheck | None = None) -> web.Application:  # fmt: skip
     registry = worker_registry(w)
 
     async def health(request: web.Request) -> web.Response:
@@ -64,7 +68,8 @@ def make_worker_app(w: Worker) -> web.Application:
             return web.json_response({"error": "n must be an integer"}, status=400)
         return _json({"rows": log_ring().rows(n)})
 
-    app = web.Application()
+    app = web.Application(middlewares=[login_middleware(auth, certificate)])
+    add_login_routes(app, auth)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/info", info)

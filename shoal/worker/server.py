@@ -332,9 +332,12 @@ class Worker:
         from ..dashboard.server import WorkerDashboard
 
         host = self.listen_address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
-        dashboard = WorkerDashboard(self, address, default_host=host if "tcp://" in
-                                    self.listen_address and host else "127.0.0.1")  # fmt: skip
         try:
+            # refused (DashboardRefused, a ValueError) when open beyond loopback: the worker
+            # goes on without it
+            dashboard = WorkerDashboard(self, address, default_host=host if
+                                        self.listen_address.startswith(("tcp://", "tls://"))
+                                        and host else "127.0.0.1")  # fmt: skip
             await dashboard.start()
         except (OSError, ValueError) as exc:
             logger.warning("worker %s: no metrics server at %s: %s", self.name, address, exc)

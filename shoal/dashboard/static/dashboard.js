@@ -46,6 +46,18 @@
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return (i === 0 ? n.toFixed(0) : n.toFixed(n < 10 ? 1 : 0)) + " " + units[i];
   }
+  // A login that ended (expired, logged out elsewhere): back to the login page, then here.
+  function toLogin() {
+    location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search + location.hash);
+  }
+  async function getJSON(url) {
+    const response = await fetch(url);
+    if (response.status === 401) { toLogin(); throw new Error("not logged in"); }
+    return response.json();
+  }
+  // The logout button shows when this page is open on a session cookie.
+  getJSON("api/session").then((s) => { if (s.credential === "cookie") $("logout").hidden = false; })
+    .catch(() => {});
   function num(n) { return (n || 0).toLocaleString("en-US"); }
   function seconds(s) {
     if (s === null || s === undefined) return "-";
@@ -295,7 +307,7 @@
       return;
     }
     try {
-      const g = await (await fetch("api/graph")).json();
+      const g = await getJSON("api/graph");
       $("graph-note").textContent = `${num(g.count)} tasks`;
       for (const t of targets) drawGraph(t, g);
     } catch (e) { /* next time */ }
@@ -405,7 +417,7 @@
     if ($("tasks-state").value) q.set("state", $("tasks-state").value);
     if ($("tasks-group").value.trim()) q.set("group", $("tasks-group").value.trim());
     try {
-      const page = await (await fetch("api/tasks?" + q)).json();
+      const page = await getJSON("api/tasks?" + q);
       $("tasks-note").textContent = `${num(page.total)} tasks; showing ${num(page.offset + 1)}–${num(page.offset + page.tasks.length)}`;
       replace($("tasks-body"), ...page.tasks.map((t) => el("tr", {},
         el("td", { class: "key" }, el("a", { onclick: () => loadStory(t.key), title: t.key }, t.key)),
@@ -423,7 +435,7 @@
     $("story-key").value = key;
     const target = $("story");
     try {
-      const story = await (await fetch("api/story/" + encodeURIComponent(key))).json();
+      const story = await getJSON("api/story/" + encodeURIComponent(key));
       const parts = [el("p", {}, story.known ? `now ${story.task.state}` + (story.task.error ? `: ${story.task.error}` : "") : "not held by the scheduler now")];
       if (story.transitions.length) {
         parts.push(el("table", {}, el("thead", {}, el("tr", {}, ...["time", "from", "to", "stimulus"].map((h) => el("th", {}, h)))),
@@ -445,7 +457,7 @@
   $("logs-refresh").addEventListener("click", loadLogs);
   async function loadLogs() {
     try {
-      const logs = await (await fetch("api/logs?n=500")).json();
+      const logs = await getJSON("api/logs?n=500");
       if (!logs.rows.length) { replace($("logs"), "No log records (the shoal logger's level may be above them: set SHOAL_LOG_LEVEL=info)."); return; }
       replace($("logs"), ...logs.rows.map(([t, level, name, msg]) =>
         el("div", { class: level }, `${new Date(t * 1000).toLocaleTimeString()} ${level.padEnd(7)} ${name}: ${msg}`)));
@@ -470,7 +482,7 @@
   async function poll() {
     try {
       const q = state.since === null ? "" : "?since=" + state.since;
-      const snapshot = await (await fetch("api/snapshot" + q)).json();
+      const snapshot = await getJSON("api/snapshot" + q);
       apply(snapshot);
       setConnection(true, "live (polling)");
     } catch (e) {
@@ -483,7 +495,10 @@
     const source = new EventSource(`api/events?interval=${interval}`);
     source.onopen = () => { state.runs = []; };  // a new stream starts with the last minute's runs
     source.onmessage = (e) => { apply(JSON.parse(e.data)); setConnection(true, "live"); };
-    source.onerror = () => setConnection(false, "reconnecting");
+    source.onerror = () => {
+      setConnection(false, "reconnecting");
+      getJSON("api/session").catch(() => {});  // an event stream cannot tell a 401 apart
+    };
   }
 
   window.addEventListener("resize", drawStream);

@@ -1,0 +1,190 @@
+"""The login in front of a dashboard: an aiohttp middleware and the login and logout routes.
+
+Every request must authenticate (see `shoal.dashboard.auth` for when and how) except
+``/health``, the login page itself and the favicon. One that does not:
+
+- a browser asking for a page (``GET``, ``Accept: text/html``, outside ``/api/``) is
+  redirected to ``/login?next=<where it was going>``;
+- anything else (the JSON API, the event stream, ``/metrics``) gets ``401`` with
+  ``{"error": ...}`` and ``WWW-Authenticate: Bearer``.
+
+``POST /login`` takes the token from a form field, compares it in constant time and sets a
+session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS), never the token itself; a
+wrong token gets the form again, after a short pause (so guessing is slow), with 401.
+``POST /logout`` revokes the session and clears the cookie. ``GET /api/session`` says how
+this request was authenticated (the page shows its logout button from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import ssl
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from .auth import CertificateCheck, Credential, DashboardAuth
+
+logger = logging.getLogger("shoal.dashboard")
+
+__all__ = ["CertificateCheck", "add_login_routes", "login_middleware", "peer_certificate_ok"]
+
+#: paths served to anyone
+OPEN_PATHS = frozenset({"/health", "/login", "/favicon.ico"})
+#: the pause before answering a wrong token
+WRONG_TOKEN_DELAY = 0.5
+#: the largest login form read
+MAX_FORM_BYTES = 8192
+
+_CREDENTIAL_KEY = web.RequestKey("shoal_credential", str)
+
+
+def peer_certificate_ok(request: web.Request, check: CertificateCheck | None) -> bool:
+    """Whether the request came over TLS with a client certificate the CA verified and
+    ``check`` accepts (the context asks for certificates with CERT_OPTIONAL: a browser
+    without one still gets the login page)."""
+    if check is None or request.transport is None:
+        return False
+    ssl_object = request.transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return False
+    cert = ssl_object.getpeercert()
+    return cert is not None and bool(cert) and check(dict(cert))
+
+
+def _credential(request: web.Request, auth: DashboardAuth,
+                certificate: CertificateCheck | None) -> Credential | None:  # fmt: skip
+    if not auth.required:
+        return "none"
+    if auth.check_bearer(request.headers.get("Authorization")):
+        return "bearer"
+    if auth.check_session(request.cookies.get(auth.cookie_name)):
+        return "cookie"
+    if peer_certificate_ok(request, certificate):
+        return "certificate"
+    return None
+
+
+def _safe_next(target: str | None) -> str:
+    """Where to go after logging in: a path on this server, never another site."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _unauthenticated(request: web.Request) -> web.StreamResponse:
+    wants_page = (request.method in ("GET", "HEAD") and not request.path.startswith("/api/")
+                  and "text/html" in request.headers.get("Accept", ""))  # fmt: skip
+    if wants_page:
+        return _see_other("/login?next=" + quote(request.path_qs, safe=""))
+    return web.json_response(
+        {"error": "authentication required: send the cluster token as 'Authorization: Bearer"
+                  " <token>', or log in at /login"},
+        status=401, headers={"WWW-Authenticate": 'Bearer realm="shoal"'})  # fmt: skip
+
+
+def login_middleware(auth: DashboardAuth, certificate: CertificateCheck | None = None) -> Any:
+    """The middleware that lets through only authenticated requests (see the module doc)."""
+
+    @web.middleware
+    async def require_login(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            response: web.StreamResponse = await handler(request)
+            return response
+        credential = _credential(request, auth, certificate)
+        if credential is None:
+            return _unauthenticated(request)
+        request[_CREDENTIAL_KEY] = credential
+        response = await handler(request)
+        return response
+
+    return require_login
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>shoal dashboard: log in</title><link rel="icon" href="data:,">
+<style>
+body {{ font: 15px system-ui, sans-serif; background: #f4f5f7; color: #1d2330; margin: 0; }}
+main {{ max-width: 24rem; margin: 12vh auto; background: #fff; padding: 2rem;
+        border-radius: 8px; box-shadow: 0 1px 4px #0002; }}
+h1 {{ font-size: 1.3rem; margin: 0 0 1rem; }} label {{ display: block; margin-bottom: .4rem; }}
+input[type=password] {{ width: 100%; box-sizing: border-box; padding: .5rem; font: inherit; }}
+button {{ margin-top: 1rem; padding: .5rem 1.2rem; font: inherit; }}
+.error {{ color: #b00020; }} .note {{ color: #555; font-size: .9rem; }}
+</style></head>
+<body><main>
+<h1>shoal dashboard</h1>
+{message}
+<form id="login" method="post" action="/login">
+<label for="token">Cluster token</label>
+<input type="password" id="token" name="token" autocomplete="current-password" required autofocus>
+<input type="hidden" name="next" value="{next}">
+<button type="submit">Log in</button>
+</form>
+<p class="note">{note}</p>
+</main></body></html>
+"""
+
+
+def _login_page(auth: DashboardAuth, next_path: str, error: str = "",
+                status: int = 200) -> web.Response:  # fmt: skip
+    message = f'<p class="error" id="login-error">{html.escape(error)}</p>' if error else ""
+    if auth.has_token:
+        note = ("The token is the one the scheduler was started with (--token, SHOAL_TOKEN,"
+                " or the token file it printed).")  # fmt: skip
+    else:
+        note = ("This dashboard has no token: open it with a client certificate of the"
+                " cluster instead.")  # fmt: skip
+    body = _PAGE.format(message=message, next=html.escape(next_path, quote=True), note=note)
+    return web.Response(text=body, status=status, content_type="text/html",
+                        headers={"Cache-Control": "no-store",
+                                 "X-Frame-Options": "DENY",
+                                 "Referrer-Policy": "no-referrer"})  # fmt: skip
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+def add_login_routes(app: web.Application, auth: DashboardAuth) -> None:
+    """``GET``/``POST /login``, ``POST /logout`` and ``GET /api/session`` on ``app``."""
+
+    async def login_form(request: web.Request) -> web.Response:
+        return _login_page(auth, _safe_next(request.query.get("next")))
+
+    async def login(request: web.Request) -> web.StreamResponse:
+        if (request.content_length or 0) > MAX_FORM_BYTES:
+            return _login_page(auth, "/", "the login form is too large", status=413)
+        form = await request.post()
+        token, target = form.get("token"), _safe_next(str(form.get("next") or "/"))
+        if not isinstance(token, str) or not auth.check_token(token):
+            await asyncio.sleep(WRONG_TOKEN_DELAY)
+            logger.warning("dashboard: a wrong token was offered by %s", request.remote)
+            why = "Wrong token." if auth.has_token else "This dashboard takes no token."
+            return _login_page(auth, target, why, status=401)
+        response = _see_other(target)
+        response.set_cookie(auth.cookie_name, auth.new_session(), max_age=int(auth.session_ttl),
+                            path="/", httponly=True, samesite="Strict",
+                            secure=auth.secure)  # fmt: skip
+        return response
+
+    async def logout(request: web.Request) -> web.StreamResponse:
+        auth.revoke(request.cookies.get(auth.cookie_name))
+        response = _see_other("/login")
+        response.del_cookie(auth.cookie_name, path="/", httponly=True, samesite="Strict",
+                            secure=auth.secure)  # fmt: skip
+        return response
+
+    async def session(request: web.Request) -> web.Response:
+        credential = request.get(_CREDENTIAL_KEY, "none")
+        return web.json_response({"required": auth.required, "credential": credential})
+
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/api/session", session)

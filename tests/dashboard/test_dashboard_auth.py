@@ -1,0 +1,373 @@
+"""The dashboard's login: with a token (or beyond loopback) every page and API of the
+scheduler's and the workers' dashboards needs the token as a bearer header or a session
+cookie from the login page; ``/health`` stays open; an open dashboard beyond loopback is
+refused. Over real HTTP to real local clusters, and through the login form in Chromium.
+
+The HTTP requests here go through `http.client` so that redirects and cookies are seen as
+the server sends them (urllib would follow and hide them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Any
+
+import pytest
+
+import shoal
+from shoal.dashboard.auth import (
+    MAX_REVOKED,
+    DashboardAuth,
+    DashboardRefused,
+    check_exposure,
+    is_loopback,
+)
+from shoal.scheduler import Scheduler
+from shoal.testing import Gate, gen_cluster
+from shoal.worker.server import Worker
+
+TOKEN = "correct-horse-battery-staple-7f3a"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Message
+    body: bytes
+    cookies: list[str] = field(default_factory=list)  # the Set-Cookie headers
+
+    def json(self) -> Any:
+        assert self.headers.get("Content-Type", "").startswith("application/json"), self
+        return json.loads(self.body)
+
+
+def request(url: str, method: str = "GET", headers: dict[str, str] | None = None,
+            form: dict[str, str] | None = None, timeout: float = 10.0) -> Reply:  # fmt: skip
+    """One request to ``url``, redirects not followed."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        body = urllib.parse.urlencode(form).encode() if form is not None else None
+        send = dict(headers or {})
+        if body is not None:
+            send["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                     body=body, headers=send)  # fmt: skip
+        r = conn.getresponse()
+        return Reply(r.status, r.msg, r.read(), r.msg.get_all("Set-Cookie") or [])
+    finally:
+        conn.close()
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def cookie_of(reply: Reply) -> tuple[str, str, str]:
+    """(name, value, attributes) of the one cookie ``reply`` sets."""
+    (header,) = reply.cookies
+    pair, _, attributes = header.partition(";")
+    name, _, value = pair.partition("=")
+    return name.strip(), value.strip(), attributes
+
+
+def assert_needs_login(reply: Reply) -> None:
+    assert reply.status == 401, (reply.status, reply.body[:200])
+    assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "authentication required" in reply.json()["error"]
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+# ------------------------------------------------------------------ the pure parts
+
+
+def test_sessions_are_macs_that_expire_and_can_be_revoked() -> None:
+    auth = DashboardAuth(TOKEN, required=True, port=8787, session_ttl=60)
+    session = auth.new_session(now=1000.0)
+    assert TOKEN not in session and auth.cookie_name == "shoal_session_8787"
+    assert auth.check_session(session, now=1059.0)
+    assert not auth.check_session(session, now=1061.0)  # expired
+    expires, nonce, mac = session.split(".")
+    # a later expiry, a changed nonce or MAC: all rejected
+    assert not auth.check_session(f"{int(expires) + 3600}.{nonce}.{mac}", now=1000.0)
+    assert not auth.check_session(f"{expires}.{nonce[:-1]}0.{mac}", now=1000.0)
+    assert not auth.check_session(f"{expires}.{nonce}.{mac[:-2]}00", now=1000.0)
+    assert not auth.check_session("", now=1000.0) and not auth.check_session(None)
+    assert not auth.check_session("x" * 1000)
+    # another dashboard (even with the same token) did not issue it
+    assert not DashboardAuth(TOKEN, required=True).check_session(session, now=1000.0)
+    # logging out revokes it, and only it
+    other = auth.new_session(now=1000.0)
+    auth.revoke(session, now=1001.0)
+    assert not auth.check_session(session, now=1002.0)
+    assert auth.check_session(other, now=1002.0)
+
+
+def test_revoked_sessions_are_bounded() -> None:
+    auth = DashboardAuth(TOKEN, required=True, session_ttl=60)
+    first = auth.new_session(now=0.0)
+    auth.revoke(first, now=0.0)
+    for _ in range(MAX_REVOKED):
+        auth.revoke(auth.new_session(now=0.0), now=0.0)
+    assert len(auth._revoked) == MAX_REVOKED
+    # expired ones are pruned on the next revoke
+    auth.revoke(auth.new_session(now=100.0), now=100.0)
+    assert len(auth._revoked) == 1
+
+
+def test_bearer_header_must_carry_the_exact_token() -> None:
+    auth = DashboardAuth(TOKEN, required=True)
+    assert auth.check_bearer(f"Bearer {TOKEN}") and auth.check_bearer(f"bearer  {TOKEN} ")
+    for header in [None, "", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
+                   "Bearer", "Bearer \u00e9"]:  # fmt: skip
+        assert not auth.check_bearer(header), header
+    assert not DashboardAuth(None, required=True).check_bearer("Bearer ")
+
+
+def test_when_a_login_is_required() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("::")
+    assert not is_loopback("10.1.2.3") and not is_loopback("no-such-host.invalid")
+    # loopback: open without a token, a login with one or with TLS
+    assert check_exposure("127.0.0.1", 8787, None, tls=False) is False
+    assert check_exposure("127.0.0.1", 8787, TOKEN, tls=False) is True
+    assert check_exposure("127.0.0.1", 8787, None, tls=True) is True
+    # beyond loopback: always a login, and refused with no way to log in
+    assert check_exposure("0.0.0.0", 8787, TOKEN, tls=False) is True
+    assert check_exposure("0.0.0.0", 8787, None, tls=True) is True
+    with pytest.raises(DashboardRefused, match=r"refusing to serve the dashboard at "
+                                               r"0\.0\.0\.0:8787.*--token"):  # fmt: skip
+        check_exposure("0.0.0.0", 8787, None, tls=False)
+    # unless the server was told to run open (--insecure)
+    assert check_exposure("0.0.0.0", 8787, None, tls=False, insecure=True) is False
+
+
+# -------------------------------------------------------- a scheduler with a token
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[shoal.Client]:
+    """A local cluster with a token, its scheduler and its 2 workers serving dashboards."""
+    with gen_cluster(n_workers=2, token=TOKEN, worker_dashboard_address=":0",
+                     timeout=120) as client:  # fmt: skip
+        assert client.submit(inc, 1).result(timeout=20) == 2
+        yield client
+
+
+def test_pages_redirect_to_the_login_and_the_api_answers_401(secured: shoal.Client) -> None:
+    link = secured.dashboard_link
+    assert link is not None and link.startswith("http://127.0.0.1:")
+    # a browser asking for the page goes to the login page, and back here after
+    page = request(link, headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.status == 303 and page.headers["Location"] == "/login?next=%2F"
+    form = request(urllib.parse.urljoin(link, page.headers["Location"]))
+    assert form.status == 200 and b'<form id="login" method="post"' in form.body
+    assert b'name="next" value="/"' in form.body and TOKEN.encode() not in form.body
+    # the JSON API, the event stream, static files and anything not asking for HTML: 401
+    for path in ["", "api", "api/info", "api/workers", "api/tasks", "api/logs",
+                 "api/snapshot", "api/events", "api/story/x", "api/session",
+                 "static/dashboard.js", "no-such-page"]:  # fmt: skip
+        assert_needs_login(request(link + path))
+    # an API path stays 401 even when a browser asks for it
+    assert_needs_login(request(link + "api/info", headers={"Accept": "text/html"}))
+    # and a POST elsewhere than /login, whatever it accepts
+    assert_needs_login(request(link + "logout", "POST", headers={"Accept": "text/html"}))
+    # /health is open
+    health = request(link + "health")
+    assert health.status == 200 and health.body == b"ok"
+
+
+def test_bearer_token_opens_the_api_and_metrics(secured: shoal.Client) -> None:
+    link = secured.dashboard_link or ""
+    assert_needs_login(request(link + "api/info", headers=bearer("wrong-token")))
+    assert_needs_login(request(link + "api/info", headers={"Authorization": TOKEN}))
+    info = request(link + "api/info", headers=bearer()).json()
+    assert info["address"] == secured.scheduler_info()["address"] and info["workers"] == 2
+    assert request(link + "api/session", headers=bearer()).json() == {
+        "required": True, "credential": "bearer"}  # fmt: skip
+    # the page itself, with the token as a header (what a proxy in front could add)
+    page = request(link, headers={**bearer(), "Accept": "text/html"})
+    assert page.status == 200 and b"shoal dashboard" in page.body
+    # Prometheus: /metrics with `authorization: {credentials: TOKEN}`
+    assert_needs_login(request(link + "metrics"))
+    assert_needs_login(request(link + "metrics", headers=bearer("nope")))
+    metrics = request(link + "metrics", headers=bearer())
+    assert metrics.status == 200 and b"shoal_workers 2.0" in metrics.body
+    # the event stream: its first event comes through
+    parts = urllib.parse.urlsplit(link)
+    assert parts.hostname is not None and parts.port is not None
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", "/api/events?interval=0.2", headers=bearer())
+        stream = conn.getresponse()
+        assert stream.status == 200
+        line = b""
+        deadline = time.monotonic() + 10
+        while not line.startswith(b"data: ") and time.monotonic() < deadline:
+            line = stream.fp.readline()
+        assert json.loads(line[6:])["info"]["workers"] == 2
+    finally:
+        conn.close()
+
+
+def test_login_form_sets_a_session_cookie_and_logout_ends_it(secured: shoal.Client,
+                                                             caplog: Any) -> None:  # fmt: skip
+    link = secured.dashboard_link or ""
+    port = urllib.parse.urlsplit(link).port
+    # a wrong token: the form again, 401, no cookie, and the offered token is not echoed
+    with caplog.at_level(logging.WARNING, logger="shoal.dashboard"):
+        wrong = request(link + "login", "POST", form={"token": "guess-123", "next": "/"})
+    assert wrong.status == 401 and not wrong.cookies
+    assert b"Wrong token." in wrong.body and b"guess-123" not in wrong.body
+    assert "wrong token" in caplog.text and "guess-123" not in caplog.text
+    assert request(link + "login", "POST", form={"next": "/"}).status == 401  # no token at all
+
+    # the right token: a cookie (HttpOnly, SameSite=Strict; not Secure over plain HTTP)
+    # holding a session, not the token, and a redirect to where the browser was going
+    ok = request(link + "login", "POST", form={"token": TOKEN, "next": "/api/info?x=1"})
+    assert ok.status == 303 and ok.headers["Location"] == "/api/info?x=1"
+    name, value, attributes = cookie_of(ok)
+    assert name == f"shoal_session_{port}"
+    assert TOKEN not in value and TOKEN not in ok.cookies[0]
+    lowered = attributes.lower()
+    assert "httponly" in lowered and "samesite=strict" in lowered and "path=/" in lowered
+    assert "secure" not in lowered.replace("samesite", "")
+    session = {"Cookie": f"{name}={value}"}
+
+    # the cookie opens pages and API alike
+    assert request(link + "api/info", headers=session).json()["workers"] == 2
+    assert request(link + "api/session", headers=session).json()["credential"] == "cookie"
+    page = request(link, headers={**session, "Accept": "text/html"})
+    assert page.status == 200 and b'id="logout"' in page.body
+    # a forged or altered cookie does not
+    expires, nonce, mac = value.split(".")
+    for forged in [f"{int(expires) + 86400}.{nonce}.{mac}", f"{expires}.{nonce}.{'0' * 64}",
+                   TOKEN, ""]:  # fmt: skip
+        assert_needs_login(request(link + "api/info", headers={"Cookie": f"{name}={forged}"}))
+    # nor does it open another server's dashboard (a worker's, on another port)
+    worker_link = next(iter(secured.scheduler_info()["workers"].values()))["dashboard"]
+    assert_needs_login(request(worker_link + "api/info", headers={"Cookie": f"{name}={value}"}))
+
+    # logging out clears the cookie and revokes the session, even if it were kept
+    out = request(link + "logout", "POST", headers=session)
+    assert out.status == 303 and out.headers["Location"] == "/login"
+    cleared_name, cleared, cleared_attributes = cookie_of(out)
+    assert cleared_name == name and cleared in ("", '""') and "max-age=0" in cleared_attributes.lower()
+    assert_needs_login(request(link + "api/info", headers=session))
+
+
+def test_login_never_redirects_to_another_site(secured: shoal.Client) -> None:
+    link = secured.dashboard_link or ""
+    for target in ["//evil.example/", "https://evil.example/", "\\\\evil.example", "evil",
+                   "/\\evil.example"]:  # fmt: skip
+        reply = request(link + "login", "POST", form={"token": TOKEN, "next": target})
+        assert reply.status == 303 and reply.headers["Location"] == "/", target
+        page = request(link + "login?next=" + urllib.parse.quote(target, safe=""))
+        assert b'name="next" value="/"' in page.body, target
+
+
+def test_worker_dashboards_need_the_token_too(secured: shoal.Client) -> None:
+    workers = secured.scheduler_info()["workers"]
+    assert len(workers) == 2
+    for address, w in workers.items():
+        link = w["dashboard"]
+        assert link.startswith("http://127.0.0.1:")
+        for path in ["api/logs", "api/info", "metrics"]:
+            assert_needs_login(request(link + path))
+            assert_needs_login(request(link + path, headers=bearer("wrong")))
+        assert request(link + "api/logs?n=5", headers=bearer()).status == 200
+        assert request(link + "api/info", headers=bearer()).json()["address"] == address
+        metrics = request(link + "metrics", headers=bearer())
+        assert metrics.status == 200 and b"shoal_worker_threads" in metrics.body
+        assert request(link + "health").body == b"ok"
+        # a browser following the scheduler page's link to a worker's /metrics logs in there
+        page = request(link + "metrics", headers={"Accept": "text/html"})
+        assert page.status == 303 and page.headers["Location"] == "/login?next=%2Fmetrics"
+        ok = request(link + "login", "POST", form={"token": TOKEN, "next": "/metrics"})
+        name, value, _ = cookie_of(ok)
+        assert request(link + "metrics", headers={"Cookie": f"{name}={value}"}).status == 200
+
+
+def test_without_a_token_a_loopback_dashboard_stays_open() -> None:
+    with gen_cluster(n_workers=1, worker_dashboard_address=":0") as client:
+        link = client.dashboard_link or ""
+        assert request(link + "api/info").json()["workers"] == 1
+        assert request(link + "api/session").json() == {"required": False, "credential": "none"}
+        page = request(link, headers={"Accept": "text/html"})
+        assert page.status == 200
+        (w,) = client.scheduler_info()["workers"].values()
+        assert request(w["dashboard"] + "api/logs").status == 200
+
+
+# ------------------------------------------------------------- beyond loopback
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_an_open_dashboard_beyond_loopback_is_refused() -> None:
+    async def main() -> None:
+        # the scheduler refuses to start at all, and leaves nothing listening
+        s = Scheduler(port=0, dashboard_address="0.0.0.0:0")
+        with pytest.raises(DashboardRefused, match="beyond this machine with no login"):
+            await s.start()
+        assert s._listener is not None and not _listening(int(s.address.rsplit(":", 1)[1]))
+
+        # with a token it serves, behind the login, on every interface
+        s = await Scheduler(port=0, token=TOKEN, dashboard_address="0.0.0.0:0")
+        try:
+            assert s.dashboard is not None and s.dashboard.server.host == "0.0.0.0"
+            port = s.dashboard.server.port
+            loop = asyncio.get_running_loop()
+            reply = await loop.run_in_executor(
+                None, request, f"http://127.0.0.1:{port}/api/info")
+            assert_needs_login(reply)
+
+            # a worker asked to serve metrics beyond loopback without a token goes on
+            # without them (it says why), and one with the token serves them
+            w = await Worker(s.address, token=TOKEN, dashboard_address="0.0.0.0:0",
+                             in_process=True)  # fmt: skip
+            try:
+                assert w.dashboard is not None and w.dashboard.login_required
+            finally:
+                await w.close()
+        finally:
+            await s.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_worker_without_token_serves_no_open_metrics_beyond_loopback(caplog: Any) -> None:
+    async def main() -> None:
+        s = await Scheduler(port=0)
+        try:
+            with caplog.at_level(logging.WARNING, logger="shoal"):
+                w = await Worker(s.address, dashboard_address="0.0.0.0:0", in_process=True)
+            try:
+                assert w.dashboard is None and w.status == "running"
+                assert "refusing to serve the worker metrics" in caplog.text
+            finally:
+                await w.close()
+        finally:
+            await s.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
