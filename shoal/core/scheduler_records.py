@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from typing import Any, Literal
 
 from ..protocol.messages import TaskSpec
 from ..protocol.serialize import Serialized
@@ -19,6 +20,11 @@ _NEEDS_INPUTS = ("waiting", "queued", "no-worker", "processing")
 
 #: How many transitions one story log keeps (a bounded ring).
 STORY_LOG_SIZE = 100_000
+
+#: The one empty set all tasks start with (an empty CPython set is 216 bytes, and most tasks
+#: never fill most of theirs): a task gets its own set when something is first added. It is
+#: a frozenset, so a site that mutates it in place fails loudly instead of sharing state.
+EMPTY: set[Any] = frozenset()  # type: ignore[assignment]
 
 
 class Failure:
@@ -56,13 +62,14 @@ class TaskState:
         #: None for data that was scattered, not computed: it cannot be recomputed.
         self.spec = spec
         self.priority = priority
-        self.dependencies: set[TaskState] = set()
-        self.dependents: set[TaskState] = set()
+        # Sets start as the shared EMPTY; see `EMPTY` for the rule.
+        self.dependencies: set[TaskState] = EMPTY
+        self.dependents: set[TaskState] = EMPTY
         #: dependencies not yet in memory (only while waiting)
-        self.waiting_on: set[TaskState] = set()
+        self.waiting_on: set[TaskState] = EMPTY
         #: client -> the generation of its hold on this key (echoed in reports to it)
         self.who_wants: dict[ClientId, int] = {}
-        self.who_has: set[WorkerRecord] = set()
+        self.who_has: set[WorkerRecord] = EMPTY
         self.processing_on: WorkerRecord | None = None
         self.nbytes = 0
         self.typename = ""
@@ -71,7 +78,7 @@ class TaskState:
         #: how many workers died while this task was on them
         self.suspicious = 0
         self.warnings: Serialized | None = None
-        self.group = key_group(key)
+        self.group = sys.intern(key_group(key))  # one string per group, not per task
         #: expected duration, fixed while the task is processing (so sums stay exact)
         self.est = 0.0
         #: a retry waits in the queue until this time

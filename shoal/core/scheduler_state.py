@@ -78,6 +78,7 @@ from .scheduler_checks import validate
 from .task_groups import TaskGroups
 from .scheduler_records import (
     _NEEDS_INPUTS,
+    EMPTY,
     FIRE_AND_FORGET,
     STORY_LOG_SIZE,
     Failure,
@@ -188,7 +189,11 @@ class SchedulerState:
                                            f"task {ts.key!r} depends on unknown key {dep_key!r}"
                                            " (it was released or never submitted)"))  # fmt: skip
                     break
+                if ts.dependencies is EMPTY:
+                    ts.dependencies = set()
                 ts.dependencies.add(dep)
+                if dep.dependents is EMPTY:
+                    dep.dependents = set()
                 dep.dependents.add(ts)
         wanted: list[TaskState] = []
         for key, generation in zip(ev.wanted, _generations(ev.generations, len(ev.wanted))):
@@ -290,7 +295,7 @@ class SchedulerState:
                     if running_on not in holders:
                         self._free(running_on, ts.key)
                 self.unrunnable.discard(ts)
-                ts.waiting_on.clear()
+                ts.waiting_on = EMPTY
                 ts.nbytes = nbytes
                 for ws in holders:
                     self._add_replica(ts, ws)
@@ -332,7 +337,7 @@ class SchedulerState:
         lost: list[TaskState] = []
         refresh: dict[str, dict[str, list[str]]] = {}
         for ts in ws.has_what:
-            ts.who_has.discard(ws)
+            _drop_holder(ts, ws)
             if not ts.who_has and ts.state == "memory":
                 lost.append(ts)
             elif ts.who_has:
@@ -540,7 +545,7 @@ class SchedulerState:
         if ts is None:
             return
         if holder is not None and holder in ts.who_has:
-            ts.who_has.discard(holder)
+            _drop_holder(ts, holder)
             holder.has_what.discard(ts)
             holder.nbytes -= ts.nbytes
         if ts.state != "memory":
@@ -579,7 +584,7 @@ class SchedulerState:
                 self._fail(t, Failure("lost", f"scattered key {t.key!r} was lost with its worker"))
                 continue
             self._transition(t, "waiting")
-            t.waiting_on = {d for d in t.dependencies if d.state != "memory"}
+            t.waiting_on = _not_in_memory(t)
             erred = next((d for d in t.dependencies if d.state == "erred"), None)
             if erred is not None:
                 self._fail(t, _inherited(erred))
@@ -788,6 +793,8 @@ class SchedulerState:
         # Counted at the key's size (not the size the reporter measured), so that dropping
         # the replica takes off exactly what was added.
         if ws not in ts.who_has:
+            if ts.who_has is EMPTY:
+                ts.who_has = set()
             ts.who_has.add(ws)
             ws.has_what.add(ts)
             ws.nbytes += ts.nbytes
@@ -800,7 +807,7 @@ class SchedulerState:
         self._let_go_if_forgotten(ts)
         ready: list[TaskState] = []
         for dependent in ts.dependents:
-            if dependent.state == "waiting":
+            if dependent.state == "waiting" and ts in dependent.waiting_on:
                 dependent.waiting_on.discard(ts)
                 if not dependent.waiting_on:
                     ready.append(dependent)
@@ -860,9 +867,10 @@ class SchedulerState:
                         self._free(ws, dependent.key)
                     self.unrunnable.discard(dependent)
                     self._transition(dependent, "waiting")
-                    dependent.waiting_on = {d for d in dependent.dependencies
-                                            if d.state != "memory"}  # fmt: skip
+                    dependent.waiting_on = _not_in_memory(dependent)
                 elif dependent.state == "waiting":
+                    if dependent.waiting_on is EMPTY:
+                        dependent.waiting_on = set()
                     dependent.waiting_on.add(ts)
         for ts in lost:
             if ts.state != "released":
@@ -888,7 +896,7 @@ class SchedulerState:
                 ws.has_what.discard(ts)
                 ws.nbytes -= ts.nbytes
                 self._free(ws, ts.key)
-            ts.who_has.clear()
+            ts.who_has = EMPTY
             self._transition(ts, "released")
         elif state in _NEEDS_INPUTS:
             running_on = ts.processing_on
@@ -896,7 +904,7 @@ class SchedulerState:
                 self._unassign(ts)
                 self._free(running_on, ts.key)
             self.unrunnable.discard(ts)
-            ts.waiting_on.clear()
+            ts.waiting_on = EMPTY
             self._transition(ts, "released")
             for dep in ts.dependencies:
                 self._release_if_unneeded(dep)
@@ -920,11 +928,12 @@ class SchedulerState:
             self.groups.forgotten(t.group, t.state)
             self.story_log.append((t.key, t.state, "forgotten", self._stimulus, self._now))
             for dep in t.dependencies:
-                dep.dependents.discard(t)
+                if t in dep.dependents:
+                    dep.dependents.discard(t)
                 stack.append(dep)
                 if dep.state == "memory" or dep.state in _NEEDS_INPUTS:
                     self._release_if_unneeded(dep)
-            t.dependencies.clear()
+            t.dependencies = EMPTY
 
     def _report_to_client(self, ts: TaskState, client: ClientId) -> None:
         if client == FIRE_AND_FORGET:
@@ -982,6 +991,20 @@ def _hold(ts: TaskState, client: ClientId, generation: int) -> None:
     held = ts.who_wants.get(client)
     if held is None or generation > held:
         ts.who_wants[client] = generation
+
+
+def _not_in_memory(ts: TaskState) -> set[TaskState]:
+    """``ts``'s dependencies not in memory (what it waits on), sharing EMPTY when none."""
+    if not ts.dependencies:
+        return EMPTY
+    return {d for d in ts.dependencies if d.state != "memory"} or EMPTY
+
+
+def _drop_holder(ts: TaskState, ws: WorkerRecord) -> None:
+    if ws in ts.who_has:
+        ts.who_has.discard(ws)
+        if not ts.who_has:
+            ts.who_has = EMPTY  # an emptied set keeps its table: give it back
 
 
 def _by_priority(ts: TaskState) -> tuple[int, int]:
