@@ -371,3 +371,98 @@ def test_a_worker_without_token_serves_no_open_metrics_beyond_loopback(caplog: A
             await s.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# ----------------------------------------------------------------- in a real browser
+
+
+def test_logging_in_through_the_form_in_chromium_shows_the_live_dashboard(
+    require: Callable[[object, str], None],
+) -> None:
+    # The DevTools driver of the live dashboard test (this directory is on sys.path).
+    from test_dashboard_live import CHROMIUM, Page, chromium
+
+    require(CHROMIUM is not None, "chromium is not installed (apt-get install -y chromium)")
+    import aiohttp
+
+    with gen_cluster(n_workers=2, token=TOKEN, timeout=90) as client:
+        gate = Gate()
+        try:
+            # given: finished work and a task still running, on a dashboard with a login
+            incs = client.map(inc, range(20))  # held: the page shows them in memory
+            assert client.gather(incs) == list(range(1, 21))
+            running = client.submit(gate, 1)
+            workers = sorted(client.scheduler_info()["workers"])
+            link = client.dashboard_link or ""
+
+            async def go(devtools: str) -> None:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(devtools + "/json/list") as r:
+                        (target,) = [t for t in await r.json() if t["type"] == "page"]
+                    async with session.ws_connect(target["webSocketDebuggerUrl"],
+                                                  max_msg_size=0) as ws:  # fmt: skip
+                        await browse(Page(ws), link, workers)
+
+            with chromium() as devtools:
+                asyncio.run(asyncio.wait_for(go(devtools), 75))
+            assert not running.done()
+        finally:
+            gate.close()
+
+
+async def type_into(page: Page, selector: str, text: str) -> None:
+    """Focus ``selector``, clear it, and type ``text`` as keyboard input."""
+    await page.eval(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                    " e.value = ''; e.focus(); return true; })()")  # fmt: skip
+    await page.send("Input.insertText", text=text)
+
+
+async def browse(page: Page, link: str, workers: list[str]) -> None:
+    # when: the browser opens the dashboard's link, it lands on the login page
+    await page.send("Page.navigate", url=link + "?interval=0.5")
+    await page.wait_for("location.pathname === '/login' && document.readyState === 'complete'"
+                        " && !!document.getElementById('token')", 20, "the login page")  # fmt: skip
+    assert await page.eval("new URLSearchParams(location.search).get('next')") \
+        == "/?interval=0.5"  # fmt: skip
+    assert await page.eval("document.getElementById('tabs')") is None
+    # a wrong token: the form again, saying so
+    await type_into(page, "#token", "not-the-token")
+    await page.click("#login button[type=submit]")
+    await page.wait_for("document.getElementById('login-error')"
+                        " && document.getElementById('login-error').textContent", 20,
+                        "the wrong-token message")  # fmt: skip
+    assert await page.text("#login-error") == "Wrong token."
+    assert "not-the-token" not in await page.eval("document.documentElement.outerHTML")
+
+    # the right token: back to the dashboard, live over the event stream
+    await type_into(page, "#token", TOKEN)
+    await page.click("#login button[type=submit]")
+    await page.wait_for("location.pathname === '/' && location.search === '?interval=0.5'",
+                        20, "the dashboard after logging in")  # fmt: skip
+    await page.wait_for("document.getElementById('connection-text')"
+                        " && document.getElementById('connection-text').textContent === 'live'",
+                        20, "the live (event stream) indicator")  # fmt: skip
+    await page.wait_for(" && ".join(f"document.querySelector('[data-worker=\"{a}\"]')"
+                                    for a in workers), 20, "a row per worker")  # fmt: skip
+    await page.wait_for("document.querySelector('.progress-row[data-group=\"inc\"]')"
+                        " && document.querySelector('.progress-row[data-group=\"inc\"]')"
+                        ".innerText.includes('20 / 20')", 20, "inc's progress")  # fmt: skip
+    await page.wait_for("+document.getElementById('task-stream').dataset.runs >= 20", 20,
+                        "the task stream's runs")  # fmt: skip
+    # the session cookie is out of the page's reach (HttpOnly), and holds no token
+    assert await page.eval("document.cookie") == ""
+    # the Logs tab reads /api/logs with the cookie
+    await page.click('#tabs button[data-tab="logs"]')
+    await page.wait_for("document.querySelectorAll('#logs div').length"
+                        " || document.getElementById('logs').innerText.includes('No log')",
+                        10, "the logs tab")  # fmt: skip
+    assert "could not load" not in await page.text("#logs")
+
+    # then: logging out ends it: the login page, and the API closed again
+    await page.click('#tabs button[data-tab="status"]')
+    await page.wait_for("!document.getElementById('logout').hidden", 10, "the logout button")
+    await page.click("#logout button")
+    await page.wait_for("location.pathname === '/login' && document.readyState === 'complete'",
+                        20, "the login page after logging out")  # fmt: skip
+    status = await page.eval("fetch('/api/info').then(r => r.status)")
+    assert status == 401
