@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import inspect
 import json
 import logging
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -466,3 +469,126 @@ async def browse(page: Page, link: str, workers: list[str]) -> None:
                         20, "the login page after logging out")  # fmt: skip
     status = await page.eval("fetch('/api/info').then(r => r.status)")
     assert status == 401
+
+
+# ------------------------------------------------------------------------- HTTPS
+
+
+def https_request(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None,
+                  method: str = "GET", form: dict[str, str] | None = None) -> Reply:  # fmt: skip
+    parts = urllib.parse.urlsplit(url)
+    assert parts.scheme == "https" and parts.hostname is not None and parts.port is not None
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10, context=context)
+    try:
+        body = urllib.parse.urlencode(form).encode() if form is not None else None
+        send = dict(headers or {})
+        if body is not None:
+            send["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                     body=body, headers=send)  # fmt: skip
+        r = conn.getresponse()
+        return Reply(r.status, r.msg, r.read(), r.msg.get_all("Set-Cookie") or [])
+    finally:
+        conn.close()
+
+
+def browser_context(ca_file: str, cert: tuple[str, str] | None = None,
+                    check_hostname: bool = True) -> ssl.SSLContext:  # fmt: skip
+    """What a browser (or Prometheus) that trusts the cluster's CA uses; with ``cert``, it
+    shows that client certificate."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.check_hostname = check_hostname
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    return context
+
+
+def test_with_tls_the_dashboards_serve_https_with_the_cluster_certificates(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("cryptography", reason="making certificates needs cryptography")
+    from shoal.security import Security
+    from shoal.security.certs import make_cluster_certificates
+
+    if "security" not in inspect.signature(Scheduler).parameters:
+        pytest.skip("Scheduler(security=...) (TLS, issue #12) has not landed yet")
+    make_cluster_certificates(tmp_path)  # the worker certificate holds the worker role only
+    ca = str(tmp_path / "ca.pem")
+    client_cert = (str(tmp_path / "client.pem"), str(tmp_path / "client-key.pem"))
+    worker_cert = (str(tmp_path / "worker.pem"), str(tmp_path / "worker-key.pem"))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+
+        s = await Scheduler(port=0, token=TOKEN, dashboard_address=":0",
+                            security=Security.from_directory(tmp_path, "scheduler"))  # fmt: skip
+        try:
+            link = s.dashboard_link
+            assert link.startswith("https://127.0.0.1:") and s.address.startswith("tls://")
+            trusting = browser_context(ca)  # checks the host name too: 127.0.0.1 is in the SAN
+            # the same rules as over HTTP: 401 without the token, 200 with it, /health open
+            assert_needs_login(await call(https_request, link + "api/info", trusting))
+            info = (await call(https_request, link + "api/info", trusting, bearer())).json()
+            assert info["dashboard"] == link
+            assert (await call(https_request, link + "health", trusting)).body == b"ok"
+            metrics = await call(https_request, link + "metrics", trusting, bearer())
+            assert metrics.status == 200 and b"shoal_workers" in metrics.body
+            # the session cookie is Secure
+            ok = await call(https_request, link + "login", trusting, method="POST",
+                            form={"token": TOKEN, "next": "/"})  # fmt: skip
+            assert ok.status == 303
+            _, value, attributes = cookie_of(ok)
+            assert "; secure" in attributes.lower() and TOKEN not in value
+            # a client certificate of the cluster stands in for the token; a worker's does not
+            by_cert = await call(https_request, link + "api/session",
+                                 browser_context(ca, client_cert))  # fmt: skip
+            assert by_cert.json() == {"required": True, "credential": "certificate"}
+            assert_needs_login(await call(https_request, link + "api/info",
+                                          browser_context(ca, worker_cert)))  # fmt: skip
+            # plain HTTP to the HTTPS port gets nothing
+            with pytest.raises((http.client.HTTPException, ConnectionError)):
+                await call(request, link.replace("https://", "http://") + "api/info")
+            # a browser that does not trust the cluster's CA is stopped by TLS itself
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await call(https_request, link + "health", ssl.create_default_context())
+
+            # a worker's metrics server: HTTPS with the worker's certificate, same login
+            w = await Worker(s.address, token=TOKEN, dashboard_address=":0", in_process=True,
+                             security=Security.from_directory(tmp_path, "worker"))  # fmt: skip
+            try:
+                wlink = w.dashboard.url if w.dashboard is not None else ""
+                assert wlink.startswith("https://") and s.worker_dashboards[w.address] == wlink
+                # (the worker's certificate names no host: check the CA only)
+                plain = browser_context(ca, check_hostname=False)
+                assert_needs_login(await call(https_request, wlink + "api/logs", plain))
+                logs = await call(https_request, wlink + "api/logs?n=5", plain, bearer())
+                assert logs.status == 200 and "rows" in logs.json()
+            finally:
+                await w.close()
+        finally:
+            await s.close()
+
+        # TLS without a token: only a client certificate opens it (the form says so)
+        s = await Scheduler(port=0, dashboard_address=":0",
+                            security=Security.from_directory(tmp_path, "scheduler"))  # fmt: skip
+        try:
+            link = s.dashboard_link
+            trusting = browser_context(ca)
+            assert_needs_login(await call(https_request, link + "api/info", trusting))
+            assert_needs_login(await call(https_request, link + "api/info", trusting,
+                                          {"Authorization": "Bearer "}))  # fmt: skip
+            page = await call(https_request, link + "login", trusting)
+            assert b"This dashboard has no token" in page.body
+            refused = await call(https_request, link + "login", trusting, method="POST",
+                                 form={"token": "anything", "next": "/"})  # fmt: skip
+            assert refused.status == 401 and not refused.cookies
+            info = await call(https_request, link + "api/info",
+                              browser_context(ca, client_cert))  # fmt: skip
+            assert info.json()["address"] == s.address
+        finally:
+            await s.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
