@@ -1,6 +1,6 @@
 """Benchmark shoal.jobs on Redis, and Celery on the same Redis when it is installed.
 
-    .venv/bin/python bench/bench_jobs.py [--jobs 10000] [--markdown]
+    .venv/bin/python bench/bench_jobs.py [--jobs 10000] [--markdown] [--secret]
 
 Starts its own redis-server (append-only file on, as the jobs are meant to be durable) on a
 free loopback port in a temporary directory, and for each system:
@@ -11,6 +11,10 @@ free loopback port in a temporary directory, and for each system:
   ``with app.batch():`` (sent 500 at a time), both compared with Celery's ``delay()``;
 - enqueue latency: median time of one ``delay()`` call (over the N calls above);
 - round trip: median of ``delay(i)`` then waiting for its result, one at a time, idle.
+
+``--secret``: also the cost of signed payloads (``JobQueue(secret=...)``): the time to sign
+and check one payload, and shoal's rows run again with a secret on the producer and both
+workers, next to the unsigned run.
 
 Each job increments one Redis counter (the same for both), which is also how the driver
 sees that all N are done. shoal: two ``shoal jobs worker bench_jobs:app --concurrency 1``
@@ -37,6 +41,7 @@ from typing import Any
 import redis as redis_lib
 
 from shoal.jobs import JobQueue
+from shoal.jobs.signing import ENV_VAR, Signer, args_context
 
 HERE = Path(__file__).resolve().parent
 URL = os.environ.get("SHOAL_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -165,17 +170,48 @@ def _enqueue_many(n: int) -> None:
     trivial.enqueue_many([(i,) for i in range(n)])
 
 
-def run_shoal(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
+def run_shoal(n: int, env: dict[str, str], r: Any, secret: str | None = None) -> dict[str, Any]:
+    """shoal's rows; with ``secret``, the producer and both workers sign and check."""
     cmd = [sys.executable, "-c", "from shoal.cli import main; main()", "jobs", "worker",
            "bench_jobs:app", "--concurrency", "1", "--log-level", "error"]
+    env = {k: v for k, v in env.items() if k != ENV_VAR}
+    if secret is not None:
+        env[ENV_VAR] = secret
+    app.signer = None if secret is None else Signer([secret])
     procs = [_spawn(cmd, env) for _ in range(2)]
     try:
-        return measure("shoal.jobs", lambda i: trivial.delay(i),
+        return measure("shoal.jobs" + (" signed" if secret else ""), lambda i: trivial.delay(i),
                        lambda i: echo.delay(i).result(timeout=30), n, r,
                        {"many": _enqueue_many, "batch": _pipelined})
     finally:
         _stop(procs)
         app.broker.purge(pending=True)
+        app.signer = None
+
+
+def signing_micro(repeat: int = 20_000) -> list[tuple[str, float, float]]:
+    """(payload, sign us, check us): one HMAC-SHA256 sign and one check of a pickled
+    payload, median of 5 runs of ``repeat`` (fewer for big payloads)."""
+    signer = Signer(["bench-secret-0123456789abcdef"])
+    ctx = args_context("0" * 32, "bench.trivial", (), True)
+    out = []
+    for label, size in (("trivial call (28 B pickle)", 28), ("1 KB", 1024), ("1 MB", 1 << 20)):
+        data = os.urandom(size)
+        k = max(20, repeat * 64 // max(64, size))
+        blob = signer.sign(ctx, data)
+        signs, checks = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                signer.sign(ctx, data)
+            t1 = time.perf_counter()
+            for _ in range(k):
+                signer.verify(ctx, blob, "x")
+            t2 = time.perf_counter()
+            signs.append((t1 - t0) / k)
+            checks.append((t2 - t1) / k)
+        out.append((label, statistics.median(signs) * 1e6, statistics.median(checks) * 1e6))
+    return out
 
 
 def run_celery(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
@@ -195,6 +231,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md section")
+    parser.add_argument("--secret", action="store_true",
+                        help="also measure signed payloads (JobQueue(secret=...))")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests" / "jobs"))
     from shoal.jobs.testing import RedisServer
@@ -211,10 +249,13 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         r = redis_lib.Redis.from_url(URL)
         rows = [run_shoal(args.jobs, env, r)]
+        signed = run_shoal(args.jobs, env, r, "bench-secret-0123456789abcdef") if args.secret else None
         if celery_app is not None:
             rows.append(run_celery(args.jobs, env, r))
         r.close()
         report(rows, args)
+        if signed is not None:
+            report_signing(rows[0], signed)
     finally:
         app.close()
         if _redis is not None:
@@ -262,6 +303,22 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                       f"{args.jobs / r[label + '_enqueue_s']:,.0f}/s)")
     print()
     print("\n".join(lines))
+
+
+def report_signing(plain: dict[str, Any], signed: dict[str, Any]) -> None:
+    print("\nSigned payloads (HMAC-SHA256), one sign / one check:\n")
+    print("| payload | sign, us | check, us |\n|---|---|---|")
+    for label, sign_us, check_us in signing_micro():
+        print(f"| {label} | {sign_us:,.2f} | {check_us:,.2f} |")
+    print("\nshoal.jobs unsigned vs signed (producer and both workers with the secret):\n")
+    print("| measurement | unit | unsigned | signed | signed / unsigned |\n|---|---|---|---|---|")
+    for label, unit, key in (("delay() one by one, enqueue to done", "jobs/s", "jobs_s"),
+                             ("`enqueue_many`, enqueue to done", "jobs/s", "many_jobs_s"),
+                             ("delay() in `app.batch()`, enqueue to done", "jobs/s", "batch_jobs_s"),
+                             ("enqueue latency (median delay())", "ms", "enqueue_ms"),
+                             ("round trip, idle (median of 200)", "ms", "round_trip_ms")):
+        print(f"| {label} | {unit} | {plain[key]:,.2f} | {signed[key]:,.2f} | "
+              f"{signed[key] / plain[key]:.2f}x |")
 
 
 if __name__ == "__main__":
