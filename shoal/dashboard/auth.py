@@ -70,7 +70,7 @@ def check_exposure(host: str, port: int, token: str | None, tls: bool,
             f"refusing to serve the {what} at {host or '0.0.0.0'}:{port}: it would be reachable"
             " beyond this machine with no login. Give the server a token (--token or"
             " SHOAL_TOKEN), or TLS certificates (--tls-ca-file --tls-cert --tls-key), or bind"
-            " the dashboard to 127.0.0.1")  # fmt: skip
+            " the dashboard to 127.0.0.1, or --insecure if this network is trusted")  # fmt: skip
     return bool(token) or tls or (beyond and not insecure)
 
 

@@ -4,7 +4,7 @@
 and advertised) before aiohttp is even imported. The app starts in the background: when
 aiohttp is not imported yet, only once the first connection arrives (then importing it on a
 thread), so a cold `Client()` pays nothing for a dashboard nobody opens. Connections wait in
-the socket's backlog meanwhile.
+the socket's backlog meanwhile. With an ``ssl_context`` it serves HTTPS (the URL says so).
 """
 
 from __future__ import annotations

@@ -70,7 +70,10 @@ def _credential(request: web.Request, auth: DashboardAuth,
 
 def _safe_next(target: str | None) -> str:
     """Where to go after logging in: a path on this server, never another site."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    # Browsers drop tabs and newlines from URLs ("/\t/evil" becomes "//evil") and read "\"
+    # as "/": only printable ASCII without them, starting with one "/".
+    if (not target or not target.startswith("/") or target.startswith("//")
+            or any(not 33 <= ord(c) < 127 or c == "\\" for c in target)):  # fmt: skip
         return "/"
     return target
 

@@ -279,7 +279,8 @@ def test_login_form_sets_a_session_cookie_and_logout_ends_it(secured: shoal.Clie
 def test_login_never_redirects_to_another_site(secured: shoal.Client) -> None:
     link = secured.dashboard_link or ""
     for target in ["//evil.example/", "https://evil.example/", "\\\\evil.example", "evil",
-                   "/\\evil.example"]:  # fmt: skip
+                   "/\\evil.example", "/\t/evil.example", "/\n/evil.example", "/ /evil.example",
+                   "/\u2215\u2215evil.example"]:  # fmt: skip
         reply = request(link + "login", "POST", form={"token": TOKEN, "next": target})
         assert reply.status == 303 and reply.headers["Location"] == "/", target
         page = request(link + "login?next=" + urllib.parse.quote(target, safe=""))
