@@ -83,8 +83,11 @@ from .protocol.messages import (
 )
 from .comm.rpc import PeerPool, next_rid
 
+from .security.policy import SCHEDULER_FRAME_LIMITS, check_bind
+
 if TYPE_CHECKING:
     from .dashboard.server import SchedulerDashboard
+    from .security.credentials import Security
 
 logger = logging.getLogger("shoal.scheduler")
 
@@ -129,8 +132,20 @@ class Scheduler:
         worker_ttl: float = 30.0,
         dashboard_address: str | int | None = None,
         jobs: Any = None,
+        security: Security | None = None,
+        insecure: bool = False,
+        frame_limits: dict[str, int] | None = None,
     ) -> None:
-        self.listen_address = f"tcp://{host}:{port}" if "://" not in host else host
+        """``security``: TLS credentials (the scheduler's certificate); the scheduler then
+        listens at ``tls://``. Without TLS or a ``token`` it refuses to listen beyond
+        loopback unless ``insecure``. ``frame_limits`` (role -> bytes) caps what each
+        authenticated client or worker may send in one frame (`SCHEDULER_FRAME_LIMITS`)."""
+        scheme = "tls" if security is not None else "tcp"
+        self.listen_address = f"{scheme}://{host}:{port}" if "://" not in host else host
+        #: TLS credentials (None: plain TCP); the dashboard serves HTTPS with them
+        self.security = security
+        self.insecure = insecure
+        self.frame_limits = {**SCHEDULER_FRAME_LIMITS, **(frame_limits or {})}
         self.token = token
         self.name = name
         self.handshake_timeout = handshake_timeout
@@ -181,13 +196,16 @@ class Scheduler:
     # --------------------------------------------------------------- lifecycle
 
     async def start(self) -> Scheduler:
+        check_bind(self.listen_address, tls=self.security is not None, token=self.token,
+                   insecure=self.insecure, what="the scheduler")  # fmt: skip
         self._listener = await listen(
             self.listen_address, self._serve, name=self.name, token=self.token,
             handshake_timeout=self.handshake_timeout, roles={"client", "worker"},
+            security=self.security, frame_limits=self.frame_limits,
         )  # fmt: skip
         self.address = self._listener.address
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
-                                     os.getpid()))  # fmt: skip
+                                     os.getpid()), security=self.security)  # fmt: skip
         self.started = time.time()
         self._spawn(self._watch_workers())
         apply_env_level()

@@ -77,8 +77,11 @@ from .context import TaskContext, running
 from .task_client import TaskClients
 from ..diagnostics.logs import apply_env_level, log_ring
 
+from ..security.policy import WORKER_FRAME_LIMITS, check_bind
+
 if TYPE_CHECKING:
     from ..dashboard.server import WorkerDashboard
+    from ..security.credentials import Security
 
 logger = logging.getLogger("shoal.worker")
 
@@ -112,8 +115,19 @@ class Worker:
         previous_death: WorkerDeath | None = None,
         dashboard_address: str | int | None = None,
         executor: ThreadPoolExecutor | None = None,
+        security: Security | None = None,
+        insecure: bool = False,
+        frame_limits: dict[str, int] | None = None,
     ) -> None:
+        """``security``: TLS credentials (a worker certificate): the worker then listens at
+        ``tls://`` and reaches the scheduler and its peers over TLS. Without TLS or a
+        ``token`` it refuses to listen beyond loopback unless ``insecure``."""
         self.scheduler_address = scheduler_address
+        #: TLS credentials (None: plain TCP); its metrics server serves HTTPS with them
+        self.security = security
+        self.insecure = insecure
+        #: role -> the largest frame a peer of that role may send us (`WORKER_FRAME_LIMITS`)
+        self.frame_limits = {**WORKER_FRAME_LIMITS, **(frame_limits or {})}
         #: where this worker's HTTP server (/metrics, /health) listens; None: it has none
         self.dashboard_address = dashboard_address
         self.dashboard: WorkerDashboard | None = None
@@ -126,7 +140,8 @@ class Worker:
         self.reconnect_timeout = reconnect_timeout
         self.nthreads = nthreads
         self.name = name or f"worker-{os.getpid()}"
-        self.listen_address = f"tcp://{host}:{port}" if "://" not in host else host
+        scheme = "tls" if security is not None else "tcp"
+        self.listen_address = f"{scheme}://{host}:{port}" if "://" not in host else host
         self.token = token
         self.memory_limit = memory_limit
         self.resources = resources or {}
@@ -156,7 +171,8 @@ class Worker:
         #: actors living here (see `shoal.actor`)
         self.actors = ActorRegistry(self)
         #: the client tasks get from `shoal.get_client()`, made on first use
-        self.task_clients = TaskClients(scheduler_address, token, self.name, connect_timeout)
+        self.task_clients = TaskClients(scheduler_address, token, self.name, connect_timeout,
+                                        security)  # fmt: skip
         self._done: collections.deque[Outcome] = collections.deque()
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,9 +190,12 @@ class Worker:
     async def start(self) -> Worker:
         self._loop = asyncio.get_running_loop()
         install_warning_capture(always=not self.in_process)
+        check_bind(self.listen_address, tls=self.security is not None, token=self.token,
+                   insecure=self.insecure, what=f"worker {self.name}")  # fmt: skip
         self._listener = await listen(
             self.listen_address, self._serve_peer, name=self.name, token=self.token,
-            roles={"client", "worker", "peer"},
+            roles={"client", "worker", "peer"}, security=self.security,
+            frame_limits=self.frame_limits,
         )  # fmt: skip
         self.address = self._listener.address
         apply_env_level()
@@ -185,7 +204,8 @@ class Worker:
             await self._start_dashboard(self.dashboard_address)
         self.state = self._new_state()
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
-                                     os.getpid()), self.connect_timeout)  # fmt: skip
+                                     os.getpid()), self.connect_timeout,
+                               security=self.security)  # fmt: skip
         try:
             await self._register(timeout=self.connect_timeout)
         except BaseException:
@@ -200,7 +220,8 @@ class Worker:
     async def _register(self, timeout: float) -> None:
         """Connect to the scheduler and register, announcing the data we hold."""
         hello = Hello(PROTOCOL_VERSION, "worker", self.name, self.token, os.getpid())
-        comm = await connect(self.scheduler_address, hello, timeout=timeout)
+        comm = await connect(self.scheduler_address, hello, timeout=timeout,
+                             security=self.security, server_role="scheduler")
         assert self.state is not None
         held = [key for key, ts in self.state.tasks.items() if ts.state == "memory"]
         rid = next_rid()
