@@ -61,6 +61,7 @@ from ..utils.loop import LoopThread
 if TYPE_CHECKING:
     from ..integrations.dask import DaskScheduler
     from ..integrations.executor import ShoalExecutor
+    from ..security.credentials import Security
 
 __all__ = ["Client", "as_completed", "default_client", "wait"]
 
@@ -68,6 +69,21 @@ logger = logging.getLogger("shoal.client")
 
 _default: weakref.ReferenceType[Client] | None = None
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _client_security(address: str, security: Security | bool | None) -> Security | None:
+    """The client's credentials: given, or (for a tls:// address) from the environment;
+    a `Security` holding several roles' certificates gives its client one."""
+    from ..security.credentials import Security
+
+    if security is True:
+        raise ValueError("security=True makes a temporary CA for a local cluster: give"
+                         " shoal.Security(...) to connect to a running scheduler")  # fmt: skip
+    if isinstance(security, Security):
+        return security.for_role("client")
+    if str(address).startswith("tls://"):
+        return Security.from_env()
+    return None
 
 
 def default_client() -> Client:
@@ -92,9 +108,17 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         name: str | None = None,
         token: str | None = None,
         set_as_default: bool = True,
+        security: Security | bool | None = None,
         **cluster_kwargs: Any,
     ) -> None:
+        """``security``: TLS credentials (`shoal.Security`, a client certificate) for a
+        ``tls://`` scheduler; read from ``SHOAL_TLS_CA_FILE``, ``SHOAL_TLS_CERT`` and
+        ``SHOAL_TLS_KEY`` when not given. With no address, ``security=True`` (or
+        `Security.temporary()`) starts a local cluster that speaks only TLS."""
         self.asynchronous = asynchronous
+        self._security_arg = security
+        #: the TLS credentials in use (None: plain TCP), known once connected
+        self.security: Security | None = None
         self.timeout = timeout
         self.name = name or f"client-{os.getpid()}"
         self.token = token if token is not None else os.environ.get("SHOAL_TOKEN") or None
@@ -158,20 +182,26 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
 
         self.loop = asyncio.get_running_loop()
         address = self._address
+        security = self._security_arg
         if address is None:
-            self.cluster = LocalCluster(token=self.token, **self._cluster_kwargs)
+            self.cluster = LocalCluster(token=self.token, security=security or None,
+                                        **self._cluster_kwargs)  # fmt: skip
             await self.cluster._start()
             address = self.cluster.scheduler_address
+            security = self.cluster.security
         elif self._cluster_kwargs:
             raise TypeError(f"unexpected arguments {sorted(self._cluster_kwargs)}"
                             " (cluster options apply only when no address is given)")  # fmt: skip
         elif hasattr(address, "scheduler_address"):
             self.cluster, address = address, address.scheduler_address  # a cluster object
+            security = security or getattr(self.cluster, "security", None)
+        self.security = _client_security(address, security)
         self.scheduler_address = address
         hello = Hello(PROTOCOL_VERSION, "client", self.name, self.token, os.getpid())
-        self._comm = await connect(address, hello, timeout=self.timeout)
+        self._comm = await connect(address, hello, timeout=self.timeout,
+                                   security=self.security, server_role="scheduler")
         self._send_batch = BatchedSend(self._comm)
-        self._peers = PeerPool(hello, connect_timeout=self.timeout)
+        self._peers = PeerPool(hello, connect_timeout=self.timeout, security=self.security)
         self._reader = asyncio.ensure_future(self._read_scheduler(self._comm))
         self._callback_pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-callbacks")
         self.status = "running"

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+from ..security.credentials import Security
 from ..worker.memory import MemoryFractions, parse_memory_limit
 from ..scheduler import Scheduler
 from ..worker.server import Worker
@@ -41,8 +42,18 @@ class LocalCluster:
         dashboard_address: str | int | None = ":0",
         worker_dashboard_address: str | int | None = None,
         jobs: Any = None,
+        security: Security | bool | None = None,
+        insecure: bool = False,
     ) -> None:
+        """``security=True`` makes a temporary CA and a certificate per role
+        (`Security.temporary`); a `Security` that holds several roles' certificates (from
+        `Security.from_directory`) gives each part its own. Everything then speaks TLS."""
         cores = os.cpu_count() or 1
+        #: the cluster's TLS credentials (None: plain TCP); clients take its client role
+        self.security: Security | None = Security.temporary() if security is True else (
+            security or None)  # fmt: skip
+        #: listen beyond loopback with neither TLS nor a token (see `Scheduler`)
+        self.insecure = insecure
         if n_workers is None:
             n_workers = cores if processes else 1
             threads_per_worker = threads_per_worker or (1 if processes else cores)
@@ -77,7 +88,8 @@ class LocalCluster:
         self.scheduler = Scheduler(self.host, self.scheduler_port, token=self.token,
                                    validate=self.validate, worker_ttl=self.worker_ttl,
                                    dashboard_address=self.dashboard_address,
-                                   jobs=self.jobs)  # fmt: skip
+                                   jobs=self.jobs, security=self._role("scheduler"),
+                                   insecure=self.insecure)  # fmt: skip
         await self.scheduler.start()
         self.scheduler_address = self.scheduler.address
         try:
@@ -91,7 +103,8 @@ class LocalCluster:
                                memory_fractions=self.memory_fractions,
                                resources=self.resources,
                                dashboard_address=self.worker_dashboard_address,
-                               validate=self.validate)  # fmt: skip
+                               validate=self.validate, security=self._role("worker"),
+                               insecure=self.insecure)  # fmt: skip
                     self.workers.append(w)
                 await asyncio.gather(*(w.start() for w in self.workers))
             await self._wait_for_workers()
@@ -106,6 +119,7 @@ class LocalCluster:
                   host=self.host, token=self.token, memory_limit=self.memory_limit,
                   memory_fractions=self.memory_fractions, resources=self.resources,
                   start_timeout=self.worker_start_timeout,
+                  security=self._role("worker"), insecure=self.insecure,
                   worker_args=[] if self.worker_dashboard_address is None else
                   ["--dashboard-address", str(self.worker_dashboard_address)])
             for i in range(self.n_workers)
@@ -114,6 +128,9 @@ class LocalCluster:
         for outcome in started:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    def _role(self, role: str) -> Security | None:
+        return None if self.security is None else self.security.for_role(role)
 
     async def _wait_for_workers(self) -> None:
         assert self.scheduler is not None

@@ -41,6 +41,7 @@ from typing import Literal
 
 import psutil
 
+from ..security.credentials import Security
 from ..worker.memory import MemoryFractions, format_bytes
 from ..protocol.messages import WorkerDeath
 
@@ -101,8 +102,13 @@ class Nanny:
         death_window: float = 60.0,
         poll_interval: float = 0.1,
         on_start: Callable[[Nanny], None] | None = None,
+        security: Security | None = None,
+        insecure: bool = False,
     ) -> None:
         self.scheduler_address = scheduler_address
+        #: the worker's TLS credentials, handed to each worker process as file paths
+        self.security = security
+        self.insecure = insecure
         self.name = name
         self.nthreads = nthreads
         self.host = host
@@ -297,6 +303,10 @@ class Nanny:
         if previous is not None:
             cmd += ["--previous-death", json.dumps({"address": previous.address,
                     "name": previous.name, "reason": previous.reason, "time": previous.time})]  # fmt: skip
+        if self.security is not None:
+            cmd += self.security.cli_args()
+        if self.insecure:
+            cmd.append("--insecure")
         cmd += self.worker_args
         env = dict(os.environ if self.env is None else self.env)
         if self.token:

@@ -15,6 +15,9 @@ import os
 import signal
 import sys
 
+from ..security.credentials import Security
+from ..security.credentials import SecurityError
+from ..security.policy import WORKER_FRAME_LIMITS, InsecureBindError, parse_frame_limits
 from ..worker.memory import MemoryFractions
 from ..protocol.messages import WorkerDeath
 from ..utils.loop import run
@@ -39,7 +42,10 @@ async def serve(args: argparse.Namespace) -> int:
                     spill_directory=args.spill_directory,
                     previous_death=WorkerDeath(**json.loads(args.previous_death))
                     if args.previous_death else None,
-                    dashboard_address=args.dashboard_address)  # fmt: skip
+                    dashboard_address=args.dashboard_address,
+                    security=Security(args.tls_ca_file, args.tls_cert, args.tls_key)
+                    if args.tls_cert else None, insecure=args.insecure,
+                    frame_limits=parse_frame_limits(args.max_frame_bytes, WORKER_FRAME_LIMITS))  # fmt: skip
     await worker.start()
     loop = asyncio.get_running_loop()
     stop = lambda: asyncio.ensure_future(worker.close("signal"))  # noqa: E731
@@ -85,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--previous-death", default=None,
                         help="JSON of the WorkerDeath of the process this one replaces")
     parser.add_argument("--log-level", default=None)
+    parser.add_argument("--tls-ca-file", default=None)
+    parser.add_argument("--tls-cert", default=None)
+    parser.add_argument("--tls-key", default=None)
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--max-frame-bytes", default="", help="ROLE=SIZE,... (see shoal worker)")
     parser.add_argument("--dashboard-address", default=None,
                         help="[HOST]:PORT of the worker's /metrics server (none by default)")
     args = parser.parse_args(argv)
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code = run(serve(args))
-    except (OSError, asyncio.TimeoutError) as exc:  # could not join the scheduler
+    except (OSError, asyncio.TimeoutError, SecurityError, InsecureBindError) as exc:
+        # could not join the scheduler, or refused to start as told
         print(f"shoal worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         code = 1
     sys.exit(code)

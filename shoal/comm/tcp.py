@@ -47,6 +47,8 @@ PIECE_BYTES = 1024 * 1024
 CLOSE_TIMEOUT = 5.0
 #: Pending connections the kernel queues; many workers may connect at once.
 BACKLOG = 1024
+#: Bytes a TLS transport may hold unsent before writers wait.
+TLS_WRITE_HIGH = 1024 * 1024
 #: Seconds a peer has to complete the TLS handshake.
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
@@ -97,10 +99,16 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.peer_address = _format_sockname(transport.get_extra_info("peername"), self._scheme)
-        # Pause writers as soon as the transport holds unsent data, resume them once it is
-        # empty: each piece of a large part is then handed over when the socket can take it
-        # straight from our memory.
-        self.transport.set_write_buffer_limits(high=0, low=0)
+        if self._scheme == "tls":
+            # TLS encrypts (copies) every byte anyway. Its transport pauses us when its
+            # buffer reaches the high mark, even at 0 bytes: a high mark of 0 would pause
+            # writers for good.
+            self.transport.set_write_buffer_limits(high=TLS_WRITE_HIGH, low=TLS_WRITE_HIGH // 2)
+        else:
+            # Pause writers as soon as the transport holds unsent data, resume them once it
+            # is empty: each piece of a large part is then handed over when the socket can
+            # take it straight from our memory.
+            self.transport.set_write_buffer_limits(high=0, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:  # Small control messages must not wait for Nagle's algorithm.

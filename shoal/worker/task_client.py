@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..client.client import Client
+    from ..security.credentials import Security
 
 __all__ = ["TaskClients"]
 
@@ -17,9 +18,11 @@ class TaskClients:
     closes itself once made."""
 
     def __init__(self, scheduler_address: str, token: str | None, name: str,
-                 timeout: float) -> None:  # fmt: skip
+                 timeout: float, security: Security | None = None) -> None:  # fmt: skip
         self.scheduler_address = scheduler_address
         self.token = token
+        #: the worker's TLS credentials: its certificate must also hold the client role
+        self.security = security
         self.name = name
         self.timeout = timeout
         self._client: Client | None = None
@@ -42,7 +45,8 @@ class TaskClients:
             from ..client.client import Client
 
             client = Client(self.scheduler_address, token=self.token, name=f"{self.name}-tasks",
-                            timeout=self.timeout, set_as_default=False)  # fmt: skip
+                            timeout=self.timeout, set_as_default=False,
+                            security=self.security)  # fmt: skip
             with self._lock:
                 if not self._closed:
                     self._client = client
