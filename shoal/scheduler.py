@@ -93,6 +93,9 @@ logger = logging.getLogger("shoal.scheduler")
 
 #: Worker deaths the scheduler remembers (`Scheduler.deaths`), the latest ones.
 MAX_DEATHS = 1000
+#: Most values one scatter may ask targets for: the answer holds one list per value, so a
+#: count of 2**40 would make the scheduler build it until it runs out of memory.
+MAX_SCATTER_VALUES = 1_000_000
 
 
 class Extension:
@@ -405,7 +408,11 @@ class Scheduler:
         elif isinstance(msg, WorkerDeaths):
             send.send(Reply(msg.rid, self.worker_deaths()))
         elif isinstance(msg, ScatterTargets):
-            send.send(Reply(msg.rid, self._scatter_targets(msg)))
+            if not 0 <= msg.count <= MAX_SCATTER_VALUES:  # the answer is a list of that length
+                send.send(Reply(msg.rid, error=f"ValueError: cannot scatter {msg.count} values"
+                                f" at once (the limit is {MAX_SCATTER_VALUES})"))
+            else:
+                send.send(Reply(msg.rid, self._scatter_targets(msg)))
         elif isinstance(msg, RunOnWorkers):
             self._spawn(self._run_on_workers(msg, send))
         elif isinstance(msg, RetireWorkersRequest):
@@ -584,7 +591,8 @@ class Scheduler:
                 return address, {"ok": False, "result": None, "error": str(exc)}
 
         results = dict(await asyncio.gather(*(one(a) for a in targets)))
-        send.send(Reply(msg.rid, results))
+        if not send.closed:  # the client may have left meanwhile
+            send.send(Reply(msg.rid, results))
 
     async def _retire_workers(self, msg: RetireWorkersRequest, send: BatchedSend) -> None:
         """Move data off the workers, close them, answer with those that left in time."""

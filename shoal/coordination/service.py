@@ -208,7 +208,7 @@ class CoordinationExtension(_Base):
         self._apply(effects)
         if waiter not in self.state.waiting or timeout is None:
             return
-        if timeout <= 0:
+        if not timeout > 0:  # NaN too: the event loop refuses it as a delay
             self._apply(self.state.expire(waiter))
         else:
             loop = asyncio.get_running_loop()
