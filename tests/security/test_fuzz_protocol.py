@@ -1,0 +1,249 @@
+"""Protocol fuzzing of every shoal TCP port (issue #12): no crash, bounded memory, and a
+well-behaved client keeps computing throughout.
+
+A scheduler and a worker run as real processes with a token. A seeded generator
+(tests/security/fuzz_frames.py) makes hostile connections: malformed, truncated and
+oversized frames (prefixes claiming gigabytes), random MessagePack, mutated messages, and
+real messages with random fields in the wrong state (a worker's report from a client, a
+registration twice, anything before the Hello), from peers without and with the token.
+Between connections a real client submits a task and waits for its result; the servers'
+RSS is sampled (psutil) and must stay within a budget; at the end both servers must still
+be alive, exit cleanly on SIGTERM, and have logged no error other than the protocol
+violations they are expected to log.
+
+- The normal run fuzzes a few thousand frames per port (seconds).
+- ``pytest -m stress tests/security/test_fuzz_protocol.py -s`` sends 100,000 frames to each
+  port; ``SHOAL_FUZZ_FRAMES=N`` and ``SHOAL_FUZZ_SEED=S`` change the count and the seed
+  (the seed is printed, so a failing run can be replayed). Figures are printed with ``-s``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import socket
+import struct
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+import shoal
+from shoal.protocol.messages import Msg, RunOnWorkers, ScatterTargets, VariableGet
+from shoal.protocol.serialize import Serialized
+from shoal.testing import ShoalProcess, no_leaks, spawn_scheduler, spawn_worker
+
+from fuzz_frames import Case, FrameFuzzer
+from fuzz_peers import (
+    connect_raw,
+    hello_frame,
+    message_frame,
+    read_until,
+    read_until_closed,
+    rss_of,
+    send_all,
+)
+
+TOKEN = "fuzz-" + uuid.uuid4().hex
+DEFAULT_SEED = 20261202
+#: Frames per port in the normal run, and in the stress run unless SHOAL_FUZZ_FRAMES says.
+QUICK_FRAMES = 2_500
+STRESS_FRAMES = 100_000
+#: A real task runs (and the servers' RSS is sampled) after this many fuzz connections.
+CHECK_EVERY = 50
+#: How much a server's RSS may grow over a run. Connections are short-lived: what one holds
+#: (at most a frame buffer of an authenticated peer's claimed size, 40 MiB here) goes with it.
+RSS_BUDGET = 150 * 2**20
+
+#: Errors the servers may log: an authenticated peer that sent a message its role may not.
+EXPECTED_ERRORS = [
+    re.compile(r"^ValueError: a (client|worker) may not send \w+$"),
+]
+
+
+def fuzz_seed() -> int:
+    return int(os.environ.get("SHOAL_FUZZ_SEED") or DEFAULT_SEED)
+
+
+@dataclass
+class Servers:
+    scheduler: ShoalProcess
+    worker: ShoalProcess  #: ``--no-nanny``: the worker's own process
+    client: shoal.Client
+    tasks_run: int = 0
+
+    def address(self, port: str) -> str:
+        return self.scheduler.address if port == "scheduler" else self.worker.address
+
+    def compute(self) -> None:
+        """A real task, start to finish, on the fuzzed cluster."""
+        self.tasks_run += 1
+        n = self.tasks_run
+        assert self.client.submit(sum, [n, 1], pure=False).result(timeout=30) == n + 1
+
+    def alive(self) -> None:
+        for proc in (self.scheduler, self.worker):
+            assert proc.proc.poll() is None, f"{proc.what} died:\n{proc.output()}"
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    quiet = ["--no-dashboard", "--log-level", "error"]  # the violations are logged as warnings
+    with no_leaks(20), spawn_scheduler(port=0, token=TOKEN, extra_args=quiet) as scheduler, \
+            spawn_worker(scheduler.address, token=TOKEN, name="fuzzed",
+                         extra_args=["--no-nanny", *quiet]) as worker, \
+            shoal.Client(scheduler.address, token=TOKEN, timeout=10,
+                         set_as_default=False) as client:  # fmt: skip
+        client.wait_for_workers(1, timeout=20)
+        yield Servers(scheduler, worker, client)
+        unexpected = unexpected_errors(scheduler) + unexpected_errors(worker)
+        assert not unexpected, "the servers logged errors besides protocol violations:\n" + (
+            "\n".join(unexpected))
+
+
+def unexpected_errors(proc: ShoalProcess) -> list[str]:
+    """The last line of each traceback ``proc`` printed, unless it is an expected one."""
+    lines = list(proc.stderr)
+    found = []
+    for i, line in enumerate(lines):
+        if not line.startswith("Traceback (most recent call last)"):
+            continue
+        j = i + 1
+        while j < len(lines) and (lines[j].startswith(" ") or not lines[j]):
+            j += 1
+        last = lines[j] if j < len(lines) else "(traceback cut short)"
+        if not any(p.match(last) for p in EXPECTED_ERRORS):
+            found.append(f"{proc.what}: {last}\n  " + "\n  ".join(lines[max(0, i - 2):j + 1]))
+    return found
+
+
+@dataclass
+class FuzzRun:
+    port: str
+    seed: int
+    frames: int = 0
+    connections: int = 0
+    bytes_sent: int = 0
+    dropped_as_required: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    rss_start: dict[str, int] = field(default_factory=dict)
+    rss_max: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        mib = 2**20
+        rss = ", ".join(f"{name} RSS {self.rss_start[name] / mib:.0f} -> max"
+                        f" {self.rss_max[name] / mib:.0f} MiB" for name in self.rss_start)  # fmt: skip
+        return (f"fuzz {self.port} port (seed {self.seed}): {self.frames} frames in"
+                f" {self.connections} connections, {self.bytes_sent / mib:.1f} MiB, in"
+                f" {self.seconds:.1f}s = {self.frames / self.seconds:.0f} frames/s,"
+                f" {self.connections / self.seconds:.0f} connections/s; {rss}")
+
+
+def raw_connection(address: str) -> socket.socket:
+    sock = connect_raw(address)
+    # Reset, not a FIN, when we close: no TIME_WAIT per connection on our side, so that a
+    # 100,000-frame run does not run out of ephemeral ports.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock
+
+
+def play(case: Case, address: str, run: FuzzRun) -> None:
+    """One fuzz connection. Fails if an authenticated Hello is refused, or if the server
+    keeps a connection it must drop."""
+    with raw_connection(address) as sock:
+        run.connections += 1
+        if case.authenticate:
+            assert send_all(sock, hello_frame(TOKEN, role=case.role))
+            read_until(sock, b"welcome")
+            run.frames += 1
+        for data in case.frames:
+            if not send_all(sock, data):
+                break  # dropped already: the rest would not be read anyway
+            run.frames += 1
+            run.bytes_sent += len(data)
+        if case.must_close:
+            closed, answer = read_until_closed(sock)
+            assert closed, f"{run.port} kept a connection open after {case.kind}: {case.frames!r}"
+            run.dropped_as_required += 1
+
+
+def fuzz(servers: Servers, port: str, seed: int, frames: int) -> FuzzRun:
+    fuzzer = FrameFuzzer(seed, TOKEN, port, [servers.worker.address, servers.scheduler.address])
+    run = FuzzRun(port, seed)
+    processes = {"scheduler": servers.scheduler.pid, "worker": servers.worker.pid}
+    servers.compute()
+    run.rss_start = {name: rss_of(pid) for name, pid in processes.items()}
+    run.rss_max = dict(run.rss_start)
+    start = time.perf_counter()
+    while run.frames < frames:
+        case = fuzzer.case()
+        run.kinds[case.kind] += 1
+        play(case, servers.address(port), run)
+        if run.connections % CHECK_EVERY == 0:
+            servers.alive()
+            servers.compute()
+            for name, pid in processes.items():
+                run.rss_max[name] = max(run.rss_max[name], rss_of(pid))
+    run.seconds = time.perf_counter() - start
+    servers.alive()
+    servers.compute()
+    for name, pid in processes.items():
+        run.rss_max[name] = max(run.rss_max[name], rss_of(pid))
+    print("\n" + run.summary())
+    for name in processes:
+        grown = run.rss_max[name] - run.rss_start[name]
+        assert grown < RSS_BUDGET, f"{name} RSS grew by {grown / 2**20:.0f} MiB: {run.summary()}"
+    return run
+
+
+@pytest.mark.parametrize("port", ["scheduler", "worker"])
+def test_fuzzed_frames_crash_nothing_and_a_client_keeps_computing(servers: Servers,
+                                                                  port: str) -> None:  # fmt: skip
+    run = fuzz(servers, port, fuzz_seed(), QUICK_FRAMES)
+    # every kind of hostile connection was tried, from peers with and without the token
+    assert {k.split(":")[0] for k in run.kinds} >= {"unauthenticated", "refused hello",
+                                                    "authenticated client",
+                                                    "authenticated worker"}  # fmt: skip
+    assert run.dropped_as_required > 0
+
+
+#: Messages from an authenticated client that once stopped or hurt the scheduler (found by
+#: this fuzzer): the server must answer them (or not) and go on serving.
+REGRESSIONS: dict[str, list[Msg]] = {
+    # the scheduler built a list of 2**40 targets: memory without bound, no one served
+    "a scatter of 2**40 values": [ScatterTargets(1, 2**40)],
+    # call_later(nan) raised, the waiter stayed waiting
+    "a wait with a NaN timeout": [VariableGet(2, "fuzz-variable", math.nan)],
+    # the reply went to a closed connection: an exception in a task no one awaited
+    "client.run, then leaving at once": [RunOnWorkers(3, Serialized([pickle.dumps(len)]))],
+}
+
+
+@pytest.mark.parametrize("msgs", REGRESSIONS.values(), ids=REGRESSIONS.keys())
+def test_messages_that_once_hurt_the_scheduler(servers: Servers, msgs: list[Msg]) -> None:
+    # given an authenticated client that sends the message and leaves at once
+    with raw_connection(servers.scheduler.address) as sock:
+        assert send_all(sock, hello_frame(TOKEN))
+        read_until(sock, b"welcome")
+        assert send_all(sock, message_frame(*msgs))
+    # then the scheduler still answers a new peer promptly
+    with raw_connection(servers.scheduler.address) as sock:
+        assert send_all(sock, hello_frame(TOKEN))
+        read_until(sock, b"welcome", timeout=5)
+    # and a real client keeps computing (the servers' logs are checked when they stop)
+    servers.compute()
+    servers.alive()
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("port", ["scheduler", "worker"])
+def test_100k_fuzzed_frames_per_port(servers: Servers, port: str) -> None:
+    frames = int(os.environ.get("SHOAL_FUZZ_FRAMES") or STRESS_FRAMES)
+    fuzz(servers, port, fuzz_seed() + 1, frames)
