@@ -2,7 +2,8 @@
 
 Layers, bottom to top (arrows point down only):
   protocol/  typed messages, framing, serialization
-  comm/      transports (tcp://, inproc://), handshake, batched writes
+  comm/      transports (tcp://, tls://, inproc://), handshake, batched writes
+  security/  TLS credentials and certificates with roles, safe-bind rules, frame limits
   core/      pure state machines: SchedulerState, WorkerState (no I/O)
   scheduler.py  thin server binding comm <-> SchedulerState
   worker/    thin server binding comm <-> WorkerState; execution, memory, spill, actors
@@ -41,6 +42,7 @@ from .client.future import wait as wait
 from .protocol.serialize import SerializationError as SerializationError
 from .client.remote_function import remote as remote
 from .scheduler import Scheduler as Scheduler
+from .security.credentials import Security as Security
 from .worker.server import Worker as Worker
 from .worker.context import get_client as get_client
 from .worker.context import rejoin as rejoin

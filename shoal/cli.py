@@ -9,6 +9,20 @@ from typing import Any
 
 import click
 
+from .security.cli import (
+    check_key_permissions,
+    frame_limits_option,
+    resolve_token,
+    security_from_options,
+    server_options,
+)
+from .security.credentials import SecurityError
+from .security.policy import (
+    SCHEDULER_FRAME_LIMITS,
+    WORKER_FRAME_LIMITS,
+    InsecureBindError,
+    check_bind,
+)
 from .utils.loop import run
 
 DEFAULT_PORT = 8786
@@ -76,7 +90,9 @@ def main() -> None:
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
               help="Port to listen on (0 picks a free one).")
 @click.option("--token", default=None, envvar="SHOAL_TOKEN",
-              help="Shared secret every client and worker must present [env: SHOAL_TOKEN].")
+              help="Shared secret every client and worker must present; 'auto' generates one"
+                   " into --token-file [env: SHOAL_TOKEN].")
+@server_options
 @_log_level
 @click.option("--worker-ttl", default=30.0, show_default=True, type=float,
               help="Seconds of silence after which a worker is removed and its work moved.")
@@ -89,19 +105,44 @@ def main() -> None:
               help="A shoal.jobs queue for the dashboard and /metrics to show: a broker URL"
                    " (sqlite:///jobs.db, redis://host) or MODULE:APP (which shows its"
                    " schedules too).")
-def scheduler(host: str, port: int, token: str | None, log_level: str, worker_ttl: float,
-              dashboard_address: str, dashboard: bool, jobs_url: str | None) -> None:
-    """Run a scheduler; prints the address workers and clients connect to."""
+def scheduler(host: str, port: int, token: str | None, tls_ca_file: str | None,
+              tls_cert: str | None, tls_key: str | None, insecure: bool,
+              token_file: str | None, max_frame_bytes: str, log_level: str, worker_ttl: float,
+              dashboard_address: str, dashboard: bool, jobs_url: str | None) -> None:  # fmt: skip
+    """Run a scheduler; prints the address workers and clients connect to.
+
+    Beyond loopback it needs TLS (--tls-*) or a token (--token, --token auto), or
+    --insecure: whoever can reach it can run code on the workers.
+    """
     from .scheduler import Scheduler
 
     _setup_logging(log_level)
+    security = security_from_options(tls_ca_file, tls_cert, tls_key)
+    check_key_permissions(tls_key)
+    limits = frame_limits_option(max_frame_bytes, SCHEDULER_FRAME_LIMITS)
+    _check_bind(f"{'tls' if security else 'tcp'}://{host}:{port}", security, token, insecure,
+                "the scheduler")  # fmt: skip
+    token = resolve_token(token, token_file, may_generate=True)
     try:
         server = Scheduler(host, port, token=token, worker_ttl=worker_ttl,
                            dashboard_address=dashboard_address if dashboard else None,
-                           jobs=jobs_url)  # fmt: skip
+                           jobs=jobs_url, security=security, insecure=insecure,
+                           frame_limits=limits)  # fmt: skip
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--dashboard-address") from None
-    run(_serve_until_signal(server, "shoal scheduler listening at {address}"))
+    try:
+        run(_serve_until_signal(server, "shoal scheduler listening at {address}"))
+    except (InsecureBindError, SecurityError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_bind(address: str, security: object, token: str | None, insecure: bool,
+                what: str) -> None:  # fmt: skip
+    """Fail before anything starts (`Scheduler` and `Worker` check again themselves)."""
+    try:
+        check_bind(address, tls=security is not None, token=token, insecure=insecure, what=what)
+    except InsecureBindError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -114,6 +155,7 @@ def scheduler(host: str, port: int, token: str | None, log_level: str, worker_tt
 @click.option("--port", default=0, show_default=True, type=int, help="Port for peers (0: any).")
 @click.option("--token", default=None, envvar="SHOAL_TOKEN",
               help="Shared secret the scheduler expects [env: SHOAL_TOKEN].")
+@server_options
 @click.option("--memory-limit", default="auto", show_default=True,
               help='Memory this worker may use: bytes, a size ("4GB", "512MiB"), a fraction of'
                    ' the machine ("0.5"), "auto" (the machine\'s memory) or 0 (no limit).')
@@ -139,7 +181,9 @@ def scheduler(host: str, port: int, token: str | None, log_level: str, worker_tt
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True,
               help="Serve /metrics and /health.")
 def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, port: int,
-           token: str | None, memory_limit: str, memory_fractions: str, nanny: bool,
+           token: str | None, tls_ca_file: str | None, tls_cert: str | None,
+           tls_key: str | None, insecure: bool, token_file: str | None, max_frame_bytes: str,
+           memory_limit: str, memory_fractions: str, nanny: bool,
            resources: str, connect_timeout: float, heartbeat_interval: float,
            death_timeout: float, log_level: str, dashboard_address: str,
            dashboard: bool) -> None:
@@ -151,6 +195,12 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
     from .worker.memory import MemoryFractions, parse_memory_limit
 
     _setup_logging(log_level)
+    security = security_from_options(tls_ca_file, tls_cert, tls_key)
+    check_key_permissions(tls_key)
+    limits = frame_limits_option(max_frame_bytes, WORKER_FRAME_LIMITS)
+    token = resolve_token(token, token_file, may_generate=False)
+    _check_bind(f"{'tls' if security else 'tcp'}://{host}:{port}", security, token, insecure,
+                "the worker")  # fmt: skip
     try:
         limit = parse_memory_limit(memory_limit)
     except ValueError as exc:
@@ -162,8 +212,9 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
     if nanny:
         _run_nanny(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
                    token=token, memory_limit=limit, memory_fractions=fractions,
-                   resources=parse_resources(resources),
+                   resources=parse_resources(resources), security=security, insecure=insecure,
                    worker_args=["--connect-timeout", str(connect_timeout),
+                                "--max-frame-bytes", max_frame_bytes,
                                 "--heartbeat-interval", str(heartbeat_interval),
                                 "--death-timeout", str(death_timeout), "--log-level", log_level,
                                 *(["--dashboard-address", dashboard_address] if dashboard
@@ -175,10 +226,11 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
                     token=token, memory_limit=limit, connect_timeout=connect_timeout,
                     resources=parse_resources(resources), heartbeat_interval=heartbeat_interval,
                     reconnect_timeout=death_timeout, memory_fractions=fractions,
-                    dashboard_address=dashboard_address if dashboard else None)
+                    dashboard_address=dashboard_address if dashboard else None,
+                    security=security, insecure=insecure, frame_limits=limits)
     try:
         run(_serve_until_signal(server, "shoal worker listening at {address}"))
-    except ConnectionError as exc:
+    except (ConnectionError, InsecureBindError, SecurityError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -216,6 +268,16 @@ def _add_jobs_commands() -> None:
     from .jobs.cli import jobs
 
     main.add_command(jobs)
+
+
+def _add_certs_commands() -> None:
+    """``shoal certs init|issue``: the cluster's TLS certificates."""
+    from .security.cli import certs
+
+    main.add_command(certs)
+
+
+_add_certs_commands()
 
 
 _add_jobs_commands()

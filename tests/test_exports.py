@@ -7,6 +7,7 @@ import shoal
 PUBLIC = {
     "CancelledError", "Client", "Future", "FutureLostError", "KilledWorkerError", "LocalCluster",
     "RemoteTraceback", "Scheduler", "SchedulerGoneError", "SerializationError", "Worker",
+    "Security",
     "as_completed", "default_client", "wait", "annotate", "fire_and_forget",
     # tasks that launch tasks, remote functions, actors
     "get_client", "secede", "rejoin", "remote", "Actor", "ActorFuture", "ActorLostError",

@@ -159,15 +159,15 @@ def issue(directory: str | os.PathLike[str], roles: Sequence[str], name: str | N
 
 
 def make_cluster_certificates(directory: str | os.PathLike[str], *,
-                              hosts: Sequence[str] = (),
+                              hosts: Sequence[str] = (), days: int = DEFAULT_DAYS,
                               worker_roles: Sequence[str] = ("worker",)) -> list[Path]:  # fmt: skip
     """``shoal certs init``: a CA, then ``scheduler``, ``worker`` and ``client``
     certificates; returns the files written."""
     written = list(make_ca(directory))
     scheduler_hosts = list(hosts) or _default_hosts()
-    written += issue(directory, ["scheduler"], hosts=scheduler_hosts)
-    written += issue(directory, list(worker_roles), name="worker", hosts=hosts)
-    written += issue(directory, ["client"])
+    written += issue(directory, ["scheduler"], hosts=scheduler_hosts, days=days)
+    written += issue(directory, list(worker_roles), name="worker", hosts=hosts, days=days)
+    written += issue(directory, ["client"], days=days)
     return written
 
 

@@ -600,8 +600,10 @@ class VirtualNetwork:
                         extra_args: Sequence[str] = (), start_timeout: float = 30.0) -> ShoalProcess:  # fmt: skip
         """``shoal scheduler`` on ``host``'s address; returned once it listens."""
         h = self._host(host)
+        # --insecure: the namespaces' own network, no token (a non-loopback bind needs one)
         return self._shoal(h, ["scheduler", "--host", h.address, "--port", str(port),
-                               *extra_args], f"shoal scheduler on {h.netns}", start_timeout)  # fmt: skip
+                               "--insecure", *extra_args], f"shoal scheduler on {h.netns}",
+                           start_timeout)  # fmt: skip
 
     def spawn_worker(self, host: int | Host, scheduler_address: str, nthreads: int = 1,
                      extra_args: Sequence[str] = (), start_timeout: float = 30.0) -> ShoalProcess:  # fmt: skip
@@ -609,7 +611,7 @@ class VirtualNetwork:
         h = self._host(host)
         return self._shoal(h, ["worker", scheduler_address, "--host", h.address,
                                "--nthreads", str(nthreads), "--name", f"worker-{h.index}",
-                               *extra_args], f"shoal worker on {h.netns}", start_timeout)  # fmt: skip
+                               "--insecure", *extra_args], f"shoal worker on {h.netns}", start_timeout)  # fmt: skip
 
     def client_agent(self, host: int | Host, scheduler_address: str,
                      timeout: float = 30.0) -> RemoteClient:  # fmt: skip
