@@ -121,7 +121,13 @@ async def connect(
         raise failed("no answer to the handshake") from None
     except (CommClosedError, ProtocolError) as exc:
         comm.abort()
-        raise failed(f"handshake failed: {exc}") from exc
+        hint = ""
+        if security is not None and isinstance(exc, CommClosedError):
+            # TLS 1.3 verifies our certificate after our side of the TLS handshake is done:
+            # a listener refusing it just closes.
+            hint = (" (the server closed the connection: it may have refused our certificate,"
+                    " one its CA did not sign)")  # fmt: skip
+        raise failed(f"handshake failed: {exc}{hint}") from exc
     except BaseException:  # rejected, or cancelled
         comm.abort()
         raise
