@@ -126,26 +126,50 @@ def _timed_enqueues(delay: Callable[[int], Any], n: int) -> list[float]:
 
 
 def throughput(enqueue_all: Callable[[int], Any], n: int, r: Any) -> dict[str, Any]:
-    """Jobs/s from the first enqueue to the N-th job done; how long enqueueing took."""
+    """Jobs/s from the first enqueue to the N-th job done; how long enqueueing took, and
+    the producer's CPU seconds for it."""
     r.set(COUNTER, 0)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = enqueue_all(n)
     t_enq = time.perf_counter() - t0
+    cpu_enq = time.process_time() - c0
     _wait_count(r, n, 300)
     elapsed = time.perf_counter() - t0
-    return {"jobs_s": n / elapsed, "elapsed": elapsed, "enqueue_s": t_enq, "out": out}
+    return {"jobs_s": n / elapsed, "elapsed": elapsed, "enqueue_s": t_enq, "out": out,
+            "enqueue_cpu": cpu_enq}
+
+
+def _cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """User + system CPU seconds of the worker processes and their children so far."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        root = psutil.Process(p.pid)
+        for proc in [root, *root.children(recursive=True)]:
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def measure(name: str, delay: Callable[[int], Any], round_trip: Callable[[int], Any],
-            n: int, r: Any, batched: dict[str, Callable[[int], Any]] | None = None) -> dict[str, Any]:
+            n: int, r: Any, batched: dict[str, Callable[[int], Any]] | None = None,
+            workers_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
     # warm-up: both workers have imported everything and run a job
     r.set(COUNTER, 0)
     for i in range(50):
         delay(i)
     _wait_count(r, 50, 60)
+    cpu0 = workers_cpu() if workers_cpu is not None else 0.0
     one = throughput(lambda k: _timed_enqueues(delay, k), n, r)
     row = {"name": name, "jobs_s": one["jobs_s"], "elapsed": one["elapsed"],
-           "enqueue_s": one["enqueue_s"], "enqueue_ms": statistics.median(one["out"]) * 1e3}
+           "enqueue_s": one["enqueue_s"], "enqueue_ms": statistics.median(one["out"]) * 1e3,
+           "enqueue_cpu_us": one["enqueue_cpu"] / n * 1e6}
+    if workers_cpu is not None:
+        # the worker processes' CPU per job over the one-by-one run: steadier than
+        # wall-clock rates on a shared machine
+        row["worker_cpu_us"] = (workers_cpu() - cpu0) / n * 1e6
     for label, enqueue_all in (batched or {}).items():
         got = throughput(enqueue_all, n, r)
         row[f"{label}_jobs_s"] = got["jobs_s"]
@@ -182,7 +206,7 @@ def run_shoal(n: int, env: dict[str, str], r: Any, secret: str | None = None) ->
     try:
         return measure("shoal.jobs" + (" signed" if secret else ""), lambda i: trivial.delay(i),
                        lambda i: echo.delay(i).result(timeout=30), n, r,
-                       {"many": _enqueue_many, "batch": _pipelined})
+                       {"many": _enqueue_many, "batch": _pipelined}, lambda: _cpu_seconds(procs))
     finally:
         _stop(procs)
         app.broker.purge(pending=True)
@@ -191,7 +215,8 @@ def run_shoal(n: int, env: dict[str, str], r: Any, secret: str | None = None) ->
 
 def signing_micro(repeat: int = 20_000) -> list[tuple[str, float, float]]:
     """(payload, sign us, check us): one HMAC-SHA256 sign and one check of a pickled
-    payload, median of 5 runs of ``repeat`` (fewer for big payloads)."""
+    payload, the best of 5 runs of ``repeat`` (fewer for big payloads): the least disturbed
+    by other processes."""
     signer = Signer(["bench-secret-0123456789abcdef"])
     ctx = args_context("0" * 32, "bench.trivial", (), True)
     out = []
@@ -210,8 +235,26 @@ def signing_micro(repeat: int = 20_000) -> list[tuple[str, float, float]]:
             t2 = time.perf_counter()
             signs.append((t1 - t0) / k)
             checks.append((t2 - t1) / k)
-        out.append((label, statistics.median(signs) * 1e6, statistics.median(checks) * 1e6))
+        out.append((label, min(signs) * 1e6, min(checks) * 1e6))
     return out
+
+
+def prepare_cost(repeat: int = 5_000) -> tuple[float, float]:
+    """Microseconds of one ``trivial.prepare((i,))`` (the envelope `delay()` stores), without
+    and with a secret: best of 5 alternating runs."""
+    plain_times, signed_times = [], []
+    try:
+        for _ in range(5):
+            for signer, times in ((None, plain_times), (Signer(["bench-secret-0123456789abcdef"]),
+                                                         signed_times)):
+                app.signer = signer
+                t0 = time.perf_counter()
+                for i in range(repeat):
+                    trivial.prepare((i,))
+                times.append((time.perf_counter() - t0) / repeat)
+    finally:
+        app.signer = None
+    return min(plain_times) * 1e6, min(signed_times) * 1e6
 
 
 def run_celery(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
@@ -248,8 +291,10 @@ def main() -> None:
             celery_app.conf.broker_url = celery_app.conf.result_backend = URL
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         r = redis_lib.Redis.from_url(URL)
-        rows = [run_shoal(args.jobs, env, r)]
+        # signed first: a run seems to gain from coming second (a warmer Redis), which
+        # should not make signing look free
         signed = run_shoal(args.jobs, env, r, "bench-secret-0123456789abcdef") if args.secret else None
+        rows = [run_shoal(args.jobs, env, r)]
         if celery_app is not None:
             rows.append(run_celery(args.jobs, env, r))
         r.close()
@@ -310,12 +355,19 @@ def report_signing(plain: dict[str, Any], signed: dict[str, Any]) -> None:
     print("| payload | sign, us | check, us |\n|---|---|---|")
     for label, sign_us, check_us in signing_micro():
         print(f"| {label} | {sign_us:,.2f} | {check_us:,.2f} |")
-    print("\nshoal.jobs unsigned vs signed (producer and both workers with the secret):\n")
+    plain_us, signed_us = prepare_cost()
+    print(f"| the envelope of a trivial delay() (prepare), unsigned -> signed | "
+          f"{plain_us:,.2f} -> {signed_us:,.2f} (+{signed_us - plain_us:,.2f}) | |")
+    print("\nshoal.jobs unsigned vs signed (producer and both workers with the secret; the "
+          "signed run first). On a shared machine these move by more than signing costs:\n")
     print("| measurement | unit | unsigned | signed | signed / unsigned |\n|---|---|---|---|---|")
     for label, unit, key in (("delay() one by one, enqueue to done", "jobs/s", "jobs_s"),
                              ("`enqueue_many`, enqueue to done", "jobs/s", "many_jobs_s"),
                              ("delay() in `app.batch()`, enqueue to done", "jobs/s", "batch_jobs_s"),
                              ("enqueue latency (median delay())", "ms", "enqueue_ms"),
+                             ("producer CPU per delay()", "us", "enqueue_cpu_us"),
+                             ("worker CPU per job (both workers, one-by-one run)", "us",
+                              "worker_cpu_us"),
                              ("round trip, idle (median of 200)", "ms", "round_trip_ms")):
         print(f"| {label} | {unit} | {plain[key]:,.2f} | {signed[key]:,.2f} | "
               f"{signed[key] / plain[key]:.2f}x |")
