@@ -504,3 +504,13 @@ def test_worker_process_without_secret_warns(shared_app: JobQueue, tmp_path: Pat
     err = (tmp_path / "worker.err").read_text()
     assert err.count("payloads are unsigned") == 1 and "anyone who can write" in err
 
+
+
+def test_worker_process_with_the_wrong_secret_dead_letters(shared_app: JobQueue, tmp_path: Path) -> None:
+    producer = JobQueue(broker=shared_app.broker, secret=SECRET)
+    add = producer.job(name="jobs_testapp.add")(lambda a, b: a + b)
+    handle = add.delay(1, 2)
+    with job_worker(shared_app.url, OTHER_SECRET, tmp_path / "worker.err"):
+        reason = dead_reason(shared_app, handle.id)
+    assert reason.startswith(f"BadSignature: the arguments of job {handle.id}")
+    assert "matches none of this JobQueue's 1 secret(s)" in reason
