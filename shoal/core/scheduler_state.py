@@ -420,7 +420,8 @@ class SchedulerState:
             assert ts.spec is not None
             ts.retries_left -= 1
             ts.attempts += 1
-            ts.not_before = self._now + ts.spec.retry_delay * 2 ** (ts.attempts - 1)
+            # The doubling stops at 2**60: past 2**1023 the int does not convert to a float.
+            ts.not_before = self._now + ts.spec.retry_delay * 2 ** min(ts.attempts - 1, 60)
             self._transition(ts, "waiting")
             self._try_schedule(ts)
             return
