@@ -60,9 +60,12 @@ CHECK_EVERY = 50
 #: (at most a frame buffer of an authenticated peer's claimed size, 40 MiB here) goes with it.
 RSS_BUDGET = 150 * 2**20
 
-#: Errors the servers may log: an authenticated peer that sent a message its role may not.
+#: Errors the servers may log: an authenticated peer that sent a message its role may not
+#: (its connection is closed), or a coordination request that is invalid (answered with the
+#: error, the connection kept).
 EXPECTED_ERRORS = [
     re.compile(r"^ValueError: a (client|worker) may not send \w+$"),
+    re.compile(r"^ValueError: a queue or variable item needs a value or a key$"),
 ]
 
 
@@ -107,9 +110,11 @@ def servers() -> Iterator[Servers]:
 
 
 def unexpected_errors(proc: ShoalProcess) -> list[str]:
-    """The last line of each traceback ``proc`` printed, unless it is an expected one."""
+    """Each kind of unexpected error ``proc`` logged (the last line of its traceback), how
+    often, and the first traceback of that kind."""
     lines = list(proc.stderr)
-    found = []
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
     for i, line in enumerate(lines):
         if not line.startswith("Traceback (most recent call last)"):
             continue
@@ -117,9 +122,11 @@ def unexpected_errors(proc: ShoalProcess) -> list[str]:
         while j < len(lines) and (lines[j].startswith(" ") or not lines[j]):
             j += 1
         last = lines[j] if j < len(lines) else "(traceback cut short)"
-        if not any(p.match(last) for p in EXPECTED_ERRORS):
-            found.append(f"{proc.what}: {last}\n  " + "\n  ".join(lines[max(0, i - 2):j + 1]))
-    return found
+        if any(p.match(last) for p in EXPECTED_ERRORS):
+            continue
+        counts[last] += 1
+        examples.setdefault(last, "\n  ".join(lines[max(0, i - 1):j + 1]))
+    return [f"{proc.what}, {n} times: {last}\n  {examples[last]}" for last, n in counts.items()]
 
 
 @dataclass
@@ -237,6 +244,20 @@ def test_messages_that_once_hurt_the_scheduler(servers: Servers, msgs: list[Msg]
         assert send_all(sock, hello_frame(TOKEN))
         read_until(sock, b"welcome", timeout=5)
     # and a real client keeps computing (the servers' logs are checked when they stop)
+    servers.compute()
+    servers.alive()
+
+
+def test_a_task_retried_more_than_1024_times_fails_with_its_own_error(servers: Servers) -> None:
+    """Found by the fuzzer (a task with huge ``retries`` and no delay): the retry backoff
+    ``delay * 2 ** (attempts - 1)`` overflowed at attempt 1025 and broke the scheduler's
+    handling of that task's failure."""
+    # given a task that always fails, with more retries than the backoff's exponent can take
+    future = servers.client.submit(len, 5, retries=1100, retry_delay=0.0, pure=False)
+    # then it fails with its own error once the retries are spent
+    with pytest.raises(TypeError, match="has no len"):
+        future.result(timeout=60)
+    # and the scheduler goes on
     servers.compute()
     servers.alive()
 
