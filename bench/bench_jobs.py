@@ -247,10 +247,10 @@ def job_path_cost(n: int = 2_000, rounds: int = 3) -> tuple[float, float]:
     best of ``rounds`` alternating runs. With no network or Redis in the way, signing's
     share here is an upper bound of its share on a real broker."""
     costs: dict[bool, list[float]] = {False: [], True: []}
+    logging.getLogger("shoal.jobs.worker").setLevel(logging.ERROR)  # the unsigned warning
     for _ in range(rounds):
         for signed in (False, True):
             local = JobQueue("memory://", secret="bench-secret-0123456789abcdef" if signed else None)
-            logging.getLogger("shoal.jobs.worker").setLevel(logging.ERROR)  # the unsigned warning
             local.job(name="bench.local")(lambda i: i)
             job = local.jobs["bench.local"]
             c0 = time.process_time()
@@ -260,6 +260,99 @@ def job_path_cost(n: int = 2_000, rounds: int = 3) -> tuple[float, float]:
             costs[signed].append((time.process_time() - c0) / n)
             local.close()
     return min(costs[False]) * 1e6, min(costs[True]) * 1e6
+
+
+def run_celery(n: int, env: dict[str, str], r: Any) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "celery", "-A", "bench_jobs:celery_app", "worker",
+           "--concurrency", "2", "--pool", "prefork", "--loglevel", "ERROR", "--without-gossip",
+           "--without-mingle", "--without-heartbeat"]
+    procs = [_spawn(cmd, env)]
+    try:
+        return measure("celery", lambda i: ctrivial.delay(i),
+                       lambda i: cecho.delay(i).get(timeout=30), n, r)
+    finally:
+        _stop(procs)
+
+
+def main() -> None:
+    global URL
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md section")
+    parser.add_argument("--secret", action="store_true",
+                        help="also measure signed payloads (JobQueue(secret=...))")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent / "tests" / "jobs"))
+    from shoal.jobs.testing import RedisServer
+
+    if not shutil.which("redis-server"):
+        sys.exit("redis-server is not installed")
+    server = RedisServer().start()
+    try:
+        URL = server.url
+        os.environ["SHOAL_BENCH_REDIS"] = URL
+        app.url, app._broker = URL + "?prefix=bench", None
+        if celery_app is not None:
+            celery_app.conf.broker_url = celery_app.conf.result_backend = URL
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+        r = redis_lib.Redis.from_url(URL)
+        # signed first: a run seems to gain from coming second (a warmer Redis), which
+        # should not make signing look free
+        signed = run_shoal(args.jobs, env, r, "bench-secret-0123456789abcdef") if args.secret else None
+        rows = [run_shoal(args.jobs, env, r)]
+        if celery_app is not None:
+            rows.append(run_celery(args.jobs, env, r))
+        r.close()
+        report(rows, args)
+        if signed is not None:
+            report_signing(rows[0], signed)
+    finally:
+        app.close()
+        if _redis is not None:
+            _redis.close()
+        server.close()
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    s = rows[0]
+    c = rows[1] if len(rows) > 1 else None
+    lines = [
+        "| measurement | unit | shoal.jobs | celery | shoal / celery | target | met? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(label: str, unit: str, key: str, target: str, better_high: bool, goal: float,
+            celery_key: str | None = None) -> None:
+        sv = s[key]
+        if c is None:
+            lines.append(f"| {label} | {unit} | {sv:,.2f} | - | - | {target} | - |")
+            return
+        cv = c[celery_key or key]
+        ratio = sv / cv
+        met = ratio >= goal if better_high else ratio <= goal
+        lines.append(f"| {label} | {unit} | {sv:,.2f} | {cv:,.2f} | {ratio:.2f}x | {target} | "
+                     f"{'met' if met else 'NOT MET'} |")
+
+    row(f"{args.jobs:,} trivial jobs, enqueue to done, 2 worker processes", "jobs/s", "jobs_s",
+        ">= 2x", True, 2.0)
+    row("the same, shoal with `enqueue_many` (celery: delay() one by one)", "jobs/s", "many_jobs_s",
+        ">= 4x", True, 4.0, "jobs_s")
+    row("the same, shoal with delay() in `app.batch()` (celery: delay())", "jobs/s",
+        "batch_jobs_s", ">= 4x", True, 4.0, "jobs_s")
+    row("enqueue latency (median of the delay() calls)", "ms", "enqueue_ms", "<= 1x", False, 1.0)
+    row("round trip, idle: delay + result (median of 200)", "ms", "round_trip_ms", "<= 1x", False, 1.0)
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; Python {platform.python_version()}; "
+          f"{os.cpu_count()} CPUs")
+    for r in rows:
+        print(f"- {r['name']}, delay() one by one: {args.jobs:,} jobs in {r['elapsed']:.2f} s "
+              f"(enqueueing took {r['enqueue_s']:.2f} s of it: {args.jobs / r['enqueue_s']:,.0f}/s)")
+        for label, what in (("many", "enqueue_many"), ("batch", "delay() in app.batch()")):
+            if f"{label}_elapsed" in r:
+                print(f"- {r['name']}, {what}: {args.jobs:,} jobs in {r[label + '_elapsed']:.2f} s "
+                      f"(enqueueing took {r[label + '_enqueue_s']:.2f} s of it: "
+                      f"{args.jobs / r[label + '_enqueue_s']:,.0f}/s)")
+    print()
+    print("\n".join(lines))
 
 
 def report_signing(plain: dict[str, Any], signed: dict[str, Any]) -> None:
