@@ -207,8 +207,10 @@ class Scheduler:
             security=self.security, frame_limits=self.frame_limits,
         )  # fmt: skip
         self.address = self._listener.address
+        # Workers answer `run` on these connections: they get the same cap as on theirs.
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
-                                     os.getpid()), security=self.security)  # fmt: skip
+                                     os.getpid()), security=self.security,
+                               max_frame_bytes=self.frame_limits.get("worker"))  # fmt: skip
         self.started = time.time()
         self._spawn(self._watch_workers())
         apply_env_level()

@@ -42,13 +42,16 @@ class PeerPool:
     """One connection per peer address, shared by all requests to it."""
 
     def __init__(self, hello: Hello, connect_timeout: float = 10.0,
-                 security: Security | None = None, server_role: str = "worker") -> None:  # fmt: skip
+                 security: Security | None = None, server_role: str = "worker",
+                 max_frame_bytes: int | None = None) -> None:  # fmt: skip
         """``security``: TLS credentials for ``tls://`` peers, whose certificates must hold
-        ``server_role`` (the peers are workers, unless told otherwise)."""
+        ``server_role`` (the peers are workers, unless told otherwise);
+        ``max_frame_bytes`` caps what a peer may send us in one frame."""
         self.hello = hello
         self.connect_timeout = connect_timeout
         self.security = security
         self.server_role = server_role
+        self.max_frame_bytes = max_frame_bytes
         self._peers: dict[str, _Peer] = {}
         self._connecting: dict[str, asyncio.Future[_Peer]] = {}
         self._closed = False
@@ -98,6 +101,8 @@ class PeerPool:
             comm = await connect(address, self.hello, timeout=self.connect_timeout,
                                  retry_refused=False, security=self.security,
                                  server_role=self.server_role)  # fmt: skip
+            if self.max_frame_bytes is not None:
+                comm.limit_frames(self.max_frame_bytes, f"{self.server_role} {address}")
             peer = _Peer(comm)
             peer.reader = asyncio.ensure_future(self._read(address, peer))
             self._peers[address] = peer

@@ -123,6 +123,18 @@ def test_a_local_cluster_with_security_true_speaks_only_tls(processes: bool) -> 
             return int(shoal.get_client().submit(lambda y: y + 1, x).result(timeout=30))
 
         assert client.submit(launch, 41).result(timeout=30) == 42
+        # Direct actor calls go client -> worker over TLS too. (A local class: pickled by
+        # value, so worker processes need not import this test module.)
+        class Tally:
+            def __init__(self) -> None:
+                self.total = 0
+
+            def add(self, n: int) -> int:
+                self.total += n
+                return self.total
+
+        tally = client.submit(Tally, actor=True).result(timeout=30)
+        assert [tally.add(n).result(timeout=30) for n in (1, 2, 3)] == [1, 3, 6]
         assert set(client.run(os.getpid).values()) and len(client.run(os.getpid)) == 2
         if not processes:  # every part holds its own role's certificate
             cluster = client.cluster
