@@ -49,6 +49,7 @@ from ..core.worker_events import (
 from ..core.worker_state import WorkerState
 from .execution import FunctionCache, Outcome, install_warning_capture, pack_exception, run_task
 from .memory import MemoryFractions, WorkerMemory
+from .process_usage import process_usage
 from ..protocol.messages import (
     PROTOCOL_VERSION,
     ActorCall,
@@ -275,20 +276,15 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         """Tell the scheduler we are alive, and how busy, every ``heartbeat_interval``."""
-        import psutil
-
-        proc = psutil.Process()
+        usage = process_usage()  # shared by the workers of this process
         while not self._closing:
             await asyncio.sleep(self.heartbeat_interval)
             send = self._scheduler
             if send is None or send.closed or self.state is None:
                 continue
-            try:
-                rss = proc.memory_info().rss
-            except psutil.Error:
-                rss = 0
+            rss, cpu = usage.read()
             send.send(Heartbeat(len(self.state.executing), len(self.state.ready), rss,
-                                proc.cpu_percent(), self.data.spilled_bytes,
+                                cpu, self.data.spilled_bytes,
                                 self.data.memory_bytes, self.state.paused,
                                 bytes_in=self.bytes_in, bytes_out=self.bytes_out))  # fmt: skip
             self.heartbeats_sent += 1

@@ -24,6 +24,7 @@ from shoal.testing import no_leaks, spawn_scheduler, wait_until
 from shoal.testing.many_workers import ManyWorkers
 from shoal.utils.loop import LoopThread
 from shoal.worker.context import get_worker
+from shoal.worker.process_usage import ProcessUsage, process_usage
 
 
 def where_am_i(i: int) -> str:
@@ -148,6 +149,18 @@ def test_heartbeats_and_metrics_per_worker_do_not_grow_with_the_cluster(
     per_worker_first = (metrics[4] - no_workers) / 4
     per_worker_next = (metrics[40] - metrics[4]) / 36
     assert per_worker_next <= 1.1 * per_worker_first, (no_workers, metrics)
+
+
+def test_workers_of_one_process_share_one_reading_of_its_usage() -> None:
+    now = [0.0]
+    usage = ProcessUsage(max_age=0.2, clock=lambda: now[0])
+    first = [usage.read() for _ in range(500)]  # 500 workers' heartbeats at once
+    assert usage.readings == 1 and len(set(first)) == 1
+    assert first[0][0] > 0  # the RSS of this process
+    now[0] += 0.2
+    usage.read()
+    assert usage.readings == 2
+    assert process_usage() is process_usage()
 
 
 @pytest.mark.slow
