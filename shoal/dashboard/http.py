@@ -164,8 +164,16 @@ class HttpServer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._runner is not None:
+            server = self._runner.server
+            transports = [h.transport for h in server.connections] if server is not None else []
             await self._runner.cleanup()
             self._runner = None
+            if self.ssl_context is not None:
+                # A TLS close waits for the peer's close_notify (an open page may never send
+                # it): handlers have had their shutdown time, so drop what is left now.
+                for transport in transports:
+                    if transport is not None:
+                        transport.abort()
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -593,3 +593,60 @@ def test_with_tls_the_dashboards_serve_https_with_the_cluster_certificates(
             await s.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_logging_in_over_https_in_chromium(tmp_path: Path,
+                                           require: Callable[[object, str], None]) -> None:
+    from test_dashboard_live import CHROMIUM, Page, chromium
+
+    require(CHROMIUM is not None, "chromium is not installed (apt-get install -y chromium)")
+    pytest.importorskip("cryptography", reason="making certificates needs cryptography")
+    from shoal.security import Security
+    from shoal.security.certs import make_cluster_certificates
+
+    if "security" not in inspect.signature(Scheduler).parameters:
+        pytest.skip("Scheduler(security=...) (TLS, issue #12) has not landed yet")
+    import aiohttp
+
+    make_cluster_certificates(tmp_path)
+
+    async def main(devtools: str) -> None:
+        s = await Scheduler(port=0, token=TOKEN, dashboard_address=":0",
+                            security=Security.from_directory(tmp_path, "scheduler"))  # fmt: skip
+        w = await Worker(s.address, token=TOKEN, in_process=True,
+                         security=Security.from_directory(tmp_path, "worker"))  # fmt: skip
+        try:
+            link = s.dashboard_link
+            assert link.startswith("https://")
+            async with aiohttp.ClientSession() as session:
+                async with session.get(devtools + "/json/list") as r:
+                    (target,) = [t for t in await r.json() if t["type"] == "page"]
+                async with session.ws_connect(target["webSocketDebuggerUrl"],
+                                              max_msg_size=0) as ws:  # fmt: skip
+                    page = Page(ws)
+                    # the browser does not know the cluster's CA: told to go on regardless
+                    await page.send("Security.setIgnoreCertificateErrors", ignore=True)
+                    await page.send("Page.navigate", url=link)
+                    await page.wait_for("location.href.startsWith('https://')"
+                                        " && location.pathname === '/login'"
+                                        " && document.readyState === 'complete'", 20,
+                                        "the login page over HTTPS")  # fmt: skip
+                    await type_into(page, "#token", TOKEN)
+                    await page.click("#login button[type=submit]")
+                    await page.wait_for("location.pathname === '/' && !!document.getElementById("
+                                        "'connection-text') && document.getElementById("
+                                        "'connection-text').textContent === 'live'", 20,
+                                        "the live dashboard over HTTPS")  # fmt: skip
+                    await page.wait_for(f"document.querySelector('[data-worker=\"{w.address}\"]')",
+                                        20, "the worker's row")  # fmt: skip
+                    await page.send("Network.enable")
+                    cookies = (await page.send("Network.getCookies", urls=[link]))["cookies"]
+                    (cookie,) = [c for c in cookies if c["name"].startswith("shoal_session_")]
+                    assert cookie["secure"] and cookie["httpOnly"]
+                    assert cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
+        finally:
+            await w.close()
+            await s.close()
+
+    with chromium() as devtools:
+        asyncio.run(asyncio.wait_for(main(devtools), 75))
