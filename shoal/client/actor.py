@@ -257,7 +257,7 @@ class Actor:
         state = future._state
         if not state.done():
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            state.async_waiters.append(waiter)
+            state.add_async_waiter(waiter)
             await waiter
         if state.status != "finished":
             error = state.exception_object()

@@ -500,7 +500,7 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
                 if state.done():
                     fn(state)
                 else:
-                    state.callbacks.append(fn)
+                    state.add_callback(fn)
 
         self._call_soon(register)
 
@@ -511,7 +511,7 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
             if state.done():
                 fn(state)
             else:
-                state.callbacks.append(fn)
+                state.add_callback(fn)
 
         self._call_soon(register)
 
@@ -564,7 +564,7 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
                 key = f"{_funcname(fn)}-{self._key_prefix}{next(self._key_counter):x}"
         workers = options.get("workers")
         return TaskSpec(
-            key, function, packed, list(dict.fromkeys(deps)),
+            key, function, packed, tuple(dict.fromkeys(deps)),
             priority=int(options.get("priority") or 0),
             retries=int(options.get("retries") or 0),
             resources={k: float(v) for k, v in options["resources"].items()}

@@ -228,7 +228,7 @@ async def _until_done(state: FutureState, timeout: float | None) -> None:
     if state.done():
         return
     waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    state.async_waiters.append(waiter)
+    state.add_async_waiter(waiter)
     try:
         await asyncio.wait_for(waiter, timeout)
     except asyncio.TimeoutError:

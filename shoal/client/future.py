@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,20 @@ Status = Literal["pending", "finished", "error", "cancelled", "lost"]
 
 #: guards the lazy creation of `FutureState.event` (held for an instant, never by a finalizer)
 _EVENT_LOCK = threading.Lock()
+#: one tuple per distinct holder list (most keys have one holder, of a few workers): a
+#: million finished states share a handful of tuples instead of a list each
+_HOLDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_HOLDERS_MAX = 4096
+
+
+def _shared_holders(workers: list[str]) -> tuple[str, ...]:
+    holders = tuple(workers)
+    shared = _HOLDERS.get(holders)
+    if shared is None:
+        if len(_HOLDERS) >= _HOLDERS_MAX:
+            _HOLDERS.clear()  # many replicas across many workers: sharing stops paying
+        shared = _HOLDERS[holders] = tuple(sys.intern(w) for w in holders)
+    return shared
 
 
 class FutureState:
@@ -49,17 +64,19 @@ class FutureState:
         #: live handles (`Future` objects) on this state; changed under the client's lock
         self.refs = 0
         self.status: Status = "pending"
-        self.workers: list[str] = []
+        #: holders as last reported (a tuple shared by every state with the same holders)
+        self.workers: tuple[str, ...] = ()
         self.nbytes = 0
         self.typename = ""
         #: (kind, text, exception, traceback) once erred, lost or cancelled
         self.failure: tuple[str, str, Serialized | None, Serialized | None] | None = None
         #: made on first use by a waiting thread: most states are never waited on alone
         self._event: threading.Event | None = None
-        #: called with the state on the loop thread when the key is done (internal use)
-        self.callbacks: list[Callable[[FutureState], None]] = []
+        #: called with the state on the loop thread when the key is done (internal use);
+        #: None until the first (most states never get one: no empty list each)
+        self.callbacks: list[Callable[[FutureState], None]] | None = None
         self.warnings: Serialized | None = None
-        self.async_waiters: list[asyncio.Future[None]] = []
+        self.async_waiters: list[asyncio.Future[None]] | None = None
 
     def done(self) -> bool:
         return self.status != "pending"
@@ -79,11 +96,23 @@ class FutureState:
                 event.set()
         return event
 
+    def add_callback(self, fn: Callable[[FutureState], None]) -> None:
+        """Run ``fn(self)`` when done (loop thread only, like every change here)."""
+        if self.callbacks is None:
+            self.callbacks = []
+        self.callbacks.append(fn)
+
+    def add_async_waiter(self, waiter: asyncio.Future[None]) -> None:
+        """Resolve ``waiter`` when done (loop thread only)."""
+        if self.async_waiters is None:
+            self.async_waiters = []
+        self.async_waiters.append(waiter)
+
     def finish(self, workers: list[str], nbytes: int, typename: str,
                warnings_: Serialized | None) -> None:  # fmt: skip
-        self.workers = workers
+        self.workers = _shared_holders(workers)
         self.nbytes = nbytes
-        self.typename = typename
+        self.typename = sys.intern(typename)
         self.warnings = warnings_
         self.failure = None
         self._set("finished")
@@ -98,7 +127,7 @@ class FutureState:
     def reset(self) -> None:
         """The key went back to pending (recomputed after its holders were lost)."""
         self.status = "pending"
-        self.workers = []
+        self.workers = ()
         event = self._event
         if event is not None:
             event.clear()
@@ -108,12 +137,12 @@ class FutureState:
         event = self._event
         if event is not None:
             event.set()
-        for waiter in self.async_waiters:
+        waiters, self.async_waiters = self.async_waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
-        self.async_waiters.clear()
-        callbacks, self.callbacks = self.callbacks, []
-        for cb in callbacks:
+        callbacks, self.callbacks = self.callbacks, None
+        for cb in callbacks or ():
             cb(self)
 
     def exception_object(self) -> BaseException | None:
@@ -200,7 +229,7 @@ class Future:
     async def _wait_async(self, timeout: float | None = None) -> None:
         if not self._state.done():
             waiter = asyncio.get_running_loop().create_future()
-            self._state.async_waiters.append(waiter)
+            self._state.add_async_waiter(waiter)
             try:
                 await asyncio.wait_for(waiter, timeout)
             except asyncio.TimeoutError:

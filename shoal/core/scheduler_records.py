@@ -69,7 +69,9 @@ class TaskState:
         self.waiting_on: set[TaskState] = EMPTY
         #: client -> the generation of its hold on this key (echoed in reports to it)
         self.who_wants: dict[ClientId, int] = {}
-        self.who_has: set[WorkerRecord] = EMPTY
+        #: workers holding it, in the order they got it: a tuple, as it is nearly always one
+        #: or two (a one-member set is 216 bytes, a tuple 48)
+        self.who_has: tuple[WorkerRecord, ...] = ()
         self.processing_on: WorkerRecord | None = None
         self.nbytes = 0
         self.typename = ""

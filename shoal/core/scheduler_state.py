@@ -27,6 +27,7 @@ Invariants (checked by `validate_state`):
 from __future__ import annotations
 
 import heapq
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -404,7 +405,7 @@ class SchedulerState:
             took = msg.stop - msg.start
             self.group_duration[ts.group] = took if old is None else 0.8 * old + 0.2 * took
         ts.nbytes = msg.nbytes
-        ts.typename = msg.typename
+        ts.typename = sys.intern(msg.typename)  # a few type names, a million tasks
         ts.warnings = msg.warnings
         self._add_replica(ts, ws)
         self._to_memory(ts)
@@ -794,9 +795,7 @@ class SchedulerState:
         # Counted at the key's size (not the size the reporter measured), so that dropping
         # the replica takes off exactly what was added.
         if ws not in ts.who_has:
-            if ts.who_has is EMPTY:
-                ts.who_has = set()
-            ts.who_has.add(ws)
+            ts.who_has = (*ts.who_has, ws)
             ws.has_what.add(ts)
             ws.nbytes += ts.nbytes
 
@@ -897,7 +896,7 @@ class SchedulerState:
                 ws.has_what.discard(ts)
                 ws.nbytes -= ts.nbytes
                 self._free(ws, ts.key)
-            ts.who_has = EMPTY
+            ts.who_has = ()
             self._transition(ts, "released")
         elif state in _NEEDS_INPUTS:
             running_on = ts.processing_on
@@ -1003,9 +1002,7 @@ def _not_in_memory(ts: TaskState) -> set[TaskState]:
 
 def _drop_holder(ts: TaskState, ws: WorkerRecord) -> None:
     if ws in ts.who_has:
-        ts.who_has.discard(ws)
-        if not ts.who_has:
-            ts.who_has = EMPTY  # an emptied set keeps its table: give it back
+        ts.who_has = tuple(w for w in ts.who_has if w is not ws)
 
 
 def _by_priority(ts: TaskState) -> tuple[int, int]:

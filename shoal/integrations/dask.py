@@ -210,7 +210,7 @@ def _spec(key: str, function: bytes, args: tuple[Any, ...],
     workers = options.get("workers")
     resources = options.get("resources")
     return TaskSpec(
-        key, function, packed, list(dict.fromkeys(deps)),
+        key, function, packed, tuple(dict.fromkeys(deps)),
         priority=int(options.get("priority") or 0),
         retries=int(options.get("retries") or 0),
         resources={k: float(v) for k, v in resources.items()} if resources else None,

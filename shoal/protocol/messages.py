@@ -75,7 +75,8 @@ class TaskSpec(msgspec.Struct, array_like=True, gc=False):
     function: bytes
     #: pickled ``(args, kwargs)`` with futures replaced by placeholders naming their keys.
     args: Serialized
-    dependencies: list[str]
+    #: a tuple: most tasks have none, and every empty tuple is the same object
+    dependencies: tuple[str, ...]
     priority: int = 0
     retries: int = 0
     resources: dict[str, float] | None = None

@@ -73,7 +73,7 @@ def make_spec(
         key=key,
         function=DUMMY_FUNCTION,
         args=Serialized([b""]),
-        dependencies=list(deps),
+        dependencies=tuple(deps),
         priority=priority,
         retries=retries,
         resources=resources,

@@ -129,7 +129,7 @@ class Workload:
     def specs(self) -> list[TaskSpec]:
         """The tasks as a client submits them (opaque function and arguments)."""
         deps = self.deps
-        return [TaskSpec(k, SIM_FUNCTION, SIM_ARGS, deps[k]) for k in self.keys]
+        return [TaskSpec(k, SIM_FUNCTION, SIM_ARGS, tuple(deps[k])) for k in self.keys]
 
     def total_work(self) -> float:
         return math.fsum(self.duration.values())
