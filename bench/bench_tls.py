@@ -12,10 +12,13 @@ rounds of each round's median, so that a slow patch of a shared machine hits bot
 
 Rows (as in bench_core.py):
 - tiny tasks: ``map(noop, range(N), pure=False)`` then ``gather``; tasks/s.
+- tiny task CPU: CPU microseconds per task of this process and its worker processes.
 - round trip: ``submit(inc, i, pure=False).result()`` one after the other; median ms.
 - transfer: a 100 MB float64 array made on worker A, a consumer pinned to worker B
   (``workers=[B], allow_other_workers=False``) returns its size; timed from the submit of
   the consumer to its result, so the bytes cross A -> B on the worker data plane; MB/s.
+- transfer CPU: CPU seconds used by this process and its worker processes during those
+  transfers, per 100 MB (steadier than MB/s on a busy shared machine).
 - connect: a new `Client` connecting to the running scheduler (TCP or TCP+TLS handshake,
   then shoal's handshake); median ms.
 """
@@ -57,6 +60,21 @@ def consume(x: Any) -> int:
     return int(x.nbytes)
 
 
+def tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and its children so far."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def child(mode: str, size: dict[str, int]) -> dict[str, float]:
     import shoal
 
@@ -66,12 +84,14 @@ def child(mode: str, size: dict[str, int]) -> dict[str, float]:
         assert client.scheduler_address.startswith(f"{mode}://"), client.scheduler_address
         a, b = sorted(client.nthreads())
         client.gather(client.map(noop, range(200), pure=False))  # warm-up
-        rates = []
+        rates, cpu = [], []
         for _ in range(size["task_reps"]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), tree_cpu()
             client.gather(client.map(noop, range(size["tasks"]), pure=False))
             rates.append(size["tasks"] / (time.perf_counter() - t0))
+            cpu.append((tree_cpu() - c0) / size["tasks"] * 1e6)
         out["tiny tasks/s"] = statistics.median(rates)
+        out["tiny task CPU us/task"] = statistics.median(cpu)
 
         for i in range(20):  # warm-up
             client.submit(inc, i, pure=False).result()
@@ -82,20 +102,22 @@ def child(mode: str, size: dict[str, int]) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
         out["round trip ms"] = statistics.median(times) * 1000
 
-        rates = []
+        rates, cpu = [], []
         for i in range(size["transfers"] + 1):
             x = client.submit(make_array, size["nbytes"], i, workers=[a],
                               allow_other_workers=False, pure=False)  # fmt: skip
             x.result()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), tree_cpu()
             got = client.submit(consume, x, workers=[b], allow_other_workers=False,
                                 pure=False).result()  # fmt: skip
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, tree_cpu() - c0
             assert got == size["nbytes"] // 8 * 8
             if i:  # the first opens the worker-to-worker connection
                 rates.append(size["nbytes"] / 1e6 / dt)
+                cpu.append(dc * 100e6 / size["nbytes"])
             del x
         out["transfer MB/s"] = statistics.median(rates)
+        out["transfer CPU s/100MB"] = statistics.median(cpu)
 
         times = []
         security = client.security

@@ -91,6 +91,17 @@ logger = logging.getLogger("shoal.worker")
 #: holding a slot; this only has to be more than will ever wait at once.
 SECEDED_THREADS = 1024
 
+#: Over TLS, the certificate roles that may send each request to a worker's listener: the
+#: scheduler forwards `run` and asks for logs, clients scatter and call actors; fetching
+#: data is open to every peer. (Without certificates the token is all there is to check.)
+PEER_REQUEST_ROLES: dict[type, frozenset[str]] = {
+    RunFunction: frozenset({"scheduler"}),
+    GetLogs: frozenset({"scheduler"}),
+    UpdateData: frozenset({"client"}),
+    ActorCall: frozenset({"client"}),
+    ActorGetAttr: frozenset({"client"}),
+}
+
 
 class Worker:
     """A worker process's server. ``await start()``, then `finished()` until it closes."""
@@ -571,6 +582,12 @@ class Worker:
             while True:
                 for msg in await comm.read():
                     if send.closed:
+                        return
+                    allowed = PEER_REQUEST_ROLES.get(type(msg))
+                    if comm.peer_roles is not None and allowed and not comm.peer_roles & allowed:
+                        logger.warning("closing %s: a %s certificate may not send %s",
+                                       comm.peer_address, "/".join(sorted(comm.peer_roles)),
+                                       type(msg).__name__)  # fmt: skip
                         return
                     if isinstance(msg, GetData):
                         if self.memory.monitor is not None and self.data.disk_bytes(msg.keys):

@@ -92,9 +92,9 @@ def test_tls_cluster_from_the_cli_serves_only_its_own(certs: Path, other_certs: 
     with spawn_scheduler(extra_args=["--no-dashboard", *tls_args(certs, "scheduler")],
                          env=env) as scheduler, \
          spawn_worker(scheduler.address, name="w1", env=env,
-                      extra_args=["--no-dashboard", *tls_args(certs, "worker")]), \
+                      extra_args=["--no-dashboard", *tls_args(certs, "worker")]) as w1, \
          spawn_worker(scheduler.address, name="w2", env=env,
-                      extra_args=["--no-dashboard", *tls_args(certs, "worker")]):  # fmt: skip
+                      extra_args=["--no-dashboard", *tls_args(certs, "worker")]) as w2:  # fmt: skip
         address = scheduler.address
         assert address.startswith("tls://127.0.0.1:")
         with shoal.Client(address, security=security(certs, "client"), timeout=10) as client:
@@ -139,6 +139,15 @@ def test_tls_cluster_from_the_cli_serves_only_its_own(certs: Path, other_certs: 
             assert "a client certificate may not connect as 'peer'" in str(error)
             error = try_connect(worker_address, "client", security(certs, "client"))
             assert "not a scheduler certificate" in str(error)
+            # A worker's certificate gets in as a peer, to fetch data, but cannot make
+            # another worker run code (only the scheduler forwards `run`).
+            marker = Path(tempfile.mkdtemp(prefix="shoal-run-")) / "ran"
+            try:
+                assert not _peer_run_function(worker_address, certs, marker)
+                assert not marker.exists()
+            finally:
+                shutil.rmtree(marker.parent, ignore_errors=True)
+            assert client.run(lambda: 5) == {a: 5 for a in client.nthreads()}  # the real one
 
             # Plaintext to the TLS port: refused, nothing breaks.
             error = try_connect(address.replace("tls://", "tcp://"), "client", None)
@@ -150,6 +159,28 @@ def test_tls_cluster_from_the_cli_serves_only_its_own(certs: Path, other_certs: 
         assert "a worker certificate may not connect as 'client'" in log
         assert "a client certificate may not connect as 'worker'" in log
         assert "Traceback" not in log
+        assert "a worker certificate may not send RunFunction" in w1.output() + w2.output()
+
+
+def _peer_run_function(worker_address: str, certs: Path, marker: Path) -> bool:
+    """Send `RunFunction` as a worker-certificate peer; whether it got an answer."""
+    from shoal.comm.core import CommClosedError
+    from shoal.protocol.messages import RunFunction
+    from shoal.protocol.serialize import serialize
+
+    async def attempt() -> bool:
+        comm = await connect(worker_address, Hello(PROTOCOL_VERSION, "peer", "w"), timeout=10,
+                             security=security(certs, "worker"), server_role="worker")
+        try:
+            await comm.write([RunFunction(1, serialize(lambda: marker.touch(), "function"))])
+            await asyncio.wait_for(comm.read(), 10)
+            return True
+        except CommClosedError:
+            return False
+        finally:
+            comm.abort()
+
+    return asyncio.run(attempt())
 
 
 def _tls_without_certificate_is_dropped(address: str, certs: Path) -> bool:
