@@ -14,8 +14,11 @@ import http.client
 import inspect
 import json
 import logging
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -35,7 +38,7 @@ from shoal.dashboard.auth import (
     is_loopback,
 )
 from shoal.scheduler import Scheduler
-from shoal.testing import Gate, gen_cluster
+from shoal.testing import Gate, gen_cluster, spawn_scheduler, spawn_worker
 from shoal.worker.server import Worker
 
 TOKEN = "correct-horse-battery-staple-7f3a"
@@ -650,3 +653,41 @@ def test_logging_in_over_https_in_chromium(tmp_path: Path,
 
     with chromium() as devtools:
         asyncio.run(asyncio.wait_for(main(devtools), 75))
+
+
+# ------------------------------------------------------------------------ the CLI
+
+
+def test_shoal_scheduler_refuses_an_open_dashboard_beyond_loopback() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SHOAL_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "shoal.cli", "scheduler", "--port", "0",
+                           "--dashboard-address", "0.0.0.0:0"], capture_output=True, text=True,
+                          timeout=60, env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Error: refusing to serve the dashboard at 0.0.0.0:0" in proc.stderr
+    assert "--token" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_scheduler_and_worker_with_a_token_serve_dashboards_behind_the_login() -> None:
+    with spawn_scheduler(token=TOKEN, extra_args=["--dashboard-address", "0.0.0.0:0"]) \
+            as scheduler, \
+            spawn_worker(scheduler.address, token=TOKEN, name="auth-worker",
+                         extra_args=["--dashboard-address", "0.0.0.0:0"]):  # fmt: skip
+        link = scheduler.wait_for_line(r"shoal dashboard at (\S+)", 10).group(1)
+        port = urllib.parse.urlsplit(link).port
+        local = f"http://127.0.0.1:{port}/"
+        assert_needs_login(request(local + "api/workers"))
+        deadline = time.monotonic() + 20
+        workers: list[Any] = []
+        while not workers and time.monotonic() < deadline:
+            workers = request(local + "api/workers", headers=bearer()).json()
+            time.sleep(0.05)
+        (w,) = workers
+        assert w["name"] == "auth-worker"
+        wport = urllib.parse.urlsplit(w["dashboard"]).port
+        assert_needs_login(request(f"http://127.0.0.1:{wport}/api/logs"))
+        assert request(f"http://127.0.0.1:{wport}/api/logs", headers=bearer()).status == 200
+        # the client knows the link, and nothing in it is the token
+        with shoal.Client(scheduler.address, token=TOKEN, timeout=10,
+                          set_as_default=False) as client:  # fmt: skip
+            assert client.dashboard_link == link and TOKEN not in link
