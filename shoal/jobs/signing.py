@@ -113,10 +113,11 @@ class Signer:
 
     def verify(self, context: bytes, blob: bytes, what: str) -> bytes:
         """The pickle inside ``blob`` if its MAC matches ``context`` under one of the
-        secrets; else `BadSignature` naming ``what`` and the problem."""
+        secrets; else `BadSignature` naming the problem first (``shoal jobs dead`` shows
+        the start of a reason), then ``what``."""
         blob = bytes(blob)
         if not blob.startswith(MAGIC):
-            raise BadSignature(f"{what}: no signature, and this JobQueue has a secret, so it "
+            raise BadSignature(f"no signature on {what}: this JobQueue has a secret, so it "
                                "reads only signed payloads (this one was written by a producer "
                                "or job worker without the secret, or straight into the store)")
         mac, data = blob[len(MAGIC):len(MAGIC) + MAC_SIZE], blob[len(MAGIC) + MAC_SIZE:]
@@ -124,7 +125,7 @@ class Signer:
             for key in self._keys:
                 if hmac.compare_digest(mac, self._mac(key, context, data)):
                     return data
-        raise BadSignature(f"{what}: the signature matches none of this JobQueue's "
+        raise BadSignature(f"wrong signature on {what}: it matches none of this JobQueue's "
                            f"{len(self._keys)} secret(s) (changed in the store, moved from "
                            "another job, or signed with another secret)")
 

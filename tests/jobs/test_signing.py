@@ -286,10 +286,11 @@ def test_tampered_arguments_are_dead_lettered_never_run(signed: JobQueue, tmp_pa
     with signed.worker(pool="threads"):
         assert good.result(timeout=20) == str(tmp_path / "good")
         reasons = {h.id: dead_reason(signed, h.id) for h in (victim, replaced, moved)}
-    assert reasons[victim.id].startswith(f"BadSignature: the arguments of job {victim.id}")
+    assert reasons[victim.id].startswith(
+        f"BadSignature: wrong signature on the arguments of job {victim.id} ")
     assert "matches none of this JobQueue's 1 secret(s)" in reasons[victim.id]
-    assert "no signature" in reasons[replaced.id]
-    assert "matches none" in reasons[moved.id]
+    assert reasons[replaced.id].startswith("BadSignature: no signature on the arguments")
+    assert reasons[moved.id].startswith("BadSignature: wrong signature on the arguments")
     assert ran == [str(tmp_path / "good")]
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(JobFailed, match="BadSignature"):
@@ -337,13 +338,14 @@ def test_tampered_results_raise_bad_signature(signed: JobQueue, tmp_path: Path) 
     store.set_result(b.id, pickle.dumps(TouchOnUnpickle(tmp_path / "pwned")))
     store.set_result(c.id, store.result(bad.id))  # a signed blob, but another job's
     store.set_result(bad.id, flipped(store.result(bad.id)))
-    with pytest.raises(BadSignature, match=f"the result of job {a.id} .*matches none"):
+    with pytest.raises(BadSignature, match=f"wrong signature on the result of job {a.id} "):
         a.result(0)
-    with pytest.raises(BadSignature, match=f"the result of job {b.id} .*no signature"):
+    with pytest.raises(BadSignature, match=f"no signature on the result of job {b.id} "):
         signed.get(b.id).result(0)
     with pytest.raises(BadSignature, match="matches none"):
         c.result(0)
-    with pytest.raises(BadSignature, match="exception of failed job .*ValueError: its own error"):
+    with pytest.raises(BadSignature,
+                       match="wrong signature on the exception of failed job .*ValueError: its own error"):
         bad.result(0)
     assert not (tmp_path / "pwned").exists()
 
@@ -366,8 +368,8 @@ def test_tampered_parent_result_dead_letters_the_child(signed: JobQueue, tmp_pat
     store.set_result(p.id, pickle.dumps(TouchOnUnpickle(tmp_path / "pwned")))
     with signed.worker(queues=["children"]):
         reason = dead_reason(signed, c.id)
-    assert reason.startswith(f"BadSignature: the result of parent job {p.id}")
-    assert "no signature" in reason and not (tmp_path / "pwned").exists()
+    assert reason.startswith(f"BadSignature: no signature on the result of parent job {p.id}")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_key_rotation(app: JobQueue) -> None:
@@ -472,14 +474,14 @@ def test_worker_process_dead_letters_every_attack(shared_app: JobQueue, tmp_path
     unsigned = attacker_add.delay(TouchOnUnpickle(pwned[1]), 0)
     wrong_key = JobQueue(broker=app.broker, secret=OTHER_SECRET).job(
         name="jobs_testapp.add")(lambda a, b: a + b).delay(TouchOnUnpickle(pwned[2]), 0)
-    attacks = {flipped_job.id: "matches none", written.id: "no signature",
-               unsigned.id: "no signature", wrong_key.id: "matches none"}
+    attacks = {flipped_job.id: "wrong signature", written.id: "no signature",
+               unsigned.id: "no signature", wrong_key.id: "wrong signature"}
 
     with job_worker(app.url, SECRET, tmp_path / "worker.err") as proc:
         assert good.result(timeout=30) == 42
         for job_id, why in attacks.items():
             reason = dead_reason(app, job_id)
-            assert reason.startswith(f"BadSignature: the arguments of job {job_id}") and why in reason
+            assert reason.startswith(f"BadSignature: {why} on the arguments of job {job_id} ")
         # the worker keeps serving after them
         assert add.delay(1, 2).result(timeout=30) == 3
         assert proc.poll() is None
@@ -490,7 +492,9 @@ def test_worker_process_dead_letters_every_attack(shared_app: JobQueue, tmp_path
     dead = runner.invoke(main, ["jobs", "dead", app.url], catch_exceptions=False)
     assert dead.exit_code == 0
     lines = [line for line in dead.output.splitlines() if "BadSignature" in line]
-    assert len(lines) == 4 and all(any(i in line for i in attacks) for line in lines)
+    assert len(lines) == 4
+    for job_id, why in attacks.items():  # the listing names the problem before it cuts
+        assert any(line.startswith(job_id) and f"BadSignature: {why} on" in line for line in lines)
     status = runner.invoke(main, ["jobs", "status", app.url], catch_exceptions=False)
     assert "dead-letter list: 4 jobs" in status.output
     assert "BadSignature: 4" in status.output
@@ -512,5 +516,5 @@ def test_worker_process_with_the_wrong_secret_dead_letters(shared_app: JobQueue,
     handle = add.delay(1, 2)
     with job_worker(shared_app.url, OTHER_SECRET, tmp_path / "worker.err"):
         reason = dead_reason(shared_app, handle.id)
-    assert reason.startswith(f"BadSignature: the arguments of job {handle.id}")
+    assert reason.startswith(f"BadSignature: wrong signature on the arguments of job {handle.id}")
     assert "matches none of this JobQueue's 1 secret(s)" in reason
