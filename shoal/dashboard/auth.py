@@ -3,9 +3,10 @@
 Pure logic, no aiohttp (the middleware and login page are in `shoal.dashboard.login`):
 
 - **When a login is required**: the server has a token, or the dashboard is reachable
-  beyond loopback, or it serves HTTPS (then a client certificate may stand in for the
-  token). A dashboard bound beyond loopback with neither a token nor TLS is refused
-  (`DashboardRefused`), as the servers refuse such a bind.
+  beyond loopback. A dashboard bound beyond loopback with neither a token nor TLS is refused
+  (`DashboardRefused`), as the servers refuse such a bind; with TLS but no token, a client
+  certificate is the only way in. On loopback without a token it stays open, TLS or not
+  (like a local cluster's: whoever is on this machine can read it either way).
 - **Credentials**: the cluster token as ``Authorization: Bearer <token>``; a session cookie
   set by the login page; or, over HTTPS, a client certificate signed by the cluster's CA.
   Tokens are compared in constant time (`hmac.compare_digest`).
@@ -61,9 +62,10 @@ def is_loopback(host: str) -> bool:
 
 def check_exposure(host: str, port: int, token: str | None, tls: bool,
                    insecure: bool = False, what: str = "dashboard") -> bool:  # fmt: skip
-    """Whether a login is required for a dashboard bound at ``host``. Raises
-    `DashboardRefused` when it would be reachable beyond loopback with neither a token nor
-    TLS (unless ``insecure``: the server was told to run open)."""
+    """Whether a login is required for a dashboard bound at ``host``: the server has a
+    token, or the dashboard is reachable beyond loopback (unless ``insecure``: the server
+    was told to run open). Raises `DashboardRefused` when it would be reachable beyond
+    loopback with neither a token nor TLS, and not ``insecure``."""
     beyond = not is_loopback(host)
     if beyond and not token and not tls and not insecure:
         raise DashboardRefused(
@@ -71,7 +73,7 @@ def check_exposure(host: str, port: int, token: str | None, tls: bool,
             " beyond this machine with no login. Give the server a token (--token or"
             " SHOAL_TOKEN), or TLS certificates (--tls-ca-file --tls-cert --tls-key), or bind"
             " the dashboard to 127.0.0.1, or --insecure if this network is trusted")  # fmt: skip
-    return bool(token) or tls or (beyond and not insecure)
+    return bool(token) or (beyond and not insecure)
 
 
 class DashboardAuth:

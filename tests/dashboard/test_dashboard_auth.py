@@ -151,10 +151,11 @@ def test_when_a_login_is_required() -> None:
     assert is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("::")
     assert not is_loopback("10.1.2.3") and not is_loopback("no-such-host.invalid")
-    # loopback: open without a token, a login with one or with TLS
+    # loopback: open without a token (TLS or not), a login with one
     assert check_exposure("127.0.0.1", 8787, None, tls=False) is False
+    assert check_exposure("127.0.0.1", 8787, None, tls=True) is False
     assert check_exposure("127.0.0.1", 8787, TOKEN, tls=False) is True
-    assert check_exposure("127.0.0.1", 8787, None, tls=True) is True
+    assert check_exposure("::1", 8787, TOKEN, tls=True) is True
     # beyond loopback: always a login, and refused with no way to log in
     assert check_exposure("0.0.0.0", 8787, TOKEN, tls=False) is True
     assert check_exposure("0.0.0.0", 8787, None, tls=True) is True
@@ -575,11 +576,23 @@ def test_with_tls_the_dashboards_serve_https_with_the_cluster_certificates(
         finally:
             await s.close()
 
-        # TLS without a token: only a client certificate opens it (the form says so)
+        # TLS without a token, on loopback: HTTPS, open as a plain local dashboard is
         s = await Scheduler(port=0, dashboard_address=":0",
                             security=Security.from_directory(tmp_path, "scheduler"))  # fmt: skip
         try:
-            link = s.dashboard_link
+            info = (await call(https_request, s.dashboard_link + "api/info",
+                               browser_context(ca))).json()  # fmt: skip
+            assert info["address"] == s.address
+        finally:
+            await s.close()
+
+        # TLS without a token, beyond loopback: only a client certificate opens it (the
+        # form says so)
+        s = await Scheduler(port=0, dashboard_address="0.0.0.0:0",
+                            security=Security.from_directory(tmp_path, "scheduler"))  # fmt: skip
+        try:
+            assert s.dashboard is not None
+            link = f"https://127.0.0.1:{s.dashboard.server.port}/"
             trusting = browser_context(ca)
             assert_needs_login(await call(https_request, link + "api/info", trusting))
             assert_needs_login(await call(https_request, link + "api/info", trusting,
