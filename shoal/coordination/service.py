@@ -140,6 +140,10 @@ class _Base(Extension):
             send.send(msg)
 
 
+#: requests that may wait, each under its ``Waiter(client, rid)``
+_WAITS = (LeaseAcquire, EventWait, QueuePut, QueueGet, VariableGet)
+
+
 class CoordinationExtension(_Base):
     """Locks, semaphores, events, queues, variables and topics (see `CoordinationState`)."""
 
@@ -154,6 +158,10 @@ class CoordinationExtension(_Base):
         self.timers: dict[Waiter, asyncio.TimerHandle] = {}
 
     def _handle(self, client: str, msg: Msg, send: BatchedSend) -> None:
+        if isinstance(msg, _WAITS) and Waiter(client, msg.rid) in self.state.waiting:
+            # A second wait under one id would leave the first one half-registered: a later
+            # answer to it failed with KeyError, and other clients' waiters went unanswered.
+            raise ValueError(f"request id {msg.rid} is already waiting (ids must be unique)")
         if isinstance(msg, LeaseAcquire):
             waiter = Waiter(client, msg.rid)
             self._wait(waiter, self.state.acquire(waiter, msg.kind, msg.name, msg.lease,
