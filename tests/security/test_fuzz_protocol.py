@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 import socket
-import struct
 import time
 import uuid
 from collections import Counter
@@ -34,7 +33,14 @@ from dataclasses import dataclass, field
 import pytest
 
 import shoal
-from shoal.protocol.messages import Msg, RunOnWorkers, ScatterTargets, VariableGet
+from shoal.protocol.messages import (
+    Msg,
+    QueueGet,
+    RunOnWorkers,
+    ScatterTargets,
+    VariableGet,
+    VariableSet,
+)
 from shoal.protocol.serialize import Serialized
 from shoal.testing import ShoalProcess, no_leaks, spawn_scheduler, spawn_worker
 
@@ -66,6 +72,7 @@ RSS_BUDGET = 150 * 2**20
 EXPECTED_ERRORS = [
     re.compile(r"^ValueError: a (client|worker) may not send \w+$"),
     re.compile(r"^ValueError: a queue or variable item needs a value or a key$"),
+    re.compile(r"^ValueError: request id -?\d+ is already waiting \(ids must be unique\)$"),
 ]
 
 
@@ -149,21 +156,17 @@ class FuzzRun:
         return (f"fuzz {self.port} port (seed {self.seed}): {self.frames} frames in"
                 f" {self.connections} connections, {self.bytes_sent / mib:.1f} MiB, in"
                 f" {self.seconds:.1f}s = {self.frames / self.seconds:.0f} frames/s,"
-                f" {self.connections / self.seconds:.0f} connections/s; {rss}")
-
-
-def raw_connection(address: str) -> socket.socket:
-    sock = connect_raw(address)
-    # Reset, not a FIN, when we close: no TIME_WAIT per connection on our side, so that a
-    # 100,000-frame run does not run out of ephemeral ports.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    return sock
+                f" {self.connections / self.seconds:.0f} connections/s,"
+                f" {self.dropped_as_required} dropped for a bad frame; {rss}")
 
 
 def play(case: Case, address: str, run: FuzzRun) -> None:
-    """One fuzz connection. Fails if an authenticated Hello is refused, or if the server
-    keeps a connection it must drop."""
-    with raw_connection(address) as sock:
+    """One fuzz connection. Fails if an authenticated Hello is refused, if the server keeps
+    a connection it must drop, or if it does not close once we have sent everything.
+
+    We end by closing our side for writing: the server reads everything before that EOF,
+    handles it, then closes; so the next case starts only once this one was handled."""
+    with connect_raw(address) as sock:
         run.connections += 1
         if case.authenticate:
             assert send_all(sock, hello_frame(TOKEN, role=case.role))
@@ -175,9 +178,16 @@ def play(case: Case, address: str, run: FuzzRun) -> None:
             run.frames += 1
             run.bytes_sent += len(data)
         if case.must_close:
-            closed, answer = read_until_closed(sock)
+            closed, _ = read_until_closed(sock)
             assert closed, f"{run.port} kept a connection open after {case.kind}: {case.frames!r}"
             run.dropped_as_required += 1
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # closed by the server already
+            return
+        closed, _ = read_until_closed(sock)
+        assert closed, f"{run.port} kept a connection open after its peer's EOF ({case.kind})"
 
 
 def fuzz(servers: Servers, port: str, seed: int, frames: int) -> FuzzRun:
@@ -229,18 +239,25 @@ REGRESSIONS: dict[str, list[Msg]] = {
     "a wait with a NaN timeout": [VariableGet(2, "fuzz-variable", math.nan)],
     # the reply went to a closed connection: an exception in a task no one awaited
     "client.run, then leaving at once": [RunOnWorkers(3, Serialized([pickle.dumps(len)]))],
+    # a second wait under one request id: the variable's answer then failed with KeyError,
+    # leaving every other waiter of that variable unanswered
+    "two waits with one request id": [
+        VariableGet(4, "fuzz-variable-2"), QueueGet(4, "fuzz-queue", 0, 0.0),
+        VariableSet(5, "fuzz-variable-2", Serialized([pickle.dumps(1)]))],
 }
 
 
 @pytest.mark.parametrize("msgs", REGRESSIONS.values(), ids=REGRESSIONS.keys())
 def test_messages_that_once_hurt_the_scheduler(servers: Servers, msgs: list[Msg]) -> None:
     # given an authenticated client that sends the message and leaves at once
-    with raw_connection(servers.scheduler.address) as sock:
+    with connect_raw(servers.scheduler.address) as sock:
         assert send_all(sock, hello_frame(TOKEN))
         read_until(sock, b"welcome")
         assert send_all(sock, message_frame(*msgs))
+        sock.shutdown(socket.SHUT_WR)  # the server reads all of it, then closes
+        assert read_until_closed(sock)[0]
     # then the scheduler still answers a new peer promptly
-    with raw_connection(servers.scheduler.address) as sock:
+    with connect_raw(servers.scheduler.address) as sock:
         assert send_all(sock, hello_frame(TOKEN))
         read_until(sock, b"welcome", timeout=5)
     # and a real client keeps computing (the servers' logs are checked when they stop)
