@@ -54,8 +54,41 @@ def _describe(obj: object) -> str:
     return f"{type(obj).__qualname__} object {text}"
 
 
+#: Types the standard pickler writes by value, exactly as cloudpickle would.
+_PLAIN_TYPES = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def _is_plain(obj: object, depth: int = 0) -> bool:
+    """Small nests of plain values (a `map` call's arguments, mostly): the C pickler writes
+    them several times faster than cloudpickle, whose per-object hook only matters for code."""
+    kind = type(obj)
+    if kind in _PLAIN_TYPES:
+        return True
+    if depth >= 3:
+        return False
+    # Exact types only: a subclass may pickle itself in its own way. Loops, not all():
+    # this runs once per task of a map, and a generator costs more than the check.
+    if (kind is tuple or kind is list) and isinstance(obj, (tuple, list)):
+        if len(obj) > 16:
+            return False
+        for item in obj:
+            if type(item) not in _PLAIN_TYPES and not _is_plain(item, depth + 1):
+                return False
+        return True
+    if kind is dict and isinstance(obj, dict):
+        if len(obj) > 16:
+            return False
+        for k, v in obj.items():
+            if type(k) is not str or (type(v) not in _PLAIN_TYPES and not _is_plain(v, depth + 1)):
+                return False
+        return True
+    return False
+
+
 def serialize(obj: object, what: str = "object") -> Serialized:
     """Pickle ``obj``; raise `SerializationError` naming ``what`` and the object on failure."""
+    if _is_plain(obj):
+        return Serialized([pickle.dumps(obj, protocol=5)])
     buffers: list[pickle.PickleBuffer] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
