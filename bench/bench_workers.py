@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle measurement")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
+    parser.add_argument("--shared-threads", type=int, default=0,
+                        help="a pool of this many threads per host shared by its workers"
+                        " (0: a thread per worker)")  # fmt: skip
     parser.add_argument("--write-results", action="store_true",
                         help="append the figures to bench/RESULTS.md")  # fmt: skip
     args = parser.parse_args()
@@ -177,8 +180,12 @@ def main() -> None:
         for n in sizes:
             with ManyWorkers(scheduler.address, n=n, processes=min(args.processes, n),
                              heartbeat_interval=args.heartbeat_interval,
+                             shared_threads=args.shared_threads,
                              start_timeout=120, name_prefix=f"w{n}-") as mw:  # fmt: skip
                 joins[n] = mw.start_seconds
+                listed = _workers_listed(probe)
+                if listed != n:
+                    raise AssertionError(f"the scheduler lists {listed} workers, not {n}")
                 print(f"{n} workers joined in {mw.start_seconds:.2f} s", flush=True)
                 row = idle_figures(probe, mw, n, args.idle)
                 row["join_s"] = mw.start_seconds
@@ -187,7 +194,9 @@ def main() -> None:
                 print_idle([row], empty_metrics, header=len(idle_rows) == 1)
                 if n == sizes[-1] and args.tasks:
                     tasks_row = run_tasks(probe, mw, scheduler.address, args.tasks)
-                    tasks_row["threads_per_host"] = max(s["threads"] for s in mw.stats())
+                    hosts = mw.stats()
+                    tasks_row["threads_per_host"] = max(s["threads"] for s in hosts)
+                    tasks_row["host_rss_mib"] = max(s["rss"] for s in hosts) / 2**20
                     print_tasks(tasks_row, n)
             wait_until(lambda: _workers_listed(probe) == 0,
                        timeout=60, message="the scheduler dropped the workers")  # fmt: skip
@@ -231,7 +240,8 @@ def print_tasks(r: dict[str, Any], n: int) -> None:
           f" used (tasks per worker {r['tasks_per_worker_min']}-{r['tasks_per_worker_max']}),"
           f" {r['transitions']:,} transitions = {r['decisions_per_s']:,.0f} decisions/s,"
           f" scheduler CPU {r['sched_cpu_pct']:.0f}%, {r['decisions_per_cpu_s']:,.0f} decisions"
-          f" per scheduler CPU-second", flush=True)  # fmt: skip
+          f" per scheduler CPU-second; hosts: {r['threads_per_host']} threads,"
+          f" {r['host_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
 
 
 def markdown(started: datetime.datetime, commit: str, dirty: bool,
@@ -242,10 +252,13 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
         f"### Run of {started:%Y-%m-%d %H:%M} UTC, commit {commit}"
         f"{' (with uncommitted changes of others in the checkout)' if dirty else ''}",
         "",
-        f"`bench/bench_workers.py --sizes {args.sizes} --tasks {args.tasks} --idle {args.idle:g}`:"
+        f"`bench/bench_workers.py --sizes {args.sizes} --tasks {args.tasks} --idle {args.idle:g}"
+        f"{f' --shared-threads {args.shared_threads}' if args.shared_threads else ''}`:"
         f" {os.cpu_count()} cores shared with other engineers' runs, load average"
         f" {load_before[0]:.2f} before, {load_after[0]:.2f} after; {args.processes} host"
-        f" processes, heartbeat every {args.heartbeat_interval:g} s.",
+        f" processes, heartbeat every {args.heartbeat_interval:g} s, "
+        + (f"a pool of {args.shared_threads} threads per host shared by its workers."
+           if args.shared_threads else "a task thread per worker."),
         "",
         "| workers | join s | scheduler CPU % (idle) | heartbeats/s | per worker | scheduler"
         " reads B/s | B per heartbeat | read calls/s | /metrics B | /metrics B per worker |",
@@ -268,7 +281,8 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
             f" {tasks['transitions']:,} transitions = **{tasks['decisions_per_s']:,.0f}"
             f" decisions/s**; scheduler CPU {tasks['sched_cpu_pct']:.0f}% of a core, so"
             f" {tasks['decisions_per_cpu_s']:,.0f} decisions per scheduler CPU-second;"
-            f" up to {tasks['threads_per_host']} threads per host process.",
+            f" up to {tasks['threads_per_host']} threads and"
+            f" {tasks['host_rss_mib']:.0f} MiB RSS per host process.",
         ]  # fmt: skip
     return "\n".join(lines) + "\n"
 

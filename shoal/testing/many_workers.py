@@ -252,7 +252,7 @@ class _Child:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"worker host {self.proc.pid} printed no {kind!r} line in"
-                                   f" time:\n{self.tail()}")  # fmt: skip
+                                   f" time (its workers did not all join):\n{self.tail()}")  # fmt: skip
             try:
                 line = self.lines.get(timeout=min(left, 0.2))
             except queue.Empty:
@@ -351,7 +351,8 @@ class ManyWorkers:
             if self.processes == 0:
                 self._start_here()
             else:
-                self._start_children(begin + self.start_timeout)
+                # The workers' own connect timeout comes first, naming the scheduler.
+                self._start_children(begin + self.start_timeout + 10)
         except BaseException:
             self.close()
             raise

@@ -75,11 +75,12 @@ def test_bad_arguments_are_named() -> None:
         ManyWorkers("tcp://127.0.0.1:1", n=2, processes=3)
 
 
-def test_a_scheduler_that_is_not_there_fails_within_the_start_timeout() -> None:
+@pytest.mark.parametrize("processes", [0, 1])
+def test_a_scheduler_that_is_not_there_fails_within_the_start_timeout(processes: int) -> None:
     with no_leaks(timeout=15):
         start = time.monotonic()
         with pytest.raises(OSError, match="127.0.0.1:9"):
-            ManyWorkers("tcp://127.0.0.1:9", n=3, start_timeout=3).start()
+            ManyWorkers("tcp://127.0.0.1:9", n=3, processes=processes, start_timeout=3).start()
         assert time.monotonic() - start < 10
 
 
