@@ -22,7 +22,7 @@ import html
 import logging
 import ssl
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from aiohttp import web
 
@@ -150,6 +150,28 @@ def _login_page(auth: DashboardAuth, next_path: str, error: str = "",
                                  "Referrer-Policy": "no-referrer"})  # fmt: skip
 
 
+async def _read_form(request: web.Request) -> dict[str, str] | web.Response:
+    """The login form's fields, read with a bound; or the error page to answer with. Only
+    the form encoding a browser uses for this page is taken."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        return _error_page(f"the login form must be sent as application/x-www-form-urlencoded,"
+                           f" not {request.content_type or 'nothing'}", 415)  # fmt: skip
+    if (request.content_length or 0) > MAX_FORM_BYTES:
+        return _error_page("the login form is too large", 413)
+    body = await request.content.read(MAX_FORM_BYTES + 1)
+    if len(body) > MAX_FORM_BYTES:
+        return _error_page("the login form is too large", 413)
+    try:
+        fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=10)
+    except ValueError as exc:
+        return _error_page(f"bad login form: {exc}", 400)
+    return {name: values[0] for name, values in fields.items()}
+
+
+def _error_page(message: str, status: int) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
 def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
 
@@ -161,11 +183,11 @@ def add_login_routes(app: web.Application, auth: DashboardAuth) -> None:
         return _login_page(auth, _safe_next(request.query.get("next")))
 
     async def login(request: web.Request) -> web.StreamResponse:
-        if (request.content_length or 0) > MAX_FORM_BYTES:
-            return _login_page(auth, "/", "the login form is too large", status=413)
-        form = await request.post()
-        token, target = form.get("token"), _safe_next(str(form.get("next") or "/"))
-        if not isinstance(token, str) or not auth.check_token(token):
+        form = await _read_form(request)
+        if isinstance(form, web.Response):
+            return form
+        token, target = form.get("token"), _safe_next(form.get("next") or "/")
+        if token is None or not auth.check_token(token):
             await asyncio.sleep(WRONG_TOKEN_DELAY)
             logger.warning("dashboard: a wrong token was offered by %s", request.remote)
             why = "Wrong token." if auth.has_token else "This dashboard takes no token."

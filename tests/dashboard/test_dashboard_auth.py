@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -704,3 +705,88 @@ def test_cli_scheduler_and_worker_with_a_token_serve_dashboards_behind_the_login
         with shoal.Client(scheduler.address, token=TOKEN, timeout=10,
                           set_as_default=False) as client:  # fmt: skip
             assert client.dashboard_link == link and TOKEN not in link
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _random_request(rng: random.Random, port: int, session: str) -> bytes:
+    """One HTTP/1.1 request with random credentials, paths and bodies (some malformed)."""
+    junk = lambda n: bytes(rng.randrange(256) for _ in range(n))  # noqa: E731
+    path = rng.choice([b"/", b"/api/info", b"/api/logs?n=5", b"/metrics", b"/login",
+                       b"/logout", b"/api/events", b"/static/dashboard.js",
+                       b"/login?next=" + junk(8).hex().encode(), b"/%00", b"/.." * 5])  # fmt: skip
+    method = rng.choice([b"GET", b"POST", b"HEAD", b"PUT"])
+    headers = [b"Host: 127.0.0.1:%d" % port, b"Connection: close"]
+    auth = rng.choice([None, b"Bearer " + TOKEN.encode()[:-1], b"Bearer", b"Basic " + junk(6),
+                       b"Bearer " + junk(40).replace(b"\r", b"").replace(b"\n", b""),
+                       b"bearer " + TOKEN.encode() + b"\xff"])  # fmt: skip
+    if auth is not None:
+        headers.append(b"Authorization: " + auth)
+    cookie = rng.choice([None, session.encode()[:-3] + b"abc", b"=;;=", junk(30).hex().encode(),
+                         session.encode().replace(b".", b";", 1)])  # fmt: skip
+    if cookie is not None:
+        headers.append(b"Cookie: shoal_session_%d=" % port + cookie)
+    body = b""
+    if method == b"POST":
+        body = rng.choice([b"token=" + junk(20).hex().encode(), junk(64), b"token=%ff%fe",
+                           b"next=//evil&token=x", b"token=" + b"a" * 20_000,
+                           b"&".join(b"f%d=1" % i for i in range(50))])  # fmt: skip
+        headers.append(b"Content-Type: " + rng.choice([b"application/x-www-form-urlencoded",
+                                                       b"multipart/form-data; boundary=x",
+                                                       b"text/plain"]))  # fmt: skip
+        headers.append(b"Content-Length: %d" % len(body))
+    return method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(headers) + b"\r\n\r\n" + body
+
+
+def test_bad_credentials_and_malformed_requests_never_crash_the_dashboard(
+    secured: shoal.Client,
+) -> None:
+    link = secured.dashboard_link or ""
+    port = urllib.parse.urlsplit(link).port
+    assert port is not None
+    _, session, _ = cookie_of(request(link + "login", "POST", form={"token": TOKEN}))
+    rng = random.Random(12)
+    statuses: dict[int, int] = {}
+    for _ in range(300):
+        raw = _random_request(rng, port, session)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        statuses[status] = statuses.get(status, 0) + 1
+        # never an error of the server's own, and never a way in without the token
+        assert status != 500 and status < 500, (raw[:300], answer[:300])
+        assert status != 200 or raw.split(b" ", 2)[1].startswith((b"/login", b"/health")), \
+            (raw[:300], answer[:300])  # fmt: skip
+    assert statuses.get(401, 0) > 50, statuses
+    # and it still serves whoever has the token
+    assert request(link + "api/info", headers=bearer()).json()["workers"] == 2
+
+
+def test_login_takes_only_a_small_urlencoded_form(secured: shoal.Client) -> None:
+    link = secured.dashboard_link or ""
+    parts = urllib.parse.urlsplit(link)
+    assert parts.hostname is not None and parts.port is not None
+
+    def post(body: bytes, content_type: str) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+        try:
+            conn.request("POST", "/login", body=body, headers={"Content-Type": content_type})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())["error"]
+        finally:
+            conn.close()
+
+    token = urllib.parse.quote(TOKEN).encode()
+    status, error = post(b"--x\r\nContent-Disposition: form-data; name=token\r\n\r\n" + token,
+                         "multipart/form-data; boundary=x")  # fmt: skip
+    assert status == 415 and "application/x-www-form-urlencoded" in error
+    status, error = post(b"token=" + token + b"&pad=" + b"a" * 10_000,
+                         "application/x-www-form-urlencoded")  # fmt: skip
+    assert status == 413 and "too large" in error
+    status, error = post(b"token=" + token + b"".join(b"&f%d=1" % i for i in range(20)),
+                         "application/x-www-form-urlencoded")  # fmt: skip
+    assert status == 400 and "bad login form" in error
