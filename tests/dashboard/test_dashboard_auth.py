@@ -790,3 +790,24 @@ def test_login_takes_only_a_small_urlencoded_form(secured: shoal.Client) -> None
     status, error = post(b"token=" + token + b"".join(b"&f%d=1" % i for i in range(20)),
                          "application/x-www-form-urlencoded")  # fmt: skip
     assert status == 400 and "bad login form" in error
+
+
+def test_a_local_tls_cluster_links_to_its_https_dashboards() -> None:
+    pytest.importorskip("cryptography", reason="making certificates needs cryptography")
+    from shoal.security import Security
+
+    if "security" not in inspect.signature(shoal.Client).parameters:
+        pytest.skip("Client(security=...) (TLS, issue #12) has not landed yet")
+    security = Security.temporary()
+    with gen_cluster(n_workers=1, token=TOKEN, security=security,
+                     worker_dashboard_address=":0") as client:  # fmt: skip
+        # the link the client gives, and the one the worker reported, are HTTPS
+        link = client.dashboard_link or ""
+        assert link.startswith("https://127.0.0.1:")
+        (w,) = client.scheduler_info()["workers"].values()
+        assert w["dashboard"].startswith("https://127.0.0.1:")
+        trusting = browser_context(security.ca_file)
+        assert_needs_login(https_request(link + "api/info", trusting))
+        assert https_request(link + "api/info", trusting, bearer()).json()["workers"] == 1
+        plain = browser_context(security.ca_file, check_hostname=False)
+        assert https_request(w["dashboard"] + "api/logs", plain, bearer()).status == 200
