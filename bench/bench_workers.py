@@ -113,13 +113,14 @@ def idle_figures(probe: SchedulerProbe, mw: ManyWorkers, n: int, seconds: float)
 def run_tasks(probe: SchedulerProbe, mw: ManyWorkers, address: str, n_tasks: int) -> dict[str, Any]:
     with shoal.Client(address, timeout=60) as client:
         client.gather(client.map(where_am_i, range(len(mw.addresses)), pure=False))  # warm up
-        transitions0, cpu0 = probe.transitions(), probe.sample()
+        transitions0, cpu0, hosts0 = probe.transitions(), probe.sample(), host_cpu(mw)
+        client0 = _own_cpu()
         start = time.perf_counter()
         futures = client.map(where_am_i, range(n_tasks), pure=False)
         submitted = time.perf_counter()
         ran_on = client.gather(futures)
         wall = time.perf_counter() - start
-        cpu1 = probe.sample()
+        cpu1, hosts1, client1 = probe.sample(), host_cpu(mw), _own_cpu()
         transitions = probe.transitions() - transitions0
         del futures
     used = set(ran_on)
@@ -137,7 +138,16 @@ def run_tasks(probe: SchedulerProbe, mw: ManyWorkers, address: str, n_tasks: int
         "sched_cpu_pct": 100 * (cpu1["cpu"] - cpu0["cpu"]) / (cpu1["t"] - cpu0["t"]),
         # what the scheduler could decide if it had a core of its own (it shares two)
         "decisions_per_cpu_s": transitions / max(1e-9, cpu1["cpu"] - cpu0["cpu"]),
+        # CPU per task, which the machine's load does not change much (wall time it does)
+        "sched_us_per_task": 1e6 * (cpu1["cpu"] - cpu0["cpu"]) / n_tasks,
+        "hosts_us_per_task": 1e6 * (hosts1 - hosts0) / n_tasks,
+        "client_us_per_task": 1e6 * (client1 - client0) / n_tasks,
     }
+
+
+def _own_cpu() -> float:
+    cpu = psutil.Process().cpu_times()
+    return float(cpu.user + cpu.system)
 
 
 def _counts(items: list[str]) -> dict[str, int]:
@@ -240,7 +250,9 @@ def print_tasks(r: dict[str, Any], n: int) -> None:
           f" used (tasks per worker {r['tasks_per_worker_min']}-{r['tasks_per_worker_max']}),"
           f" {r['transitions']:,} transitions = {r['decisions_per_s']:,.0f} decisions/s,"
           f" scheduler CPU {r['sched_cpu_pct']:.0f}%, {r['decisions_per_cpu_s']:,.0f} decisions"
-          f" per scheduler CPU-second; hosts: {r['threads_per_host']} threads,"
+          f" per scheduler CPU-second; CPU per task: scheduler {r['sched_us_per_task']:.0f} us,"
+          f" worker hosts {r['hosts_us_per_task']:.0f} us, client {r['client_us_per_task']:.0f}"
+          f" us; hosts: {r['threads_per_host']} threads,"
           f" {r['host_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
 
 
@@ -280,7 +292,9 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
             f" ({tasks['tasks_per_worker_min']}-{tasks['tasks_per_worker_max']} tasks each);"
             f" {tasks['transitions']:,} transitions = **{tasks['decisions_per_s']:,.0f}"
             f" decisions/s**; scheduler CPU {tasks['sched_cpu_pct']:.0f}% of a core, so"
-            f" {tasks['decisions_per_cpu_s']:,.0f} decisions per scheduler CPU-second;"
+            f" {tasks['decisions_per_cpu_s']:,.0f} decisions per scheduler CPU-second; CPU per"
+            f" task: scheduler {tasks['sched_us_per_task']:.0f} us, worker hosts"
+            f" {tasks['hosts_us_per_task']:.0f} us, client {tasks['client_us_per_task']:.0f} us;"
             f" up to {tasks['threads_per_host']} threads and"
             f" {tasks['host_rss_mib']:.0f} MiB RSS per host process.",
         ]  # fmt: skip
