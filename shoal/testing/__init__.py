@@ -7,6 +7,9 @@
 on a fresh local cluster and fails on leaked threads, processes and ports; `spawn_scheduler`
 and `spawn_worker` run the ``shoal`` commands as subprocesses; `wait_until` polls with a
 deadline; `Gate` and `Tally` are tasks that block until opened and that count their runs.
+
+`shoal.testing.many_workers`: `ManyWorkers` joins hundreds of real, lightweight workers to
+a scheduler, many per process on one event loop (a thousand on one machine).
 """
 
 from .cluster import ClusterTimeoutError as ClusterTimeoutError
