@@ -19,6 +19,7 @@ Pure logic, no aiohttp (the middleware and login page are in `shoal.dashboard.lo
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import secrets
 import time
@@ -93,7 +94,9 @@ class DashboardAuth:
         secret = secrets.token_bytes(32)
         self._key = hmac.new(secret, b"shoal dashboard session|" + (self._token or b""),
                              hashlib.sha256).digest()  # fmt: skip
-        self._revoked: dict[str, float] = {}  # nonce -> when its session expires
+        #: nonces of sessions logged out, and the same as (expires, nonce) in a heap
+        self._revoked: set[str] = set()
+        self._revoked_by_expiry: list[tuple[float, str]] = []
 
     @property
     def has_token(self) -> bool:
@@ -128,17 +131,19 @@ class DashboardAuth:
         return now < expires and nonce not in self._revoked
 
     def revoke(self, value: str | None, now: float | None = None) -> None:
-        """Log a session out (a value that is not a valid session is ignored)."""
+        """Log a session out (a value that is not a valid session is ignored). O(log n):
+        expired entries leave from the heap's top; when full, the soonest to expire goes."""
         parts = self._parse(value)
         if parts is None:
             return
         now = time.time() if now is None else now
-        for nonce, expires in list(self._revoked.items()):
-            if expires <= now:
-                del self._revoked[nonce]
-        while len(self._revoked) >= MAX_REVOKED:
-            del self._revoked[next(iter(self._revoked))]
-        self._revoked[parts[1]] = parts[0]
+        expires, nonce = parts
+        heap = self._revoked_by_expiry
+        while heap and (heap[0][0] <= now or len(heap) >= MAX_REVOKED):
+            self._revoked.discard(heapq.heappop(heap)[1])
+        if nonce not in self._revoked:
+            self._revoked.add(nonce)
+            heapq.heappush(heap, (expires, nonce))
 
     def _mac(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()

@@ -170,11 +170,11 @@ def test_when_a_login_is_required() -> None:
 # -------------------------------------------------------- a scheduler with a token
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def secured() -> Iterator[shoal.Client]:
     """A local cluster with a token, its scheduler and its 2 workers serving dashboards."""
     with gen_cluster(n_workers=2, token=TOKEN, worker_dashboard_address=":0",
-                     timeout=120) as client:  # fmt: skip
+                     timeout=60) as client:  # fmt: skip
         assert client.submit(inc, 1).result(timeout=20) == 2
         yield client
 
