@@ -28,6 +28,10 @@ lands all at once. So the worker also acts *before* it allocates, on the project
   (`WorkerMemory.check_now`): the store spills and the worker pauses then, not a poll later;
 - the pause decision counts the reservations too (the projected RSS).
 
+Allocations under `SMALL_BYTES` skip both the reservation and the immediate check (the poll
+sees them): each costs reads of /proc and the store's lock, which for a tiny task were most
+of the worker's own time per task.
+
 A result also waits on its task's thread for room in memory (`SpillBuffer.wait_for_room`),
 so tasks cannot outrun the disk. A worker in the client's process (``in_process``) shares
 its RSS with everything else there, so it spills by the target only and never pauses.
@@ -181,6 +185,8 @@ def parse_memory_limit(value: str | int | float | None, n_workers: int = 1) -> i
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: Reservations and immediate checks are for allocations at least this big, together.
+SMALL_BYTES = 1 << 20
 
 
 def key_prefix(key: str) -> str:
@@ -345,6 +351,8 @@ class WorkerMemory:
         #: result sizes by key prefix (`expected_result`), and the last results' sizes
         self._results: dict[str, int] = {}
         self._recent: collections.deque[int] = collections.deque(maxlen=16)
+        #: bytes allocated since the last immediate check (`check_now`)
+        self._unchecked = 0
 
     # ------------------------------------------------- acting before allocating
 
@@ -377,7 +385,7 @@ class WorkerMemory:
         after ``timeout`` seconds. Returns what was reserved (give it back with `release`)."""
         monitor = self.monitor
         line = monitor.line if monitor is not None else None
-        if monitor is None or line is None or nbytes <= 0:
+        if monitor is None or line is None or nbytes < SMALL_BYTES:
             return 0
         deadline = time.monotonic() + timeout
         # Reserved at once, even while waiting: it lowers the store's ceiling, so it spills.
@@ -403,7 +411,7 @@ class WorkerMemory:
         """`reserve`, on the event loop (for a fetch from a peer)."""
         monitor = self.monitor
         line = monitor.line if monitor is not None else None
-        if monitor is None or line is None or nbytes <= 0:
+        if monitor is None or line is None or nbytes < SMALL_BYTES:
             return 0
         deadline = time.monotonic() + timeout
         monitor.change_reserved(nbytes, self.read_rss())
@@ -422,10 +430,15 @@ class WorkerMemory:
         if self.monitor is not None and nbytes:
             self.monitor.change_reserved(-nbytes, self.read_rss())
 
-    def check_now(self, worker: Worker) -> None:
-        """Read the RSS and act on it now (after an allocation), not at the next poll."""
+    def check_now(self, worker: Worker, nbytes: int) -> None:
+        """Read the RSS and act on it now, after ``nbytes`` were allocated, not at the next
+        poll; small allocations wait for the poll until they add up to `SMALL_BYTES`."""
         if self.monitor is None:
             return
+        self._unchecked += nbytes
+        if self._unchecked < SMALL_BYTES:
+            return
+        self._unchecked = 0
         self.monitor.check(self.read_rss())
         self._sync_pause(worker)
 

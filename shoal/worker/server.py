@@ -499,9 +499,11 @@ class Worker:
     def _drain_outcomes(self) -> None:
         self._drain_scheduled = False
         events: list[WorkerEvent] = []
+        stored = 0
         while self._done:
             out = self._done.popleft()
             if out.ok:
+                stored += out.nbytes
                 self.data[out.key] = out.value
                 self.memory.note_result(out.key, out.nbytes)
                 events.append(ExecuteDone(f"execute-{out.key}", out.key, out.nbytes,
@@ -512,7 +514,7 @@ class Worker:
                                             out.traceback, out.text, out.start, out.stop,
                                             out.warnings))  # fmt: skip
         if events and not self._closing:
-            self.memory.check_now(self)  # results stored: spill or pause now if need be
+            self.memory.check_now(self, stored)  # results stored: spill or pause now if need be
             self._handle(events)
 
     # ------------------------------------------------- seceding (from task threads)
@@ -572,7 +574,7 @@ class Worker:
             self.bytes_in += sum(nbytes.values())
         finally:
             self.memory.release(reserved)
-        self.memory.check_now(self)  # the data landed: spill or pause now if need be
+        self.memory.check_now(self, sum(nbytes.values()))  # landed: spill or pause now
         self._handle([GatherDone(stimulus, ins.peer, nbytes, reply.missing)])
 
     async def _serve_peer(self, comm: Comm) -> None:
