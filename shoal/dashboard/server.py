@@ -38,12 +38,12 @@ class _Guarded:
                preload: tuple[str, ...]) -> None:  # fmt: skip
         security = getattr(owner, "security", None)
         self.token: str | None = getattr(owner, "token", None) or None
-        self.server = HttpServer(address, self._build, default_host, what, preload=preload,
-                                 ssl_context=dashboard_ssl_context(security))  # fmt: skip
+        self.server = HttpServer(address, self._build, default_host, what, preload=preload)
         #: whether every request but /health must authenticate (raises DashboardRefused)
         self.login_required = check_exposure(
             self.server.host, self.server.requested_port, self.token, security is not None,
             insecure=bool(getattr(owner, "insecure", False)), what=what)  # fmt: skip
+        self.server.ssl_context = dashboard_ssl_context(security)
         self.certificate_check = certificate_check(security)
         # Until bound the port (and so the cookie's name) is not known: replaced in start.
         self.auth = DashboardAuth(self.token, self.login_required,
