@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -41,13 +42,16 @@ _log_level = click.option(
     help="Logging level of shoal's loggers [env: SHOAL_LOG_LEVEL].")  # fmt: skip
 
 
-async def _serve_until_signal(server: Any, started: str) -> None:
+async def _serve_until_signal(server: Any, started: str,
+                              after_start: Callable[[], None] | None = None) -> None:
     # Handlers first: whoever reads the address may signal us right after it is printed.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    if after_start is not None:
+        after_start()
     if getattr(server, "dashboard_link", ""):
         click.echo(f"shoal dashboard at {server.dashboard_link}", err=False)
     click.echo(started.format(address=server.address), err=False)
@@ -180,13 +184,19 @@ def _check_bind(address: str, security: object, token: str | None, insecure: boo
                    " --host; :0 a free port). Its URL is told to the scheduler.")
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True,
               help="Serve /metrics and /health.")
+@click.option("--lifetime", default=None, type=float,
+              help="Seconds after which the worker retires gracefully (its results move to"
+                   " other workers, then it exits 0): set it under a batch job's walltime.")
+@click.option("--lifetime-stagger", default=0.0, show_default=True, type=float,
+              help="Take a random 0..N seconds off --lifetime, so workers started together"
+                   " leave at different times.")
 def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, port: int,
            token: str | None, tls_ca_file: str | None, tls_cert: str | None,
            tls_key: str | None, insecure: bool, token_file: str | None, max_frame_bytes: str,
            memory_limit: str, memory_fractions: str, nanny: bool,
            resources: str, connect_timeout: float, heartbeat_interval: float,
            death_timeout: float, log_level: str, dashboard_address: str,
-           dashboard: bool) -> None:
+           dashboard: bool, lifetime: float | None, lifetime_stagger: float) -> None:
     """Run a worker that joins the scheduler at SCHEDULER_ADDRESS (e.g. tcp://host:8786).
 
     By default a nanny (this process) runs the worker in a child process and starts a new
@@ -209,6 +219,13 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
         fractions = MemoryFractions.parse(memory_fractions)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--memory-fractions") from None
+    if lifetime is not None:
+        from .worker.lifetime import effective_lifetime
+
+        try:
+            lifetime = effective_lifetime(lifetime, lifetime_stagger)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--lifetime") from None
     if nanny:
         _run_nanny(scheduler_address, nthreads=nthreads, name=name, host=host, port=port,
                    token=token, memory_limit=limit, memory_fractions=fractions,
@@ -217,6 +234,7 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
                                 "--max-frame-bytes", max_frame_bytes,
                                 "--heartbeat-interval", str(heartbeat_interval),
                                 "--death-timeout", str(death_timeout), "--log-level", log_level,
+                                *(["--lifetime", str(lifetime)] if lifetime else []),
                                 *(["--dashboard-address", dashboard_address] if dashboard
                                   else [])])  # fmt: skip
         return
@@ -228,8 +246,16 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
                     reconnect_timeout=death_timeout, memory_fractions=fractions,
                     dashboard_address=dashboard_address if dashboard else None,
                     security=security, insecure=insecure, frame_limits=limits)
+    lifetime_tasks: list[asyncio.Future[None]] = []  # a reference, so it is not collected
+
+    def after_start() -> None:
+        if lifetime:  # see shoal.worker.lifetime
+            from .worker.lifetime import retire_at_lifetime
+
+            lifetime_tasks.append(asyncio.ensure_future(retire_at_lifetime(server, lifetime)))
+
     try:
-        run(_serve_until_signal(server, "shoal worker listening at {address}"))
+        run(_serve_until_signal(server, "shoal worker listening at {address}", after_start))
     except (ConnectionError, InsecureBindError, SecurityError) as exc:
         raise click.ClickException(str(exc)) from exc
 

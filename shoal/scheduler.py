@@ -43,6 +43,7 @@ from .core.scheduler_events import (
     WorkerJoined,
     WorkerLeft,
 )
+from .core.placement import UNKNOWN_DURATION_S
 from .core.scheduler_records import key_group
 from .core.scheduler_state import SchedulerState
 from .dashboard.http import parse_address
@@ -556,7 +557,19 @@ class Scheduler:
             "tasks": len(self.state.tasks),
             "clients": len(self.state.clients),
             "dashboard": self.dashboard_link,
+            "workload": self._workload(),
         }  # fmt: skip
+
+    def _workload(self) -> dict[str, float]:
+        """Work not done yet, for adaptive scaling (`shoal.deploy.adaptive`): tasks waiting,
+        queued or running, and their expected seconds (their group's mean duration)."""
+        durations = self.state.group_duration
+        count = seconds = 0.0
+        for ts in self.state.tasks.values():
+            if ts.state in ("waiting", "queued", "processing", "no-worker"):
+                count += 1
+                seconds += durations.get(ts.group, UNKNOWN_DURATION_S)
+        return {"tasks": count, "seconds": seconds}
 
     def _memory_of(self, address: str) -> dict[str, Any]:
         """What the worker's latest heartbeat said of its memory."""

@@ -194,6 +194,7 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
                             " (cluster options apply only when no address is given)")  # fmt: skip
         elif hasattr(address, "scheduler_address"):
             self.cluster, address = address, address.scheduler_address  # a cluster object
+            self.token = self.token or getattr(self.cluster, "token", None)  # its token
             security = security or getattr(self.cluster, "security", None)
         self.security = _client_security(address, security)
         self.scheduler_address = address

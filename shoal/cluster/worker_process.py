@@ -47,6 +47,10 @@ async def serve(args: argparse.Namespace) -> int:
                     if args.tls_cert else None, insecure=args.insecure,
                     frame_limits=parse_frame_limits(args.max_frame_bytes, WORKER_FRAME_LIMITS))  # fmt: skip
     await worker.start()
+    if args.lifetime:  # `shoal worker --lifetime`: retire before a batch walltime
+        from ..worker.lifetime import retire_at_lifetime
+
+        lifetime_task = asyncio.ensure_future(retire_at_lifetime(worker, args.lifetime))
     loop = asyncio.get_running_loop()
     stop = lambda: asyncio.ensure_future(worker.close("signal"))  # noqa: E731
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,6 +61,8 @@ async def serve(args: argparse.Namespace) -> int:
         with os.fdopen(args.ready_fd, "w") as ready:
             ready.write(f"{worker.address}\n")
     await worker.finished()
+    if args.lifetime:
+        lifetime_task.cancel()
     return RESTART_EXIT_CODE if worker.restart_requested else 0
 
 
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)
     parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--lifetime", type=float, default=None,
+                        help="seconds after which the worker retires gracefully")
     parser.add_argument("--max-frame-bytes", default="", help="ROLE=SIZE,... (see shoal worker)")
     parser.add_argument("--dashboard-address", default=None,
                         help="[HOST]:PORT of the worker's /metrics server (none by default)")
