@@ -10,7 +10,8 @@ Every request must authenticate (see `shoal.dashboard.auth` for when and how) ex
 
 ``POST /login`` takes the token from a form field, compares it in constant time and sets a
 session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS), never the token itself; a
-wrong token gets the form again, after a short pause (so guessing is slow), with 401.
+wrong token gets the form again with 401, after a pause that wrong tries take in turn (so
+guessing is slow however many connections try).
 ``POST /logout`` revokes the session and clears the cookie. ``GET /api/session`` says how
 this request was authenticated (the page shows its logout button from it).
 """
@@ -34,8 +35,10 @@ __all__ = ["CertificateCheck", "add_login_routes", "login_middleware", "peer_cer
 
 #: paths served to anyone
 OPEN_PATHS = frozenset({"/health", "/login", "/favicon.ico"})
-#: the pause before answering a wrong token
+#: the pause before answering a wrong token (wrong tries take turns: see ``login``)
 WRONG_TOKEN_DELAY = 0.5
+#: failed logins waiting their turn at most; more are answered 429 at once
+MAX_WAITING_FAILURES = 64
 #: the largest login form read
 MAX_FORM_BYTES = 8192
 
@@ -176,8 +179,17 @@ def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
 
 
+class _Failing:
+    """Failed logins queue on one lock (see ``login``)."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+
+
 def add_login_routes(app: web.Application, auth: DashboardAuth) -> None:
     """``GET``/``POST /login``, ``POST /logout`` and ``GET /api/session`` on ``app``."""
+    failing = _Failing()
 
     async def login_form(request: web.Request) -> web.Response:
         return _login_page(auth, _safe_next(request.query.get("next")))
@@ -188,7 +200,16 @@ def add_login_routes(app: web.Application, auth: DashboardAuth) -> None:
             return form
         token, target = form.get("token"), _safe_next(form.get("next") or "/")
         if token is None or not auth.check_token(token):
-            await asyncio.sleep(WRONG_TOKEN_DELAY)
+            # Wrong tries wait their turn, one pause each: at most 1/WRONG_TOKEN_DELAY
+            # guesses a second however many connections try; the right token never waits.
+            if failing.waiting >= MAX_WAITING_FAILURES:
+                return _error_page("too many failed logins at once; try again later", 429)
+            failing.waiting += 1
+            try:
+                async with failing.lock:
+                    await asyncio.sleep(WRONG_TOKEN_DELAY)
+            finally:
+                failing.waiting -= 1
             logger.warning("dashboard: a wrong token was offered by %s", request.remote)
             why = "Wrong token." if auth.has_token else "This dashboard takes no token."
             return _login_page(auth, target, why, status=401)

@@ -811,3 +811,63 @@ def test_a_local_tls_cluster_links_to_its_https_dashboards() -> None:
         assert https_request(link + "api/info", trusting, bearer()).json()["workers"] == 1
         plain = browser_context(security.ca_file, check_hostname=False)
         assert https_request(w["dashboard"] + "api/logs", plain, bearer()).status == 200
+
+
+def test_wrong_tokens_take_turns_and_the_right_one_does_not_wait(secured: shoal.Client) -> None:
+    import aiohttp
+
+    from shoal.dashboard.login import WRONG_TOKEN_DELAY
+
+    link = secured.dashboard_link or ""
+
+    async def main() -> None:
+        finished: list[str] = []
+
+        async def attempt(session: aiohttp.ClientSession, token: str, what: str) -> int:
+            async with session.post(link + "login", data={"token": token, "next": "/"},
+                                    allow_redirects=False) as r:  # fmt: skip
+                await r.read()
+                finished.append(what)
+                return r.status
+
+        async with aiohttp.ClientSession() as session:
+            start = time.monotonic()
+            # given: eight wrong guesses at once, on eight connections
+            wrong = [asyncio.ensure_future(attempt(session, f"guess-{i}", "wrong"))
+                     for i in range(8)]  # fmt: skip
+            await asyncio.sleep(0)  # they are sent first
+            # when: the right token comes while they wait
+            assert await attempt(session, TOKEN, "right") == 303
+            # then: it passed them all, and they were answered one pause apart
+            statuses = await asyncio.gather(*wrong)
+            elapsed = time.monotonic() - start
+        assert statuses == [401] * 8
+        assert finished.index("right") < 7, finished  # not behind the queue of guesses
+        assert elapsed >= 8 * WRONG_TOKEN_DELAY, elapsed
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_flood_of_wrong_tokens_is_turned_away(secured: shoal.Client,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import aiohttp
+
+    from shoal.dashboard import login
+
+    monkeypatch.setattr(login, "MAX_WAITING_FAILURES", 2)  # the queue's bound, made small
+    link = secured.dashboard_link or ""
+
+    async def main() -> list[int]:
+        async with aiohttp.ClientSession() as session:
+
+            async def attempt(i: int) -> int:
+                async with session.post(link + "login", data={"token": f"guess-{i}"},
+                                        allow_redirects=False) as r:  # fmt: skip
+                    await r.read()
+                    return r.status
+
+            return list(await asyncio.gather(*(attempt(i) for i in range(6))))
+
+    statuses = asyncio.run(asyncio.wait_for(main(), 60))
+    assert sorted(statuses) == [401, 401, 429, 429, 429, 429], statuses
+    assert request(link + "api/info", headers=bearer()).status == 200
