@@ -103,6 +103,7 @@ class FrameFuzzer:
                           "tcp://[::1]:9", "not an address"]  # fmt: skip
         #: a few keys, so that fuzzed messages refer to each other's keys
         self.keys = [f"fuzz-{i}" for i in range(6)] + ["", "x" * 300]
+        self.names = [self.rng.randbytes(6).hex() for _ in range(4)]
         self.codec = Codec()
         self._types = [t for t in ALL_MESSAGES if t not in DISRUPTIVE]
 
@@ -320,7 +321,9 @@ class FrameFuzzer:
             return rng.choice(self.addresses)
         if name in ("key", "keys", "dependencies", "wanted", "scattered") or "key" in name:
             return rng.choice(self.keys)
-        return rng.choice(["", "x", "fuzz", "é", "\x00", "a" * 1000, rng.randbytes(6).hex()])
+        # A few names only: state that authenticated peers may legitimately create (variables,
+        # queues, datasets) stays bounded, so that memory growth means a leak.
+        return rng.choice(["", "x", "fuzz", "é", "\x00", "a" * 1000, *self.names])
 
     def harmless_pickle(self) -> bytes:
         """A pickle of a harmless callable or value, or a truncated one (which fails to load):

@@ -148,10 +148,13 @@ class FuzzRun:
     seconds: float = 0.0
     rss_start: dict[str, int] = field(default_factory=dict)
     rss_max: dict[str, int] = field(default_factory=dict)
+    #: RSS when half the frames were sent: growth after it would be a leak, not warm-up
+    rss_half: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         mib = 2**20
-        rss = ", ".join(f"{name} RSS {self.rss_start[name] / mib:.0f} -> max"
+        rss = ", ".join(f"{name} RSS {self.rss_start[name] / mib:.0f} -> half-way"
+                        f" {self.rss_half.get(name, 0) / mib:.0f} -> max"
                         f" {self.rss_max[name] / mib:.0f} MiB" for name in self.rss_start)  # fmt: skip
         return (f"fuzz {self.port} port (seed {self.seed}): {self.frames} frames in"
                 f" {self.connections} connections, {self.bytes_sent / mib:.1f} MiB, in"
@@ -207,6 +210,8 @@ def fuzz(servers: Servers, port: str, seed: int, frames: int) -> FuzzRun:
             servers.compute()
             for name, pid in processes.items():
                 run.rss_max[name] = max(run.rss_max[name], rss_of(pid))
+            if not run.rss_half and run.frames >= frames // 2:
+                run.rss_half = {name: rss_of(pid) for name, pid in processes.items()}
     run.seconds = time.perf_counter() - start
     servers.alive()
     servers.compute()
