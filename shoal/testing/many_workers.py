@@ -113,8 +113,9 @@ class WorkerHost:
         await asyncio.gather(*(w.close("ManyWorkers closing") for w in self.workers),
                              return_exceptions=True)  # fmt: skip
         if self.executor is not None:
-            # Off the loop: the pool's threads may be finishing a task that calls into it.
-            await asyncio.to_thread(self.executor.shutdown, True, cancel_futures=True)
+            # Like a worker's own pool: queued tasks are dropped, idle threads leave now,
+            # and a thread still in a task leaves when it returns (nothing waits for it).
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def all_closed(self) -> None:
         """Wait until every worker has closed (the scheduler told them to, or `close`)."""

@@ -37,9 +37,10 @@ where_am_i.__module__ = "__main__"
 
 
 def spread_over_all(address: str, n_workers: int, n_tasks: int, processes: int,
-                    timeout: float) -> None:  # fmt: skip
+                    timeout: float, shared_threads: int = 0) -> None:  # fmt: skip
     """``n_workers`` join the scheduler at ``address``; ``n_tasks`` run, on every one of them."""
-    with ManyWorkers(address, n=n_workers, processes=processes, start_timeout=timeout) as mw:
+    with ManyWorkers(address, n=n_workers, processes=processes, start_timeout=timeout,
+                     shared_threads=shared_threads) as mw:  # fmt: skip
         assert len(set(mw.addresses)) == n_workers
         with shoal.Client(address, timeout=timeout) as client:
             assert len(client.nthreads()) == n_workers  # each registered, one thread each
@@ -61,6 +62,12 @@ def test_fifty_workers_on_one_loop_share_two_thousand_tasks() -> None:
         start = time.monotonic()
         spread_over_all(scheduler.address, n_workers=50, n_tasks=2000, processes=0, timeout=30)
         assert time.monotonic() - start < 20
+
+
+def test_workers_sharing_a_small_pool_of_threads_all_run_tasks() -> None:
+    with no_leaks(timeout=15), spawn_scheduler(extra_args=["--no-dashboard"]) as scheduler:
+        spread_over_all(scheduler.address, n_workers=20, n_tasks=400, processes=0, timeout=30,
+                        shared_threads=2)  # fmt: skip
 
 
 def test_workers_in_child_processes_leave_nothing_behind() -> None:
