@@ -15,6 +15,7 @@ Modules, one concern each:
   definition.py   JobFunction: delay / enqueue / prepare / enqueue_many, and a job's options
   batch.py        Batch: ``with app.batch():`` sends delay() calls many at a time
   job.py          Job: the handle (status, result, cancel, attempts, last_error)
+  cancellation.py the cancel flag a running job checks (is_cancelled, check_cancelled)
   message.py      the msgspec envelope (JobMessage) and stored record (JobRecord)
   payload.py      arguments, results and exceptions <-> bytes (cloudpickle)
   broker.py       the Broker interface and the job life cycle every backend implements
@@ -25,12 +26,14 @@ Modules, one concern each:
   signing.py      HMAC-SHA256 signatures on every stored pickle (``secret=``)
   policy/         pure policy: retries (backoff), time limits, leases
   schedules.py    pure: cron / interval slots and what is due; periodic.py runs them
-  cli.py          ``shoal jobs worker | status | list | dead | retry | purge``
+  cli.py          ``shoal jobs worker | status | list | dead | retry | cancel | purge``
   testing.py      conformance checks any broker can run
 """
 
 from .app import JobQueue as JobQueue
 from .batch import Batch as Batch
+from .cancellation import check_cancelled as check_cancelled
+from .cancellation import is_cancelled as is_cancelled
 from .broker import Broker as Broker
 from .definition import JobFunction as JobFunction
 from .errors import BadSignature as BadSignature

@@ -119,8 +119,17 @@ class Broker(ABC):
 
     @abstractmethod
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job that has not started (waiting, scheduled or queued) and its waiting
-        descendants. False if it runs or has finished."""
+        """Cancel a job that has not finished (waiting, scheduled, queued or running) and its
+        waiting descendants: it is ``cancelled`` at once, durably. A running job's worker
+        learns it from `cancelled` and stops the attempt; its later ack/fail is refused, so a
+        cancel racing the finish ends in one of the two, never both, and never a retry.
+        False if the job has finished (or is unknown)."""
+
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of ``job_ids`` are cancelled (a worker asks this about the jobs it holds).
+        Default: read their records."""
+        ids = list(job_ids)
+        return {i for i, r in zip(ids, self.get_many(ids)) if r is not None and r.status == "cancelled"}
 
     @abstractmethod
     def retry(self, job_id: str) -> bool:

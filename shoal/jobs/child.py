@@ -1,8 +1,11 @@
-"""A job worker's child process: ``python -m shoal.jobs.child IN_FD OUT_FD``.
+"""A job worker's child process: ``python -m shoal.jobs.child IN_FD OUT_FD CONTROL_FD``.
 
-Reads requests ``(name, function ref or None, payload, parent results, pass_results)``
-as length-prefixed pickles from IN_FD, runs each, writes the pickled `Outcome` to OUT_FD.
-Exits at end of input, and (on Linux) when its parent dies.
+Reads requests ``(name, function ref or None, payload, parent results, pass_results,
+job id)`` as length-prefixed pickles from IN_FD, runs each, writes the pickled `Outcome` to
+OUT_FD. On SIGUSR1 it reads cancelled job ids (one a line) from CONTROL_FD and sets the
+running job's cancel flag if its id is among them (a late signal meant for an earlier job
+finds another id and changes nothing). Exits at end of input, and (on Linux) when its
+parent dies.
 """
 
 from __future__ import annotations
@@ -16,8 +19,32 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .cancellation import CancelFlag
 from .executors import read_frame, write_frame
 from .runner import Outcome, describe, run_call
+
+#: the flag of the job running now (read by the SIGUSR1 handler)
+_running: CancelFlag | None = None
+#: ids cancelled so far (a signal may come just before its job's flag is made)
+_cancelled: set[str] = set()
+
+
+def _on_cancel(control_fd: int) -> None:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(control_fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    if len(_cancelled) > 1000:
+        _cancelled.clear()
+    _cancelled.update(i.decode() for i in data.split(b"\n") if i)
+    flag = _running
+    if flag is not None and flag.job_id in _cancelled:
+        flag.set = True
 
 
 def _die_with_parent() -> None:
@@ -45,14 +72,19 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    global _running
     in_fd, out_fd = int(argv[0]), int(argv[1])
+    if len(argv) > 2:
+        control_fd = int(argv[2])
+        os.set_blocking(control_fd, False)
+        signal.signal(signal.SIGUSR1, lambda *_: _on_cancel(control_fd))
     jobs: dict[str, tuple[Callable[..., Any], tuple[type[BaseException], ...]]] = {}
     write_frame(out_fd, b"ready")
     while True:
         frame = read_frame(in_fd)
         if frame is None:
             return 0
-        name, ref, payload, parents, pass_results = pickle.loads(frame)
+        name, ref, payload, parents, pass_results, job_id = pickle.loads(frame)
         try:
             if ref is not None:
                 jobs[name] = _resolve(ref)
@@ -62,7 +94,12 @@ def main(argv: list[str]) -> int:
                               error=f"UnknownJob: the child process cannot load job {name!r}: "
                                     f"{describe(exc)}")
         else:
-            outcome = run_call(fn, retry_on, payload, parents, pass_results)
+            _running = CancelFlag(job_id)
+            _running.set = job_id in _cancelled
+            try:
+                outcome = run_call(fn, retry_on, payload, parents, pass_results, _running)
+            finally:
+                _running = None
         write_frame(out_fd, pickle.dumps(outcome))
 
 

@@ -95,6 +95,9 @@ def jobs() -> None:
               help="Seconds running jobs get to finish after SIGTERM before they are handed back.")
 @click.option("--schedules/--no-schedules", default=True, show_default=True,
               help="Also enqueue the app's periodic jobs when due.")
+@click.option("--cancel-grace", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds a cancelled running job gets to stop on its own (check_cancelled) "
+                   "before it is stopped by force.")
 @click.option("--name", default=None, help="Worker name (default: host-pid-random).")
 @click.option("--scheduler", default=None,
               help="A shoal scheduler to connect to at start, so that jobs (in the threads "
@@ -102,8 +105,8 @@ def jobs() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int | None,
-           lease: float | None, grace: float, schedules: bool, name: str | None,
-           scheduler: str | None, log_level: str) -> None:
+           lease: float | None, grace: float, schedules: bool, cancel_grace: float,
+           name: str | None, scheduler: str | None, log_level: str) -> None:
     """Run a job worker for APP (module:attribute) until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -113,7 +116,7 @@ def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int
         signal.signal(sig, lambda *_: stop.set())
     w = app.worker(queues=[q.strip() for q in queues.split(",") if q.strip()],
                    concurrency=concurrency, pool=pool, prefetch=prefetch, lease=lease,
-                   grace=grace, schedules=schedules, name=name)
+                   grace=grace, schedules=schedules, name=name, cancel_grace=cancel_grace)
     client = None
     if scheduler is not None:
         from ..client.client import Client
@@ -214,6 +217,26 @@ def retry(target: str, job_ids: tuple[str, ...], all_dead: bool) -> None:
     click.echo(f"retried {len(done)} jobs")
     broker.close()
     if len(done) < len(set(ids)):
+        sys.exit(1)
+
+
+@jobs.command()
+@click.argument("target", metavar="QUEUE")
+@click.argument("job_ids", nargs=-1, required=True)
+def cancel(target: str, job_ids: tuple[str, ...]) -> None:
+    """Cancel jobs (queued, delayed, waiting or running) and their waiting descendants."""
+    broker = open_queue(target)
+    missed = 0
+    for job_id in job_ids:
+        if broker.cancel(job_id):
+            click.echo(f"{job_id}: cancelled")
+            continue
+        missed += 1
+        record = broker.get(job_id)
+        click.echo(f"{job_id}: " + ("no such job" if record is None
+                                    else f"not cancelled: it has {record.status} already"), err=True)
+    broker.close()
+    if missed:
         sys.exit(1)
 
 

@@ -23,8 +23,9 @@ from typing import Any
 
 import cloudpickle
 
+from .cancellation import CancelFlag
 from .definition import JobFunction
-from .errors import TimeLimitExceeded
+from .errors import JobCancelled, TimeLimitExceeded
 from .message import JobMessage
 from .payload import dump_exception
 from .policy.time_limit import overrun
@@ -46,7 +47,7 @@ def _absorb_raised() -> None:
     try:
         for _ in range(1000):
             pass
-    except TimeLimitExceeded:
+    except (TimeLimitExceeded, JobCancelled):
         pass
 
 
@@ -55,47 +56,67 @@ class InlineExecutor:
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._armed = False
+        self._armed = False  #: an attempt runs: an exception may be raised in its thread
+        self._fired: type[BaseException] | None = None  #: what was raised in it, if any
+        self._thread_id = 0
+        self._flag: CancelFlag | None = None
+
+    def _stop_locked(self, exc_type: type[BaseException]) -> None:
+        """Raise ``exc_type`` in the attempt's thread, once (hold ``_guard``)."""
+        if self._armed and self._fired is None:
+            self._fired = exc_type
+            _raise_in_thread(self._thread_id, exc_type)
+
+    def _expire(self) -> None:
+        with self._guard:
+            self._stop_locked(TimeLimitExceeded)
 
     def run(self, job: JobFunction[Any, Any], message: JobMessage, parents: list[bytes]) -> Outcome:
         limit = message.time_limit
-        if limit is None:
-            return run_call(job.fn, job.options.retry_on, message.payload, parents, message.pass_results)
-        thread_id = threading.get_ident()
-        fired = False
-
-        def expire() -> None:
-            nonlocal fired
-            with self._guard:
-                if self._armed:
-                    self._armed = False
-                    fired = True
-                    _raise_in_thread(thread_id, TimeLimitExceeded)
-
-        timer = threading.Timer(limit, expire)
-        timer.daemon = True
+        flag = CancelFlag(message.id)
+        with self._guard:
+            self._armed, self._fired = True, None
+            self._thread_id, self._flag = threading.get_ident(), flag
+        timer = None
+        if limit is not None:
+            timer = threading.Timer(limit, self._expire)
+            timer.daemon = True
         try:
             try:
-                with self._guard:
-                    self._armed = True
-                timer.start()
+                if timer is not None:
+                    timer.start()
                 outcome = run_call(job.fn, job.options.retry_on, message.payload, parents,
-                                   message.pass_results)
+                                   message.pass_results, flag)
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 with self._guard:
-                    self._armed = False
-                    raised = fired
-                if raised:
+                    self._armed, self._flag = False, None
+                    raised = self._fired
+                if raised is not None:
                     _absorb_raised()
         except TimeLimitExceeded:
+            assert limit is not None
             return failure(overrun(limit), isinstance(overrun(limit), job.options.retry_on))
-        if not outcome.ok and outcome.error.startswith("TimeLimitExceeded"):
+        except JobCancelled as exc:
+            return failure(exc, False)
+        if limit is not None and not outcome.ok and outcome.error.startswith("TimeLimitExceeded"):
             stopped = overrun(limit)
             outcome.error = f"TimeLimitExceeded: {stopped}"
             outcome.exception = dump_exception(stopped)
             outcome.retryable = isinstance(stopped, job.options.retry_on)
         return outcome
+
+    def cancel(self, job_id: str, hard: bool) -> None:
+        """Tell the attempt of ``job_id`` (if it is the one running) it is cancelled; with
+        ``hard``, also raise `JobCancelled` in its thread."""
+        with self._guard:
+            flag = self._flag
+            if flag is None or flag.job_id != job_id:
+                return
+            flag.set = True
+            if hard:
+                self._stop_locked(JobCancelled)
 
     def prepare(self) -> None:
         pass
@@ -156,22 +177,31 @@ class ChildExecutor:
         self._proc: subprocess.Popen[bytes] | None = None
         self._to_child = -1
         self._from_child = -1
+        self._control = -1  #: ids of cancelled jobs go to the child here (then SIGUSR1)
         self._known: set[str] = set()  #: jobs whose function the child has
         self._lock = threading.Lock()
+        self._current: str | None = None  #: the job whose attempt the child runs
+        self._doomed = False  #: killed by a hard cancel: replace it after this attempt
 
     def _start(self) -> None:
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
+        ctl_r, ctl_w = os.pipe()
+        os.set_blocking(ctl_w, False)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal.jobs.child", str(to_r), str(from_w)],
-                pass_fds=(to_r, from_w), env=env, stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "shoal.jobs.child", str(to_r), str(from_w), str(ctl_r)],
+                pass_fds=(to_r, from_w, ctl_r), env=env, stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(ctl_w)
+            raise
         finally:
             os.close(to_r)
             os.close(from_w)
-        self._to_child, self._from_child = to_w, from_r
+            os.close(ctl_r)
+        self._to_child, self._from_child, self._control = to_w, from_r, ctl_w
         self._known.clear()
         # The child says it is ready once imported, so start-up never eats a time limit.
         ready, _, _ = select.select([from_r], [], [], 120.0)
@@ -189,17 +219,45 @@ class ChildExecutor:
             if self._proc is None:
                 self._start()
             ref = None if job.name in self._known else callable_ref(job)
-            request = pickle.dumps((job.name, ref, message.payload, parents, message.pass_results))
+            request = pickle.dumps((job.name, ref, message.payload, parents, message.pass_results,
+                                    message.id))
+            self._current = message.id
         try:
-            write_frame(self._to_child, request)
-        except OSError as exc:
-            self.kill()
-            return Outcome(ok=False, error=f"WorkerLost: the job's child process is gone: {exc}")
-        self._known.add(job.name)
-        try:
-            return self._await(job, message)
-        except (OSError, ValueError) as exc:  # the worker killed the child while we waited
-            return Outcome(ok=False, error=f"WorkerLost: the job's child process was stopped: {exc}")
+            try:
+                write_frame(self._to_child, request)
+            except OSError as exc:
+                self.kill()
+                return Outcome(ok=False, error=f"WorkerLost: the job's child process is gone: {exc}")
+            self._known.add(job.name)
+            try:
+                return self._await(job, message)
+            except (OSError, ValueError) as exc:  # the worker killed the child while we waited
+                return Outcome(ok=False,
+                               error=f"WorkerLost: the job's child process was stopped: {exc}")
+        finally:
+            with self._lock:
+                self._current = None
+                doomed, self._doomed = self._doomed, False
+            if doomed:
+                self.kill()  # reap it; the next attempt starts a new child
+
+    def cancel(self, job_id: str, hard: bool) -> None:
+        """Tell the child that the attempt of ``job_id`` (if it is the one running) is
+        cancelled: its flag is set (the id on the control pipe, then SIGUSR1); with ``hard``,
+        kill the child instead (the slot replaces it)."""
+        with self._lock:
+            proc = self._proc
+            if proc is None or self._current != job_id or proc.poll() is not None:
+                return
+            if hard:
+                self._doomed = True
+                proc.send_signal(signal.SIGKILL)
+                return
+            try:
+                os.write(self._control, job_id.encode() + b"\n")
+            except (BlockingIOError, OSError):
+                pass  # the hard stop follows after the grace period
+            proc.send_signal(signal.SIGUSR1)
 
     def _await(self, job: JobFunction[Any, Any], message: JobMessage) -> Outcome:
         limit = message.time_limit
@@ -230,8 +288,8 @@ class ChildExecutor:
             proc, self._proc = self._proc, None
             if proc is None:
                 return None
-            fds = (self._to_child, self._from_child)
-            self._to_child = self._from_child = -1
+            fds = (self._to_child, self._from_child, self._control)
+            self._to_child = self._from_child = self._control = -1
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         code = proc.wait()
@@ -246,10 +304,10 @@ class ChildExecutor:
         """Stop the child: closing its pipe ends it once its current attempt is done."""
         with self._lock:
             proc, self._proc = self._proc, None
-            for fd in (self._to_child, self._from_child):
+            for fd in (self._to_child, self._from_child, self._control):
                 if fd >= 0:
                     os.close(fd)
-            self._to_child = self._from_child = -1
+            self._to_child = self._from_child = self._control = -1
         if proc is not None:
             try:
                 proc.wait(timeout=5)

@@ -121,8 +121,12 @@ class Job:
             delay = min(delay * 1.5, 0.05)
 
     def cancel(self) -> bool:
-        """Cancel the job if it has not started (and its waiting descendants with it);
-        False if it is running or finished. A running job is not interrupted."""
+        """Cancel the job, whatever it waits for or if it runs, and its waiting descendants
+        with it; False if it has finished. The cancel is stored in the broker: ``status`` is
+        ``cancelled`` at once, ``result()`` raises `JobCancelled`, nothing retries it. A
+        running attempt is told (`shoal.jobs.check_cancelled` raises in it) and stopped by
+        force after its worker's ``cancel_grace``; if it finished first, this returns False
+        and the job keeps its result."""
         self._settle()
         return self.broker.cancel(self._id)
 

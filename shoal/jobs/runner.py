@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from ..protocol.serialize import SerializationError
+from .cancellation import CancelFlag, install
 from .payload import dump_exception, dump_result, load, load_arguments
 
 
@@ -36,8 +37,10 @@ def failure(exc: BaseException, retryable: bool, error: str | None = None) -> Ou
 
 
 def run_call(fn: Callable[..., Any], retry_on: tuple[type[BaseException], ...], payload: bytes,
-             parent_results: Sequence[bytes], pass_results: bool) -> Outcome:
-    """Unpickle the arguments, call ``fn``, pickle what it returns."""
+             parent_results: Sequence[bytes], pass_results: bool,
+             flag: CancelFlag | None = None) -> Outcome:
+    """Unpickle the arguments, call ``fn``, pickle what it returns. ``flag``: the job's
+    cancel flag, which `shoal.jobs.check_cancelled` reads in this thread while ``fn`` runs."""
     try:
         args, kwargs = load_arguments(payload)
         parents = [load(r) for r in parent_results] if pass_results else []
@@ -45,10 +48,13 @@ def run_call(fn: Callable[..., Any], retry_on: tuple[type[BaseException], ...], 
         return Outcome(ok=False, retryable=False,
                        error=f"UndecodableArguments: cannot unpickle the job's arguments: {describe(exc)}",
                        traceback="".join(tb_module.format_exception(exc)))
+    install(flag)
     try:
         value = fn(*parents, *args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - a job's SystemExit is its failure too
         return failure(exc, isinstance(exc, retry_on))
+    finally:
+        install(None)
     try:
         return Outcome(ok=True, result=dump_result(value))
     except SerializationError as exc:

@@ -281,10 +281,58 @@ def check_cancel(broker: Broker, clock: FakeClock) -> None:
     assert (record.last_error or "").startswith("ParentCancelled")
     clock.advance(200)
     assert _take(broker, 10) == []
-    running = _enqueue(broker)
-    _take(broker)
-    assert not broker.cancel(running)
     assert broker.dead() == []
+
+
+def check_cancel_in_every_state(broker: Broker, clock: FakeClock) -> None:
+    queued = _enqueue(broker)
+    delayed = _enqueue(broker, eta=clock.now + 60)
+    parent = _enqueue(broker, queue="other")
+    waiting = _enqueue(broker, parents=(parent,))
+    grandchild = _enqueue(broker, parents=(waiting,))
+    retrying = _enqueue(broker, max_attempts=3)
+    running = _enqueue(broker, max_attempts=3)
+    ds = {d.id: d for d in _take(broker, 10)}
+    assert set(ds) == {queued, retrying, running}
+    assert broker.fail(retrying, ds[retrying].token, "E: x", None, None, clock.now + 30)
+    assert broker.release(queued, ds[queued].token)
+    assert broker.cancelled([queued, running, "nope"]) == set()
+    for job_id in (queued, delayed, waiting, retrying, running):
+        assert broker.cancel(job_id), job_id
+        assert not broker.cancel(job_id), job_id
+        record = broker.get(job_id)
+        assert record is not None and record.status == "cancelled" and record.finished == clock.now
+    assert broker.get(grandchild).status == "cancelled"  # type: ignore[union-attr]
+    assert broker.cancelled([queued, running, parent, "nope"]) == {queued, running}
+    record = broker.get(running)
+    assert record is not None and record.worker is None
+    assert (record.last_error or "").startswith("Cancelled: while running on worker w1")
+    # The running attempt's worker can neither finish, fail, retry nor hand it back.
+    d = ds[running]
+    assert not broker.ack(d.id, d.token, b"\x80\x05N.")
+    assert not broker.fail(d.id, d.token, "E: x", None, None, clock.now + 1)
+    assert not broker.fail(d.id, d.token, "E: x", None, None, None)
+    assert not broker.release(d.id, d.token)
+    assert broker.renew("w1", {d.id: d.token}, 10) == {d.id}
+    clock.advance(100)  # past every lease, eta and backoff: nothing comes back
+    assert _take(broker, 10) == []
+    assert broker.get(running).status == "cancelled"  # type: ignore[union-attr]
+    assert broker.dead() == [] and not broker.retry(running)
+    assert broker.counts() == {"default": {"cancelled": 6}, "other": {"queued": 1}}
+
+
+def check_cancel_races_finish(broker: Broker, clock: FakeClock) -> None:
+    """Cancel and finish are atomic: whichever comes first wins, the other is refused."""
+    first = _enqueue(broker)
+    second = _enqueue(broker)
+    [a, b] = _take(broker, 2)
+    assert broker.ack(a.id, a.token, b"\x80\x05K\x01.")
+    assert not broker.cancel(a.id)
+    assert broker.get(first).status == "succeeded"  # type: ignore[union-attr]
+    assert broker.cancel(b.id)
+    assert not broker.ack(b.id, b.token, b"\x80\x05K\x01.")
+    record = broker.get(second)
+    assert record is not None and record.status == "cancelled" and record.result is None
 
 
 def check_counts_list_purge(broker: Broker, clock: FakeClock) -> None:

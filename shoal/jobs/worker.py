@@ -7,7 +7,11 @@ Threads in one worker:
   a child process of their own (``pool="processes"``), then ack or fail it;
 - the heartbeat renews the leases of all held jobs every third of a lease, so a long job
   is never handed to a second worker while this one lives;
-- the scheduler (when the app has schedules) enqueues periodic jobs as their slots come.
+- the scheduler (when the app has schedules) enqueues periodic jobs as their slots come;
+- the canceller asks the broker every ``cancel_poll`` seconds which held jobs were
+  cancelled: it sets their cancel flag (`shoal.jobs.check_cancelled`) at once and stops
+  them by force ``cancel_grace`` seconds later (the child killed, or `JobCancelled` raised
+  in the thread). A cancelled job's late ack or fail is refused by the broker.
 
 A job is acknowledged only after it finished (at-least-once): if this process dies, its
 leases lapse and the jobs run elsewhere. Broker outages are waited out: every broker call
@@ -72,7 +76,8 @@ class Worker:
     def __init__(self, app: JobQueue, *, queues: Sequence[str] = ("default",), concurrency: int = 1,
                  pool: Pool = "threads", prefetch: int | None = None, lease: float | None = None,
                  grace: float = 30.0, schedules: bool = True, name: str | None = None,
-                 poll_interval: float = 0.05) -> None:
+                 poll_interval: float = 0.05, cancel_grace: float = 10.0,
+                 cancel_poll: float = 0.25) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if pool not in ("threads", "processes"):
@@ -87,6 +92,13 @@ class Worker:
         self.grace = grace
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.poll_interval = poll_interval
+        if cancel_grace < 0 or cancel_poll <= 0:
+            raise ValueError(f"cancel_grace must be >= 0 and cancel_poll > 0, not "
+                             f"{cancel_grace!r} and {cancel_poll!r}")
+        self.cancel_grace = cancel_grace
+        self.cancel_poll = cancel_poll
+        #: held jobs found cancelled -> when to stop them by force (monotonic)
+        self._cancelled: dict[str, float] = {}
         self._rand = random.Random()
         self._held: dict[str, int] = {}  #: reserved and not finished: id -> token
         self._running: dict[int, Delivery] = {}  #: slot -> the attempt it runs
@@ -114,7 +126,8 @@ class Worker:
             return t
 
         self._slots = [spawn(self._slot, f"slot-{i}", i) for i in range(self.concurrency)]
-        self._threads = [spawn(self._fetch, "fetcher"), spawn(self._heartbeat, "heartbeat")]
+        self._threads = [spawn(self._fetch, "fetcher"), spawn(self._heartbeat, "heartbeat"),
+                         spawn(self._watch_cancels, "canceller")]
         if self._scheduler is not None:
             self._threads.append(spawn(self._scheduler.run, "scheduler"))
         log.info("job worker %s: queues %s, %d %s, broker %s, %s", self.name,
@@ -263,6 +276,8 @@ class Worker:
             except Exception as exc:
                 log.warning("job worker %s: could not renew leases (%s)", self.name, exc)
                 continue
+            with self._cond:
+                lost -= self._cancelled.keys()
             if lost:
                 log.warning("job worker %s: lost the lease on %d jobs (%s)", self.name, len(lost),
                             ", ".join(sorted(lost)[:5]))
@@ -270,6 +285,45 @@ class Worker:
                     for job_id in lost:
                         if self._held.get(job_id) == held[job_id]:
                             del self._held[job_id]
+
+    def _watch_cancels(self) -> None:
+        """See the module doc. Asks the broker only while jobs are held."""
+        told: set[str] = set()  #: running attempts whose flag is set
+        while not self._stopped.wait(self.cancel_poll):
+            with self._cond:
+                unknown = [i for i in self._held if i not in self._cancelled]
+            if unknown:
+                try:
+                    found = self.broker.cancelled(unknown)
+                except Exception as exc:
+                    log.warning("job worker %s: could not ask for cancels (%s)", self.name, exc)
+                    found = set()
+                deadline = time.monotonic() + self.cancel_grace
+                with self._cond:
+                    for job_id in found:
+                        self._cancelled.setdefault(job_id, deadline)
+            now = time.monotonic()
+            with self._cond:
+                running = {d.id: slot for slot, d in self._running.items()}
+                for job_id in [i for i in self._cancelled
+                               if i not in running and i not in self._held]:
+                    del self._cancelled[job_id]
+                    told.discard(job_id)
+                cancelled = list(self._cancelled.items())
+            for job_id, deadline in cancelled:
+                slot = running.get(job_id)
+                if slot is None:
+                    continue
+                if job_id not in told:
+                    told.add(job_id)
+                    log.info("job worker %s: job %s was cancelled; stopping it", self.name, job_id)
+                    self._executors[slot].cancel(job_id, hard=False)
+                elif now >= deadline:
+                    log.warning("job worker %s: cancelled job %s still runs after %.3gs; stopping "
+                                "it by force", self.name, job_id, self.cancel_grace)
+                    self._executors[slot].cancel(job_id, hard=True)
+                    with self._cond:
+                        self._cancelled[job_id] = float("inf")  # stopped once is enough
 
     def _slot(self, index: int) -> None:
         try:
@@ -282,6 +336,9 @@ class Worker:
                 return
             if self._stopping.is_set():
                 self._try(lambda d=d: self.broker.release(d.id, d.token))  # type: ignore[misc]
+                self._forget(d)
+                continue
+            if d.id in self._cancelled:  # cancelled while prefetched: nothing to run
                 self._forget(d)
                 continue
             with self._cond:
@@ -341,6 +398,10 @@ class Worker:
         outcome = self._executors[slot].run(job, message, parents)
         if self._abandon.is_set():
             return  # handed back already
+        if d.id in self._cancelled:  # the broker refuses its ack or fail: do not ask
+            log.info("job worker %s: cancelled job %s stopped (%s)", self.name, d.id,
+                     "finished anyway" if outcome.ok else outcome.error)
+            return
         self._finish(d, message, outcome)
 
     def _finish(self, d: Delivery, message: JobMessage, outcome: Outcome) -> None:

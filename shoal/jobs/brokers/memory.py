@@ -269,6 +269,11 @@ class MemoryBroker(Broker):
             self._push(job, now)
             return True
 
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]:
+        with self._lock:
+            return {i for i in job_ids
+                    if (job := self._jobs.get(i)) is not None and job.record.status == "cancelled"}
+
     def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
         with self._lock:
             self._changed.wait(timeout)
@@ -291,10 +296,13 @@ class MemoryBroker(Broker):
         with self._lock:
             now = self.clock()
             job = self._jobs.get(job_id)
-            if job is None or job.record.status not in ("waiting", "queued"):
+            if job is None or job.record.status not in ("waiting", "queued", "running"):
                 return False
             r = job.record
-            r.status, r.finished = "cancelled", now
+            if r.status == "running":
+                r.last_error = (f"Cancelled: while running on worker {r.worker} "
+                                f"(attempt {r.attempts})")
+            r.status, r.finished, r.worker = "cancelled", now, None
             job.token += 1
             self._finish_children(job, "cancelled", f"ParentCancelled: parent job {r.id} "
                                   f"({r.name}) was cancelled", now)

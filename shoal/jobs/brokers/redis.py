@@ -247,6 +247,19 @@ class RedisBroker(Broker):
     def cancel(self, job_id: str) -> bool:
         return bool(self._run("cancel", job_id, repr(self.clock())))
 
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]:
+        ids = list(job_ids)
+        if not ids:
+            return set()
+
+        def ask() -> list[bytes | None]:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hget(self._k("job", job_id), "status")
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        return {i for i, s in zip(ids, self._do(ask)) if s == b"cancelled"}
+
     def retry(self, job_id: str) -> bool:
         return bool(self._run("retry", job_id, repr(self.clock())))
 

@@ -382,15 +382,27 @@ class SQLiteBroker(Broker):
     def cancel(self, job_id: str) -> bool:
         with self._transaction() as db:
             now = self.clock()
-            row = db.execute("SELECT name FROM jobs WHERE id = ? AND status IN ('waiting', 'queued')",
-                             (job_id,)).fetchone()
+            row = db.execute("SELECT name, status, worker, attempts FROM jobs WHERE id = ? "
+                             "AND status IN ('waiting', 'queued', 'running')", (job_id,)).fetchone()
             if row is None:
                 return False
-            db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, token = token + 1 "
-                       "WHERE id = ?", (now, job_id))
+            error = (f"Cancelled: while running on worker {row[2]} (attempt {row[3]})"
+                     if row[1] == "running" else None)
+            db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, worker = NULL, "
+                       "lease = NULL, last_error = COALESCE(?, last_error), token = token + 1 "
+                       "WHERE id = ?", (now, error, job_id))
             self._finish_children(db, job_id, "cancelled", f"ParentCancelled: parent job {job_id} "
                                   f"({row[0]}) was cancelled", now)
             return True
+
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]:
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self._read(lambda db: db.execute(
+            f"SELECT id FROM jobs WHERE id IN ({marks}) AND status = 'cancelled'", ids).fetchall())
+        return {r[0] for r in rows}
 
     def retry(self, job_id: str) -> bool:
         with self._transaction() as db:
