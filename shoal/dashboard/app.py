@@ -39,7 +39,7 @@ from aiohttp import web
 
 from ..diagnostics.logs import log_ring
 from . import api
-from .login import add_login_routes, login_middleware
+from .login import LoginGuard
 from .metrics import CONTENT_TYPE, render, scheduler_registry
 
 if TYPE_CHECKING:
@@ -186,9 +186,9 @@ def make_scheduler_app(dash: SchedulerDashboard) -> web.Application:
             pass  # the page went away
         return response
 
-    app = web.Application(middlewares=[login_middleware(dash.auth, dash.certificate_check),
-                                       errors])  # fmt: skip
-    add_login_routes(app, dash.auth)
+    guard = LoginGuard(dash.auth, dash.certificate_check)
+    app = web.Application(middlewares=[guard.middleware, errors])
+    guard.add_routes(app)
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC)
     app.router.add_get("/health", health)

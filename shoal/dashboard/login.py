@@ -10,8 +10,9 @@ Every request must authenticate (see `shoal.dashboard.auth` for when and how) ex
 
 ``POST /login`` takes the token from a form field, compares it in constant time and sets a
 session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS), never the token itself; a
-wrong token gets the form again with 401, after a pause that wrong tries take in turn (so
-guessing is slow however many connections try).
+wrong token gets the form again with 401. Wrong tokens, in the form or as a bearer header,
+are answered after a pause that they take in turn (`LoginGuard`): guessing is slow however
+many connections try.
 ``POST /logout`` revokes the session and clears the cookie. ``GET /api/session`` says how
 this request was authenticated (the page shows its logout button from it).
 """
@@ -31,11 +32,11 @@ from .auth import CertificateCheck, Credential, DashboardAuth
 
 logger = logging.getLogger("shoal.dashboard")
 
-__all__ = ["CertificateCheck", "add_login_routes", "login_middleware", "peer_certificate_ok"]
+__all__ = ["CertificateCheck", "LoginGuard", "peer_certificate_ok"]
 
 #: paths served to anyone
 OPEN_PATHS = frozenset({"/health", "/login", "/favicon.ico"})
-#: the pause before answering a wrong token (wrong tries take turns: see ``login``)
+#: the pause before answering a wrong token (wrong tries take turns: see `LoginGuard`)
 WRONG_TOKEN_DELAY = 0.5
 #: failed logins waiting their turn at most; more are answered 429 at once
 MAX_WAITING_FAILURES = 64
@@ -90,24 +91,6 @@ def _unauthenticated(request: web.Request) -> web.StreamResponse:
         {"error": "authentication required: send the cluster token as 'Authorization: Bearer"
                   " <token>', or log in at /login"},
         status=401, headers={"WWW-Authenticate": 'Bearer realm="shoal"'})  # fmt: skip
-
-
-def login_middleware(auth: DashboardAuth, certificate: CertificateCheck | None = None) -> Any:
-    """The middleware that lets through only authenticated requests (see the module doc)."""
-
-    @web.middleware
-    async def require_login(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
-            response: web.StreamResponse = await handler(request)
-            return response
-        credential = _credential(request, auth, certificate)
-        if credential is None:
-            return _unauthenticated(request)
-        request[_CREDENTIAL_KEY] = credential
-        response = await handler(request)
-        return response
-
-    return require_login
 
 
 _PAGE = """<!doctype html>
@@ -175,62 +158,94 @@ def _error_page(message: str, status: int) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _too_many() -> web.Response:
+    return _error_page("too many failed logins at once; try again later", 429)
+
+
 def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
 
 
-class _Failing:
-    """Failed logins queue on one lock (see ``login``)."""
+class LoginGuard:
+    """The login of one dashboard: its middleware (`middleware`) and routes (`add_routes`),
+    sharing one queue of failed attempts: wrong tokens, from the form or as a bearer header,
+    wait their turn for one pause each, so a server answers at most 1/WRONG_TOKEN_DELAY
+    guesses a second however many connections try; the right token never waits."""
 
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.waiting = 0
+    def __init__(self, auth: DashboardAuth, certificate: CertificateCheck | None = None) -> None:
+        self.auth = auth
+        self.certificate = certificate
+        self._failures = asyncio.Lock()
+        self._failures_waiting = 0
 
+    async def failed(self, request: web.Request) -> bool:
+        """Pause for a failed attempt, in turn; False (answer 429) when too many wait."""
+        if self._failures_waiting >= MAX_WAITING_FAILURES:
+            return False
+        self._failures_waiting += 1
+        try:
+            async with self._failures:
+                await asyncio.sleep(WRONG_TOKEN_DELAY)
+        finally:
+            self._failures_waiting -= 1
+        logger.warning("dashboard: a wrong token was offered by %s", request.remote)
+        return True
 
-def add_login_routes(app: web.Application, auth: DashboardAuth) -> None:
-    """``GET``/``POST /login``, ``POST /logout`` and ``GET /api/session`` on ``app``."""
-    failing = _Failing()
+    @property
+    def middleware(self) -> Any:
+        """Lets through only authenticated requests (see the module doc)."""
 
-    async def login_form(request: web.Request) -> web.Response:
-        return _login_page(auth, _safe_next(request.query.get("next")))
+        @web.middleware
+        async def require_login(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.path in OPEN_PATHS:
+                response: web.StreamResponse = await handler(request)
+                return response
+            credential = _credential(request, self.auth, self.certificate)
+            if credential is None:
+                if "Authorization" in request.headers and not await self.failed(request):
+                    return _too_many()
+                return _unauthenticated(request)
+            request[_CREDENTIAL_KEY] = credential
+            response = await handler(request)
+            return response
 
-    async def login(request: web.Request) -> web.StreamResponse:
-        form = await _read_form(request)
-        if isinstance(form, web.Response):
-            return form
-        token, target = form.get("token"), _safe_next(form.get("next") or "/")
-        if token is None or not auth.check_token(token):
-            # Wrong tries wait their turn, one pause each: at most 1/WRONG_TOKEN_DELAY
-            # guesses a second however many connections try; the right token never waits.
-            if failing.waiting >= MAX_WAITING_FAILURES:
-                return _error_page("too many failed logins at once; try again later", 429)
-            failing.waiting += 1
-            try:
-                async with failing.lock:
-                    await asyncio.sleep(WRONG_TOKEN_DELAY)
-            finally:
-                failing.waiting -= 1
-            logger.warning("dashboard: a wrong token was offered by %s", request.remote)
-            why = "Wrong token." if auth.has_token else "This dashboard takes no token."
-            return _login_page(auth, target, why, status=401)
-        response = _see_other(target)
-        response.set_cookie(auth.cookie_name, auth.new_session(), max_age=int(auth.session_ttl),
-                            path="/", httponly=True, samesite="Strict",
-                            secure=auth.secure)  # fmt: skip
-        return response
+        return require_login
 
-    async def logout(request: web.Request) -> web.StreamResponse:
-        auth.revoke(request.cookies.get(auth.cookie_name))
-        response = _see_other("/login")
-        response.del_cookie(auth.cookie_name, path="/", httponly=True, samesite="Strict",
-                            secure=auth.secure)  # fmt: skip
-        return response
+    def add_routes(self, app: web.Application) -> None:
+        """``GET``/``POST /login``, ``POST /logout`` and ``GET /api/session`` on ``app``."""
+        auth = self.auth
 
-    async def session(request: web.Request) -> web.Response:
-        credential = request.get(_CREDENTIAL_KEY, "none")
-        return web.json_response({"required": auth.required, "credential": credential})
+        async def login_form(request: web.Request) -> web.Response:
+            return _login_page(auth, _safe_next(request.query.get("next")))
 
-    app.router.add_get("/login", login_form)
-    app.router.add_post("/login", login)
-    app.router.add_post("/logout", logout)
-    app.router.add_get("/api/session", session)
+        async def login(request: web.Request) -> web.StreamResponse:
+            form = await _read_form(request)
+            if isinstance(form, web.Response):
+                return form
+            token, target = form.get("token"), _safe_next(form.get("next") or "/")
+            if token is None or not auth.check_token(token):
+                if not await self.failed(request):
+                    return _too_many()
+                why = "Wrong token." if auth.has_token else "This dashboard takes no token."
+                return _login_page(auth, target, why, status=401)
+            response = _see_other(target)
+            response.set_cookie(auth.cookie_name, auth.new_session(),
+                                max_age=int(auth.session_ttl), path="/", httponly=True,
+                                samesite="Strict", secure=auth.secure)  # fmt: skip
+            return response
+
+        async def logout(request: web.Request) -> web.StreamResponse:
+            auth.revoke(request.cookies.get(auth.cookie_name))
+            response = _see_other("/login")
+            response.del_cookie(auth.cookie_name, path="/", httponly=True, samesite="Strict",
+                                secure=auth.secure)  # fmt: skip
+            return response
+
+        async def session(request: web.Request) -> web.Response:
+            credential = request.get(_CREDENTIAL_KEY, "none")
+            return web.json_response({"required": auth.required, "credential": credential})
+
+        app.router.add_get("/login", login_form)
+        app.router.add_post("/login", login)
+        app.router.add_post("/logout", logout)
+        app.router.add_get("/api/session", session)

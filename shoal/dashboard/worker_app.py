@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..diagnostics.logs import log_ring
 from .auth import DashboardAuth
-from .login import CertificateCheck, add_login_routes, login_middleware
+from .login import CertificateCheck, LoginGuard
 from .metrics import CONTENT_TYPE, render, worker_registry
 
 if TYPE_CHECKING:
@@ -68,8 +68,9 @@ def make_worker_app(w: Worker, auth: DashboardAuth,
             return web.json_response({"error": "n must be an integer"}, status=400)
         return _json({"rows": log_ring().rows(n)})
 
-    app = web.Application(middlewares=[login_middleware(auth, certificate)])
-    add_login_routes(app, auth)
+    guard = LoginGuard(auth, certificate)
+    app = web.Application(middlewares=[guard.middleware])
+    guard.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/info", info)
