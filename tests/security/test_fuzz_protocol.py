@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -60,6 +61,8 @@ DEFAULT_SEED = 20261202
 #: Frames per port in the normal run, and in the stress run unless SHOAL_FUZZ_FRAMES says.
 QUICK_FRAMES = 2_500
 STRESS_FRAMES = 100_000
+#: Fuzz connections open at a time in the stress run (2 in the quick one).
+STRESS_STREAMS = 4
 #: A real task runs (and the servers' RSS is sampled) after this many fuzz connections.
 CHECK_EVERY = 50
 #: How much a server's RSS may grow over a run. Connections are short-lived: what one holds
@@ -193,41 +196,92 @@ def play(case: Case, address: str, run: FuzzRun) -> None:
         assert closed, f"{run.port} kept a connection open after its peer's EOF ({case.kind})"
 
 
-def fuzz(servers: Servers, port: str, seed: int, frames: int) -> FuzzRun:
-    fuzzer = FrameFuzzer(seed, TOKEN, port, [servers.worker.address, servers.scheduler.address])
-    run = FuzzRun(port, seed)
+def fuzz(servers: Servers, port: str, seed: int, frames: int, streams: int) -> FuzzRun:
+    """Send ``frames`` fuzz frames to ``port`` over ``streams`` concurrent connections at a
+    time (each stream its own seeded generator: the cases are replayable, their interleaving
+    is not), while this thread has a real task computed after every `CHECK_EVERY` fuzz
+    connections and samples the servers' RSS."""
+    address = servers.address(port)
+    runs = [FuzzRun(port, seed) for _ in range(streams)]
     processes = {"scheduler": servers.scheduler.pid, "worker": servers.worker.pid}
+    progress = threading.Condition()
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def stream(i: int) -> None:
+        fuzzer = FrameFuzzer(seed * 1000 + i, TOKEN, port,
+                             [servers.worker.address, servers.scheduler.address])  # fmt: skip
+        run = runs[i]
+        try:
+            while not stop.is_set() and sum(r.frames for r in runs) < frames:
+                case = fuzzer.case()
+                run.kinds[case.kind] += 1
+                play(case, address, run)
+                with progress:
+                    progress.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+            stop.set()
+        finally:
+            with progress:
+                progress.notify_all()
+
     servers.compute()
-    run.rss_start = {name: rss_of(pid) for name, pid in processes.items()}
-    run.rss_max = dict(run.rss_start)
+    total = FuzzRun(port, seed)
+    total.rss_start = {name: rss_of(pid) for name, pid in processes.items()}
+    total.rss_max = dict(total.rss_start)
+
+    def sample() -> None:
+        for name, pid in processes.items():
+            total.rss_max[name] = max(total.rss_max[name], rss_of(pid))
+
+    threads = [threading.Thread(target=stream, args=(i,), name=f"shoal-fuzz-{port}-{i}")
+               for i in range(streams)]  # fmt: skip
     start = time.perf_counter()
-    while run.frames < frames:
-        case = fuzzer.case()
-        run.kinds[case.kind] += 1
-        play(case, servers.address(port), run)
-        if run.connections % CHECK_EVERY == 0:
+    for thread in threads:
+        thread.start()
+    try:
+        checked = 0
+        while any(t.is_alive() for t in threads):
+            with progress:
+                progress.wait_for(lambda: stop.is_set() or not any(t.is_alive() for t in threads)
+                                  or sum(r.connections for r in runs) >= checked + CHECK_EVERY,
+                                  timeout=60)  # fmt: skip
+            checked = sum(r.connections for r in runs)
+            if stop.is_set():
+                break
             servers.alive()
             servers.compute()
-            for name, pid in processes.items():
-                run.rss_max[name] = max(run.rss_max[name], rss_of(pid))
-            if not run.rss_half and run.frames >= frames // 2:
-                run.rss_half = {name: rss_of(pid) for name, pid in processes.items()}
-    run.seconds = time.perf_counter() - start
+            sample()
+            if not total.rss_half and sum(r.frames for r in runs) >= frames // 2:
+                total.rss_half = {name: rss_of(pid) for name, pid in processes.items()}
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    if failures:
+        raise failures[0]
+    total.seconds = time.perf_counter() - start
+    for run in runs:
+        total.frames += run.frames
+        total.connections += run.connections
+        total.bytes_sent += run.bytes_sent
+        total.dropped_as_required += run.dropped_as_required
+        total.kinds.update(run.kinds)
     servers.alive()
     servers.compute()
-    for name, pid in processes.items():
-        run.rss_max[name] = max(run.rss_max[name], rss_of(pid))
-    print("\n" + run.summary())
+    sample()
+    print(f"\n{total.summary()} ({streams} streams)")
     for name in processes:
-        grown = run.rss_max[name] - run.rss_start[name]
-        assert grown < RSS_BUDGET, f"{name} RSS grew by {grown / 2**20:.0f} MiB: {run.summary()}"
-    return run
+        grown = total.rss_max[name] - total.rss_start[name]
+        assert grown < RSS_BUDGET, f"{name} RSS grew by {grown / 2**20:.0f} MiB: {total.summary()}"
+    return total
 
 
 @pytest.mark.parametrize("port", ["scheduler", "worker"])
 def test_fuzzed_frames_crash_nothing_and_a_client_keeps_computing(servers: Servers,
                                                                   port: str) -> None:  # fmt: skip
-    run = fuzz(servers, port, fuzz_seed(), QUICK_FRAMES)
+    run = fuzz(servers, port, fuzz_seed(), QUICK_FRAMES, streams=2)
     # every kind of hostile connection was tried, from peers with and without the token
     assert {k.split(":")[0] for k in run.kinds} >= {"unauthenticated", "refused hello",
                                                     "authenticated client",
@@ -289,4 +343,4 @@ def test_a_task_retried_more_than_1024_times_fails_with_its_own_error(servers: S
 @pytest.mark.parametrize("port", ["scheduler", "worker"])
 def test_100k_fuzzed_frames_per_port(servers: Servers, port: str) -> None:
     frames = int(os.environ.get("SHOAL_FUZZ_FRAMES") or STRESS_FRAMES)
-    fuzz(servers, port, fuzz_seed() + 1, frames)
+    fuzz(servers, port, fuzz_seed() + 1, frames, streams=STRESS_STREAMS)
