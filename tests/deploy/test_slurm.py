@@ -1,0 +1,112 @@
+"""SlurmCluster against a real single-host Slurm (see conftest.py's ``slurm`` fixture)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import pytest
+from typing import Any
+
+import shoal
+from shoal.deploy import SlurmCluster
+from shoal.deploy.base import LaunchError
+
+SlurmSite = Any  # the `slurm` fixture's site (tests/deploy/conftest.py)
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # worker processes cannot import tests
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def _cluster(site: SlurmSite, **kwargs: object) -> SlurmCluster:
+    options: dict[str, object] = dict(cores=1, memory="1GB", walltime="00:10:00",
+                                      interface="lo", shared_directory=None,
+                                      watch_interval=0.5)
+    options.update(kwargs)
+    return SlurmCluster(**options)  # type: ignore[arg-type]
+
+
+def test_scale_to_four_workers_computes_and_close_cancels_every_job(slurm_site: SlurmSite) -> None:
+    with _cluster(slurm_site) as cluster:
+        start = time.monotonic()
+        cluster.scale(4)
+        took = cluster.wait_for_workers(4, timeout=120)
+        print(f"\nscale(4) -> 4 workers connected: {took:.2f}s")
+        assert len(cluster.submitted) == 4
+        assert set(slurm_site.jobs()) == set(cluster.submitted)
+        with shoal.Client(cluster) as client:
+            assert sum(client.gather(client.map(inc, range(100)))) == sum(range(1, 101))
+            assert len(client.scheduler_info()["workers"]) == 4
+        assert "SlurmCluster running" in repr(cluster) and "workers=4/4" in repr(cluster)
+        assert time.monotonic() - start < 120
+    assert slurm_site.jobs() == []  # close() cancelled them all
+
+
+def test_job_script_holds_the_requests_and_no_token(slurm_site: SlurmSite) -> None:
+    with _cluster(slurm_site, queue="debug", account=None, job_extra=["--comment=shoal"],
+                  prologue=["echo prologue-ran"]) as cluster:
+        script = cluster.job_script()
+        assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1G" in script
+        assert "#SBATCH --time=00:10:00" in script and "#SBATCH --partition=debug" in script
+        assert "#SBATCH --comment=shoal" in script and "echo prologue-ran" in script
+        assert "--lifetime" in script and "--token-file" in script
+        assert cluster.token not in script
+
+
+def test_array_job_starts_its_workers_in_one_submission(slurm_site: SlurmSite) -> None:
+    with _cluster(slurm_site, array=True) as cluster:
+        cluster.scale(jobs=3)
+        assert len(cluster.submitted) == 1  # one sbatch --array
+        cluster.wait_for_workers(3, timeout=120)
+        with shoal.Client(cluster) as client:
+            names = {w["name"] for w in client.scheduler_info()["workers"].values()}
+        job = cluster.submitted[0]
+        assert names == {f"slurm-{job}_{i}" for i in range(3)}
+    assert slurm_site.jobs() == []
+
+
+def test_scale_down_cancels_and_retires(slurm_site: SlurmSite) -> None:
+    with _cluster(slurm_site) as cluster:
+        cluster.scale(3)
+        cluster.wait_for_workers(3, timeout=120)
+        with shoal.Client(cluster) as client:
+            futures = client.map(inc, range(20))
+            assert client.gather(futures) == list(range(1, 21))
+            cluster.scale(1)
+            _wait_for(lambda: len(client.scheduler_info()["workers"]) == 1, 60)
+            assert client.gather(futures) == list(range(1, 21))  # moved, not lost
+        _wait_for(lambda: len(slurm_site.jobs()) == 1, 60)
+
+
+def test_submission_failure_is_raised_backed_off_and_given_up(slurm_site: SlurmSite) -> None:
+    with _cluster(slurm_site, queue="no-such-partition", max_launch_failures=3,
+                  launch_backoff=0.5) as cluster:
+        with pytest.raises(LaunchError, match="sbatch failed.*partition"):
+            cluster.scale(2)
+        _wait_for(lambda: cluster.status == "failed", 30)
+        times = [t for t, _ in cluster.errors]
+        assert len(times) == 3  # given up after 3, not looping
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert gaps[0] >= 0.4 and gaps[1] >= 0.9, gaps  # 0.5 s, then 1 s
+        time.sleep(2 * cluster.watch_interval)
+        assert len(cluster.errors) == 3
+        assert cluster.submitted == []
+
+
+def _wait_for(condition: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not true within {timeout}s"
+        time.sleep(0.1)
+
+
+def test_squeue_sees_our_jobs(slurm_site: SlurmSite) -> None:
+    done = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True,
+                          check=True)
+    assert "debug* up" in done.stdout
