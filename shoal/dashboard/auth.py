@@ -29,11 +29,11 @@ from typing import Any, Literal
 from ..security.policy import InsecureBindError, is_loopback_host
 
 __all__ = [
+    "SESSION_TTL",
     "CertificateCheck",
     "Credential",
     "DashboardAuth",
     "DashboardRefused",
-    "SESSION_TTL",
     "check_exposure",
     "is_loopback",
 ]

@@ -278,7 +278,8 @@ def test_login_form_sets_a_session_cookie_and_logout_ends_it(secured: shoal.Clie
     out = request(link + "logout", "POST", headers=session)
     assert out.status == 303 and out.headers["Location"] == "/login"
     cleared_name, cleared, cleared_attributes = cookie_of(out)
-    assert cleared_name == name and cleared in ("", '""') and "max-age=0" in cleared_attributes.lower()
+    assert cleared_name == name and cleared in ("", '""')
+    assert "max-age=0" in cleared_attributes.lower()
     assert_needs_login(request(link + "api/info", headers=session))
 
 
@@ -647,8 +648,9 @@ def test_wrong_tokens_take_turns_and_the_right_one_does_not_wait(secured: shoal.
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_a_flood_of_wrong_tokens_is_turned_away(secured: shoal.Client,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_flood_of_wrong_tokens_is_turned_away(
+    secured: shoal.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import aiohttp
 
     from shoal.dashboard import login

@@ -48,7 +48,8 @@
   }
   // A login that ended (expired, logged out elsewhere): back to the login page, then here.
   function toLogin() {
-    location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search + location.hash);
+    const here = location.pathname + location.search + location.hash;
+    location.href = "/login?next=" + encodeURIComponent(here);
   }
   async function getJSON(url) {
     const response = await fetch(url);
