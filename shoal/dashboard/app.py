@@ -39,7 +39,7 @@ from aiohttp import web
 
 from ..diagnostics.logs import log_ring
 from . import api
-from .login import LoginGuard
+from .login import LoginGuard, still_authorized
 from .metrics import CONTENT_TYPE, render, scheduler_registry
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def make_scheduler_app(dash: SchedulerDashboard) -> web.Application:
         closing = dash.server.closing
         try:
             await response.write(b"retry: 2000\n\n")
-            while not closing.is_set():
+            while not closing.is_set() and still_authorized(request):
                 snap = await snapshot(since)
                 since = snap["stream"]["next"]
                 await response.write(b"data: " + _encoder.encode(snap) + b"\n\n")

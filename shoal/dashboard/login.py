@@ -23,6 +23,7 @@ import asyncio
 import html
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -32,7 +33,7 @@ from .auth import CertificateCheck, Credential, DashboardAuth
 
 logger = logging.getLogger("shoal.dashboard")
 
-__all__ = ["CertificateCheck", "LoginGuard", "peer_certificate_ok"]
+__all__ = ["CertificateCheck", "LoginGuard", "peer_certificate_ok", "still_authorized"]
 
 #: paths served to anyone
 OPEN_PATHS = frozenset({"/health", "/login", "/favicon.ico"})
@@ -44,6 +45,14 @@ MAX_WAITING_FAILURES = 64
 MAX_FORM_BYTES = 8192
 
 _CREDENTIAL_KEY = web.RequestKey("shoal_credential", str)
+_STILL_VALID_KEY: web.RequestKey[Callable[[], bool]] = web.RequestKey("shoal_still_valid")
+
+
+def still_authorized(request: web.Request) -> bool:
+    """Whether the credential ``request`` came with is still good: a long-lived response
+    (the event stream) ends when its session expires or is logged out."""
+    check = request.get(_STILL_VALID_KEY)
+    return check is None or check()
 
 
 def peer_certificate_ok(request: web.Request, check: CertificateCheck | None) -> bool:
@@ -206,6 +215,9 @@ class LoginGuard:
                     return _too_many()
                 return _unauthenticated(request)
             request[_CREDENTIAL_KEY] = credential
+            if credential == "cookie":
+                session = request.cookies.get(self.auth.cookie_name)
+                request[_STILL_VALID_KEY] = lambda: self.auth.check_session(session)
             response = await handler(request)
             return response
 

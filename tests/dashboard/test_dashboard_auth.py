@@ -469,6 +469,23 @@ async def browse(page: Page, link: str, workers: list[str]) -> None:
                         10, "the logs tab")  # fmt: skip
     assert "could not load" not in await page.text("#logs")
 
+    # when: the session ends while the page is open (logged out elsewhere: here a request
+    # from the page itself, which does not navigate)
+    await page.eval("fetch('/logout', {method: 'POST', redirect: 'manual'}).then(r => r.type)")
+    # then: the event stream is cut and the page goes to the login page by itself, to come
+    # back where it was
+    await page.wait_for("location.pathname === '/login' && document.readyState === 'complete'"
+                        " && !!document.getElementById('token')", 20,
+                        "the login page once the session ended")  # fmt: skip
+    back = await page.eval("new URLSearchParams(location.search).get('next')")
+    assert back == "/?interval=0.5#logs", back
+    await type_into(page, "#token", TOKEN)
+    await page.click("#login button[type=submit]")
+    await page.wait_for("location.pathname === '/' && location.hash === '#logs'"
+                        " && !!document.getElementById('connection-text') && document"
+                        ".getElementById('connection-text').textContent === 'live'", 20,
+                        "the live dashboard, logged in again")  # fmt: skip
+
     # then: logging out ends it: the login page, and the API closed again
     await page.click('#tabs button[data-tab="status"]')
     await page.wait_for("!document.getElementById('logout').hidden", 10, "the logout button")
@@ -672,3 +689,29 @@ def test_a_flood_of_wrong_tokens_is_turned_away(
     statuses = asyncio.run(asyncio.wait_for(main(), 60))
     assert sorted(statuses) == [401, 401, 429, 429, 429, 429], statuses
     assert request(link + "api/info", headers=bearer()).status == 200
+
+
+def test_an_event_stream_ends_when_its_session_is_logged_out(secured: shoal.Client) -> None:
+    link = secured.dashboard_link or ""
+    name, value, _ = cookie_of(request(link + "login", "POST", form={"token": TOKEN}))
+    session = {"Cookie": f"{name}={value}"}
+    parts = urllib.parse.urlsplit(link)
+    assert parts.hostname is not None and parts.port is not None
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        # given: a page's event stream, open on a session cookie
+        conn.request("GET", "/api/events?interval=0.1", headers=session)
+        stream = conn.getresponse()
+        assert stream.status == 200
+        assert stream.readline().startswith(b"retry:")
+        assert stream.readline() == b"\n"
+        assert stream.readline().startswith(b"data: ")
+        # when: that session logs out
+        assert request(link + "logout", "POST", headers=session).status == 303
+        # then: the stream ends (within a few intervals)
+        deadline = time.monotonic() + 10
+        while stream.readline() and time.monotonic() < deadline:
+            pass
+        assert time.monotonic() < deadline, "the stream went on after the logout"
+    finally:
+        conn.close()
