@@ -12,14 +12,19 @@ with its own listener and connection to the scheduler (one task thread each). Me
   for 1,000);
 - idle: the scheduler process's CPU (psutil ``cpu_times``) over ``--idle`` seconds while
   the workers only heartbeat (target < 10% of one core at 1,000), and the traffic it
-  reads: bytes (``rchar`` of /proc/PID/io: every byte the process read from its sockets)
-  and read calls per second, and heartbeats per second as the workers counted them;
+  reads: bytes (``rchar`` of /proc/PID/io: every byte the process read with read(), which
+  is how its uvloop reads sockets) and read calls per second, and heartbeats per second as
+  the workers counted them;
   per-worker figures must stay flat from 100 to 1,000 workers;
 - /metrics: the size of the scheduler's Prometheus output, per worker;
 - tasks (at the largest size): a client ``map``s ``--tasks`` no-op tasks that return the
   address of the worker that ran them, and gathers them: wall time, tasks/s, workers used
   (target: every one), and the scheduler's decisions per second: its task state
-  transitions (``shoal_transitions_total`` of /metrics) over the wall time.
+  transitions (``shoal_transitions_total`` of /metrics) over the wall time; CPU per task of
+  the scheduler, the worker hosts and the client (which the machine's load moves less);
+- the peer (``--dask N``, if dask.distributed is installed): its scheduler process with N
+  dask workers hosted the same way, many per process on one event loop: join time, idle
+  scheduler CPU, tasks/s and scheduler CPU per task.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -145,6 +151,120 @@ def run_tasks(probe: SchedulerProbe, mw: ManyWorkers, address: str, n_tasks: int
     }
 
 
+# ------------------------------------------------------- the peer: dask.distributed
+
+
+async def _dask_host(address: str, n: int) -> None:
+    """Host ``n`` dask workers on this event loop (as ManyWorkers does for shoal); close them
+    when stdin closes."""
+    import asyncio
+
+    from distributed import Worker
+
+    gate = asyncio.Semaphore(64)
+
+    async def one(i: int) -> Any:
+        async with gate:
+            return await Worker(address, nthreads=1, dashboard=False, memory_limit=0,
+                                name=f"dask-{os.getpid()}-{i}")  # fmt: skip
+
+    workers = await asyncio.gather(*(one(i) for i in range(n)))
+    print("ready", flush=True)
+    stdin_closed = asyncio.Event()
+    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), stdin_closed.set)
+    await stdin_closed.wait()
+    await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+
+
+def dask_figures(n: int, processes: int, n_tasks: int, idle: float) -> dict[str, Any] | None:
+    """The same measures for dask.distributed: its scheduler process and ``n`` workers hosted
+    the same way. None when dask.distributed is not installed."""
+    try:
+        import distributed
+    except ImportError:
+        return None
+    env = dict(os.environ)
+    # Each dask worker reads the process's CPU times every 0.5 s (cost in proportion to the
+    # process's threads): hosting hundreds per process, that swamped the hosts. Every 5 s.
+    env["DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL"] = "5s"
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
+                              "127.0.0.1", "--port", "0", "--no-dashboard"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    hosts: list[subprocess.Popen[str]] = []
+    try:
+        assert sched.stderr is not None
+        address = ""
+        for line in sched.stderr:
+            match = re.search(r"Scheduler at:\s+(\S+)", line)
+            if match:
+                address = match.group(1)
+                break
+        threading.Thread(target=sched.stderr.read, daemon=True).start()  # never a full pipe
+        start = time.monotonic()
+        shares = [n // processes + (i < n % processes) for i in range(processes)]
+        hosts = [subprocess.Popen([sys.executable, __file__, "--dask-host", address, str(k)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, env=env)
+                 for k in shares]  # fmt: skip
+        for host in hosts:
+            assert host.stdout is not None
+            if host.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a dask worker host exited with {host.wait()}")
+        join = time.monotonic() - start
+        proc = psutil.Process(sched.pid)
+        time.sleep(5)  # heartbeats reach their pace (dask spaces them by cluster size)
+        cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        time.sleep(idle)
+        cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
+        # (Not its traffic: its loop reads sockets with recv(), which /proc/PID/io does not
+        # count, unlike the read() of shoal's uvloop.)
+        row: dict[str, Any] = {"version": distributed.__version__, "workers": n,
+                               "join_s": join, "sched_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0)}  # fmt: skip
+        if n_tasks:
+            row.update(_dask_tasks(address, proc, n_tasks))
+        return row
+    finally:
+        for host in hosts:
+            if host.stdin is not None:
+                host.stdin.close()
+        for host in hosts:
+            try:
+                host.wait(60)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                host.wait()
+        sched.terminate()
+        try:
+            sched.wait(30)
+        except subprocess.TimeoutExpired:
+            sched.kill()
+            sched.wait()
+
+
+def _dask_tasks(address: str, proc: psutil.Process, n_tasks: int) -> dict[str, Any]:
+    from distributed import Client
+
+    def where(i: int) -> str:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+
+    def transitions(dask_scheduler: Any) -> int:
+        return int(dask_scheduler.transition_counter)
+
+    with Client(address, timeout=60) as client:
+        client.gather(client.map(where, range(100), pure=False))
+        before, cpu0 = client.run_on_scheduler(transitions), sum(proc.cpu_times()[:2])
+        start = time.perf_counter()
+        ran_on = client.gather(client.map(where, range(n_tasks), pure=False))
+        wall = time.perf_counter() - start
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        made = client.run_on_scheduler(transitions) - before
+    return {"tasks": n_tasks, "wall_s": wall, "tasks_per_s": n_tasks / wall,
+            "workers_used": len(set(ran_on)), "transitions": made,
+            "decisions_per_s": made / wall, "sched_us_per_task": 1e6 * cpu / n_tasks}  # fmt: skip
+
+
 def _own_cpu() -> float:
     cpu = psutil.Process().cpu_times()
     return float(cpu.user + cpu.system)
@@ -172,9 +292,18 @@ def main() -> None:
     parser.add_argument("--shared-threads", type=int, default=0,
                         help="a pool of this many threads per host shared by its workers"
                         " (0: a thread per worker)")  # fmt: skip
+    parser.add_argument("--dask", type=int, default=100,
+                        help="workers for the dask.distributed comparison (0: none)")
+    parser.add_argument("--dask-tasks", type=int, default=5000)
+    parser.add_argument("--dask-host", nargs=2, metavar=("ADDRESS", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--write-results", action="store_true",
                         help="append the figures to bench/RESULTS.md")  # fmt: skip
     args = parser.parse_args()
+    if args.dask_host:
+        import asyncio
+
+        asyncio.run(_dask_host(args.dask_host[0], int(args.dask_host[1])))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -210,13 +339,18 @@ def main() -> None:
                     print_tasks(tasks_row, n)
             wait_until(lambda: _workers_listed(probe) == 0,
                        timeout=60, message="the scheduler dropped the workers")  # fmt: skip
+    dask_row = None
+    if args.dask:
+        dask_row = dask_figures(args.dask, args.processes, args.dask_tasks, args.idle)
+        print(f"dask.distributed: {dask_row}" if dask_row else "dask.distributed: not installed",
+              flush=True)  # fmt: skip
     load_after = os.getloadavg()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=HERE).stdout.strip()  # fmt: skip
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True, cwd=HERE).stdout.strip()  # fmt: skip
     report = markdown(started, commit, bool(dirty), load_before, load_after, args, idle_rows,
-                      tasks_row, empty_metrics)  # fmt: skip
+                      tasks_row, empty_metrics, dask_row)  # fmt: skip
     print()
     print(report)
     if args.write_results:
@@ -259,7 +393,8 @@ def print_tasks(r: dict[str, Any], n: int) -> None:
 def markdown(started: datetime.datetime, commit: str, dirty: bool,
              load_before: tuple[float, float, float], load_after: tuple[float, float, float],
              args: argparse.Namespace, rows: list[dict[str, Any]],
-             tasks: dict[str, Any] | None, empty_metrics: int) -> str:  # fmt: skip
+             tasks: dict[str, Any] | None, empty_metrics: int,
+             dask: dict[str, Any] | None) -> str:  # fmt: skip
     lines = [
         f"### Run of {started:%Y-%m-%d %H:%M} UTC, commit {commit}"
         f"{' (with uncommitted changes of others in the checkout)' if dirty else ''}",
@@ -297,6 +432,21 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
             f" {tasks['hosts_us_per_task']:.0f} us, client {tasks['client_us_per_task']:.0f} us;"
             f" up to {tasks['threads_per_host']} threads and"
             f" {tasks['host_rss_mib']:.0f} MiB RSS per host process.",
+        ]  # fmt: skip
+    if dask is not None:
+        shoal_row = next((r for r in rows if r["workers"] == dask["workers"]), None)
+        lines += [
+            "",
+            f"dask.distributed {dask['version']}, {dask['workers']} workers hosted the same way"
+            f" (system monitor every 5 s): join {dask['join_s']:.2f} s; idle scheduler CPU"
+            f" {dask['sched_cpu_pct']:.2f}%"
+            + (f" (shoal {shoal_row['sched_cpu_pct']:.2f}%)" if shoal_row else "")
+            + " (dask spaces heartbeats by cluster size: every 2 s at 100 workers, 6 s at"
+            " 1,000)"
+            + (f"; {dask['tasks']:,} tasks: {dask['tasks_per_s']:,.0f} tasks/s,"
+               f" {dask['workers_used']} workers used, {dask['decisions_per_s']:,.0f}"
+               f" transitions/s, scheduler CPU {dask['sched_us_per_task']:.0f} us per task"
+               if "tasks" in dask else "") + ".",
         ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
