@@ -256,7 +256,7 @@ def worker(scheduler_address: str, nthreads: int, name: str | None, host: str, p
 
     try:
         run(_serve_until_signal(server, "shoal worker listening at {address}", after_start))
-    except (ConnectionError, InsecureBindError, SecurityError) as exc:
+    except (ConnectionError, InsecureBindError, ValueError) as exc:  # bad address, TLS mix-up
         raise click.ClickException(str(exc)) from exc
 
 

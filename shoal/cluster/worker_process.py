@@ -16,7 +16,6 @@ import signal
 import sys
 
 from ..security.credentials import Security
-from ..security.credentials import SecurityError
 from ..security.policy import WORKER_FRAME_LIMITS, InsecureBindError, parse_frame_limits
 from ..worker.memory import MemoryFractions
 from ..protocol.messages import WorkerDeath
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code = run(serve(args))
-    except (OSError, asyncio.TimeoutError, SecurityError, InsecureBindError) as exc:
+    except (OSError, asyncio.TimeoutError, ValueError, InsecureBindError) as exc:
         # could not join the scheduler, or refused to start as told
         print(f"shoal worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         code = 1
