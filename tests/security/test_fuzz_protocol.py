@@ -338,6 +338,42 @@ def test_a_task_retried_more_than_1024_times_fails_with_its_own_error(servers: S
     servers.alive()
 
 
+#: Silent peers per port in the half-open test.
+HALF_OPEN_PEERS = 200
+#: What those may cost the servers in all (each holds a 64 KiB read buffer, and its task).
+HALF_OPEN_BUDGET = 64 * 2**20
+
+
+def test_half_open_peers_cost_little_and_are_dropped_at_the_handshake_timeout(
+        servers: Servers) -> None:  # fmt: skip
+    processes = {"scheduler": servers.scheduler.pid, "worker": servers.worker.pid}
+    before = {name: rss_of(pid) for name, pid in processes.items()}
+    socks: list[socket.socket] = []
+    try:
+        # given peers that each send part of a Hello and then stay silent
+        for port in ("scheduler", "worker"):
+            for i in range(HALF_OPEN_PEERS):
+                sock = connect_raw(servers.address(port))
+                socks.append(sock)
+                sock.sendall(hello_frame(TOKEN)[: 1 + i % 20])
+        # then the servers keep serving, and the silent peers cost them little
+        servers.compute()
+        grown = {name: rss_of(pid) - before[name] for name, pid in processes.items()}
+        print(f"\n{HALF_OPEN_PEERS} half-open peers per port: RSS grew by " + ", ".join(
+            f"{name} {n / 2**20:.1f} MiB" for name, n in grown.items()))
+        for name, n in grown.items():
+            assert n < HALF_OPEN_BUDGET, f"{name} RSS grew by {n / 2**20:.0f} MiB"
+        # and each is dropped once the handshake timeout (10 s) has passed
+        deadline = time.monotonic() + 30
+        for sock in socks:
+            closed, _ = read_until_closed(sock, timeout=max(0.1, deadline - time.monotonic()))
+            assert closed, "a silent, unauthenticated peer was kept past the handshake timeout"
+    finally:
+        for sock in socks:
+            sock.close()
+    servers.compute()
+
+
 @pytest.mark.stress
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("port", ["scheduler", "worker"])
