@@ -6,6 +6,7 @@ package. Making certificates (`shoal.security.certs`) needs ``cryptography``.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import ssl
@@ -24,6 +25,35 @@ ROLE_URI_PREFIX = "shoal-role:"
 ENV_CA_FILE = "SHOAL_TLS_CA_FILE"
 ENV_CERT = "SHOAL_TLS_CERT"
 ENV_KEY = "SHOAL_TLS_KEY"
+
+
+logger = logging.getLogger("shoal.security")
+
+#: OpenSSL's reasons for a failed TLS handshake, as a listener's log line says them.
+_REFUSAL_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the peer showed no certificate",
+    "CERTIFICATE_VERIFY_FAILED": "the peer's certificate is not signed by our CA",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our CA",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS (plaintext?)",
+    "HTTP_REQUEST": "the peer sent plain HTTP",
+    "UNSUPPORTED_PROTOCOL": "the peer offered a TLS version below 1.2",
+}
+
+
+class _ListenerSSLObject(ssl.SSLObject):
+    """Logs why a TLS handshake failed on the listening side: the event loop only says so
+    at debug level, and no shoal code sees such a connection."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # the handshake goes on
+        except ssl.SSLError as exc:
+            reason = str(getattr(exc, "reason", "") or "")
+            logger.warning("refused a TLS connection: %s (%s)",
+                           _REFUSAL_REASONS.get(reason, "TLS handshake failed"), exc)  # fmt: skip
+            raise
 
 
 class SecurityError(ValueError):
@@ -131,6 +161,7 @@ class Security:
         if context is None:
             context = self._load(ssl.Purpose.CLIENT_AUTH)
             context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+            context.sslobject_class = _ListenerSSLObject
             self._contexts[key] = context
         return context
 

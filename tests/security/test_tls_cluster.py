@@ -159,6 +159,10 @@ def test_tls_cluster_from_the_cli_serves_only_its_own(certs: Path, other_certs: 
         assert "a worker certificate may not connect as 'client'" in log
         assert "a client certificate may not connect as 'worker'" in log
         assert "Traceback" not in log
+        # Refusals at the TLS layer are logged by the listener too, with the reason.
+        assert "refused a TLS connection: the peer showed no certificate" in log
+        assert "refused a TLS connection: the peer's certificate is not signed by our CA" in log
+        assert "refused a TLS connection: the peer does not speak TLS (plaintext?)" in log
         assert "a worker certificate may not send RunFunction" in w1.output() + w2.output()
 
 
