@@ -83,8 +83,15 @@ class LocalCluster:
         #: the supervisors of the worker processes
         self.nannies: list[Nanny] = []
         self.scheduler_address = ""
+        #: workers started by `scale`/`adapt` that have not joined yet
+        self._starting: dict[asyncio.Future[Any], str] = {}
+        self._next_index = n_workers
+        #: `scale`/`adapt` (shoal.deploy.local_scaling), made on first use
+        self._scaler: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _start(self) -> LocalCluster:
+        self._loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(self.host, self.scheduler_port, token=self.token,
                                    validate=self.validate, worker_ttl=self.worker_ttl,
                                    dashboard_address=self.dashboard_address,
@@ -96,16 +103,7 @@ class LocalCluster:
             if self.processes:
                 await self._start_nannies()
             else:
-                for i in range(self.n_workers):
-                    w = Worker(self.scheduler_address, nthreads=self.threads_per_worker,
-                               name=f"local-{i}", host=self.host, token=self.token,
-                               memory_limit=self.memory_limit, in_process=True,
-                               memory_fractions=self.memory_fractions,
-                               resources=self.resources,
-                               dashboard_address=self.worker_dashboard_address,
-                               validate=self.validate, security=self._role("worker"),
-                               insecure=self.insecure)  # fmt: skip
-                    self.workers.append(w)
+                self.workers = [self._new_worker(f"local-{i}") for i in range(self.n_workers)]
                 await asyncio.gather(*(w.start() for w in self.workers))
             await self._wait_for_workers()
         except BaseException:
@@ -113,17 +111,27 @@ class LocalCluster:
             raise
         return self
 
+    def _new_nanny(self, name: str) -> Nanny:
+        return Nanny(self.scheduler_address, name=name, nthreads=self.threads_per_worker,
+                     host=self.host, token=self.token, memory_limit=self.memory_limit,
+                     memory_fractions=self.memory_fractions, resources=self.resources,
+                     start_timeout=self.worker_start_timeout,
+                     security=self._role("worker"), insecure=self.insecure,
+                     worker_args=[] if self.worker_dashboard_address is None else
+                     ["--dashboard-address", str(self.worker_dashboard_address)])  # fmt: skip
+
+    def _new_worker(self, name: str) -> Worker:
+        return Worker(self.scheduler_address, nthreads=self.threads_per_worker,
+                      name=name, host=self.host, token=self.token,
+                      memory_limit=self.memory_limit, in_process=True,
+                      memory_fractions=self.memory_fractions,
+                      resources=self.resources,
+                      dashboard_address=self.worker_dashboard_address,
+                      validate=self.validate, security=self._role("worker"),
+                      insecure=self.insecure)  # fmt: skip
+
     async def _start_nannies(self) -> None:
-        self.nannies = [
-            Nanny(self.scheduler_address, name=f"local-{i}", nthreads=self.threads_per_worker,
-                  host=self.host, token=self.token, memory_limit=self.memory_limit,
-                  memory_fractions=self.memory_fractions, resources=self.resources,
-                  start_timeout=self.worker_start_timeout,
-                  security=self._role("worker"), insecure=self.insecure,
-                  worker_args=[] if self.worker_dashboard_address is None else
-                  ["--dashboard-address", str(self.worker_dashboard_address)])
-            for i in range(self.n_workers)
-        ]  # fmt: skip
+        self.nannies = [self._new_nanny(f"local-{i}") for i in range(self.n_workers)]
         started = await asyncio.gather(*(n.start() for n in self.nannies), return_exceptions=True)
         for outcome in started:
             if isinstance(outcome, BaseException):
@@ -149,6 +157,11 @@ class LocalCluster:
             delay = min(delay * 1.5, 0.05)
 
     async def _close(self) -> None:
+        if self._scaler is not None:  # stop adapting first; it blocks on this loop
+            await asyncio.to_thread(self._scaler.close)
+            self._scaler = None
+        for task in list(self._starting):
+            task.cancel()
         for n in self.nannies:
             n.stop_restarting()  # workers the scheduler closes stay closed
         if self.scheduler is not None:
@@ -159,6 +172,73 @@ class LocalCluster:
         await asyncio.gather(*(n.close(timeout=5) for n in self.nannies))
         self.nannies.clear()
         self.workers.clear()
+
+    # ------------------------------------------------ scale and adapt (shoal.deploy)
+
+    def scale(self, n: int) -> None:
+        """Have ``n`` workers: start more, or retire the extra ones (their results move to
+        the others first). Blocking: call it from another thread than the cluster's loop."""
+        self._get_scaler().scale(n)
+
+    def adapt(self, minimum: int = 0, maximum: int | None = None,
+              target_duration: float = 5.0, wait_count: int = 3, interval: float = 1.0,
+              max_pending: int | None = None) -> Any:  # fmt: skip
+        """Scale with the queued work between ``minimum`` and ``maximum`` (default: one
+        worker per core) workers; see `shoal.deploy.adaptive`. Returns the `Adaptive`."""
+        from ..deploy.adaptive import AdaptivePolicy
+
+        maximum = maximum if maximum is not None else (os.cpu_count() or 1)
+        policy = AdaptivePolicy(minimum, maximum, target_duration, wait_count,
+                                max_pending if max_pending is not None else max(1, maximum))  # fmt: skip
+        return self._get_scaler().adapt(policy, interval)
+
+    def _get_scaler(self) -> Any:
+        if self._loop is None or self.scheduler is None:
+            raise RuntimeError("the local cluster is not running")
+        if self._scaler is None:
+            from ..deploy.local_scaling import LocalScaler
+
+            self._scaler = LocalScaler(self, self._loop, timeout=self.worker_start_timeout)
+        return self._scaler
+
+    def worker_count(self) -> int:
+        """Workers running or restarting (started by this cluster, not closed)."""
+        if self.processes:
+            return sum(n.status not in ("closed", "failed") for n in self.nannies)
+        return sum(w.status not in ("closing", "closed") for w in self.workers)
+
+    def starting_names(self) -> set[str]:
+        """Names of the workers `scale` started whose start has not finished yet."""
+        return set(self._starting.values())
+
+    async def _add_workers(self, count: int) -> None:
+        """Start ``count`` more workers; they join in the background (``starting_count``)."""
+        for _ in range(count):
+            name = f"local-{self._next_index}"
+            self._next_index += 1
+            if self.processes:
+                nanny = self._new_nanny(name)
+                self.nannies.append(nanny)
+                started: asyncio.Future[Any] = asyncio.ensure_future(nanny.start())
+            else:
+                worker = self._new_worker(name)
+                self.workers.append(worker)
+                started = asyncio.ensure_future(worker.start())
+            self._starting[started] = name
+            started.add_done_callback(self._worker_started)
+
+    def _worker_started(self, started: asyncio.Future[Any]) -> None:
+        self._starting.pop(started, None)
+        if not started.cancelled() and started.exception() is not None:
+            logger.warning("a worker started by scale did not join: %s", started.exception())
+
+    async def _prune_workers(self) -> None:
+        """Forget workers that closed (retired) and nannies that are done."""
+        for nanny in [n for n in self.nannies if n.status in ("closed", "failed")]:
+            await nanny.close(timeout=5)
+            self.nannies.remove(nanny)
+        self.workers = [w for w in self.workers if w.status != "closed"]
+        self.n_workers = self.worker_count()
 
     @property
     def dashboard_link(self) -> str:

@@ -110,3 +110,33 @@ def test_squeue_sees_our_jobs(slurm_site: SlurmSite) -> None:
     done = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True,
                           check=True)
     assert "debug* up" in done.stdout
+
+
+@pytest.mark.slow
+def test_worker_at_its_lifetime_retires_is_replaced_and_no_result_is_lost(
+        slurm_site: SlurmSite, tally: Any) -> None:
+    lifetime = 20.0
+    with _cluster(slurm_site, lifetime=lifetime, lifetime_stagger=0) as cluster:
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=120)
+        with shoal.Client(cluster) as client:
+            first = set(client.scheduler_info()["workers"])
+            futures = client.map(tally.record, range(40), pure=False)
+            assert client.gather(futures) == list(range(40))
+            # A second worker half a lifetime later: the two never leave at once.
+            time.sleep(lifetime / 2)
+            cluster.scale(2)
+            cluster.wait_for_workers(2, timeout=60)
+            originals = set(client.scheduler_info()["workers"])
+            assert first < originals
+
+            def replaced() -> bool:
+                now = set(client.scheduler_info()["workers"])
+                return len(now) == 2 and not now & originals
+
+            _wait_for(replaced, 2 * lifetime + 60)
+            assert client.gather(futures) == list(range(40))
+            assert sorted(int(x) for x in tally.lines()) == list(range(40))  # none rerun
+        ended = [n for n, log in cluster.get_logs().items() if "reached its lifetime" in log]
+        assert len(ended) >= 2, cluster.get_logs()
+        assert len(cluster.submitted) >= 4  # two replacements
