@@ -292,6 +292,8 @@ def main() -> None:
     parser.add_argument("--shared-threads", type=int, default=0,
                         help="a pool of this many threads per host shared by its workers"
                         " (0: a thread per worker)")  # fmt: skip
+    parser.add_argument("--tasks-at-every-size", action="store_true",
+                        help="run the tasks at every size, not only the largest")
     parser.add_argument("--dask", type=int, default=100,
                         help="workers for the dask.distributed comparison (0: none)")
     parser.add_argument("--dask-tasks", type=int, default=5000)
@@ -308,7 +310,7 @@ def main() -> None:
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
     idle_rows: list[dict[str, Any]] = []
-    tasks_row: dict[str, Any] | None = None
+    tasks_rows: list[dict[str, Any]] = []
     joins: dict[int, float] = {}
     print(f"shoal: a thousand workers; {os.cpu_count()} cores, load {load_before[0]:.2f};"
           f" {args.processes} worker host processes", flush=True)  # fmt: skip
@@ -331,11 +333,13 @@ def main() -> None:
                 row["threads_per_host"] = max(s["threads"] for s in mw.stats())
                 idle_rows.append(row)
                 print_idle([row], empty_metrics, header=len(idle_rows) == 1)
-                if n == sizes[-1] and args.tasks:
+                if args.tasks and (args.tasks_at_every_size or n == sizes[-1]):
                     tasks_row = run_tasks(probe, mw, scheduler.address, args.tasks)
                     hosts = mw.stats()
+                    tasks_row["workers"] = n
                     tasks_row["threads_per_host"] = max(s["threads"] for s in hosts)
                     tasks_row["host_rss_mib"] = max(s["rss"] for s in hosts) / 2**20
+                    tasks_rows.append(tasks_row)
                     print_tasks(tasks_row, n)
             wait_until(lambda: _workers_listed(probe) == 0,
                        timeout=60, message="the scheduler dropped the workers")  # fmt: skip
@@ -350,7 +354,7 @@ def main() -> None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True, cwd=HERE).stdout.strip()  # fmt: skip
     report = markdown(started, commit, bool(dirty), load_before, load_after, args, idle_rows,
-                      tasks_row, empty_metrics, dask_row)  # fmt: skip
+                      tasks_rows, empty_metrics, dask_row)  # fmt: skip
     print()
     print(report)
     if args.write_results:
@@ -393,13 +397,15 @@ def print_tasks(r: dict[str, Any], n: int) -> None:
 def markdown(started: datetime.datetime, commit: str, dirty: bool,
              load_before: tuple[float, float, float], load_after: tuple[float, float, float],
              args: argparse.Namespace, rows: list[dict[str, Any]],
-             tasks: dict[str, Any] | None, empty_metrics: int,
+             tasks_rows: list[dict[str, Any]], empty_metrics: int,
              dask: dict[str, Any] | None) -> str:  # fmt: skip
     lines = [
         f"### Run of {started:%Y-%m-%d %H:%M} UTC, commit {commit}"
         f"{' (with uncommitted changes of others in the checkout)' if dirty else ''}",
         "",
         f"`bench/bench_workers.py --sizes {args.sizes} --tasks {args.tasks} --idle {args.idle:g}"
+        f"{' --tasks-at-every-size' if args.tasks_at_every_size else ''}"
+        f" --dask {args.dask} --dask-tasks {args.dask_tasks}"
         f"{f' --shared-threads {args.shared_threads}' if args.shared_threads else ''}`:"
         f" {os.cpu_count()} cores shared with other engineers' runs, load average"
         f" {load_before[0]:.2f} before, {load_after[0]:.2f} after; {args.processes} host"
@@ -418,21 +424,26 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
                      f" {r['read_bytes_per_s']:,.0f} | {r['bytes_per_heartbeat']:.1f} |"
                      f" {r['read_calls_per_s']:,.0f} | {r['metrics_bytes']:,} |"
                      f" {(r['metrics_bytes'] - empty_metrics) / n:,.0f} |")  # fmt: skip
-    if tasks is not None:
+    if tasks_rows:
         lines += [
             "",
-            f"{tasks['tasks']:,} no-op tasks (`map`, then `gather`) on {rows[-1]['workers']:,}"
-            f" workers: `map` {tasks['submit_s']:.2f} s, wall {tasks['wall_s']:.2f} s,"
-            f" **{tasks['tasks_per_s']:,.0f} tasks/s**; {tasks['workers_used']:,} workers used"
-            f" ({tasks['tasks_per_worker_min']}-{tasks['tasks_per_worker_max']} tasks each);"
-            f" {tasks['transitions']:,} transitions = **{tasks['decisions_per_s']:,.0f}"
-            f" decisions/s**; scheduler CPU {tasks['sched_cpu_pct']:.0f}% of a core, so"
-            f" {tasks['decisions_per_cpu_s']:,.0f} decisions per scheduler CPU-second; CPU per"
-            f" task: scheduler {tasks['sched_us_per_task']:.0f} us, worker hosts"
-            f" {tasks['hosts_us_per_task']:.0f} us, client {tasks['client_us_per_task']:.0f} us;"
-            f" up to {tasks['threads_per_host']} threads and"
-            f" {tasks['host_rss_mib']:.0f} MiB RSS per host process.",
+            f"{tasks_rows[0]['tasks']:,} no-op tasks (`map`, then `gather`) returning the"
+            " address of the worker that ran them:",
+            "",
+            "| workers | `map` s | wall s | tasks/s | workers used | tasks per worker |"
+            " transitions/s | scheduler CPU % | transitions per scheduler CPU-s | CPU us per"
+            " task: scheduler / worker hosts / client | threads, MiB per host |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
+        for t in tasks_rows:
+            lines.append(
+                f"| {t['workers']:,} | {t['submit_s']:.2f} | {t['wall_s']:.2f} |"
+                f" **{t['tasks_per_s']:,.0f}** | {t['workers_used']:,} |"
+                f" {t['tasks_per_worker_min']}-{t['tasks_per_worker_max']} |"
+                f" **{t['decisions_per_s']:,.0f}** | {t['sched_cpu_pct']:.0f} |"
+                f" {t['decisions_per_cpu_s']:,.0f} | {t['sched_us_per_task']:.0f} /"
+                f" {t['hosts_us_per_task']:.0f} / {t['client_us_per_task']:.0f} |"
+                f" {t['threads_per_host']}, {t['host_rss_mib']:.0f} |")  # fmt: skip
     if dask is not None:
         shoal_row = next((r for r in rows if r["workers"] == dask["workers"]), None)
         lines += [
