@@ -1,14 +1,13 @@
 """The dashboards over HTTPS, when the cluster has TLS: the same login as over HTTP (see
 test_dashboard_auth.py), a Secure session cookie, a client certificate of the cluster in
 place of the token, and the links a local TLS cluster gives. Certificates are made with
-``cryptography`` (skipped without it, as the TLS tests are).
+``cryptography`` (a test dependency).
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.client
-import inspect
 import ssl
 import urllib.parse
 from collections.abc import Callable
@@ -28,8 +27,9 @@ from test_dashboard_auth import (
     type_into,
 )
 
-import shoal
 from shoal.scheduler import Scheduler
+from shoal.security import Security
+from shoal.security.certs import make_cluster_certificates
 from shoal.testing import gen_cluster
 from shoal.worker.server import Worker
 
@@ -66,12 +66,6 @@ def browser_context(ca_file: str, cert: tuple[str, str] | None = None,
 def test_with_tls_the_dashboards_serve_https_with_the_cluster_certificates(
     tmp_path: Path,
 ) -> None:
-    pytest.importorskip("cryptography", reason="making certificates needs cryptography")
-    from shoal.security import Security
-    from shoal.security.certs import make_cluster_certificates
-
-    if "security" not in inspect.signature(Scheduler).parameters:
-        pytest.skip("Scheduler(security=...) (TLS, issue #12) has not landed yet")
     make_cluster_certificates(tmp_path)  # the worker certificate holds the worker role only
     ca = str(tmp_path / "ca.pem")
     client_cert = (str(tmp_path / "client.pem"), str(tmp_path / "client-key.pem"))
@@ -171,12 +165,6 @@ def test_logging_in_over_https_in_chromium(tmp_path: Path,
     from test_dashboard_live import CHROMIUM, Page, chromium
 
     require(CHROMIUM is not None, "chromium is not installed (apt-get install -y chromium)")
-    pytest.importorskip("cryptography", reason="making certificates needs cryptography")
-    from shoal.security import Security
-    from shoal.security.certs import make_cluster_certificates
-
-    if "security" not in inspect.signature(Scheduler).parameters:
-        pytest.skip("Scheduler(security=...) (TLS, issue #12) has not landed yet")
     import aiohttp
 
     make_cluster_certificates(tmp_path)
@@ -224,11 +212,6 @@ def test_logging_in_over_https_in_chromium(tmp_path: Path,
 
 
 def test_a_local_tls_cluster_links_to_its_https_dashboards() -> None:
-    pytest.importorskip("cryptography", reason="making certificates needs cryptography")
-    from shoal.security import Security
-
-    if "security" not in inspect.signature(shoal.Client).parameters:
-        pytest.skip("Client(security=...) (TLS, issue #12) has not landed yet")
     security = Security.temporary()
     with gen_cluster(n_workers=1, token=TOKEN, security=security,
                      worker_dashboard_address=":0") as client:  # fmt: skip
