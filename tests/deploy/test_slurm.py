@@ -140,3 +140,53 @@ def test_worker_at_its_lifetime_retires_is_replaced_and_no_result_is_lost(
         ended = [n for n, log in cluster.get_logs().items() if "reached its lifetime" in log]
         assert len(ended) >= 2, cluster.get_logs()
         assert len(cluster.submitted) >= 4  # two replacements
+
+
+def slow_record(tally: Any, i: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return int(tally.record(i))
+
+
+def _count(client: shoal.Client) -> int:
+    return len(client.scheduler_info()["workers"])
+
+
+@pytest.mark.slow
+def test_adaptive_burst_to_maximum_idle_to_minimum_nothing_lost(slurm_site: SlurmSite,
+                                                                 tally: Any) -> None:
+    with _cluster(slurm_site) as cluster:
+        adaptive = cluster.adapt(minimum=1, maximum=4, target_duration=1.0, wait_count=3,
+                                 interval=0.5, max_pending=4)
+        cluster.wait_for_workers(1, timeout=120)
+        with shoal.Client(cluster) as client:
+            start = time.monotonic()
+            futures = [client.submit(slow_record, tally, i, 0.5, pure=False) for i in range(60)]
+            _wait_for(lambda: _count(client) == 4, 90)
+            print(f"\nSlurm adaptive: burst -> 4 workers in {time.monotonic() - start:.1f}s")
+            assert len(cluster.submitted) <= 4  # never more jobs than the maximum
+            assert client.gather(futures) == list(range(60))
+            _wait_for(lambda: _count(client) == 1, 60)
+            assert client.gather(futures) == list(range(60))  # moved off, not lost
+            assert sorted(int(x) for x in tally.lines()) == list(range(60))  # not recomputed
+        assert adaptive.error == ""
+        _wait_for(lambda: len(slurm_site.jobs()) == 1, 60)  # retired jobs ended
+
+
+@pytest.mark.slow
+def test_adaptive_flapping_load_keeps_the_jobs(slurm_site: SlurmSite, tally: Any) -> None:
+    with _cluster(slurm_site) as cluster:
+        adaptive = cluster.adapt(minimum=1, maximum=3, target_duration=0.3, wait_count=8,
+                                 interval=0.5)
+        cluster.wait_for_workers(1, timeout=120)
+        with shoal.Client(cluster) as client:
+            batch = [client.submit(slow_record, tally, i, 0.3, pure=False) for i in range(30)]
+            client.gather(batch)
+            _wait_for(lambda: _count(client) == 3, 90)
+            for round_ in range(6):  # ~1 s of work, ~2 s idle: shorter than 8 steps of 0.5 s
+                batch = [client.submit(slow_record, tally, 1000 + round_ * 100 + i, 0.3,
+                                       pure=False) for i in range(10)]
+                client.gather(batch)
+                time.sleep(2.0)
+                assert _count(client) == 3
+        assert not any(d.retire for _, d in adaptive.log), adaptive.log
+        assert len(cluster.submitted) == 3
