@@ -21,6 +21,16 @@ __all__ = ["make_worker_app"]
 
 _encoder = msgspec.json.Encoder()
 
+#: what ``GET /`` lists
+WORKER_ROUTES = {
+    "/health": "200 ok",
+    "/metrics": "Prometheus metrics of this worker",
+    "/api/info": "this worker at a glance",
+    "/api/logs": "this worker's newest log records (?n=)",
+    "/api/session": "whether a login is required, and how this request authenticated",
+    "/login": "the login form; POST /logout ends the session",
+}
+
 
 def _json(data: Any) -> web.Response:
     return web.Response(body=_encoder.encode(data), content_type="application/json")
@@ -68,9 +78,13 @@ def make_worker_app(w: Worker, auth: DashboardAuth,
             return web.json_response({"error": "n must be an integer"}, status=400)
         return _json({"rows": log_ring().rows(n)})
 
+    async def routes(request: web.Request) -> web.Response:
+        return _json(WORKER_ROUTES)
+
     guard = LoginGuard(auth, certificate)
     app = web.Application(middlewares=[guard.middleware])
     guard.add_routes(app)
+    app.router.add_get("/", routes)  # where a browser lands after logging in
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/info", info)

@@ -314,6 +314,8 @@ def test_worker_dashboards_need_the_token_too(secured: shoal.Client) -> None:
         ok = request(link + "login", "POST", form={"token": TOKEN, "next": "/metrics"})
         name, value, _ = cookie_of(ok)
         assert request(link + "metrics", headers={"Cookie": f"{name}={value}"}).status == 200
+        # its root lists its routes (where the login form sends a browser by default)
+        assert "/api/logs" in request(link, headers={"Cookie": f"{name}={value}"}).json()
 
 
 def test_without_a_token_a_loopback_dashboard_stays_open() -> None:
