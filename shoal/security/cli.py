@@ -66,9 +66,13 @@ def resolve_token(token: str | None, token_file: str | None, *, may_generate: bo
         if not may_generate:
             raise click.UsageError("--token auto is for the scheduler: give workers the"
                                    " scheduler's token (--token-file PATH)")  # fmt: skip
-        value, path = generate_token_file(token_file)
-        click.echo(f"shoal: generated a token into {path} (readable only by you); give it to"
-                   f" workers with --token-file {path} and to clients as SHOAL_TOKEN")  # fmt: skip
+        try:
+            value, path, new = generate_token_file(token_file)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--token-file") from None
+        said = "generated a token into" if new else "using the token in"
+        click.echo(f"shoal: {said} {path} (readable only by you); give it to workers with"
+                   f" --token-file {path} and to clients as SHOAL_TOKEN")  # fmt: skip
         return value
     if token:
         return token

@@ -70,10 +70,17 @@ def default_token_file() -> Path:
     return Path.home() / ".shoal" / "token"
 
 
-def generate_token_file(path: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
-    """A new random token, written to ``path`` (default ``~/.shoal/token``) readable by its
-    owner only; returns the token and the path."""
+def generate_token_file(path: str | os.PathLike[str] | None = None) -> tuple[str, Path, bool]:
+    """The token in ``path`` (default ``~/.shoal/token``) if it holds one, so that a
+    restarted scheduler keeps the token its workers have; else a new random token written
+    there, readable by its owner only. Returns the token, the path and whether it is new.
+    A token file that others can read is refused: that token is no secret any more."""
     target = Path(path) if path else default_token_file()
+    if target.is_file() and target.stat().st_size:
+        if target.stat().st_mode & 0o077:
+            raise ValueError(f"the token file {str(target)!r} is readable by other users:"
+                             " remove it (a new token is then made) or chmod 600 it")  # fmt: skip
+        return read_token_file(target), target, False
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -82,7 +89,7 @@ def generate_token_file(path: str | os.PathLike[str] | None = None) -> tuple[str
         os.write(fd, (token + "\n").encode())
     finally:
         os.close(fd)
-    return token, target
+    return token, target, True
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:

@@ -62,6 +62,16 @@ def test_token_auto_writes_a_private_token_file_and_the_scheduler_requires_it(
             assert client.scheduler_info()["address"]
         with pytest.raises(HandshakeRejected, match="invalid authentication token"):
             shoal.Client(f"tcp://127.0.0.1:{port}", token="wrong", timeout=5)
+    # A restarted scheduler keeps the token its workers have...
+    with spawn_scheduler(extra_args=["--no-dashboard", "--token", "auto",
+                                     "--token-file", str(token_file)]) as s:  # fmt: skip
+        assert f"using the token in {token_file}" in s.output()
+        with shoal.Client(s.address, token=token, timeout=10) as client:
+            assert client.scheduler_info()["address"]
+    # ...unless others could read it.
+    token_file.chmod(0o644)
+    result = shoal_cli("scheduler", "--token", "auto", "--token-file", str(token_file))
+    assert result.returncode != 0 and "is readable by other users" in result.stderr
 
 
 def test_a_worker_reads_its_token_from_a_file(tmp_path: Path) -> None:
