@@ -15,3 +15,4 @@ from .base import Cluster as Cluster
 from .base import ClusterError as ClusterError
 from .base import LaunchError as LaunchError
 from .slurm import SlurmCluster as SlurmCluster
+from .ssh import SSHCluster as SSHCluster
