@@ -144,11 +144,13 @@ class Security:
         return sec
 
     def for_role(self, role: str) -> Security:
-        """This object's credentials for ``role`` (itself when it holds no other roles)."""
+        """This object's credentials for ``role`` (itself when it holds no other roles).
+        The result holds that role's files only: a worker given its credentials this way
+        cannot reach the client's certificate through them."""
         files = self.role_files.get(role)
-        if files is None or files == (self.cert_file, self.key_file):
+        if files is None or files == (self.cert_file, self.key_file) and not self.role_files:
             return self
-        return Security(self.ca_file, *files, role_files=self.role_files, _owner=self._owner)
+        return Security(self.ca_file, *files, _owner=self._owner)
 
     # --------------------------------------------------------------- contexts
 

@@ -141,3 +141,19 @@ def test_a_local_cluster_with_security_true_speaks_only_tls(processes: bool) -> 
             assert cluster.scheduler.security.cert_file.endswith("scheduler.pem")
             assert all(w.security.cert_file.endswith("worker.pem") for w in cluster.workers)
             assert client.security is not None and client.security.cert_file.endswith("client.pem")
+
+
+def test_a_local_cluster_from_a_certs_directory(tmp_path: Path) -> None:
+    assert CliRunner().invoke(main, ["certs", "init", str(tmp_path)]).exit_code == 0
+    security = shoal.Security.from_directory(tmp_path)  # client first, the others for_role
+    with shoal.Client(security=security, n_workers=1, processes=False,
+                      dashboard_address=None) as client:  # fmt: skip
+        assert client.submit(lambda: 3).result(timeout=30) == 3
+        assert client.cluster.scheduler.security.cert_file == str(tmp_path / "scheduler.pem")
+        # certs init makes a worker certificate without the client role: tasks cannot
+        # launch tasks with it, and are told why.
+        def launch() -> int:
+            return int(shoal.get_client().submit(lambda: 1).result(timeout=30))
+
+        with pytest.raises(Exception, match="a worker certificate may not connect as 'client'"):
+            client.submit(launch).result(timeout=30)
