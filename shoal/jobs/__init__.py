@@ -42,6 +42,7 @@ from .errors import JobCancelled as JobCancelled
 from .errors import JobError as JobError
 from .errors import JobFailed as JobFailed
 from .errors import ParentFailed as ParentFailed
+from .errors import ResultExpired as ResultExpired
 from .errors import TimeLimitExceeded as TimeLimitExceeded
 from .job import Job as Job
 from .message import JobMessage as JobMessage

@@ -15,6 +15,7 @@ from .errors import DuplicateJob
 from .job import Job
 from .message import JobMessage
 from .policy.leases import DEFAULT_LEASE, check_lease
+from .policy.limits import check_concurrency, parse_rate
 from .schedules import CatchUp, Schedule, every_seconds
 from .signing import SecretSetting, Signer
 
@@ -38,12 +39,19 @@ class JobQueue:
     a job; ``result()`` raises `BadSignature`). One secret of at least 16 bytes, or a list
     (the first signs, any verifies: for rotation). Default: ``$SHOAL_JOBS_SECRET`` (comma
     separated). Without either, anyone who can write to the broker can run code on every
-    job worker (see docs/jobs-signing.md)."""
+    job worker (see docs/jobs-signing.md).
+
+    ``result_ttl``: seconds a finished job's record and result are kept (per job:
+    ``@app.job(result_ttl=)``); expired ones are deleted by the brokers' own calls, with no
+    process to run, and ``result()`` on one raises `ResultExpired`. None: until purged."""
 
     def __init__(self, url: str = "sqlite:///jobs.db", *, lease: float = DEFAULT_LEASE,
-                 broker: Broker | None = None, secret: SecretSetting | None = None) -> None:
+                 broker: Broker | None = None, secret: SecretSetting | None = None,
+                 result_ttl: timedelta | float | None = None) -> None:
         self.url = broker.url if broker is not None else url
         self.lease = check_lease(lease)
+        #: seconds finished jobs are kept, unless a job says otherwise (None: until purged)
+        self.result_ttl = seconds(result_ttl, "result_ttl")
         #: signs and checks stored pickles; None: unsigned (``secret`` and the env var unset)
         self.signer: Signer | None = Signer.from_setting(secret)
         self.jobs: dict[str, JobFunction[Any, Any]] = {}
@@ -97,6 +105,9 @@ class JobQueue:
             backoff_max: timedelta | float = ..., priority: int = ...,
             time_limit: timedelta | float | None = ...,
             retry_on: tuple[type[BaseException], ...] = ...,
+            result_ttl: timedelta | float | None = ...,
+            rate_limit: str | None = ..., max_concurrency: int | None = ...,
+            limit_key: Callable[..., Any] | None = ...,
             ) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
     def job(self, fn: Callable[P, R] | None = None, /, *, name: str | None = None,
@@ -104,6 +115,9 @@ class JobQueue:
             backoff_max: timedelta | float = 3600.0, priority: int = 0,
             time_limit: timedelta | float | None = None,
             retry_on: tuple[type[BaseException], ...] = (Exception,),
+            result_ttl: timedelta | float | None = None,
+            rate_limit: str | None = None, max_concurrency: int | None = None,
+            limit_key: Callable[..., Any] | None = None,
             ) -> JobFunction[P, R] | Callable[[Callable[P, R]], JobFunction[P, R]]:
         """Register a job, as ``@app.job`` or ``@app.job(retries=5, queue="mail")``.
 
@@ -111,9 +125,17 @@ class JobQueue:
         doubling each time up to ``backoff_max`` (with ±25% jitter); ``retry_on``: only
         these exceptions are retried; ``time_limit``: seconds one attempt may run;
         ``priority``: higher first, in [-1000, 1000]; ``name``: defaults to
-        ``module.qualname``, which must be the same in producers and workers."""
+        ``module.qualname``, which must be the same in producers and workers.
+        ``result_ttl``: seconds its finished records are kept (default: the app's).
+        ``rate_limit`` (``"100/m"``) and ``max_concurrency``: limits across every worker,
+        enforced by the broker; a job over its limit waits. ``limit_key``: a function of
+        the job's arguments; the limits then hold per value (e.g. per user)."""
         if retries < 0:
             raise ValueError(f"retries must be >= 0, not {retries}")
+        rate = None if rate_limit is None else parse_rate(rate_limit)
+        check_concurrency(max_concurrency)
+        if limit_key is not None and rate is None and max_concurrency is None:
+            raise ValueError("limit_key= needs rate_limit= or max_concurrency=")
 
         def register(f: Callable[P, R]) -> JobFunction[P, R]:
             options = JobOptions(
@@ -125,6 +147,10 @@ class JobQueue:
                 priority=check_priority(priority),
                 time_limit=seconds(time_limit, "time_limit"),
                 retry_on=tuple(retry_on),
+                result_ttl=seconds(result_ttl, "result_ttl"),
+                rate=rate,
+                max_concurrency=max_concurrency,
+                limit_key=limit_key,
             )
             if options.name in self.jobs:
                 raise DuplicateJob(f"a job named {options.name!r} is registered already")

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .message import MAX_PRIORITY, MIN_PRIORITY, JobMessage
+from .message import MAX_PRIORITY, MIN_PRIORITY, JobMessage, KeyUntil
 from .payload import dump_arguments
+from .policy.keys import check_key_until
+from .policy.limits import limit_key_of
 from .signing import args_context, sign
 
 if TYPE_CHECKING:
@@ -56,6 +58,11 @@ class JobOptions:
     time_limit: float | None = None
     #: exceptions worth retrying; any other fails the job at once
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    result_ttl: float | None = None  #: seconds a finished record is kept (None: the app's)
+    rate: float | None = None  #: seconds between starts across the cluster (``rate_limit``)
+    max_concurrency: int | None = None  #: running at once across the cluster
+    #: ``limit_key(*args, **kwargs)``: count the limits per this value, not per job
+    limit_key: Callable[..., Any] | None = None
 
 
 class JobFunction(Generic[P, R]):
@@ -93,12 +100,20 @@ class JobFunction(Generic[P, R]):
         pass_results: bool = True,
         retries: int | None = None,
         time_limit: timedelta | float | None = None,
+        key_until: KeyUntil = "forever",
+        unique_for: timedelta | float | None = None,
+        result_ttl: timedelta | float | None = None,
     ) -> Job:
         """Store a call to run on a job worker; return its `Job` handle.
 
         ``delay`` (seconds or timedelta) or ``at`` (aware datetime or epoch seconds): not
         before then. ``key``: enqueue is idempotent; a second call with the same key
-        returns the first job (``handle.created`` is False). ``after``: jobs that must
+        returns the first job (``handle.created`` is False) while the key holds:
+        ``key_until="forever"`` (while the job's record exists), ``"start"`` (until it
+        starts), ``"finish"`` (until it finishes), and at most ``unique_for`` seconds
+        if given; then the next enqueue with the key stores a new job.
+        ``result_ttl``: seconds the finished job's record and result are kept (default:
+        the job's, else the app's; None: until purged). ``after``: jobs that must
         succeed first; then this one is called as ``fn(*parent_results, *args, **kwargs)``
         with their results in the order given (``pass_results=False``: ``fn(*args,
         **kwargs)``). If one of them fails or is cancelled, so is this job.
@@ -106,7 +121,8 @@ class JobFunction(Generic[P, R]):
         Inside ``with app.batch():`` the job is kept and sent with the batch."""
         return self.app._submit(self.prepare(
             args, kwargs, delay=delay, at=at, priority=priority, key=key, queue=queue,
-            after=after, pass_results=pass_results, retries=retries, time_limit=time_limit))
+            after=after, pass_results=pass_results, retries=retries, time_limit=time_limit,
+            key_until=key_until, unique_for=unique_for, result_ttl=result_ttl))
 
     def prepare(
         self,
@@ -122,6 +138,9 @@ class JobFunction(Generic[P, R]):
         pass_results: bool = True,
         retries: int | None = None,
         time_limit: timedelta | float | None = None,
+        key_until: KeyUntil = "forever",
+        unique_for: timedelta | float | None = None,
+        result_ttl: timedelta | float | None = None,
     ) -> JobMessage:
         """The envelope `enqueue` would store, not stored: give many to
         `JobQueue.enqueue_many`. Same arguments as `enqueue`; ``after`` may name envelopes
@@ -148,6 +167,14 @@ class JobFunction(Generic[P, R]):
             raise ValueError(f"retries must be >= 0, not {n_retries}")
         job_id = new_job_id(now)
         payload = dump_arguments(self.name, tuple(args), dict(kwargs or {}))
+        check_key_until(key_until)
+        hold = seconds(unique_for, "unique_for")
+        if (hold is not None or key_until != "forever") and key is None:
+            raise ValueError("key_until= and unique_for= need a key=")
+        ttl = seconds(result_ttl, "result_ttl")
+        if ttl is None:
+            ttl = opts.result_ttl if opts.result_ttl is not None else self.app.result_ttl
+        limited = opts.rate is not None or opts.max_concurrency is not None
         return JobMessage(
             id=job_id,
             name=self.name,
@@ -164,6 +191,13 @@ class JobFunction(Generic[P, R]):
             key=key,
             parents=parents,
             pass_results=pass_results,
+            result_ttl=ttl,
+            key_until=key_until,
+            key_expires=None if hold is None else now + hold,
+            limit_key=(limit_key_of(self.name, opts.limit_key, tuple(args), dict(kwargs or {}))
+                       if limited else None),
+            rate=opts.rate,
+            max_concurrency=opts.max_concurrency,
         )
 
     def enqueue_many(self, calls: Iterable[Sequence[Any]], *, delay: timedelta | float | None = None,

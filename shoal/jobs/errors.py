@@ -29,6 +29,13 @@ class JobCancelled(JobError):
     """The job was cancelled (or a parent of it was)."""
 
 
+class ResultExpired(JobError, KeyError):
+    """The job is gone from the broker: its ``result_ttl`` passed (or it was purged)."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class ParentFailed(JobError):
     """A job it waited for failed or was cancelled, so it will not run."""
 

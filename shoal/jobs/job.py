@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadSignature, JobCancelled, JobFailed, ParentFailed
+from .errors import BadSignature, JobCancelled, JobFailed, ParentFailed, ResultExpired
 from .message import FINISHED, JobRecord, Status
 from .payload import load
 from .signing import Signer, error_context, result_context, unwrap
@@ -78,7 +79,12 @@ class Job:
         self._settle()
         record = self.broker.get(self._id)
         if record is None:
-            raise KeyError(f"job {self.id} is not in the broker (purged?)")
+            raise ResultExpired(f"job {self.id} is not in the broker: its result_ttl passed, or "
+                                f"it was purged, or no job has this id")
+        if record.expired(self.broker.clock()):
+            raise ResultExpired(f"job {self.id} ({record.name}) {record.status} at "
+                                f"{_utc(record.finished)} and expired at {_utc(record.expires)} "
+                                f"(result_ttl={record.result_ttl:g}s)")
         return record
 
     @property
@@ -134,6 +140,12 @@ class Job:
         """Run a dead-lettered job again with fresh attempts."""
         self._settle()
         return self.broker.retry(self._id)
+
+
+def _utc(ts: float | None) -> str:
+    if ts is None:
+        return "?"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _outcome(record: JobRecord, signer: Signer | None) -> Any:

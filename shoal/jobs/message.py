@@ -15,6 +15,12 @@ import msgspec
 #: Where a job is. ``scheduled`` is ``queued`` with an ``eta`` still in the future.
 Status = Literal["waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled"]
 
+#: How long an idempotency key holds (see `JobMessage.key_until`).
+KeyUntil = Literal["forever", "start", "finish"]
+
+#: Statuses in which a job has not started yet (a ``key_until="start"`` key holds).
+UNSTARTED: frozenset[str] = frozenset({"waiting", "scheduled", "queued"})
+
 #: What `Broker.list` filters on: a status, or ``"dead"`` for the dead-letter list.
 Filter = Literal["waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled",
                  "dead"]
@@ -43,6 +49,16 @@ class JobMessage(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None = None  #: idempotency key: one job per key
     parents: tuple[str, ...] = ()  #: jobs that must succeed first
     pass_results: bool = True  #: call with the parents' results before ``args``
+    #: seconds the finished record (and result) is kept; None: until purged
+    result_ttl: float | None = None
+    #: how long ``key`` holds: ``"forever"`` (while the record exists), ``"start"`` (while
+    #: the job has not started), ``"finish"`` (until it finishes)
+    key_until: KeyUntil = "forever"
+    key_expires: float | None = None  #: the key holds at most until then (``unique_for``)
+    #: jobs with the same limit key share ``rate`` and ``max_concurrency`` across the cluster
+    limit_key: str | None = None
+    rate: float | None = None  #: at most one start per this many seconds (``rate_limit``)
+    max_concurrency: int | None = None  #: at most this many running at once
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -66,6 +82,18 @@ class JobRecord(msgspec.Struct, kw_only=True):
     parents: tuple[str, ...] = ()
     key: str | None = None
     worker: str | None = None  #: who runs it (while ``running``)
+    result_ttl: float | None = None  #: seconds the finished record is kept (None: until purged)
+
+    @property
+    def expires(self) -> float | None:
+        """When the finished record (and its result) expires, or None."""
+        if self.finished is None or self.result_ttl is None:
+            return None
+        return self.finished + self.result_ttl
+
+    def expired(self, now: float) -> bool:
+        expires = self.expires
+        return expires is not None and expires <= now
 
 
 class Delivery(msgspec.Struct, frozen=True):

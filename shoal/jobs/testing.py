@@ -452,6 +452,112 @@ def check_counts_follow_every_change(broker: Broker, clock: FakeClock) -> None:
     assert len(ids) == 4
 
 
+def check_result_ttl(broker: Broker, clock: FakeClock) -> None:
+    keep = _enqueue(broker)
+    short = broker.enqueue(message(result_ttl=30.0, key="k-ttl"))[0]
+    dead = _enqueue(broker, result_ttl=30.0)
+    cancelled = _enqueue(broker, result_ttl=30.0, eta=clock.now + 100)
+    ds = {d.id: d for d in _take(broker, 10)}
+    assert broker.ack(keep, ds[keep].token, b"\x80\x05N.")
+    assert broker.ack(short, ds[short].token, b"\x80\x05N.")
+    assert broker.fail(dead, ds[dead].token, "E: x", None, None, None)
+    assert broker.cancel(cancelled)
+    record = broker.get(short)
+    assert record is not None and record.result_ttl == 30.0 and record.expires == clock.now + 30
+    clock.advance(29)
+    assert {r.id for r in broker.list()} == {keep, short, dead, cancelled}
+    assert not broker.get(short).expired(clock.now)  # type: ignore[union-attr]
+    clock.advance(1)
+    for job_id in (short, dead, cancelled):  # expired on read, deleted or not yet
+        record = broker.get(job_id)
+        assert record is None or record.expired(clock.now)
+    assert {r.id for r in broker.list()} == {keep} and broker.dead() == []
+    clock.advance(2)
+    _take(broker)  # the brokers' own calls delete what expired: no process needed
+    _enqueue(broker, queue="elsewhere")
+    assert [broker.get(i) for i in (short, dead, cancelled)] == [None, None, None]
+    assert broker.get(keep) is not None
+    assert broker.counts() == {"default": {"succeeded": 1}, "elsewhere": {"queued": 1}}
+    again, created = broker.enqueue(message(key="k-ttl"))  # its key went with it
+    assert created and again != short
+
+
+def check_key_lifetimes(broker: Broker, clock: FakeClock) -> None:
+    def put(key: str, queue: str, **options: Any) -> tuple[str, bool]:
+        return broker.enqueue(message(key=key, queue=queue, **options))
+
+    # "start": the key holds while the job waits to start.
+    first, created = put("s", "q1", key_until="start")
+    assert created and put("s", "q1", key_until="start") == (first, False)
+    [d] = _take(broker, queues=("q1",))
+    s_second, created = put("s", "q1", key_until="start")
+    assert created and s_second != first
+    assert put("s", "q1", key_until="start") == (s_second, False)
+    # "finish": it holds until the job finishes.
+    first, _ = put("f", "q2", key_until="finish")
+    [d] = _take(broker, queues=("q2",))
+    assert put("f", "q2", key_until="finish") == (first, False)
+    assert broker.ack(d.id, d.token, b"\x80\x05N.")
+    f_second, created = put("f", "q2", key_until="finish")
+    assert created and f_second != first
+    # unique_for: at most until key_expires, whatever the job does.
+    first, _ = put("u", "q3", key_expires=clock.now + 10)
+    clock.advance(9)
+    assert put("u", "q3", key_expires=clock.now + 10) == (first, False)
+    clock.advance(1)
+    second, created = put("u", "q3", key_expires=clock.now + 10)
+    assert created and second != first
+    # "forever" (the default): as long as the record exists, finished or not.
+    first, _ = put("v", "q4")
+    [d] = _take(broker, queues=("q4",))
+    assert broker.ack(d.id, d.token, b"\x80\x05N.")
+    clock.advance(1000)
+    assert put("v", "q4") == (first, False)
+    # Batches follow the same rules.
+    out = broker.enqueue_many([message(key="f", queue="q2", key_until="finish"),
+                               message(key="s", queue="q1", key_until="start")])
+    assert out == [(f_second, False), (s_second, False)]
+
+
+def check_rate_limit(broker: Broker, clock: FakeClock) -> None:
+    limited = [_enqueue(broker, limit_key="t.job", rate=1.0) for _ in range(4)]
+    other = _enqueue(broker, limit_key="t.job|other-user", rate=1.0)
+    free = _enqueue(broker)
+    assert {d.id for d in _take(broker, 10)} == {limited[0], other, free}
+    record = broker.get(limited[1])
+    assert record is not None and record.status == "scheduled"  # it waits, it does not fail
+    assert record.attempts == 0 and record.last_error is None
+    clock.advance(0.5)
+    assert _take(broker, 10) == []
+    started = []
+    for _ in range(3):  # one a second (in any order: they wait under the same eta)
+        clock.advance(0.5)
+        started += [d.id for d in _take(broker, 10)]
+        assert len(started) == _ + 1
+        clock.advance(0.5)
+        assert _take(broker, 10) == []
+    assert sorted(started) == sorted(limited[1:])
+
+
+def check_concurrency_limit(broker: Broker, clock: FakeClock) -> None:
+    ids = [_enqueue(broker, limit_key="c", max_concurrency=2, max_attempts=2) for _ in range(5)]
+    first = _take(broker, 10, lease=10)
+    assert [d.id for d in first] == ids[:2]
+    clock.advance(1)
+    assert _take(broker, 10) == []
+    assert broker.ack(first[0].id, first[0].token, b"\x80\x05N.")  # a slot frees up
+    clock.advance(1)
+    [third] = _take(broker, 10)  # (held-back jobs wait under one eta: any order)
+    assert third.id in ids[2:]
+    assert broker.cancel(third.id)  # so does a cancel
+    clock.advance(1)
+    [fourth] = _take(broker, 10, lease=10)
+    assert fourth.id in ids[2:] and fourth.id != third.id
+    clock.advance(20)  # both leases lapse: the jobs are queued again, slots free
+    again = {d.id for d in _take(broker, 10)}
+    assert len(again) == 2 and again <= set(ids) - {first[0].id, third.id}
+
+
 def check_schedule_slots(broker: Broker, clock: FakeClock) -> None:
     assert broker.schedule_last("s") is None
     broker.schedule_advance("s", 100.0)

@@ -291,7 +291,10 @@ class Worker:
         told: set[str] = set()  #: running attempts whose flag is set
         while not self._stopped.wait(self.cancel_poll):
             with self._cond:
-                unknown = [i for i in self._held if i not in self._cancelled]
+                # Running ones too: a heartbeat that found the lease gone (the cancel took
+                # it) drops the job from _held while its attempt still runs.
+                unknown = [i for i in {*self._held, *(d.id for d in self._running.values())}
+                           if i not in self._cancelled]
             if unknown:
                 try:
                     found = self.broker.cancelled(unknown)

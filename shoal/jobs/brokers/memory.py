@@ -16,10 +16,13 @@ from msgspec import structs
 
 from ..broker import Broker, Clock
 from ..message import FINISHED, Delivery, Filter, JobMessage, JobRecord, Records, Status, encode
+from ..policy.keys import key_holds
+from ..policy.limits import CONCURRENCY_RECHECK, MAX_HELD_BACK, next_start
 
 
 class _Job:
-    __slots__ = ("children", "failed_by", "lease", "message", "pending", "record", "seq", "token")
+    __slots__ = ("children", "failed_by", "key_expires", "key_until", "lease", "limit_key",
+                 "max_concurrency", "message", "pending", "rate", "record", "seq", "token")
 
     def __init__(self, record: JobRecord, message: bytes, seq: int) -> None:
         self.record = record
@@ -30,6 +33,11 @@ class _Job:
         self.children: list[str] = []
         self.seq = seq
         self.failed_by: str | None = None  #: the parent that failed (or cancelled) it
+        self.key_until = "forever"
+        self.key_expires: float | None = None
+        self.limit_key: str | None = None
+        self.rate: float | None = None
+        self.max_concurrency: int | None = None
 
 
 class MemoryBroker(Broker):
@@ -47,6 +55,10 @@ class MemoryBroker(Broker):
         self._leases: list[tuple[float, str, int]] = []
         self._schedules: dict[str, float] = {}
         self._seq = itertools.count()
+        self._with_ttl = 0  #: jobs ever stored with a result_ttl (0: never sweep)
+        self._next_sweep = 0.0
+        self._tats: dict[str, float] = {}  #: limit key -> earliest next start (rate)
+        self._limited_running: dict[str, set[str]] = {}  #: limit key -> ids (pruned on read)
 
     # ----------------------------------------------------------------- helpers
 
@@ -116,6 +128,56 @@ class MemoryBroker(Broker):
                 job.token += 1
                 self._push(job, now)
 
+    def _key_owner(self, key: str, now: float) -> str | None:
+        """The job that holds ``key`` now, or None (see `policy.keys`)."""
+        job_id = self._keys.get(key)
+        job = None if job_id is None else self._jobs.get(job_id)
+        if job is None:
+            return None
+        r = job.record
+        status = self._view(job, now).status
+        if key_holds(status, r.finished, r.result_ttl, job.key_until, job.key_expires, now):
+            return job_id
+        return None
+
+    def _sweep(self, now: float) -> None:
+        """Delete expired finished jobs (``result_ttl``): at most once a second, and only
+        once a job with a TTL was stored."""
+        if not self._with_ttl or now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        doomed = [i for i, j in self._jobs.items() if j.record.expired(now)]
+        self._drop(doomed)
+
+    def _drop(self, doomed: list[str]) -> None:
+        for job_id in doomed:
+            job = self._jobs.pop(job_id)
+            key = job.record.key
+            if key is not None and self._keys.get(key) == job_id:
+                del self._keys[key]
+
+    def _limited(self, job: _Job, now: float) -> float | None:
+        """None if ``job`` may start now under its limits (and count it), else when to look
+        at it again (see `policy.limits`)."""
+        key = job.limit_key
+        assert key is not None
+        if job.max_concurrency is not None:
+            running = self._limited_running.setdefault(key, set())
+            for other in list(running):
+                o = self._jobs.get(other)
+                if o is None or o.record.status != "running":
+                    running.discard(other)
+            if len(running) >= job.max_concurrency:
+                return now + CONCURRENCY_RECHECK
+        if job.rate is not None:
+            ok, when = next_start(self._tats.get(key), now, job.rate)
+            if not ok:
+                return when
+            self._tats[key] = when
+        if job.max_concurrency is not None:
+            self._limited_running[key].add(job.record.id)
+        return None
+
     # --------------------------------------------------------------- producing
 
     def enqueue(self, message: JobMessage) -> tuple[str, bool]:
@@ -131,7 +193,8 @@ class MemoryBroker(Broker):
                 for pid in m.parents:
                     if pid not in self._jobs and pid not in created:
                         raise KeyError(f"unknown parent job {pid!r}")
-                if m.key is None or (m.key not in self._keys and m.key not in keys):
+                if m.key is None or (self._key_owner(m.key, self.clock()) is None
+                                     and m.key not in keys):
                     created.add(m.id)
                     if m.key is not None:
                         keys.add(m.key)
@@ -139,8 +202,14 @@ class MemoryBroker(Broker):
             return [self._enqueue(m, now) for m in messages]
 
     def _enqueue(self, message: JobMessage, now: float) -> tuple[str, bool]:
-        if message.key is not None and message.key in self._keys:
-            return self._keys[message.key], False
+        self._sweep(now)
+        if message.key is not None:
+            owner = self._key_owner(message.key, now)
+            if owner is not None:
+                return owner, False
+            old = self._jobs.get(self._keys.get(message.key, ""))
+            if old is not None:  # its key no longer holds: the new job takes it over
+                old.record.key = None
         parents = [self._jobs.get(p) for p in message.parents]
         for pid, parent in zip(message.parents, parents):
             if parent is None:
@@ -149,8 +218,15 @@ class MemoryBroker(Broker):
             id=message.id, name=message.name, queue=message.queue, status="queued",
             priority=message.priority, max_attempts=message.max_attempts,
             eta=max(message.eta, 0.0), created=now, parents=message.parents, key=message.key,
+            result_ttl=message.result_ttl,
         )
         job = _Job(record, encode(message), next(self._seq))
+        job.key_until, job.key_expires = message.key_until, message.key_expires
+        if message.limit_key is not None:
+            job.limit_key, job.rate = message.limit_key, message.rate
+            job.max_concurrency = message.max_concurrency
+        if message.result_ttl is not None:
+            self._with_ttl += 1
         self._jobs[message.id] = job
         if message.key is not None:
             self._keys[message.key] = message.id
@@ -181,9 +257,11 @@ class MemoryBroker(Broker):
         out: list[Delivery] = []
         with self._lock:
             now = self.clock()
+            self._sweep(now)
             self._reclaim(now)
             self._promote(now)
-            while len(out) < limit:
+            held_back = 0
+            while len(out) < limit and held_back < MAX_HELD_BACK:
                 best: tuple[int, int, str] | None = None
                 best_queue = ""
                 for q in queues:
@@ -197,6 +275,13 @@ class MemoryBroker(Broker):
                 heapq.heappop(self._ready[best_queue])
                 job = self._jobs[best[2]]
                 r = job.record
+                if job.limit_key is not None:
+                    wait = self._limited(job, now)
+                    if wait is not None:  # over its limit: it waits, others go ahead
+                        r.eta = wait
+                        self._push(job, now)
+                        held_back += 1
+                        continue
                 r.status, r.worker = "running", worker
                 r.attempts += 1
                 job.token += 1
@@ -221,6 +306,7 @@ class MemoryBroker(Broker):
     def ack(self, job_id: str, token: int, result: bytes) -> bool:
         with self._lock:
             now = self.clock()
+            self._sweep(now)
             job = self._jobs.get(job_id)
             if job is None or job.record.status in FINISHED:
                 return False
@@ -285,10 +371,10 @@ class MemoryBroker(Broker):
             job = self._jobs.get(job_id)
             return None if job is None else self._view(job)
 
-    def _view(self, job: _Job) -> JobRecord:
+    def _view(self, job: _Job, now: float | None = None) -> JobRecord:
         r = job.record
         copy = structs.replace(r)
-        if r.status == "queued" and r.eta > self.clock():
+        if r.status == "queued" and r.eta > (self.clock() if now is None else now):
             copy.status = "scheduled"
         return copy
 
@@ -342,8 +428,9 @@ class MemoryBroker(Broker):
     def list(self, status: Filter | None = None, queue: str | None = None,
              limit: int = 100) -> Records:
         with self._lock:
-            views = [self._view(j) for j in self._jobs.values()
-                     if queue is None or j.record.queue == queue]
+            now = self.clock()
+            views = [self._view(j, now) for j in self._jobs.values()
+                     if (queue is None or j.record.queue == queue) and not j.record.expired(now)]
         if status == "dead":
             views = [v for v in views if v.dead]
         elif status is not None:
@@ -380,10 +467,7 @@ class MemoryBroker(Broker):
                         doomed.append(job_id)
                 elif pending and r.status in ("waiting", "queued"):
                     doomed.append(job_id)
-            for job_id in doomed:
-                job = self._jobs.pop(job_id)
-                if job.record.key is not None:
-                    self._keys.pop(job.record.key, None)
+            self._drop(doomed)
             return len(doomed)
 
     # --------------------------------------------------------------- schedules

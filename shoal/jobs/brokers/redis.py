@@ -9,8 +9,11 @@ Keys, all under one hash tag ``{PREFIX}`` (``?prefix=`` in the URL, default
 ``shoal.jobs``): ``job:ID`` (hash), ``msg:ID`` (the envelope, kept apart so the hash stays
 compact), ``ready:QUEUE`` (sorted by priority then arrival),
 ``delayed`` (by eta), ``leases`` (by lease end), ``waiting``, ``finished``, ``dead`` (by
-time), ``children:ID`` (set), ``keys`` (idempotency key -> id), ``counts`` (per queue and
-status), ``schedules``, and ``wake:QUEUE`` (a short list an idle worker blocks on).
+time), ``expiry`` (finished jobs with a ``result_ttl``, by when they expire: every write
+script deletes up to 100 due ones), ``children:ID`` (set), ``keys`` (idempotency key ->
+id), ``counts`` (per queue and status), ``schedules``, ``limit:tat`` (per limit key, the
+earliest next start), ``limit:running:KEY`` (running jobs of a concurrency-limited key,
+pruned when read), and ``wake:QUEUE`` (a short list an idle worker blocks on).
 
 Durability is Redis's: run it with ``appendonly yes``. Leases are judged by the clocks of
 the workers (keep them synchronised), so a test can drive them with a fake clock.
@@ -60,6 +63,15 @@ def _s(value: bytes | None) -> str | None:
 
 def _f(value: bytes | None) -> float | None:
     return None if value is None or value == b"" else float(value)
+
+
+def _extra(m: JobMessage) -> tuple[str, ...]:
+    """The optional fields of ``m`` as the scripts take them ('' = unset; common.lua)."""
+    def text(value: float | int | str | None) -> str:
+        return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+    return (text(m.result_ttl), "" if m.key_until == "forever" else m.key_until,
+            text(m.key_expires), m.limit_key or "", text(m.rate), text(m.max_concurrency))
 
 
 class RedisBroker(Broker):
@@ -139,7 +151,7 @@ class RedisBroker(Broker):
             job_id, created = self._run(
                 "enqueue", message.id, message.name, message.queue, message.priority,
                 repr(max(message.eta, 0.0)), message.max_attempts, message.key or "",
-                ",".join(message.parents), encode(message), repr(self.clock()))
+                ",".join(message.parents), encode(message), repr(self.clock()), *_extra(message))
         except redis.exceptions.ResponseError as exc:
             if "unknown parent job" in str(exc):
                 raise KeyError(str(exc).split("unknown parent job", 1)[1].strip()) from None
@@ -164,7 +176,7 @@ class RedisBroker(Broker):
             chunk = messages[start:start + ENQUEUE_CHUNK]
             headers = _packer.encode([
                 (m.id, m.name, m.queue, str(m.priority), repr(max(m.eta, 0.0)), str(m.max_attempts),
-                 m.key or "", ",".join(m.parents)) for m in chunk])
+                 m.key or "", ",".join(m.parents), *_extra(m)) for m in chunk])
             args: list[Any] = [repr(self.clock()), headers, *map(encode, chunk)]
             try:
                 flat = self._run("enqueue_many", *args)
@@ -225,7 +237,7 @@ class RedisBroker(Broker):
             finished=_f(g(b"finished")), last_error=_s(g(b"last_error")),
             traceback=_s(g(b"traceback")), result=g(b"result") or None,
             dead=g(b"dead") == b"1", parents=tuple(p for p in (_s(g(b"parents")) or "").split(",") if p),
-            key=_s(g(b"key")), worker=_s(g(b"worker")),
+            key=_s(g(b"key")), worker=_s(g(b"worker")), result_ttl=_f(g(b"result_ttl")),
         )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -291,9 +303,12 @@ class RedisBroker(Broker):
             for q in ([queue] if queue else self._queues()):
                 ids += self._do(lambda q=q: r.zrange(self._k("ready", q), 0, -1))  # type: ignore[misc]
         out: list[JobRecord] = []
+        now = self.clock()
         for start in range(0, len(ids), 500):
             for record in self.get_many(i.decode() for i in ids[start:start + 500]):
                 if record is None or (queue is not None and record.queue != queue):
+                    continue
+                if record.expired(now):
                     continue
                 if status not in (None, "dead") and record.status != status:
                     continue

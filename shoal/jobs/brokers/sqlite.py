@@ -22,6 +22,8 @@ from urllib.parse import parse_qs
 from ..broker import Broker, Clock
 from ..errors import BrokerUnavailable
 from ..message import FINISHED, Delivery, Filter, JobMessage, JobRecord, Records, encode
+from ..policy.keys import key_holds
+from ..policy.limits import CONCURRENCY_RECHECK, MAX_HELD_BACK, next_start
 
 T = TypeVar("T")
 
@@ -48,7 +50,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     dead INTEGER NOT NULL DEFAULT 0,
     key TEXT UNIQUE,
     parents TEXT NOT NULL DEFAULT '',
-    message BLOB NOT NULL
+    message BLOB NOT NULL,
+    result_ttl REAL,
+    key_until TEXT,
+    key_expires REAL,
+    limit_key TEXT,
+    rate REAL,
+    max_concurrency INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(queue, priority DESC, eta) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leases ON jobs(lease) WHERE status = 'running';
@@ -61,7 +69,20 @@ CREATE TABLE IF NOT EXISTS edges (
     PRIMARY KEY (parent, child)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, last REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS limits (key TEXT PRIMARY KEY, tat REAL NOT NULL) WITHOUT ROWID;
 """
+
+# Columns added since the first schema (an older database gets them at open), and the
+# indexes over them.
+_ADDED = (("result_ttl", "REAL"), ("key_until", "TEXT"), ("key_expires", "REAL"),
+          ("limit_key", "TEXT"), ("rate", "REAL"), ("max_concurrency", "INTEGER"))
+_ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs(finished + result_ttl)
+    WHERE result_ttl IS NOT NULL AND finished IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_limited ON jobs(limit_key)
+    WHERE status = 'running' AND limit_key IS NOT NULL;
+"""
+_EXPIRED = "result_ttl IS NOT NULL AND finished IS NOT NULL AND finished + result_ttl <= ?"
 
 # Jobs per (queue, status), kept by triggers in the transaction that changes a job, so that
 # `counts` (``shoal jobs status``) reads a few rows however deep the queue is. Created with
@@ -84,11 +105,18 @@ _COUNTS = (
 )
 
 _INSERT = ("INSERT INTO jobs (id, name, queue, status, priority, eta, max_attempts, pending, "
-           "failed_by, created, finished, last_error, key, parents, message) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "failed_by, created, finished, last_error, key, parents, message, result_ttl, "
+           "key_until, key_expires, limit_key, rate, max_concurrency) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 _COLUMNS = ("id, name, queue, status, priority, attempts, max_attempts, eta, created, finished, "
-            "last_error, traceback, result, dead, parents, key, worker")
+            "last_error, traceback, result, dead, parents, key, worker, result_ttl")
+
+
+def _extra(m: JobMessage) -> tuple[Any, ...]:
+    """The values of the columns `_ADDED` for message ``m``."""
+    return (m.result_ttl, None if m.key_until == "forever" else m.key_until, m.key_expires,
+            m.limit_key, m.rate, m.max_concurrency)
 
 
 def _path_of(url: str) -> tuple[str, dict[str, str]]:
@@ -113,6 +141,12 @@ class SQLiteBroker(Broker):
         self._pid = os.getpid()
         try:
             self._conn().executescript(_SCHEMA)
+            with self._transaction() as db:
+                have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+                for column, kind in _ADDED:
+                    if column not in have:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            self._conn().executescript(_ADDED_INDEXES)
             with self._transaction() as db:
                 if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
                               "AND name = 'counts'").fetchone() is None:
@@ -176,7 +210,7 @@ class SQLiteBroker(Broker):
     @staticmethod
     def _record(row: Sequence[Any], now: float) -> JobRecord:
         (id_, name, queue, status, priority, attempts, max_attempts, eta, created, finished,
-         last_error, traceback, result, dead, parents, key, worker) = row
+         last_error, traceback, result, dead, parents, key, worker, result_ttl) = row
         if status == "queued" and eta > now:
             status = "scheduled"
         return JobRecord(id=id_, name=name, queue=queue, status=status, priority=priority,
@@ -184,7 +218,7 @@ class SQLiteBroker(Broker):
                          finished=finished, last_error=last_error, traceback=traceback,
                          result=result, dead=bool(dead),
                          parents=tuple(p for p in parents.split(",") if p), key=key,
-                         worker=worker)
+                         worker=worker, result_ttl=result_ttl)
 
     @staticmethod
     def _finish_children(db: sqlite3.Connection, job_id: str, status: str, reason: str,
@@ -225,7 +259,9 @@ class SQLiteBroker(Broker):
 
     def enqueue(self, message: JobMessage) -> tuple[str, bool]:
         with self._transaction() as db:
-            return self._enqueue(db, message, self.clock())
+            now = self.clock()
+            self._sweep(db, now)
+            return self._enqueue(db, message, now)
 
     def enqueue_many(self, messages: Sequence[JobMessage]) -> list[tuple[str, bool]]:
         """One transaction (an unknown parent rolls it all back). Runs of messages with
@@ -235,11 +271,13 @@ class SQLiteBroker(Broker):
             return out
         with self._transaction() as db:
             now = self.clock()
+            self._sweep(db, now)
             plain: list[tuple[Any, ...]] = []
             for m in messages:
                 if m.key is None and not m.parents:
                     plain.append((m.id, m.name, m.queue, "queued", m.priority, max(m.eta, 0.0),
-                                  m.max_attempts, 0, None, now, None, None, None, "", encode(m)))
+                                  m.max_attempts, 0, None, now, None, None, None, "", encode(m),
+                                  *_extra(m)))
                     out.append((m.id, True))
                     continue
                 if plain:  # in order: a later message may name these as parents
@@ -252,9 +290,16 @@ class SQLiteBroker(Broker):
 
     def _enqueue(self, db: sqlite3.Connection, message: JobMessage, now: float) -> tuple[str, bool]:
         if message.key is not None:
-            row = db.execute("SELECT id FROM jobs WHERE key = ?", (message.key,)).fetchone()
+            row = db.execute("SELECT id, status, eta, finished, result_ttl, key_until, key_expires "
+                             "FROM jobs WHERE key = ?", (message.key,)).fetchone()
             if row is not None:
-                return str(row[0]), False
+                old, status, eta, finished, ttl, until, expires = row
+                if status == "queued" and eta > now:
+                    status = "scheduled"
+                if key_holds(status, finished, ttl, until or "forever", expires, now):
+                    return str(old), False
+                # Its key no longer holds: the new job takes it over.
+                db.execute("UPDATE jobs SET key = NULL WHERE id = ?", (old,))
         status, pending, finished, error, failed_by = "queued", 0, None, None, None
         for pid in message.parents:
             row = db.execute("SELECT status, name, last_error FROM jobs WHERE id = ?",
@@ -274,7 +319,7 @@ class SQLiteBroker(Broker):
         db.execute(_INSERT, (message.id, message.name, message.queue, status, message.priority,
                              max(message.eta, 0.0), message.max_attempts, pending, failed_by, now,
                              finished, error, message.key, ",".join(message.parents),
-                             encode(message)))
+                             encode(message), *_extra(message)))
         db.executemany("INSERT OR IGNORE INTO edges (parent, child) VALUES (?, ?)",
                        [(pid, message.id) for pid in message.parents])
         return message.id, True
@@ -292,7 +337,8 @@ class SQLiteBroker(Broker):
             row = db.execute(
                 f"SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_ready WHERE status = 'queued' "
                 f"AND queue IN ({marks}) AND eta <= ?) OR EXISTS (SELECT 1 FROM jobs INDEXED BY "
-                "jobs_leases WHERE status = 'running' AND lease <= ?)", (*queues, now, now)).fetchone()
+                "jobs_leases WHERE status = 'running' AND lease <= ?) OR EXISTS (SELECT 1 FROM jobs "
+                f"INDEXED BY jobs_expiry WHERE {_EXPIRED})", (*queues, now, now, now)).fetchone()
             return bool(row[0])
 
         if not self._read(anything):
@@ -300,24 +346,68 @@ class SQLiteBroker(Broker):
         out: list[Delivery] = []
         with self._transaction() as db:
             now = self.clock()
+            self._sweep(db, now)
             self._reclaim(db, now)
-            candidates: list[tuple[int, float, int, str]] = []
-            for q in queues:
-                candidates += db.execute(
-                    # The ready index gives them in order: the first `limit` due ones are
-                    # read, however deep the queue (the planner alone would sort them all).
-                    "SELECT -priority, eta, rowid, id FROM jobs INDEXED BY jobs_ready "
-                    "WHERE status = 'queued' AND queue = ? AND eta <= ? "
-                    "ORDER BY priority DESC, eta, rowid LIMIT ?",
-                    (q, now, limit)).fetchall()
-            candidates.sort()
-            for *_, job_id in candidates[:limit]:
-                token, attempts, data = db.execute(
-                    "UPDATE jobs SET status = 'running', worker = ?, lease = ?, "
-                    "attempts = attempts + 1, token = token + 1 WHERE id = ? "
-                    "RETURNING token, attempts, message", (worker, now + lease, job_id)).fetchone()
-                out.append(Delivery(job_id, token, attempts, data))
+            held_back = 0
+            while len(out) < limit and held_back < MAX_HELD_BACK:
+                want = limit - len(out)
+                candidates: list[tuple[Any, ...]] = []
+                for q in queues:
+                    candidates += db.execute(
+                        # The ready index gives them in order: the first `want` due ones are
+                        # read, however deep the queue (the planner alone would sort them all).
+                        "SELECT -priority, eta, rowid, id, limit_key, rate, max_concurrency "
+                        "FROM jobs INDEXED BY jobs_ready "
+                        "WHERE status = 'queued' AND queue = ? AND eta <= ? "
+                        "ORDER BY priority DESC, eta, rowid LIMIT ?",
+                        (q, now, want)).fetchall()
+                candidates.sort()
+                before = held_back
+                for *_, job_id, limit_key, rate, max_concurrency in candidates[:want]:
+                    if limit_key is not None:
+                        wait = self._limited(db, limit_key, rate, max_concurrency, now)
+                        if wait is not None:  # over its limit: it waits, others go ahead
+                            db.execute("UPDATE jobs SET eta = ? WHERE id = ?", (wait, job_id))
+                            held_back += 1
+                            continue
+                    token, attempts, data = db.execute(
+                        "UPDATE jobs SET status = 'running', worker = ?, lease = ?, "
+                        "attempts = attempts + 1, token = token + 1 WHERE id = ? "
+                        "RETURNING token, attempts, message", (worker, now + lease, job_id)).fetchone()
+                    out.append(Delivery(job_id, token, attempts, data))
+                if held_back == before:  # nothing passed by: no more to look at
+                    break
         return out
+
+    @staticmethod
+    def _limited(db: sqlite3.Connection, limit_key: str, rate: float | None,
+                 max_concurrency: int | None, now: float) -> float | None:
+        """None if a job under ``limit_key`` may start now (its start is counted), else
+        when to look at it again (see `policy.limits`)."""
+        if max_concurrency is not None:
+            (running,) = db.execute("SELECT COUNT(*) FROM jobs INDEXED BY jobs_limited WHERE "
+                                    "status = 'running' AND limit_key = ?", (limit_key,)).fetchone()
+            if running >= max_concurrency:
+                return now + CONCURRENCY_RECHECK
+        if rate is not None:
+            row = db.execute("SELECT tat FROM limits WHERE key = ?", (limit_key,)).fetchone()
+            ok, when = next_start(None if row is None else row[0], now, rate)
+            if not ok:
+                return when
+            db.execute("INSERT INTO limits (key, tat) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                       "SET tat = excluded.tat", (limit_key, when))
+        return None
+
+    @staticmethod
+    def _sweep(db: sqlite3.Connection, now: float) -> None:
+        """Delete up to 100 finished jobs whose ``result_ttl`` has passed (reserve and ack
+        call this: expiry needs no process of its own)."""
+        ids = [r[0] for r in db.execute(f"SELECT id FROM jobs INDEXED BY jobs_expiry WHERE "
+                                        f"{_EXPIRED} LIMIT 100", (now,))]
+        if ids:
+            marks = ",".join("?" * len(ids))
+            db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+            db.execute(f"DELETE FROM edges WHERE child IN ({marks})", ids)
 
     def renew(self, worker: str, held: dict[str, int], lease: float) -> set[str]:
         lost: set[str] = set()
@@ -333,6 +423,7 @@ class SQLiteBroker(Broker):
     def ack(self, job_id: str, token: int, result: bytes) -> bool:
         with self._transaction() as db:
             now = self.clock()
+            self._sweep(db, now)
             cur = db.execute(
                 "UPDATE jobs SET status = 'succeeded', result = ?, finished = ?, worker = NULL, "
                 "lease = NULL, token = token + 1 WHERE id = ? AND status NOT IN "
@@ -433,8 +524,8 @@ class SQLiteBroker(Broker):
     def list(self, status: Filter | None = None, queue: str | None = None,
              limit: int = 100) -> Records:
         now = self.clock()
-        where: list[str] = []
-        params: list[Any] = []
+        where: list[str] = [f"NOT ({_EXPIRED})"]
+        params: list[Any] = [now]
         if status == "dead":
             where.append("dead = 1")
         elif status == "scheduled":

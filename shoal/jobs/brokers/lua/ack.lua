@@ -1,5 +1,6 @@
 -- ARGV: id, token, result, now -> 1 if this finished the job
 local id, now = ARGV[1], tonumber(ARGV[4])
+expire_some(now)
 local f = redis.call('HMGET', jk(id), 'status', 'queue')
 if not f[1] or f[1] == 'succeeded' or f[1] == 'failed' or f[1] == 'cancelled' then return 0 end
 if f[1] == 'scheduled' then redis.call('ZREM', ns .. ':delayed', id) end

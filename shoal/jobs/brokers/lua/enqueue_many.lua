@@ -1,9 +1,11 @@
 -- ARGV: now, headers, message... where headers is a MessagePack array with, per job, the
--- array {id, name, queue, priority, eta, max_attempts, key, parents} (all strings; two
+-- array {id, name, queue, priority, eta, max_attempts, key, parents, result_ttl, key_until,
+-- key_expires, limit_key, rate, max_concurrency} (all strings, '' = unset; two
 -- arguments per job instead of nine: packing arguments is most of a producer's cost).
 -- -> {id, created, id, created, ...}. The same as enqueue.lua on each job in turn, except
 -- that every parent is checked first, so an unknown one stores nothing.
 local now = tonumber(ARGV[1])
+expire_some(now)
 local jobs = cmsgpack.unpack(ARGV[2])
 local created, keys = {}, {}
 for j = 1, #jobs do
@@ -15,9 +17,12 @@ for j = 1, #jobs do
   end
   if key == '' then
     created[id] = true
-  elseif not keys[key] and redis.call('HEXISTS', ns .. ':keys', key) == 0 then
-    created[id] = true
-    keys[key] = true
+  elseif not keys[key] then
+    local existing = redis.call('HGET', ns .. ':keys', key)
+    if not existing or not key_holds(existing, now) then
+      created[id] = true
+      keys[key] = true
+    end
   end
 end
 -- Jobs with no key and no parents (the common case) take a short path: their hash, and
@@ -28,7 +33,8 @@ local seq = tonumber(redis.call('GET', seq_key) or '0')
 local ready, delayed, counted = {}, {}, {}
 local out = {}
 for j = 1, #jobs do
-  local id, name, queue, priority, eta, max_attempts, key, parents = unpack(jobs[j])
+  local id, name, queue, priority, eta, max_attempts, key, parents = unpack(jobs[j], 1, 8)
+  local extra = {unpack(jobs[j], 9, 14)}
   local message = ARGV[j + 2]
   if key == '' and parents == '' then
     if redis.call('EXISTS', jk(id)) == 1 then
@@ -52,6 +58,7 @@ for j = 1, #jobs do
         'priority', priority, 'eta', eta, 'max_attempts', max_attempts, 'attempts', 0, 'token', 0,
         'pending', 0, 'created', now, 'key', '', 'parents', '', 'dead', 0)
       redis.call('SET', mk(id), message)
+      set_extra(id, extra)
       local field = queue .. '|' .. status
       counted[field] = (counted[field] or 0) + 1
       table.insert(out, id)
@@ -60,7 +67,7 @@ for j = 1, #jobs do
   else
     redis.call('SET', seq_key, seq)
     local one = enqueue_one(id, name, queue, priority, eta, max_attempts, key, parents, message,
-      now)
+      now, extra)
     seq = tonumber(redis.call('GET', seq_key) or '0')
     table.insert(out, one[1])
     table.insert(out, one[2])

@@ -1,15 +1,8 @@
 -- ARGV: queue ('' = all), finished_before ('' = any time), pending ('1' = also unstarted jobs)
 local queue, before, pending = ARGV[1], ARGV[2], ARGV[3] == '1'
 local n = 0
-local function drop(id, q, status)
-  count(q, status, -1)
-  local key = redis.call('HGET', jk(id), 'key')
-  if key and key ~= '' then redis.call('HDEL', ns .. ':keys', key) end
-  redis.call('DEL', jk(id), mk(id), ns .. ':children:' .. id)
-  for _, index in ipairs({'finished', 'dead', 'delayed', 'waiting'}) do
-    redis.call('ZREM', ns .. ':' .. index, id)
-  end
-  redis.call('ZREM', ns .. ':ready:' .. q, id)
+local function drop(id)
+  drop_job(id)
   n = n + 1
 end
 local max = '+inf'
@@ -19,7 +12,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', ns .. ':finished', '-inf', max))
   if not f[1] then
     redis.call('ZREM', ns .. ':finished', id)
   elseif queue == '' or f[1] == queue then
-    drop(id, f[1], f[2])
+    drop(id)
   end
 end
 if pending then
@@ -39,7 +32,7 @@ if pending then
   end
   for _, id in ipairs(ids) do
     local f = redis.call('HMGET', jk(id), 'queue', 'status')
-    if f[1] and (queue == '' or f[1] == queue) and f[2] ~= 'running' then drop(id, f[1], f[2]) end
+    if f[1] and (queue == '' or f[1] == queue) and f[2] ~= 'running' then drop(id) end
   end
 end
 return n

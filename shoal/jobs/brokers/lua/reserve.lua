@@ -1,5 +1,6 @@
 -- ARGV: now, lease, worker, limit, queue... -> {id, token, attempts, message, ...}
 local now, lease, worker, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+expire_some(now)
 -- Lapsed leases: queue again, or dead-letter when no attempt is left.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', ns .. ':leases', '-inf', now, 'LIMIT', 0, 100)) do
   redis.call('ZREM', ns .. ':leases', id)
@@ -22,8 +23,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', ns .. ':delayed', '-inf', now, '
   if f[1] == 'scheduled' then push(id, f[2], 'scheduled', now) end
 end
 local out = {}
-local taken = 0
-while taken < limit do
+local taken, held_back = 0, 0
+while taken < limit and held_back < 100 do
   local best, best_score, best_queue = nil, nil, nil
   for i = 5, #ARGV do
     local head = redis.call('ZRANGE', ns .. ':ready:' .. ARGV[i], 0, 0, 'WITHSCORES')
@@ -33,6 +34,13 @@ while taken < limit do
   end
   if not best then break end
   redis.call('ZREM', ns .. ':ready:' .. best_queue, best)
+  local wait = limited(best, now)
+  if wait then  -- over its limit: it waits, others go ahead
+    redis.call('HSET', jk(best), 'eta', wait)
+    redis.call('ZADD', ns .. ':delayed', wait, best)
+    set_status(best, best_queue, 'queued', 'scheduled')
+    held_back = held_back + 1
+  else
   local k = jk(best)
   local token = redis.call('HINCRBY', k, 'token', 1)
   local attempts = redis.call('HINCRBY', k, 'attempts', 1)
@@ -44,5 +52,6 @@ while taken < limit do
   table.insert(out, attempts)
   table.insert(out, redis.call('GET', mk(best)) or redis.call('HGET', k, 'message'))  -- (older jobs)
   taken = taken + 1
+  end
 end
 return out

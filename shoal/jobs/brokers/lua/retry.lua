@@ -4,6 +4,7 @@ local f = redis.call('HMGET', jk(id), 'dead', 'queue', 'status')
 if f[1] ~= '1' then return 0 end
 redis.call('ZREM', ns .. ':dead', id)
 redis.call('ZREM', ns .. ':finished', id)
+redis.call('ZREM', ns .. ':expiry', id)
 redis.call('HSET', jk(id), 'dead', 0, 'attempts', 0, 'eta', now, 'finished', '', 'result', '')
 redis.call('HINCRBY', jk(id), 'token', 1)
 push(id, f[2], f[3], now)
@@ -23,6 +24,7 @@ while #stack > 0 do
         set_status(child, c[3], c[2], 'waiting')
         redis.call('HSET', jk(child), 'failed_by', '', 'finished', '', 'last_error', '', 'pending', pending)
         redis.call('ZREM', ns .. ':finished', child)
+        redis.call('ZREM', ns .. ':expiry', child)
         redis.call('ZADD', ns .. ':waiting', now, child)
         table.insert(stack, child)
       end
