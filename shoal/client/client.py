@@ -54,9 +54,12 @@ from ..protocol.messages import (
 )
 from .annotate import resolve_options
 from ..protocol.refs import collecting
-from ..protocol.serialize import dumps_function, serialize
+from ..protocol.serialize import Serialized, dumps_function, serialize, serialize_call
 from ..comm.rpc import PeerPool, next_rid
 from ..utils.loop import LoopThread
+
+#: ``make(args, kwargs, key)`` -> the spec of one call (see `Client._spec_maker`)
+SpecMaker = Callable[[tuple[Any, ...], dict[str, Any], "str | None"], TaskSpec]
 
 if TYPE_CHECKING:
     from ..integrations.dask import DaskScheduler
@@ -472,6 +475,20 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
             st.refs += 1
             return st
 
+    def _acquire_many(self, keys: list[str]) -> list[FutureState]:
+        """`_acquire` for each of ``keys``, under one taking of the lock."""
+        states = self._states
+        generations = self._generations
+        acquired: list[FutureState] = []
+        with self._lock:
+            for key in keys:
+                st = states.get(key)
+                if st is None:
+                    st = states[key] = FutureState(key, next(generations))
+                st.refs += 1
+                acquired.append(st)
+        return acquired
+
     def _future_on_arrival(self, key: str) -> Future:
         """A handle for a future that arrived pickled: if this client did not hold the key,
         it tells the scheduler it does now (else the future would never complete)."""
@@ -552,20 +569,19 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
     def _make_spec(self, fn: Callable[..., Any], function: bytes, args: tuple[Any, ...],
                    kwargs: dict[str, Any], key: str | None, pure: bool,
                    options: dict[str, Any]) -> TaskSpec:  # fmt: skip
-        with collecting() as deps:
-            packed = serialize((args, kwargs), f"argument of {_funcname(fn)}")
-        if key is None:
-            if pure:
-                h = hashlib.blake2b(function, digest_size=16)
-                for frame in packed.frames:
-                    h.update(frame)
-                key = f"{_funcname(fn)}-{h.hexdigest()}"
-            else:
-                # Unique without a system call per task: this client's random prefix + a count.
-                key = f"{_funcname(fn)}-{self._key_prefix}{next(self._key_counter):x}"
+        return self._spec_maker(fn, function, pure, options)(args, kwargs, key)
+
+    def _spec_maker(self, fn: Callable[..., Any], function: bytes, pure: bool,
+                    options: dict[str, Any]) -> SpecMaker:  # fmt: skip
+        """Makes the specs of calls of ``fn``: what is the same for every call (its name, the
+        resolved options) is worked out once, not once per task of a `map`."""
+        name = _funcname(fn)
+        what = f"argument of {name}"
+        prefix = f"{name}-{self._key_prefix}"
+        counter = self._key_counter
         workers = options.get("workers")
-        return TaskSpec(
-            key, function, packed, tuple(dict.fromkeys(deps)),
+        # Shared by every spec of the call: nothing mutates a spec's options once made.
+        fixed: dict[str, Any] = dict(
             priority=int(options.get("priority") or 0),
             retries=int(options.get("retries") or 0),
             resources={k: float(v) for k, v in options["resources"].items()}
@@ -574,6 +590,26 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
             allow_other_workers=bool(options.get("allow_other_workers", False)),
             retry_delay=float(options.get("retry_delay", 0.1)),
         )  # fmt: skip
+
+        def make(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> TaskSpec:
+            packed: Serialized | None = serialize_call(args, kwargs)
+            dependencies: tuple[str, ...] = ()
+            if packed is None:  # code or futures inside: cloudpickle, noting the futures
+                with collecting() as deps:
+                    packed = serialize((args, kwargs), what)
+                dependencies = tuple(dict.fromkeys(deps))
+            if key is None:
+                if pure:
+                    h = hashlib.blake2b(function, digest_size=16)
+                    for frame in packed.frames:
+                        h.update(frame)
+                    key = f"{name}-{h.hexdigest()}"
+                else:
+                    # Unique without a system call per task: this client's prefix + a count.
+                    key = f"{prefix}{next(counter):x}"
+            return TaskSpec(key, function, packed, dependencies, **fixed)
+
+        return make
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str | None = None,
                pure: bool = True, priority: int | None = None, retries: int | None = None,
@@ -616,16 +652,17 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         options = resolve_options(dict(
             priority=priority, retries=retries, resources=resources, workers=workers,
             allow_other_workers=allow_other_workers, retry_delay=retry_delay))  # fmt: skip
-        function = self._pickled_function(fn)
+        make = self._spec_maker(fn, self._pickled_function(fn), pure, options)
         columns = [list(it) for it in iterables]
         keys = key if isinstance(key, list) else None
         specs = []
         for i, args in enumerate(zip(*columns)):
             k = keys[i] if keys is not None else (f"{key}-{i}" if isinstance(key, str) else None)
-            specs.append(self._make_spec(fn, function, args, kwargs, k, pure, options))
-        futures = [Future(s.key, self) for s in specs]
-        self._send(SubmitTasks(specs, [s.key for s in specs],
-                               generations=[f._state.generation for f in futures]))
+            specs.append(make(args, kwargs, k))
+        names = [s.key for s in specs]
+        states = self._acquire_many(names)
+        futures = [Future(k, self, st) for k, st in zip(names, states)]
+        self._send(SubmitTasks(specs, names, generations=[st.generation for st in states]))
         return futures
 
     def _check_running(self) -> None:

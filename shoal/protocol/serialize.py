@@ -85,6 +85,25 @@ def _is_plain(obj: object, depth: int = 0) -> bool:
     return False
 
 
+def serialize_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Serialized | None:
+    """``serialize((args, kwargs))`` when they are small nests of plain values (no code, no
+    futures inside); None for anything else. Inlined for the common shape: this runs once
+    per task of a `map`."""
+    if len(args) > 16 or len(kwargs) > 16:
+        return None
+    for value in args:
+        if type(value) not in _PLAIN_TYPES and not _is_plain(value, 2):
+            return None
+    if kwargs:
+        for k, value in kwargs.items():
+            if type(k) is not str or (type(value) not in _PLAIN_TYPES
+                                      and not _is_plain(value, 2)):  # fmt: skip
+                return None
+    if type(args) is not tuple or type(kwargs) is not dict:
+        return None
+    return Serialized([pickle.dumps((args, kwargs), protocol=5)])
+
+
 def serialize(obj: object, what: str = "object") -> Serialized:
     """Pickle ``obj``; raise `SerializationError` naming ``what`` and the object on failure."""
     if _is_plain(obj):
