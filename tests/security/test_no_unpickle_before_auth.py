@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import psutil
 import pytest
 
 import shoal
@@ -198,8 +199,6 @@ def test_every_listening_port_is_one_these_tests_attack(cluster: Cluster) -> Non
     # the nanny itself listens on nothing: its worker (a child) owns both ports
     assert listening_ports(cluster.worker.pid) == {port_of(cluster.shoal_ports["worker"]),
                                                    port_of(cluster.http_ports["worker dashboard"])}
-    import psutil
-
     nanny_own = {c.laddr.port for c in psutil.Process(cluster.worker.pid).net_connections("inet")
                  if c.status == psutil.CONN_LISTEN}  # fmt: skip
     assert nanny_own == set(), f"the nanny process listens on {nanny_own}"
