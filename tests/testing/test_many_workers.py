@@ -43,7 +43,7 @@ def spread_over_all(address: str, n_workers: int, n_tasks: int, processes: int,
                      shared_threads=shared_threads) as mw:  # fmt: skip
         assert len(set(mw.addresses)) == n_workers
         with shoal.Client(address, timeout=timeout) as client:
-            assert len(client.nthreads()) == n_workers  # each registered, one thread each
+            assert client.nthreads() == {a: 1 for a in mw.addresses}  # registered, 1 thread
             futures = client.map(where_am_i, range(n_tasks), pure=False)
             ran_on = client.gather(futures)
             assert len(ran_on) == n_tasks
@@ -58,10 +58,9 @@ def spread_over_all(address: str, n_workers: int, n_tasks: int, processes: int,
 
 
 def test_fifty_workers_on_one_loop_share_two_thousand_tasks() -> None:
+    # (Its budget in the suite is 20 s; it takes 1-3 s, ~10 s with the machine at load 10.)
     with no_leaks(timeout=15), spawn_scheduler(extra_args=["--no-dashboard"]) as scheduler:
-        start = time.monotonic()
         spread_over_all(scheduler.address, n_workers=50, n_tasks=2000, processes=0, timeout=30)
-        assert time.monotonic() - start < 20
 
 
 def test_workers_sharing_a_small_pool_of_threads_all_run_tasks() -> None:
