@@ -52,3 +52,24 @@ def cluster_sum(n: int) -> int:
     import shoal
 
     return int(shoal.get_client().submit(sum, range(n), pure=False).result(timeout=30))
+
+
+@app.job(retries=0, rate_limit="10/s")
+def rate_limited(db: str, n: int) -> None:
+    """Insert ``(n, start time)`` into table ``starts`` of SQLite file ``db``; at most 10
+    start per second across every worker."""
+    started = time.time()
+    conn = sqlite3.connect(db, timeout=60, isolation_level=None)
+    try:
+        conn.execute("INSERT INTO starts (job, at) VALUES (?, ?)", (n, started))
+    finally:
+        conn.close()
+
+
+def enqueue_with_key(start_at: float, key: str, until: str, n: int) -> None:
+    """Wait until ``start_at`` (epoch seconds), enqueue ``n`` jobs under ``key``, print
+    ``id created`` for each (for tests racing producers in several processes)."""
+    time.sleep(max(0.0, start_at - time.time()))
+    for i in range(n):
+        h = add.enqueue(args=(i, 0), key=key, key_until=until)  # type: ignore[arg-type]
+        print(h.id, int(h.created), flush=True)
