@@ -91,6 +91,11 @@ def test_the_python_api_refuses_too() -> None:
 
     with pytest.raises(InsecureBindError, match="neither TLS nor a token"):
         asyncio.run(start())
+    with pytest.raises(InsecureBindError, match="the scheduler would listen at tcp://0.0.0.0"):
+        shoal.Client(host="0.0.0.0", n_workers=1, processes=False, dashboard_address=None)
+    with shoal.Client(host="0.0.0.0", n_workers=1, processes=False, dashboard_address=None,
+                      insecure=True) as client:  # fmt: skip
+        assert client.submit(lambda: 1).result(timeout=30) == 1
 
 
 @pytest.mark.parametrize(("host", "loopback"), [
