@@ -350,9 +350,10 @@ def main() -> None:
               flush=True)  # fmt: skip
     load_after = os.getloadavg()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip()  # fmt: skip
+                            text=True, cwd=HERE, check=False).stdout.strip()  # fmt: skip
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, cwd=HERE).stdout.strip()  # fmt: skip
+                           capture_output=True, text=True, cwd=HERE,
+                           check=False).stdout.strip()  # fmt: skip
     report = markdown(started, commit, bool(dirty), load_before, load_after, args, idle_rows,
                       tasks_rows, empty_metrics, dask_row)  # fmt: skip
     print()
@@ -400,21 +401,21 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
              tasks_rows: list[dict[str, Any]], empty_metrics: int,
              dask: dict[str, Any] | None) -> str:  # fmt: skip
     lines = [
-        f"### Run of {started:%Y-%m-%d %H:%M} UTC, commit {commit}"
-        f"{' (with uncommitted changes of others in the checkout)' if dirty else ''}",
+        (f"### Run of {started:%Y-%m-%d %H:%M} UTC, commit {commit}"
+         f"{' (with uncommitted changes of others in the checkout)' if dirty else ''}"),
         "",
-        f"`bench/bench_workers.py --sizes {args.sizes} --tasks {args.tasks} --idle {args.idle:g}"
-        f"{' --tasks-at-every-size' if args.tasks_at_every_size else ''}"
-        f" --dask {args.dask} --dask-tasks {args.dask_tasks}"
-        f"{f' --shared-threads {args.shared_threads}' if args.shared_threads else ''}`:"
-        f" {os.cpu_count()} cores shared with other engineers' runs, load average"
-        f" {load_before[0]:.2f} before, {load_after[0]:.2f} after; {args.processes} host"
-        f" processes, heartbeat every {args.heartbeat_interval:g} s, "
-        + (f"a pool of {args.shared_threads} threads per host shared by its workers."
-           if args.shared_threads else "a task thread per worker."),
+        (f"`bench/bench_workers.py --sizes {args.sizes} --tasks {args.tasks} --idle {args.idle:g}"
+         f"{' --tasks-at-every-size' if args.tasks_at_every_size else ''}"
+         f" --dask {args.dask} --dask-tasks {args.dask_tasks}"
+         f"{f' --shared-threads {args.shared_threads}' if args.shared_threads else ''}`:"
+         f" {os.cpu_count()} cores shared with other engineers' runs, load average"
+         f" {load_before[0]:.2f} before, {load_after[0]:.2f} after; {args.processes} host"
+         f" processes, heartbeat every {args.heartbeat_interval:g} s, "
+         + (f"a pool of {args.shared_threads} threads per host shared by its workers."
+            if args.shared_threads else "a task thread per worker.")),
         "",
-        "| workers | join s | scheduler CPU % (idle) | heartbeats/s | per worker | scheduler"
-        " reads B/s | B per heartbeat | read calls/s | /metrics B | /metrics B per worker |",
+        ("| workers | join s | scheduler CPU % (idle) | heartbeats/s | per worker | scheduler"
+         " reads B/s | B per heartbeat | read calls/s | /metrics B | /metrics B per worker |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
@@ -427,12 +428,12 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
     if tasks_rows:
         lines += [
             "",
-            f"{tasks_rows[0]['tasks']:,} no-op tasks (`map`, then `gather`) returning the"
-            " address of the worker that ran them:",
+            (f"{tasks_rows[0]['tasks']:,} no-op tasks (`map`, then `gather`) returning the"
+             " address of the worker that ran them:"),
             "",
-            "| workers | `map` s | wall s | tasks/s | workers used | tasks per worker |"
-            " transitions/s | scheduler CPU % | transitions per scheduler CPU-s | CPU us per"
-            " task: scheduler / worker hosts / client | threads, MiB per host |",
+            ("| workers | `map` s | wall s | tasks/s | workers used | tasks per worker |"
+             " transitions/s | scheduler CPU % | transitions per scheduler CPU-s | CPU us per"
+             " task: scheduler / worker hosts / client | threads, MiB per host |"),
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for t in tasks_rows:

@@ -418,7 +418,7 @@ class ManyWorkers:
         for child in children:
             child.stop(max(0.1, deadline - time.monotonic()))
 
-    def __enter__(self) -> ManyWorkers:
+    def __enter__(self) -> ManyWorkers:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -112,11 +112,12 @@ def heartbeat_bytes(loop: LoopThread, scheduler: Scheduler, n: int) -> list[int]
     """The wire size (frame prefix and body) of the latest heartbeat of each of ``n``
     workers, as the scheduler received them."""
 
-    async def latest() -> list[Heartbeat]:
-        return list(scheduler.heartbeats.values())
+    async def latest() -> list[Heartbeat] | None:
+        beats = list(scheduler.heartbeats.values())
+        return beats if len(beats) == n else None
 
-    beats: list[Heartbeat] = wait_until(lambda: (lambda b: len(b) == n and b)(
-        loop.run(latest(), 5)), timeout=20, message=f"heartbeats from {n} workers")  # fmt: skip
+    beats: list[Heartbeat] = wait_until(lambda: loop.run(latest(), 5), timeout=20,
+                                        message=f"heartbeats from {n} workers")  # fmt: skip
     sizes = []
     for beat in beats:
         parts = Codec().encode([beat])
@@ -143,7 +144,8 @@ def test_heartbeats_and_metrics_per_worker_do_not_grow_with_the_cluster(
         with ManyWorkers(scheduler.address, n=n, heartbeat_interval=0.05,
                          name_prefix=f"w{n:03d}") as mw:  # fmt: skip
             # Every worker has sent several by the time all are seen; the latest are compared.
-            wait_until(lambda: sum(s["heartbeats_sent"] for s in mw.stats()) >= 3 * n,
+            wanted = 3 * n
+            wait_until(lambda: sum(s["heartbeats_sent"] for s in mw.stats()) >= wanted,  # noqa: B023
                        timeout=20, message="3 heartbeats per worker")  # fmt: skip
             sizes[n] = heartbeat_bytes(loop, scheduler, n)
             metrics[n] = metrics_bytes(loop, scheduler)
