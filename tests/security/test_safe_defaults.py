@@ -143,3 +143,34 @@ def test_an_over_limit_frame_closes_only_that_client() -> None:
             # The good client and the worker were not touched.
             assert good.submit(sum, good.map(lambda x: x + 1, range(10))).result(timeout=30) == 55
             assert len(good.nthreads()) == 1
+
+
+def test_a_worker_caps_the_frames_of_its_peers(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from shoal.comm.core import CommClosedError
+    from shoal.comm.registry import connect
+    from shoal.protocol.messages import PROTOCOL_VERSION, DataReply, GetData, Hello
+
+    async def scenario() -> None:
+        scheduler = await shoal.Scheduler(port=0)
+        worker = shoal.Worker(scheduler.address, in_process=True, frame_limits={"peer": 2**20})
+        await worker.start()
+        try:
+            greedy = await connect(worker.address, Hello(PROTOCOL_VERSION, "peer", "greedy"))
+            polite = await connect(worker.address, Hello(PROTOCOL_VERSION, "peer", "polite"))
+            await greedy.write([GetData(1, ["k" * 2_000_000])])  # one 2 MB frame
+            with pytest.raises(CommClosedError):
+                await asyncio.wait_for(greedy.read(), 10)
+            await polite.write([GetData(2, ["no-such-key"])])
+            (reply,) = await asyncio.wait_for(polite.read(), 10)
+            assert isinstance(reply, DataReply) and reply.missing == ["no-such-key"]
+            polite.abort()
+        finally:
+            await worker.close("test over")
+            await scheduler.close()
+
+    with caplog.at_level(logging.WARNING, logger="shoal.comm"):
+        asyncio.run(scenario())
+    assert any("(peer 'greedy')" in r.message and "exceeds the limit of 1048576 bytes"
+               in r.message for r in caplog.records), [r.message for r in caplog.records]  # fmt: skip
