@@ -98,6 +98,11 @@ def jobs() -> None:
 @click.option("--cancel-grace", default=10.0, show_default=True, type=click.FloatRange(0),
               help="Seconds a cancelled running job gets to stop on its own (check_cancelled) "
                    "before it is stopped by force.")
+@click.option("--max-jobs-per-child", default=None, type=click.IntRange(1),
+              help="Processes pool: replace a slot's child process after this many jobs.")
+@click.option("--max-memory-per-child", default=None,
+              help="Processes pool: replace a slot's child process after a job that leaves it "
+                   "above this resident size (e.g. 500MB, 1GiB).")
 @click.option("--name", default=None, help="Worker name (default: host-pid-random).")
 @click.option("--scheduler", default=None,
               help="A shoal scheduler to connect to at start, so that jobs (in the threads "
@@ -106,17 +111,30 @@ def jobs() -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int | None,
            lease: float | None, grace: float, schedules: bool, cancel_grace: float,
+           max_jobs_per_child: int | None, max_memory_per_child: str | None,
            name: str | None, scheduler: str | None, log_level: str) -> None:
     """Run a job worker for APP (module:attribute) until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    max_memory = None
+    if max_memory_per_child is not None:
+        from ..worker.memory import parse_bytes
+
+        try:
+            max_memory = parse_bytes(max_memory_per_child)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-memory-per-child") from None
+    if pool != "processes" and (max_jobs_per_child or max_memory):
+        raise click.UsageError("--max-jobs-per-child and --max-memory-per-child need "
+                               "--pool processes")
     app = load_app(app_ref)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     w = app.worker(queues=[q.strip() for q in queues.split(",") if q.strip()],
                    concurrency=concurrency, pool=pool, prefetch=prefetch, lease=lease,
-                   grace=grace, schedules=schedules, name=name, cancel_grace=cancel_grace)
+                   grace=grace, schedules=schedules, name=name, cancel_grace=cancel_grace,
+                   max_jobs_per_child=max_jobs_per_child, max_memory_per_child=max_memory)
     client = None
     if scheduler is not None:
         from ..client.client import Client

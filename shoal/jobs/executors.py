@@ -170,10 +170,38 @@ def write_frame(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-class ChildExecutor:
-    """Runs attempts in one child process, started on first use and after each kill."""
+#: one child replaced at a time across a worker's slots, so the others keep running
+_recycling = threading.Lock()
 
-    def __init__(self) -> None:
+
+def child_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            return int(psutil.Process(pid).memory_info().rss)
+        except Exception:
+            return 0
+
+
+class ChildExecutor:
+    """Runs attempts in one child process, started on first use and after each kill.
+
+    Recycling: with ``max_jobs``, the child is replaced after that many attempts; with
+    ``max_memory`` (bytes), after an attempt that leaves it above that resident size. The
+    worker calls `recycle_if_due` between jobs, in the slot's own thread: the slot's next
+    job waits for the new child, the other slots keep running (and replacements happen one
+    at a time)."""
+
+    def __init__(self, max_jobs: int | None = None, max_memory: int | None = None) -> None:
+        self.max_jobs = max_jobs
+        self.max_memory = max_memory
+        self.recycled = 0  #: children replaced by recycling
+        self._runs = 0  #: attempts the current child has run
         self._proc: subprocess.Popen[bytes] | None = None
         self._to_child = -1
         self._from_child = -1
@@ -203,6 +231,7 @@ class ChildExecutor:
             os.close(ctl_r)
         self._to_child, self._from_child, self._control = to_w, from_r, ctl_w
         self._known.clear()
+        self._runs = 0
         # The child says it is ready once imported, so start-up never eats a time limit.
         ready, _, _ = select.select([from_r], [], [], 120.0)
         if not ready or read_frame(from_r) != b"ready":
@@ -222,6 +251,7 @@ class ChildExecutor:
             request = pickle.dumps((job.name, ref, message.payload, parents, message.pass_results,
                                     message.id))
             self._current = message.id
+            self._runs += 1
         try:
             try:
                 write_frame(self._to_child, request)
@@ -240,6 +270,29 @@ class ChildExecutor:
                 doomed, self._doomed = self._doomed, False
             if doomed:
                 self.kill()  # reap it; the next attempt starts a new child
+
+    def recycle_if_due(self) -> str | None:
+        """Between jobs: replace the child if it ran ``max_jobs`` attempts or holds more than
+        ``max_memory`` bytes; returns why, or None."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return None
+            why = None
+            if self.max_jobs is not None and self._runs >= self.max_jobs:
+                why = f"it ran {self._runs} jobs (--max-jobs-per-child {self.max_jobs})"
+            elif self.max_memory is not None:
+                rss = child_rss(proc.pid)
+                if rss > self.max_memory:
+                    why = (f"it holds {rss / 2**20:.0f} MiB (--max-memory-per-child "
+                           f"{self.max_memory / 2**20:.0f} MiB)")
+        if why is None:
+            return None
+        with _recycling:
+            self.close()
+            self.recycled += 1
+            self.prepare()
+        return why
 
     def cancel(self, job_id: str, hard: bool) -> None:
         """Tell the child that the attempt of ``job_id`` (if it is the one running) is

@@ -77,7 +77,8 @@ class Worker:
                  pool: Pool = "threads", prefetch: int | None = None, lease: float | None = None,
                  grace: float = 30.0, schedules: bool = True, name: str | None = None,
                  poll_interval: float = 0.05, cancel_grace: float = 10.0,
-                 cancel_poll: float = 0.25) -> None:
+                 cancel_poll: float = 0.25, max_jobs_per_child: int | None = None,
+                 max_memory_per_child: int | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if pool not in ("threads", "processes"):
@@ -107,8 +108,15 @@ class Worker:
         self._stopping = threading.Event()
         self._abandon = threading.Event()  #: set at the end of grace: give up on the broker
         self._stopped = threading.Event()
-        self._executors = [ChildExecutor() if pool == "processes" else InlineExecutor()
-                           for _ in range(concurrency)]
+        if pool != "processes" and (max_jobs_per_child or max_memory_per_child):
+            raise ValueError("max_jobs_per_child and max_memory_per_child need pool='processes'")
+        for what, value in (("max_jobs_per_child", max_jobs_per_child),
+                            ("max_memory_per_child", max_memory_per_child)):
+            if value is not None and value < 1:
+                raise ValueError(f"{what} must be at least 1, not {value!r}")
+        self._executors: list[InlineExecutor | ChildExecutor] = [
+            ChildExecutor(max_jobs_per_child, max_memory_per_child) if pool == "processes"
+            else InlineExecutor() for _ in range(concurrency)]
         self._threads: list[threading.Thread] = []
         self._slots: list[threading.Thread] = []
         self._scheduler = PeriodicScheduler(app, self._stopping) if schedules and app.schedules else None
@@ -357,6 +365,16 @@ class Worker:
                     self._running.pop(index, None)
                 self._forget(d)
                 self.processed += 1
+            executor = self._executors[index]
+            if isinstance(executor, ChildExecutor) and not self._stopping.is_set():
+                try:
+                    why = executor.recycle_if_due()
+                except Exception:
+                    log.exception("job worker %s: could not replace a child process", self.name)
+                else:
+                    if why:
+                        log.info("job worker %s: slot %d has a new child process: %s", self.name,
+                                 index, why)
 
     # ----------------------------------------------------------------- one attempt
 

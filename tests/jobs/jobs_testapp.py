@@ -73,3 +73,23 @@ def enqueue_with_key(start_at: float, key: str, until: str, n: int) -> None:
     for i in range(n):
         h = add.enqueue(args=(i, 0), key=key, key_until=until)  # type: ignore[arg-type]
         print(h.id, int(h.created), flush=True)
+
+
+_hoard: list[bytes] = []
+
+
+@app.job(retries=0)
+def leak(mb: int) -> tuple[int, int]:
+    """Keep ``mb`` more MiB for good in this process (a leaky job); (pid, MiB kept)."""
+    _hoard.append(b"x" * (mb << 20))
+    return os.getpid(), sum(map(len, _hoard)) >> 20
+
+
+@app.job(retries=0)
+def hold_until(path: str, started: str) -> int:
+    """Touch ``started``, then wait (up to 60 s) until ``path`` exists; return this pid."""
+    Path(started).touch()
+    deadline = time.monotonic() + 60
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()

@@ -143,7 +143,8 @@ def _rate_limit_run(url: str, tmp_path: Path, seconds: float) -> None:
     old = app._broker, app.url
     app._broker, app.url = None, url
     try:
-        workers = [job_worker(url, "--concurrency", "2") for _ in range(4)]
+        # A long lease: on a loaded machine a 1 s lease can lapse between heartbeats.
+        workers = [job_worker(url, "--concurrency", "2", lease=10.0) for _ in range(4)]
         entered = [w.__enter__() for w in workers]
         try:
             handles = jobs_testapp.rate_limited.enqueue_many([(db, i) for i in range(n)])
