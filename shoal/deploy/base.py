@@ -71,6 +71,8 @@ class WorkerUnit:
     handle: Any = None
     #: when it was launched (time.time())
     launched_at: float = field(default_factory=time.time)
+    #: its worker has been seen connected to the scheduler
+    connected: bool = False
 
 
 class Cluster:
@@ -289,13 +291,29 @@ class Cluster:
     def _watch(self) -> None:
         while not self._stop_watch.wait(self.watch_interval):
             try:
-                with self._lock:
-                    self._refresh()
-                    for name in [n for n, u in self.units.items() if u.state == "ended"]:
-                        del self.units[name]
-                self._launch_missing()
+                self._watch_once()
             except Exception:  # noqa: BLE001 - logged; tried again next time
                 logger.exception("%s: watching the workers failed", type(self).__name__)
+
+    def _watch_once(self) -> None:
+        """Forget ended units; one that ended before its worker ever connected is a failed
+        launch (backed off like an ``sbatch`` error); launch what is missing."""
+        connected = self._connected()
+        with self._lock:
+            launched = {n for n, u in self.units.items() if u.state == "launched"}
+            for name in connected & launched:
+                self.units[name].connected = True
+            self._refresh()
+            for name in [n for n, u in self.units.items() if u.state == "ended"]:
+                unit = self.units.pop(name)
+                if name in launched and not unit.connected:
+                    self._launch_failed(f"worker {name} ended before it joined the scheduler:"
+                                        f" {self._unit_output(unit)}")  # fmt: skip
+        self._launch_missing()
+
+    def _unit_output(self, unit: WorkerUnit) -> str:
+        """The last lines a unit printed (for error messages)."""
+        return ""
 
     # ---------------------------------------------------------------- adaptive
 
@@ -357,15 +375,20 @@ class Cluster:
         """Names of the workers connected to the scheduler now."""
         return {w["name"] for w in self._info()["workers"].values()}
 
-    def wait_for_workers(self, n: int, timeout: float = 120.0) -> float:
+    def wait_for_workers(self, n: int, timeout: float = 120.0,
+                         fail_on_launch_error: bool = False) -> float:  # fmt: skip
         """Wait until ``n`` workers are connected; returns the seconds it took, or raises
-        `TimeoutError` naming how many came (and the launch errors, if any)."""
+        `TimeoutError` naming how many came (and the launch errors, if any). With
+        ``fail_on_launch_error`` a launch failing meanwhile raises `LaunchError` at once."""
         start = time.monotonic()
+        errors_before = len(self.errors)
         delay = 0.05
         while True:
             count = len(self._info()["workers"])
             if count >= n:
                 return time.monotonic() - start
+            if fail_on_launch_error and len(self.errors) > errors_before:
+                raise LaunchError(self.errors[-1][1])
             if time.monotonic() - start > timeout:
                 last = self.errors[-1][1] if self.errors else "no launch error"
                 raise TimeoutError(f"{count} of {n} workers connected within {timeout}s"

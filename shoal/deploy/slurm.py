@@ -129,6 +129,7 @@ class SlurmCluster(Cluster):
         if cores < 1:
             raise ValueError(f"SlurmCluster: cores must be >= 1, got {cores!r}")
         self.cores = cores
+        _slurm_memory(memory)  # a bad size fails here, named
         self.memory = memory
         self.walltime = walltime
         walltime_s = parse_walltime(walltime)
@@ -370,6 +371,12 @@ class SlurmCluster(Cluster):
                                    " after scancel")  # fmt: skip
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+
+    def _unit_output(self, unit: WorkerUnit) -> str:
+        job = str(unit.handle)
+        path = self.log_directory / f"slurm-{job}.out"  # slurm-%j.out, slurm-%A_%a.out
+        text = path.read_text(errors="replace") if path.is_file() else "(no output file)"
+        return f"job {job}:\n" + "\n".join(text.splitlines()[-20:])
 
     def get_logs(self) -> dict[str, str]:
         """Each job's output file: file name -> text (the scheduler logs in this process)."""

@@ -22,7 +22,6 @@ import re
 import shlex
 import subprocess
 import threading
-import time
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -167,7 +166,8 @@ class SSHCluster(Cluster):
         try:
             self._start_scheduler()
             self.scale(len(self.worker_hosts) * workers_per_host)
-            self.wait_for_workers(self.target, timeout=connect_timeout)
+            self.wait_for_workers(self.target, timeout=connect_timeout,
+                                  fail_on_launch_error=True)  # fmt: skip
         except BaseException:
             try:
                 self.close()
@@ -235,6 +235,9 @@ class SSHCluster(Cluster):
         for u in units:
             u.handle.stop()
 
+    def _unit_output(self, unit: WorkerUnit) -> str:
+        return f"on {unit.where}:\n{unit.handle.output(20)}"
+
     def get_logs(self) -> dict[str, str]:
         """The output of the scheduler and each worker's ssh session: name -> text."""
         out = {}
@@ -246,16 +249,6 @@ class SSHCluster(Cluster):
 
     def _where(self) -> str:
         return f"scheduler_host={self.hosts[0]} worker_hosts={','.join(self.worker_hosts)}"
-
-    def wait_for_workers(self, n: int, timeout: float = 120.0) -> float:
-        start = time.monotonic()
-        try:
-            return super().wait_for_workers(n, timeout)
-        except TimeoutError:
-            dead = {name: u.handle.output(20) for name, u in self.units.items()
-                    if not u.handle.alive}  # fmt: skip
-            raise TimeoutError(f"{n} workers did not connect within {timeout}s"
-                               f" ({time.monotonic() - start:.0f}s); ended sessions: {dead}") from None
 
     def __getstate__(self) -> Any:
         raise TypeError("an SSHCluster cannot be pickled (it owns ssh processes)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 
 
@@ -31,6 +32,19 @@ def main() -> int:
                    "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                    "-o", "ConnectTimeout=10"]
     seen: dict[str, object] = {}
+    if config.get("unreachable"):  # a worker host without sshd: a clear error, nothing left
+        from shoal.deploy import LaunchError
+
+        start = time.monotonic()
+        try:
+            SSHCluster([config["hosts"][0], config["unreachable"]], ssh_options=ssh_options,
+                       remote_python=config["python"], dashboard_address=None,
+                       connect_timeout=60)
+        except LaunchError as exc:
+            seen["error"] = str(exc)
+            seen["seconds"] = time.monotonic() - start
+        print(json.dumps(seen), flush=True)
+        return 0
     with SSHCluster(config["hosts"], ssh_options=ssh_options, remote_python=config["python"],
                     scheduler_port=8786, dashboard_address=None, memory_limit="0",
                     connect_timeout=60, watch_interval=0.5) as cluster:
@@ -52,8 +66,6 @@ def main() -> int:
             client.gather(kept)
             cluster.scale(2)
             deadline = 60.0
-            import time
-
             start = time.monotonic()
             while len(client.scheduler_info()["workers"]) != 2:
                 if time.monotonic() - start > deadline:

@@ -190,3 +190,26 @@ def test_adaptive_flapping_load_keeps_the_jobs(slurm_site: SlurmSite, tally: Any
                 assert _count(client) == 3
         assert not any(d.retire for _, d in adaptive.log), adaptive.log
         assert len(cluster.submitted) == 3
+
+
+def test_tls_cluster_speaks_only_tls(slurm_site: SlurmSite) -> None:
+    from shoal.security.credentials import Security
+
+    security = Security.temporary()
+    with _cluster(slurm_site, security=security) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        cluster.scale(2)
+        cluster.wait_for_workers(2, timeout=120)
+        with shoal.Client(cluster) as client:
+            assert client.submit(inc, 41).result(timeout=60) == 42
+            assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+        assert "--tls-cert" in cluster.job_script()
+
+
+def test_bad_settings_are_named_before_anything_starts() -> None:
+    with pytest.raises(ValueError, match="no network interface 'nope0'"):
+        SlurmCluster(interface="nope0")
+    with pytest.raises(ValueError, match="walltime 'soon' is not"):
+        SlurmCluster(walltime="soon")
+    with pytest.raises(ValueError, match="memory 'lots' is not a size"):
+        SlurmCluster(memory="lots", interface="lo").close()

@@ -105,17 +105,12 @@ def _wait_listening(net: VirtualNetwork, host: int, timeout: float = 30.0) -> No
         time.sleep(0.2)
 
 
-def test_ssh_cluster_across_namespaces_computes_scales_and_closes(
-        ssh_network: tuple[VirtualNetwork, Path]) -> None:
-    net, directory = ssh_network
-    hosts = [net.hosts[i].address for i in (1, 2, 3)]
-    config = json.dumps({"hosts": hosts, "key": str(directory / "client_key"),
-                         "python": sys.executable})
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                        os.environ.get("PYTHONPATH")])))
+def _drive(net: VirtualNetwork, **config: Any) -> dict[str, Any]:
+    """Run ssh_driver.py in host 0's namespace with ``config``; what it saw."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("SHOAL_TOKEN", None)
-    driver = net.popen(0, [sys.executable, str(Path(__file__).parent / "ssh_driver.py"), config],
+    driver = net.popen(0, [sys.executable, str(Path(__file__).parent / "ssh_driver.py"),
+                           json.dumps({**config, "python": sys.executable})],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = driver.communicate(timeout=240)
@@ -125,6 +120,14 @@ def test_ssh_cluster_across_namespaces_computes_scales_and_closes(
         pytest.fail(f"the SSH driver hung:\n{err[-4000:]}")
     assert driver.returncode == 0, err[-4000:]
     seen: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return seen
+
+
+def test_ssh_cluster_across_namespaces_computes_scales_and_closes(
+        ssh_network: tuple[VirtualNetwork, Path]) -> None:
+    net, directory = ssh_network
+    hosts = [net.hosts[i].address for i in (1, 2, 3)]
+    seen = _drive(net, hosts=hosts, key=str(directory / "client_key"))
     assert seen["scheduler_address"] == f"tcp://{hosts[0]}:8786"
     assert seen["worker_hosts"] == sorted(hosts[1:])  # one worker on each worker host
     assert seen["total"] == sum(range(1, 65))
@@ -132,3 +135,15 @@ def test_ssh_cluster_across_namespaces_computes_scales_and_closes(
     assert seen["kept"] == list(range(1, 21))  # results of retired workers moved
     assert "SSHCluster running" in seen["repr"] and hosts[0] in seen["repr"]
     assert "scheduler" in seen["logs"] and seen["status"] == "closed"
+
+
+def test_unreachable_worker_host_fails_fast_naming_it_and_leaves_nothing(
+        ssh_network: tuple[VirtualNetwork, Path]) -> None:
+    net, directory = ssh_network
+    nowhere = net.hosts[1].address.rsplit(".", 1)[0] + ".250"  # no host there
+    seen = _drive(net, hosts=[net.hosts[1].address], unreachable=nowhere,
+                  key=str(directory / "client_key"))
+    assert "error" in seen, seen
+    assert f"ended before it joined the scheduler: on {nowhere}" in seen["error"]
+    assert "port 22" in seen["error"]  # ssh's own message
+    assert seen["seconds"] < 45
