@@ -368,3 +368,70 @@ class FrameFuzzer:
                 self.random_value(depth + 1, allow_ext)
                 for _ in range(rng.randint(0, 3))}  # fmt: skip
 
+
+
+class HttpFuzzer:
+    """Hostile HTTP requests for the dashboards, seeded: odd methods and paths (traversal,
+    huge, bad query values), tokens right, wrong and absurd, bad lengths, random bodies, and
+    now and then no HTTP at all. Every request says ``Connection: close`` and carries no more
+    body than its Content-Length, so the server never rightly waits for more."""
+
+    PATHS = [
+        "/", "/health", "/metrics", "/api", "/api/info", "/api/workers", "/api/graph",
+        "/api/jobs", "/api/session", "/login", "/logout", "/api/story/", "/api/story/%00%ff",
+        "/api/tasks?offset=-1&limit=99999999999999999999", "/api/tasks?state=%ff&group=%00",
+        "/api/task-stream?since=nan&limit=-1", "/api/logs?n=-5", "/api/logs?n=1e309",
+        "/api/snapshot?since=-1", "/api/events?interval=0", "/api/events?interval=-1",
+        "/static/../../../../etc/passwd", "/static/%2e%2e/%2e%2e/etc/passwd", "//", "*",
+        "/" + "a" * 9000, "/api/info?" + "x=1&" * 2000,
+    ]  # fmt: skip
+    METHODS = ["GET"] * 6 + ["POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE",
+                             "GE T", "get", "BREW"]  # fmt: skip
+
+    def __init__(self, seed: int, token: str) -> None:
+        self.rng = random.Random(seed)
+        self.token = token
+
+    def request(self) -> bytes:
+        rng = self.rng
+        if rng.random() < 0.1:
+            return rng.randbytes(rng.randint(1, 300))  # not HTTP at all
+        method, path = rng.choice(self.METHODS), rng.choice(self.PATHS)
+        if method == "POST" and path == "/login" and rng.random() < 0.8:
+            method = "GET"  # a wrong login waits its turn (half a second): not too many
+        headers = ["Connection: close"]
+        if rng.random() < 0.9:
+            headers.append("Host: 127.0.0.1")
+        # Wrong credentials are rare: each waits its turn for half a second (the login's
+        # throttle), which would make the run slow, not harder.
+        auth = rng.randrange(2, 6) if rng.random() < 0.05 else rng.randrange(2)
+        if auth == 1:
+            headers.append(f"Authorization: Bearer {self.token}")
+        elif auth == 2:
+            headers.append(f"Authorization: Bearer {rng.randbytes(8).hex()}")
+        elif auth == 3:
+            headers.append("Authorization: Bearer " + "x" * rng.choice([0, 1, 7000]))
+        elif auth == 4:
+            headers.append(f"Cookie: shoal_session={rng.randbytes(16).hex()}; x=\x01")
+        elif auth == 5:
+            headers.append("Authorization: Basic %%%")
+        body = rng.choice([b"", rng.randbytes(rng.randint(1, 512)),
+                           f"token={rng.choice([self.token, 'wrong', ''])}&next=/".encode(),
+                           b"\x80\x05\x95"])  # fmt: skip
+        length = rng.choice(["right"] * 8 + ["short", "negative", "junk"])
+        if length == "right":
+            headers.append(f"Content-Length: {len(body)}")
+        elif length == "short":  # the rest reads as a second, garbled request
+            headers.append(f"Content-Length: {max(0, len(body) - 3)}")
+        elif length == "negative":
+            headers.append("Content-Length: -5")
+        else:
+            headers.append("Content-Length: 12abc")
+        if rng.random() < 0.3:
+            headers.append(rng.choice(["Content-Type: application/x-www-form-urlencoded",
+                                       "Content-Type: application/python-pickle",
+                                       "Expect: 100-continue", "X-Forwarded-For: 10.0.0.1",
+                                       "Accept-Encoding: " + "gzip, " * 500]))  # fmt: skip
+        rng.shuffle(headers)
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
+        return head.encode("latin-1") + body

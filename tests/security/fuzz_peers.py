@@ -110,6 +110,26 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = PEER_TIMEOUT
     return bytes(received)
 
 
+def read_status_line(sock: socket.socket, timeout: float = PEER_TIMEOUT) -> str:
+    """The first line of an HTTP answer ("" if the server closed without one); fails if
+    nothing comes within ``timeout``. What follows is not read (an event stream never ends)."""
+    deadline = time.monotonic() + timeout
+    received = bytearray()
+    while b"\r\n" not in received:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no answer within {timeout}s; got {bytes(received)!r}"
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(4096)
+        except (ConnectionResetError, BrokenPipeError):
+            break
+        if not chunk:
+            break
+        received += chunk
+    line = bytes(received).split(b"\r\n", 1)[0].decode("latin-1")
+    return line.split(" ", 1)[1] if line.startswith("HTTP/") and " " in line else ""
+
+
 def send_all(sock: socket.socket, data: bytes) -> bool:
     """Send ``data``; False if the server closed the connection before taking all of it
     (which is fine for a peer it has every right to drop)."""

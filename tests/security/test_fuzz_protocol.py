@@ -11,10 +11,15 @@ RSS is sampled (psutil) and must stay within a budget; at the end both servers m
 be alive, exit cleanly on SIGTERM, and have logged no error other than the protocol
 violations they are expected to log.
 
-- The normal run fuzzes a few thousand frames per port (seconds).
+Also: 200 half-open unauthenticated peers per port (memory, and dropped at the handshake
+timeout), hostile HTTP requests to both dashboards (never a 5xx), and regressions for the
+bugs this fuzzer found.
+
+- The normal run fuzzes a few thousand frames per port and 100 requests per dashboard.
 - ``pytest -m stress tests/security/test_fuzz_protocol.py -s`` sends 100,000 frames to each
-  port; ``SHOAL_FUZZ_FRAMES=N`` and ``SHOAL_FUZZ_SEED=S`` change the count and the seed
-  (the seed is printed, so a failing run can be replayed). Figures are printed with ``-s``.
+  port (4 connections at a time) and 5,000 requests to each dashboard;
+  ``SHOAL_FUZZ_FRAMES=N`` and ``SHOAL_FUZZ_SEED=S`` change the count and the seed (the seed
+  is printed, so a failing run can be replayed). Figures are printed with ``-s``.
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ from shoal.protocol.messages import (
 from shoal.protocol.serialize import Serialized
 from shoal.testing import ShoalProcess, no_leaks, spawn_scheduler, spawn_worker
 
-from fuzz_frames import Case, FrameFuzzer
+from fuzz_frames import Case, FrameFuzzer, HttpFuzzer
 from fuzz_peers import (
     connect_raw,
     hello_frame,
     message_frame,
+    port_of,
+    read_status_line,
     read_until,
     read_until_closed,
     rss_of,
@@ -76,6 +83,8 @@ EXPECTED_ERRORS = [
     re.compile(r"^ValueError: a (client|worker) may not send \w+$"),
     re.compile(r"^ValueError: a queue or variable item needs a value or a key$"),
     re.compile(r"^ValueError: request id -?\d+ is already waiting \(ids must be unique\)$"),
+    # aiohttp logs each malformed HTTP request (answered 400) with its traceback
+    re.compile(r"^aiohttp\.http_exceptions\.\w+: 400"),
 ]
 
 
@@ -88,6 +97,7 @@ class Servers:
     scheduler: ShoalProcess
     worker: ShoalProcess  #: ``--no-nanny``: the worker's own process
     client: shoal.Client
+    dashboards: dict[str, str]  #: "scheduler" / "worker" -> the URL of its HTTP server
     tasks_run: int = 0
 
     def address(self, port: str) -> str:
@@ -106,14 +116,18 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Servers]:
-    quiet = ["--no-dashboard", "--log-level", "error"]  # the violations are logged as warnings
+    quiet = ["--dashboard-address", ":0", "--log-level", "error"]  # violations are warnings
     with no_leaks(20), spawn_scheduler(port=0, token=TOKEN, extra_args=quiet) as scheduler, \
             spawn_worker(scheduler.address, token=TOKEN, name="fuzzed",
                          extra_args=["--no-nanny", *quiet]) as worker, \
             shoal.Client(scheduler.address, token=TOKEN, timeout=10,
                          set_as_default=False) as client:  # fmt: skip
         client.wait_for_workers(1, timeout=20)
-        yield Servers(scheduler, worker, client)
+        dashboards = {
+            "scheduler": scheduler.wait_for_line(r"shoal dashboard at (\S+)", 10).group(1),
+            "worker": client.scheduler_info()["workers"][worker.address]["dashboard"],
+        }
+        yield Servers(scheduler, worker, client, dashboards)
         unexpected = unexpected_errors(scheduler) + unexpected_errors(worker)
         assert not unexpected, "the servers logged errors besides protocol violations:\n" + (
             "\n".join(unexpected))
@@ -371,6 +385,47 @@ def test_half_open_peers_cost_little_and_are_dropped_at_the_handshake_timeout(
     finally:
         for sock in socks:
             sock.close()
+    servers.compute()
+
+
+#: Requests per HTTP server in the quick run of the HTTP fuzz, and under stress.
+HTTP_REQUESTS = 100
+STRESS_HTTP_REQUESTS = 5000
+
+
+@pytest.mark.parametrize("server", ["scheduler", "worker"])
+def test_fuzzed_http_requests_get_no_server_error(servers: Servers, server: str) -> None:
+    """The dashboards (HTTP, behind the token's login) are ports too: malformed and hostile
+    requests, with and without the token, get an answer below 500 or a closed connection,
+    never a hang, and the cluster keeps computing."""
+    http_fuzz(servers, server, fuzz_seed(), HTTP_REQUESTS)
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("server", ["scheduler", "worker"])
+def test_5000_fuzzed_http_requests_per_dashboard(servers: Servers, server: str) -> None:
+    http_fuzz(servers, server, fuzz_seed() + 1, STRESS_HTTP_REQUESTS)
+
+
+def http_fuzz(servers: Servers, server: str, seed: int, requests: int) -> None:
+    url = servers.dashboards[server]
+    fuzzer = HttpFuzzer(seed, TOKEN)
+    statuses: Counter[str] = Counter()
+    start = time.perf_counter()
+    for i in range(requests):
+        request = fuzzer.request()
+        with connect_raw(f"tcp://127.0.0.1:{port_of(url)}") as sock:
+            send_all(sock, request)
+            status = read_status_line(sock)
+        statuses[status[:3] if status else "closed"] += 1
+        assert not status.startswith("5"), f"{server} dashboard: {status!r} for {request!r}"
+        if i % CHECK_EVERY == 0:
+            servers.alive()
+            servers.compute()
+    print(f"\n{server} dashboard: {requests} fuzzed requests (seed {seed}) in"
+          f" {time.perf_counter() - start:.1f}s: {dict(statuses)}")
+    assert any(s.startswith("4") for s in statuses), statuses
     servers.compute()
 
 
