@@ -103,6 +103,10 @@ def jobs() -> None:
 @click.option("--max-memory-per-child", default=None,
               help="Processes pool: replace a slot's child process after a job that leaves it "
                    "above this resident size (e.g. 500MB, 1GiB).")
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics server binds to.")
 @click.option("--name", default=None, help="Worker name (default: host-pid-random).")
 @click.option("--scheduler", default=None,
               help="A shoal scheduler to connect to at start, so that jobs (in the threads "
@@ -112,6 +116,7 @@ def jobs() -> None:
 def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int | None,
            lease: float | None, grace: float, schedules: bool, cancel_grace: float,
            max_jobs_per_child: int | None, max_memory_per_child: str | None,
+           metrics_port: int | None, metrics_host: str,
            name: str | None, scheduler: str | None, log_level: str) -> None:
     """Run a job worker for APP (module:attribute) until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=log_level.upper(),
@@ -134,7 +139,8 @@ def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int
     w = app.worker(queues=[q.strip() for q in queues.split(",") if q.strip()],
                    concurrency=concurrency, pool=pool, prefetch=prefetch, lease=lease,
                    grace=grace, schedules=schedules, name=name, cancel_grace=cancel_grace,
-                   max_jobs_per_child=max_jobs_per_child, max_memory_per_child=max_memory)
+                   max_jobs_per_child=max_jobs_per_child, max_memory_per_child=max_memory,
+                   metrics_port=metrics_port, metrics_host=metrics_host)
     client = None
     if scheduler is not None:
         from ..client.client import Client
@@ -142,7 +148,8 @@ def worker(app_ref: str, concurrency: int, queues: str, pool: str, prefetch: int
         client = Client(scheduler)
     try:
         w.start()
-        click.echo(f"shoal jobs worker {w.name} ready", err=False)
+        click.echo(f"shoal jobs worker {w.name} ready"
+                   + (f"; metrics at {w.metrics.url}" if w.metrics is not None else ""), err=False)
         sys.stdout.flush()
         while not stop.wait(0.5):
             pass
@@ -186,13 +193,14 @@ def _reason(error: str | None) -> str:
 
 @jobs.command("list")
 @click.argument("target", metavar="QUEUE")
-@click.option("--status", "status_", default=None,
+@click.option("--state", "--status", "status_", default=None,
               type=click.Choice(["waiting", "scheduled", "queued", "running", "succeeded",
                                  "failed", "cancelled", "dead"]))
 @click.option("--queue", default=None, help="Only this queue.")
 @click.option("--limit", default=50, show_default=True, type=int)
 def list_jobs(target: str, status_: Any, queue: str | None, limit: int) -> None:
-    """List jobs (finished ones newest first, the rest next-to-run first)."""
+    """List jobs (finished ones newest first, the rest next-to-run first). Finished jobs
+    are the retained history: kept until their result_ttl passes or they are purged."""
     broker = open_queue(target)
     records = broker.list(status_, queue=queue, limit=limit)
     _table(["id", "name", "queue", "status", "attempts", "finished", "last error"],

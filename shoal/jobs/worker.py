@@ -40,6 +40,7 @@ from msgspec import structs
 from .errors import BadSignature, BrokerUnavailable
 from .executors import ChildExecutor, InlineExecutor
 from .message import Delivery, JobMessage, decode
+from .metrics import MetricsServer, WorkerStats
 from .periodic import PeriodicScheduler
 from .policy.leases import check_lease, renew_interval
 from .policy.retries import next_attempt_at
@@ -78,7 +79,8 @@ class Worker:
                  grace: float = 30.0, schedules: bool = True, name: str | None = None,
                  poll_interval: float = 0.05, cancel_grace: float = 10.0,
                  cancel_poll: float = 0.25, max_jobs_per_child: int | None = None,
-                 max_memory_per_child: int | None = None) -> None:
+                 max_memory_per_child: int | None = None, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1") -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if pool not in ("threads", "processes"):
@@ -121,6 +123,9 @@ class Worker:
         self._slots: list[threading.Thread] = []
         self._scheduler = PeriodicScheduler(app, self._stopping) if schedules and app.schedules else None
         self.processed = 0  #: attempts finished (ok or not) by this worker
+        self.stats = WorkerStats()  #: attempts and run times, for ``/metrics``
+        self.metrics: MetricsServer | None = None  #: serves ``/metrics`` (``metrics_port``)
+        self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self.app.url} queues={','.join(self.queues)}>"
@@ -133,6 +138,9 @@ class Worker:
             t.start()
             return t
 
+        if self._metrics_at is not None:
+            self.metrics = MetricsServer(self, *self._metrics_at).start()
+            log.info("job worker %s: metrics at %s", self.name, self.metrics.url)
         self._slots = [spawn(self._slot, f"slot-{i}", i) for i in range(self.concurrency)]
         self._threads = [spawn(self._fetch, "fetcher"), spawn(self._heartbeat, "heartbeat"),
                          spawn(self._watch_cancels, "canceller")]
@@ -191,6 +199,8 @@ class Worker:
         self._stopped.set()
         for t in self._threads:
             t.join(5.0)
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("job worker %s stopped after %d attempts", self.name, self.processed)
 
     # ----------------------------------------------------------------- broker calls
@@ -416,27 +426,34 @@ class Worker:
                 except BadSignature as exc:
                     self._dead(d, f"BadSignature: {exc}")
                     return
+        started = time.perf_counter()
         outcome = self._executors[slot].run(job, message, parents)
+        took = time.perf_counter() - started
         if self._abandon.is_set():
             return  # handed back already
         if d.id in self._cancelled:  # the broker refuses its ack or fail: do not ask
             log.info("job worker %s: cancelled job %s stopped (%s)", self.name, d.id,
                      "finished anyway" if outcome.ok else outcome.error)
+            self.stats.record(message.queue, message.name, "cancelled", took)
             return
-        self._finish(d, message, outcome)
+        self.stats.record(message.queue, message.name, self._finish(d, message, outcome), took)
 
-    def _finish(self, d: Delivery, message: JobMessage, outcome: Outcome) -> None:
+    def _finish(self, d: Delivery, message: JobMessage, outcome: Outcome) -> str:
+        """Ack or fail the attempt; the outcome's name for the metrics."""
         signer = self.app.signer
         if outcome.ok:
             assert outcome.result is not None
             result = sign(signer, result_context(d.id), outcome.result)
-            self._call(lambda: self.broker.ack(d.id, d.token, result))
-            return
+            done = self._call(lambda: self.broker.ack(d.id, d.token, result))
+            return "succeeded" if done else "stale"
         exception = sign_optional(signer, error_context(d.id), outcome.exception)
         retry_at = next_attempt_at(message, d.attempt, self.broker.clock(), outcome.retryable,
                                    self._rand.random())
         if retry_at is None:
             log.warning("job worker %s: job %s (%s) failed for good after %d attempts: %s",
                         self.name, d.id, message.name, d.attempt, outcome.error)
-        self._call(lambda: self.broker.fail(d.id, d.token, outcome.error, outcome.traceback,
-                                            exception, retry_at))
+        done = self._call(lambda: self.broker.fail(d.id, d.token, outcome.error,
+                                                   outcome.traceback, exception, retry_at))
+        if not done:
+            return "stale"
+        return "failed" if retry_at is None else "retried"
