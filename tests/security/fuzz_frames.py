@@ -54,6 +54,10 @@ from fuzz_peers import frame, hello_frame
 DISRUPTIVE: tuple[type[Msg], ...] = (RestartRequest, RetireWorkersRequest, CloseWorker,
                                      RestartWorker)  # fmt: skip
 
+#: A part size authenticated peers claim and never send: the server allocates (and, below
+#: 32 MiB, touches) a buffer of it when the prefix arrives, and holds it while they stay.
+AUTHENTICATED_CLAIM_BYTES = 20 * 2**20
+
 #: Harmless callables for task functions and ``run`` payloads: whatever arguments the fuzzer
 #: gives them, they return or raise at once.
 HARMLESS_FUNCTIONS: list[object] = [len, repr, abs, sum, bool, type]
@@ -223,7 +227,7 @@ class FrameFuzzer:
         nparts = rng.choice([1, 1, 2, 3, MAX_PARTS, MAX_PARTS + 1, 2**32 - 1])
         big = [2**30, 8 * 2**30, 2**40, 2**63, 2**64 - 1]
         if authenticated:  # sizes an authenticated peer may send, but then never does
-            big += [20 * 2**20, 40 * 2**20]
+            big += [AUTHENTICATED_CLAIM_BYTES, 40 * 2**20]
         if nparts > 3:
             return struct.pack("<I", nparts) + rng.randbytes(rng.randint(0, 64))
         lengths = [rng.choice(big) for _ in range(nparts)]
