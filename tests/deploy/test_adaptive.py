@@ -12,6 +12,7 @@ import cloudpickle
 import pytest
 
 import shoal
+from shoal.testing import no_leaks
 from shoal.deploy.adaptive import AdaptivePolicy, Observation, WorkerLoad
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # worker processes cannot import tests
@@ -99,7 +100,8 @@ def slow_record(tally: Any, i: int, seconds: float) -> int:
 @pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
 def test_local_burst_scales_to_maximum_then_idle_scales_to_minimum_losing_nothing(
         processes: bool, tally: Any) -> None:
-    with shoal.Client(n_workers=1, threads_per_worker=1, processes=processes) as client:
+    with no_leaks(), shoal.Client(n_workers=1, threads_per_worker=1,
+                                  processes=processes) as client:
         adaptive = client.cluster.adapt(minimum=1, maximum=4, target_duration=0.5,
                                         wait_count=3, interval=0.2)
         futures = [client.submit(slow_record, tally, i, 0.25, pure=False) for i in range(48)]

@@ -11,6 +11,7 @@ import pytest
 from typing import Any
 
 import shoal
+from shoal.testing import no_leaks
 from shoal.deploy import SlurmCluster
 from shoal.deploy.base import LaunchError
 
@@ -33,7 +34,7 @@ def _cluster(site: SlurmSite, **kwargs: object) -> SlurmCluster:
 
 
 def test_scale_to_four_workers_computes_and_close_cancels_every_job(slurm_site: SlurmSite) -> None:
-    with _cluster(slurm_site) as cluster:
+    with no_leaks(), _cluster(slurm_site) as cluster:
         start = time.monotonic()
         cluster.scale(4)
         took = cluster.wait_for_workers(4, timeout=120)
