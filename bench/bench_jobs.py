@@ -12,6 +12,15 @@ free loopback port in a temporary directory, and for each system:
 - enqueue latency: median time of one ``delay()`` call (over the N calls above);
 - round trip: median of ``delay(i)`` then waiting for its result, one at a time, idle.
 
+``--limits``: the cost of rate and concurrency limits (issue #17): the worker CPU per job and
+the throughput of the same trivial job without limits and with limits that never bind
+(``max_concurrency=1000``: every reserve checks and counts it; a rate limit is not used
+here, as it spaces starts strictly, at most one per reserve call and limit key, so it binds
+at any rate),
+in alternating rounds on the same workers, and the CPU of a whole job on ``memory://``
+likewise. Whether the code for limits costs jobs that do not use them is measured by
+running this benchmark on the commit before limits and on this one, back to back.
+
 ``--secret``: also the cost of signed payloads (``JobQueue(secret=...)``): the time to sign
 and check one payload; the CPU of a whole job (delay, run, result) in one process on
 ``memory://`` without and with a secret; and shoal's rows run again with a secret on the
@@ -62,6 +71,12 @@ def _counter() -> Any:
 
 @app.job(retries=0, name="bench.trivial")  # explicit: the driver runs as __main__
 def trivial(i: int) -> int:
+    _counter().incr(COUNTER)
+    return i
+
+
+@app.job(retries=0, name="bench.trivial_limited", max_concurrency=1000)
+def trivial_limited(i: int) -> int:
     _counter().incr(COUNTER)
     return i
 
@@ -215,6 +230,64 @@ def run_shoal(n: int, env: dict[str, str], r: Any, secret: str | None = None) ->
         app.signer = None
 
 
+def run_limits(n: int, env: dict[str, str], r: Any, rounds: int = 3) -> None:
+    """Unlimited and loosely limited trivial jobs, alternating, on the same two workers."""
+    cmd = [sys.executable, "-c", "from shoal.cli import main; main()", "jobs", "worker",
+           "bench_jobs:app", "--concurrency", "1", "--log-level", "error"]
+    procs = [_spawn(cmd, env) for _ in range(2)]
+    results: dict[str, list[tuple[float, float]]] = {"unlimited": [], "limited": []}
+    try:
+        r.set(COUNTER, 0)
+        for i in range(50):
+            trivial.delay(i)
+        _wait_count(r, 50, 60)
+        for _ in range(rounds):
+            for label, job in (("unlimited", trivial), ("limited", trivial_limited)):
+                cpu0 = _cpu_seconds(procs)
+                def enqueue_all(k: int, job: Any = job) -> Any:
+                    return job.enqueue_many([(i,) for i in range(k)])
+
+                got = throughput(enqueue_all, n, r)
+                results[label].append((got["jobs_s"], (_cpu_seconds(procs) - cpu0) / n * 1e6))
+    finally:
+        _stop(procs)
+        app.broker.purge(pending=True)
+    costs = job_path_limits()
+    print(f"\nLimits: {n:,} trivial jobs by enqueue_many, 2 worker processes, {rounds} "
+          "alternating rounds (best of each):\n")
+    print("| measurement | unit | no limits | max_concurrency=1000 (never binding) | "
+          "ratio |\n|---|---|---|---|---|")
+    best = {k: (max(j for j, _ in v), min(c for _, c in v)) for k, v in results.items()}
+    print(f"| enqueue to done | jobs/s | {best['unlimited'][0]:,.0f} | {best['limited'][0]:,.0f} | "
+          f"{best['limited'][0] / best['unlimited'][0]:.2f}x |")
+    print(f"| worker CPU per job | us | {best['unlimited'][1]:,.1f} | {best['limited'][1]:,.1f} | "
+          f"{best['limited'][1] / best['unlimited'][1]:.2f}x |")
+    print(f"| a whole job on memory:// (delay, run, result), CPU | us | {costs[0]:,.1f} | "
+          f"{costs[1]:,.1f} | {costs[1] / costs[0]:.2f}x |")
+    for label, runs in results.items():
+        print(f"- {label}: " + ", ".join(f"{j:,.0f} jobs/s ({c:,.0f} us CPU/job)" for j, c in runs))
+
+
+def job_path_limits(n: int = 2_000, rounds: int = 3) -> tuple[float, float]:
+    """CPU microseconds per job on ``memory://`` without and with (loose) limits, best of
+    ``rounds`` alternating runs."""
+    costs: dict[bool, list[float]] = {False: [], True: []}
+    logging.getLogger("shoal.jobs.worker").setLevel(logging.ERROR)
+    for _ in range(rounds):
+        for limited in (False, True):
+            local = JobQueue("memory://")
+            options: dict[str, Any] = {"max_concurrency": 1000} if limited else {}
+            local.job(name="bench.local", **options)(lambda i: i)
+            job = local.jobs["bench.local"]
+            c0 = time.process_time()
+            with local.worker(concurrency=1, poll_interval=0.001):
+                handles = [job.delay(i) for i in range(n)]
+                assert [h.result(timeout=60) for h in handles] == list(range(n))
+            costs[limited].append((time.process_time() - c0) / n)
+            local.close()
+    return min(costs[False]) * 1e6, min(costs[True]) * 1e6
+
+
 def signing_micro(repeat: int = 20_000) -> list[tuple[str, float, float]]:
     """(payload, sign us, check us): one HMAC-SHA256 sign and one check of a pickled
     payload, the best of 5 runs of ``repeat`` (fewer for big payloads): the least disturbed
@@ -281,6 +354,8 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md section")
     parser.add_argument("--secret", action="store_true",
                         help="also measure signed payloads (JobQueue(secret=...))")
+    parser.add_argument("--limits", action="store_true",
+                        help="only measure jobs with and without rate/concurrency limits")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests" / "jobs"))
     from shoal.jobs.testing import RedisServer
@@ -296,6 +371,10 @@ def main() -> None:
             celery_app.conf.broker_url = celery_app.conf.result_backend = URL
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         r = redis_lib.Redis.from_url(URL)
+        if args.limits:
+            run_limits(args.jobs, env, r)
+            r.close()
+            return
         # signed first: a run seems to gain from coming second (a warmer Redis), which
         # should not make signing look free
         signed = run_shoal(args.jobs, env, r, "bench-secret-0123456789abcdef") if args.secret else None
