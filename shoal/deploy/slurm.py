@@ -38,7 +38,7 @@ from .base import Cluster, ClusterError, LaunchError, WorkerUnit
 
 logger = logging.getLogger("shoal.deploy.slurm")
 
-__all__ = ["SlurmCluster", "interface_address", "parse_walltime"]
+__all__ = ["SlurmCluster", "default_address", "interface_address", "parse_walltime"]
 
 #: squeue states of a job that still holds (or will hold) a worker
 _ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING",
@@ -77,6 +77,22 @@ def interface_address(interface: str) -> str:
         if addr.family == socket.AF_INET:
             return str(addr.address)
     raise ValueError(f"network interface {interface!r} has no IPv4 address")
+
+
+def default_address() -> str:
+    """This machine's address on its default route (what other machines most likely reach
+    it at); the hostname's address if there is no route. Raises when that is loopback
+    (Debian maps the hostname to 127.0.1.1): then give ``interface=`` or ``host=``."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: a UDP connect sends nothing
+            address = str(probe.getsockname()[0])
+    except OSError:
+        address = socket.gethostbyname(socket.gethostname())
+    if address.startswith("127."):
+        raise ValueError(f"this machine's address is {address} (loopback), which the compute"
+                         " nodes cannot reach: give SlurmCluster(interface=...) or host=")  # fmt: skip
+    return address
 
 
 class SlurmCluster(Cluster):
@@ -152,8 +168,7 @@ class SlurmCluster(Cluster):
             min(margin, 0.05 * walltime_s))  # fmt: skip
         if interface is not None and host is not None:
             raise ValueError("SlurmCluster: give interface= or host=, not both")
-        self.host = interface_address(interface) if interface else (
-            host or socket.gethostbyname(socket.gethostname()))  # fmt: skip
+        self.host = interface_address(interface) if interface else (host or default_address())
         self.interface = interface
         self.port = port
         self.dashboard_address = dashboard_address

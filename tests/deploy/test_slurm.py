@@ -49,10 +49,17 @@ def test_scale_to_four_workers_computes_and_close_cancels_every_job(slurm_site: 
     assert slurm_site.jobs() == []  # close() cancelled them all
 
 
-def test_job_script_holds_the_requests_and_no_token(slurm_site: SlurmSite) -> None:
-    with _cluster(slurm_site, queue="debug", account=None, job_extra=["--comment=shoal"],
-                  prologue=["echo prologue-ran"]) as cluster:
+def test_job_script_holds_the_requests_and_no_token() -> None:
+    # No Slurm needed: the cluster starts its scheduler here and submits nothing.
+    with SlurmCluster(cores=1, memory="1GB", walltime="00:10:00", interface="lo",
+                      queue="debug", account="proj42", job_extra=["--comment=shoal"],
+                      prologue=["echo prologue-ran"]) as cluster:
         script = cluster.job_script()
+        assert "#SBATCH --account=proj42" in script
+        # walltime 600 s - margin 60 s, stagger min(60, 30) s
+        assert "--lifetime 540 --lifetime-stagger 30" in script
+        assert "#SBATCH --array=0-4" in cluster.job_script(array_size=5)
+        assert cluster.scheduler_address in script and cluster.dashboard_link.startswith("http")
         assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1G" in script
         assert "#SBATCH --time=00:10:00" in script and "#SBATCH --partition=debug" in script
         assert "#SBATCH --comment=shoal" in script and "echo prologue-ran" in script
@@ -205,6 +212,13 @@ def test_tls_cluster_speaks_only_tls(slurm_site: SlurmSite) -> None:
             assert client.submit(inc, 41).result(timeout=60) == 42
             assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
         assert "--tls-cert" in cluster.job_script()
+
+
+def test_walltime_parsing() -> None:
+    from shoal.deploy.slurm import parse_walltime
+
+    assert parse_walltime("01:00:00") == 3600 and parse_walltime("1-02:00:00") == 93600
+    assert parse_walltime("30") == 1800 and parse_walltime("05:30") == 330
 
 
 def test_bad_settings_are_named_before_anything_starts() -> None:
