@@ -206,15 +206,21 @@ class Cluster:
         """Keep ``n`` workers: launch more at once, or cancel (not yet connected ones first)
         and retire (results moved first) the extra ones. Raises `LaunchError` when the
         launch fails (the watcher then retries with back-off)."""
+        self._scale(n, retry_now=True)
+
+    def _scale(self, n: int, retry_now: bool) -> None:
+        """`scale`; ``retry_now``: forget earlier launch failures (a user's call does; the
+        adaptive loop's repeated calls do not, so its failing launches stay backed off)."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"scale: n must be an int >= 0, got {n!r}")
         self._check_running()
         with self._lock:
             self.target = n
-            self._failures_in_a_row = 0
-            self._next_launch_at = 0.0
-            if self.status == "failed":
-                self.status = "running"
+            if retry_now:
+                self._failures_in_a_row = 0
+                self._next_launch_at = 0.0
+                if self.status == "failed":
+                    self.status = "running"
             self._refresh()
             live = [u for u in self.units.values() if u.state == "launched"]
             extra = len(live) - n
@@ -258,7 +264,7 @@ class Cluster:
     def _launch_missing(self, raise_errors: bool = False) -> None:
         with self._lock:
             if self.status != "running" or time.monotonic() < self._next_launch_at:
-                return
+                return  # given up, or backing off: not a loop of failing launches
             missing = self.target - self._count("launched")
             if missing <= 0:
                 return
@@ -347,7 +353,7 @@ class Cluster:
         if decision.retire:
             self.retire(decision.retire)
         if decision.scale_to is not None:
-            self.scale(decision.scale_to)
+            self._scale(decision.scale_to, retry_now=False)
 
     # ----------------------------------------------------------------- helpers
 

@@ -228,3 +228,13 @@ def test_bad_settings_are_named_before_anything_starts() -> None:
         SlurmCluster(walltime="soon")
     with pytest.raises(ValueError, match="memory 'lots' is not a size"):
         SlurmCluster(memory="lots", interface="lo").close()
+
+
+def test_adaptive_scaling_does_not_loop_failing_submissions(slurm_site: SlurmSite) -> None:
+    with _cluster(slurm_site, queue="no-such-partition", max_launch_failures=3,
+                  launch_backoff=0.5) as cluster:
+        cluster.adapt(minimum=2, maximum=4, interval=0.1)
+        _wait_for(lambda: cluster.status == "failed", 30)
+        time.sleep(1.0)  # ten more adaptive steps: no more sbatch attempts
+        assert len(cluster.errors) == 3, cluster.errors
+        assert "partition" in cluster.errors[-1][1]
