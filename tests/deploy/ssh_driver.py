@@ -20,6 +20,19 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+def nap(i: int) -> int:
+    time.sleep(0.3)
+    return i
+
+
+def wait(condition: object, timeout: float, what: str) -> None:
+    start = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(0.1)
+
+
 def main() -> int:
     import cloudpickle
 
@@ -73,6 +86,14 @@ def main() -> int:
                 time.sleep(0.1)
             seen["after_scale_down"] = len(client.scheduler_info()["workers"])
             seen["kept"] = client.gather(kept)
+            # Adaptive: a burst scales up to the maximum, idle back to the minimum.
+            cluster.adapt(minimum=1, maximum=4, target_duration=0.5, wait_count=3,
+                          interval=0.3)
+            burst = [client.submit(nap, i, pure=False) for i in range(40)]
+            wait(lambda: len(client.scheduler_info()["workers"]) == 4, 60, "adapt up to 4")
+            seen["burst"] = client.gather(burst)
+            wait(lambda: len(client.scheduler_info()["workers"]) == 1, 60, "adapt down to 1")
+            seen["burst_after_scale_down"] = client.gather(burst)
         seen["logs"] = sorted(cluster.get_logs())
     seen["status"] = cluster.status
     print(json.dumps(seen), flush=True)
