@@ -34,7 +34,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..security.credentials import Security
 from .adaptive import Adaptive, AdaptivePolicy, Decision, Observation, WorkerLoad
@@ -47,6 +47,8 @@ logger = logging.getLogger("shoal.deploy")
 __all__ = ["Cluster", "ClusterError", "LaunchError", "WorkerUnit"]
 
 UnitState = Literal["launched", "leaving", "ended"]
+
+_C = TypeVar("_C", bound="Cluster")
 
 
 class ClusterError(RuntimeError):
@@ -180,7 +182,7 @@ class Cluster:
         if errors:
             raise ClusterError(f"closing {type(self).__name__}: " + "; ".join(errors))
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self: _C) -> _C:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -136,6 +136,13 @@ class SlurmSite:
 
 
 @pytest.fixture(scope="session")
+def apt_install() -> Callable[[list[str], list[str]], str]:
+    """``apt_install(packages, binaries)``: "" once the binaries are there (installing the
+    packages with apt-get as root if need be), else why not."""
+    return _install
+
+
+@pytest.fixture(scope="session")
 def slurm(require: Callable[[object, str], None]) -> Iterator[SlurmSite]:
     why = "" if os.geteuid() == 0 else "a single-host Slurm test cluster needs root"
     why = why or _install(SLURM_PACKAGES, ["munged", "slurmctld", "slurmd", "sbatch"])

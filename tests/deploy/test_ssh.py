@@ -63,13 +63,13 @@ def _shoal_pids(net: VirtualNetwork, host: int) -> list[str]:
 
 
 @pytest.fixture
-def ssh_network(require: Callable[[object, str], None]) -> Iterator[tuple[VirtualNetwork, Path]]:
+def ssh_network(require: Callable[[object, str], None],
+                apt_install: Callable[[list[str], list[str]], str],
+                ) -> Iterator[tuple[VirtualNetwork, Path]]:
     ok, why = netns_available()
     require(ok, f"network namespaces: {why}")
     if not os.path.exists(SSHD):
-        from conftest import _install  # tests/deploy/conftest.py (rootdir on sys.path)
-
-        problem = _install(["openssh-server"], ["sshd"]) if os.geteuid() == 0 else "not root"
+        problem = apt_install(["openssh-server"], [SSHD]) if os.geteuid() == 0 else "not root"
         require(os.path.exists(SSHD), f"sshd missing ({problem}): apt-get install openssh-server")
     directory = Path(tempfile.mkdtemp(prefix="shoal-ssh-test-"))
     try:
