@@ -66,13 +66,15 @@ def rate_limited(db: str, n: int) -> None:
         conn.close()
 
 
-def enqueue_with_key(start_at: float, key: str, until: str, n: int) -> None:
-    """Wait until ``start_at`` (epoch seconds), enqueue ``n`` jobs under ``key``, print
-    ``id created`` for each (for tests racing producers in several processes)."""
+def enqueue_with_keys(start_at: float, keys: list[tuple[str, str]], n: int) -> None:
+    """Wait until ``start_at`` (epoch seconds), then enqueue ``n`` jobs under each
+    ``(key, key_until)``, printing ``key id created`` for each (for tests racing producers
+    in several processes)."""
     time.sleep(max(0.0, start_at - time.time()))
     for i in range(n):
-        h = add.enqueue(args=(i, 0), key=key, key_until=until)  # type: ignore[arg-type]
-        print(h.id, int(h.created), flush=True)
+        for key, until in keys:
+            h = add.enqueue(args=(i, 0), key=key, key_until=until)  # type: ignore[arg-type]
+            print(key, h.id, int(h.created), flush=True)
 
 
 _hoard: list[bytes] = []
