@@ -192,6 +192,11 @@ class LocalCluster:
                                 max_pending if max_pending is not None else max(1, maximum))  # fmt: skip
         return self._get_scaler().adapt(policy, interval)
 
+    def get_logs(self, n: int = 1000) -> dict[str, str]:
+        """The scheduler's and each worker's newest ``n`` log records: name -> text."""
+        logs: dict[str, str] = self._get_scaler().get_logs(n)
+        return logs
+
     def _get_scaler(self) -> Any:
         if self._loop is None or self.scheduler is None:
             raise RuntimeError("the local cluster is not running")

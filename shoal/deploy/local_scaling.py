@@ -106,6 +106,16 @@ class LocalScaler:
         if decision.scale_to is not None:
             self.scale(decision.scale_to)
 
+    def get_logs(self, n: int = 1000) -> dict[str, str]:
+        """The scheduler's and each worker's newest ``n`` log records: name -> text."""
+        client = self._control()
+        out = {"scheduler": _format(client.get_scheduler_logs(n))}
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        for address, rows in client.get_worker_logs(n).items():
+            out[names.get(address, address)] = (_format(rows) if isinstance(rows, list)
+                                                else str(rows))  # fmt: skip
+        return out
+
     def close(self) -> None:
         """Stop adapting and close the control connection (blocking: not on the loop)."""
         if self.adaptive is not None:
@@ -122,3 +132,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _format(rows: list[tuple[Any, ...]]) -> str:
+    return "\n".join(f"{t} {level} {name} {message}" for t, level, name, message in rows)

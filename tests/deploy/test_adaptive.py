@@ -148,3 +148,5 @@ def test_local_scale_by_hand(tally: Any) -> None:
         assert len(tally.lines()) == 30
         with pytest.raises(ValueError, match="n must be an int >= 0"):
             client.cluster.scale(-1)
+        logs = client.cluster.get_logs()
+        assert set(logs) == {"scheduler", "local-0"}
