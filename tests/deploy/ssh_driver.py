@@ -21,7 +21,7 @@ def add(x: int, y: int) -> int:
 
 
 def nap(i: int) -> int:
-    time.sleep(0.3)
+    time.sleep(0.5)
     return i
 
 
@@ -89,7 +89,8 @@ def main() -> int:
             # Adaptive: a burst scales up to the maximum, idle back to the minimum.
             cluster.adapt(minimum=1, maximum=4, target_duration=0.5, wait_count=3,
                           interval=0.3)
-            burst = [client.submit(nap, i, pure=False) for i in range(40)]
+            # 40 s of work: still running on 2 workers while 2 more start over ssh
+            burst = [client.submit(nap, i, pure=False) for i in range(80)]
             wait(lambda: len(client.scheduler_info()["workers"]) == 4, 60, "adapt up to 4")
             seen["burst"] = client.gather(burst)
             wait(lambda: len(client.scheduler_info()["workers"]) == 1, 60, "adapt down to 1")

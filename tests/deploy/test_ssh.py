@@ -133,7 +133,7 @@ def test_ssh_cluster_across_namespaces_computes_scales_and_closes(
     assert seen["total"] == sum(range(1, 65))
     assert seen["after_scale_up"] == 4 and seen["after_scale_down"] == 2
     assert seen["kept"] == list(range(1, 21))  # results of retired workers moved
-    assert seen["burst"] == seen["burst_after_scale_down"] == list(range(40))  # adaptive
+    assert seen["burst"] == seen["burst_after_scale_down"] == list(range(80))  # adaptive
     assert "SSHCluster running" in seen["repr"] and hosts[0] in seen["repr"]
     assert "scheduler" in seen["logs"] and seen["status"] == "closed"
 
