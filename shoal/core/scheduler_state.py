@@ -129,6 +129,10 @@ class SchedulerState:
         self.roomy: OrderedDict[WorkerRecord, None] = OrderedDict()
         #: how many connected workers are not retiring (any of them may run unrestricted tasks)
         self.active_workers = 0
+        #: rebuilt from a journal (`shoal.journal`): a worker that joins holding the result of
+        #: a task still to run (or running elsewhere) gives that result, which is kept instead
+        #: of recomputed. Set by the scheduler after a replay, before any worker comes back.
+        self.restored = False
 
     # ------------------------------------------------------------------ entry
 
@@ -313,19 +317,46 @@ class SchedulerState:
             self.workers[ev.address] = ws
             self.active_workers += 1
             self._note_room(ws)
-        for key in ev.keys:
+        held: list[tuple[TaskState, int]] = []
+        for i, key in enumerate(ev.keys):
             ts = self.tasks.get(key)
+            if (self.restored and ts is not None and ts.spec is not None
+                    and ts.state in _NEEDS_INPUTS):
+                held.append((ts, ev.nbytes[i] if i < len(ev.nbytes) else 0))
+                continue
             if ts is None or ts.state not in ("memory",):
                 # Data we no longer track (or will recompute): have the worker drop it.
                 if ts is None or ts.processing_on is not ws:
                     self._out.append(ToWorker(ws.address, FreeKeys([key], self._stimulus)))
                 continue
             self._add_replica(ts, ws)
+        # Dependents first: a result kept makes its inputs unneeded, rather than sent to run.
+        for ts, nbytes in sorted(held, key=lambda pair: pair[0].priority, reverse=True):
+            if ts.state in _NEEDS_INPUTS:
+                self._accept_held(ts, ws, nbytes)
+            elif ts.state == "memory":
+                self._add_replica(ts, ws)
+            else:
+                self._out.append(ToWorker(ws.address, FreeKeys([ts.key], self._stimulus)))
         for ts in sorted(self.unrunnable, key=_by_priority):
             if ts.state == "no-worker":
                 self._transition(ts, "waiting")
                 self._try_schedule(ts)
         self._freed.add(ws)  # a new worker has room: give it queued work
+
+    def _accept_held(self, ts: TaskState, ws: WorkerRecord, nbytes: int) -> None:
+        """After a restart, ``ws`` came back holding ``ts``'s result: keep it (the key names
+        its value), rather than compute it again."""
+        running_on = ts.processing_on
+        if running_on is not None:
+            self._unassign(ts)
+            if running_on is not ws:
+                self._free(running_on, ts.key)
+        self.unrunnable.discard(ts)
+        ts.waiting_on = EMPTY
+        ts.nbytes = nbytes
+        self._add_replica(ts, ws)
+        self._to_memory(ts)
 
     def _handle_worker_left(self, ev: WorkerLeft) -> None:
         ws = self.workers.pop(ev.address, None)
