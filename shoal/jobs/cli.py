@@ -203,9 +203,10 @@ def list_jobs(target: str, status_: Any, queue: str | None, limit: int) -> None:
     are the retained history: kept until their result_ttl passes or they are purged."""
     broker = open_queue(target)
     records = broker.list(status_, queue=queue, limit=limit)
-    _table(["id", "name", "queue", "status", "attempts", "finished", "last error"],
+    _table(["id", "name", "queue", "status", "attempts", "finished", "run time", "last error"],
            [[r.id, r.name, r.queue, r.status, f"{r.attempts}/{r.max_attempts}", _when(r.finished),
-             _short(r.last_error)] for r in records])
+             "" if r.run_time is None else f"{r.run_time:.3f}s", _short(r.last_error)]
+            for r in records])
     broker.close()
 
 

@@ -83,6 +83,14 @@ class JobRecord(msgspec.Struct, kw_only=True):
     key: str | None = None
     worker: str | None = None  #: who runs it (while ``running``)
     result_ttl: float | None = None  #: seconds the finished record is kept (None: until purged)
+    started: float | None = None  #: when its last attempt started (reserved), epoch seconds
+
+    @property
+    def run_time(self) -> float | None:
+        """Seconds its last attempt took, once finished after starting."""
+        if self.started is None or self.finished is None or self.finished < self.started:
+            return None
+        return self.finished - self.started
 
     @property
     def expires(self) -> float | None:

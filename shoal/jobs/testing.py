@@ -62,14 +62,18 @@ def check_ack(broker: Broker, clock: FakeClock) -> None:
     job_id = _enqueue(broker)
     assert broker.get(job_id).status == "queued"  # type: ignore[union-attr]
     [d] = _take(broker)
+    started = clock.now
     assert (d.id, d.attempt) == (job_id, 1)
     record = broker.get(job_id)
     assert record is not None and record.status == "running" and record.worker == "w1"
+    assert record.started == started and record.run_time is None
+    clock.advance(2.5)
     assert _take(broker) == []
     assert broker.ack(d.id, d.token, b"\x80\x05K\x03.")  # pickle of 3
     record = broker.get(job_id)
     assert record is not None and record.status == "succeeded" and load(record.result or b"") == 3
     assert record.finished == clock.now and record.attempts == 1
+    assert record.started == started and record.run_time == clock.now - started
     assert not broker.ack(d.id, d.token, b"")  # finished already
     assert broker.get("nope") is None
 

@@ -282,7 +282,7 @@ class MemoryBroker(Broker):
                         self._push(job, now)
                         held_back += 1
                         continue
-                r.status, r.worker = "running", worker
+                r.status, r.worker, r.started = "running", worker, now
                 r.attempts += 1
                 job.token += 1
                 job.lease = now + lease

@@ -238,6 +238,7 @@ class RedisBroker(Broker):
             traceback=_s(g(b"traceback")), result=g(b"result") or None,
             dead=g(b"dead") == b"1", parents=tuple(p for p in (_s(g(b"parents")) or "").split(",") if p),
             key=_s(g(b"key")), worker=_s(g(b"worker")), result_ttl=_f(g(b"result_ttl")),
+            started=_f(g(b"started")),
         )
 
     def get(self, job_id: str) -> JobRecord | None:

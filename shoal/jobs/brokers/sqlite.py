@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     key_expires REAL,
     limit_key TEXT,
     rate REAL,
-    max_concurrency INTEGER
+    max_concurrency INTEGER,
+    started REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(queue, priority DESC, eta) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leases ON jobs(lease) WHERE status = 'running';
@@ -75,7 +76,8 @@ CREATE TABLE IF NOT EXISTS limits (key TEXT PRIMARY KEY, tat REAL NOT NULL) WITH
 # Columns added since the first schema (an older database gets them at open), and the
 # indexes over them.
 _ADDED = (("result_ttl", "REAL"), ("key_until", "TEXT"), ("key_expires", "REAL"),
-          ("limit_key", "TEXT"), ("rate", "REAL"), ("max_concurrency", "INTEGER"))
+          ("limit_key", "TEXT"), ("rate", "REAL"), ("max_concurrency", "INTEGER"),
+          ("started", "REAL"))
 _ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs(finished + result_ttl)
     WHERE result_ttl IS NOT NULL AND finished IS NOT NULL;
@@ -110,7 +112,7 @@ _INSERT = ("INSERT INTO jobs (id, name, queue, status, priority, eta, max_attemp
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 _COLUMNS = ("id, name, queue, status, priority, attempts, max_attempts, eta, created, finished, "
-            "last_error, traceback, result, dead, parents, key, worker, result_ttl")
+            "last_error, traceback, result, dead, parents, key, worker, result_ttl, started")
 
 
 def _extra(m: JobMessage) -> tuple[Any, ...]:
@@ -210,7 +212,7 @@ class SQLiteBroker(Broker):
     @staticmethod
     def _record(row: Sequence[Any], now: float) -> JobRecord:
         (id_, name, queue, status, priority, attempts, max_attempts, eta, created, finished,
-         last_error, traceback, result, dead, parents, key, worker, result_ttl) = row
+         last_error, traceback, result, dead, parents, key, worker, result_ttl, started) = row
         if status == "queued" and eta > now:
             status = "scheduled"
         return JobRecord(id=id_, name=name, queue=queue, status=status, priority=priority,
@@ -218,7 +220,7 @@ class SQLiteBroker(Broker):
                          finished=finished, last_error=last_error, traceback=traceback,
                          result=result, dead=bool(dead),
                          parents=tuple(p for p in parents.split(",") if p), key=key,
-                         worker=worker, result_ttl=result_ttl)
+                         worker=worker, result_ttl=result_ttl, started=started)
 
     @staticmethod
     def _finish_children(db: sqlite3.Connection, job_id: str, status: str, reason: str,
@@ -371,9 +373,10 @@ class SQLiteBroker(Broker):
                             held_back += 1
                             continue
                     token, attempts, data = db.execute(
-                        "UPDATE jobs SET status = 'running', worker = ?, lease = ?, "
+                        "UPDATE jobs SET status = 'running', worker = ?, lease = ?, started = ?, "
                         "attempts = attempts + 1, token = token + 1 WHERE id = ? "
-                        "RETURNING token, attempts, message", (worker, now + lease, job_id)).fetchone()
+                        "RETURNING token, attempts, message",
+                        (worker, now + lease, now, job_id)).fetchone()
                     out.append(Delivery(job_id, token, attempts, data))
                 if held_back == before:  # nothing passed by: no more to look at
                     break

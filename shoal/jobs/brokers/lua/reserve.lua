@@ -44,7 +44,7 @@ while taken < limit and held_back < 100 do
   local k = jk(best)
   local token = redis.call('HINCRBY', k, 'token', 1)
   local attempts = redis.call('HINCRBY', k, 'attempts', 1)
-  redis.call('HSET', k, 'worker', worker, 'lease', now + lease)
+  redis.call('HSET', k, 'worker', worker, 'lease', now + lease, 'started', now)
   set_status(best, best_queue, 'queued', 'running')
   redis.call('ZADD', ns .. ':leases', now + lease, best)
   table.insert(out, best)
