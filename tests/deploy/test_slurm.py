@@ -187,9 +187,10 @@ def test_adaptive_flapping_load_keeps_the_jobs(slurm_site: SlurmSite, tally: Any
                                  interval=0.5)
         cluster.wait_for_workers(1, timeout=120)
         with shoal.Client(cluster) as client:
-            batch = [client.submit(slow_record, tally, i, 0.3, pure=False) for i in range(30)]
-            client.gather(batch)
+            # 18 s of work on one worker: still running when the two new jobs' workers join
+            batch = [client.submit(slow_record, tally, i, 0.3, pure=False) for i in range(60)]
             _wait_for(lambda: _count(client) == 3, 90)
+            client.gather(batch)
             for round_ in range(6):  # ~1 s of work, ~2 s idle: shorter than 8 steps of 0.5 s
                 batch = [client.submit(slow_record, tally, 1000 + round_ * 100 + i, 0.3,
                                        pure=False) for i in range(10)]
