@@ -24,7 +24,8 @@ Modules, one concern each:
   executors.py    where an attempt runs: a thread, or a child process (child.py)
   runner.py       one attempt: arguments in, Outcome out
   signing.py      HMAC-SHA256 signatures on every stored pickle (``secret=``)
-  policy/         pure policy: retries (backoff), time limits, leases
+  metrics.py      a job worker's Prometheus /metrics (attempts, run times, queue counts)
+  policy/         pure policy: retries (backoff), time limits, leases, key lifetimes, limits
   schedules.py    pure: cron / interval slots and what is due; periodic.py runs them
   cli.py          ``shoal jobs worker | status | list | dead | retry | cancel | purge``
   testing.py      conformance checks any broker can run
