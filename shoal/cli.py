@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .config_cli import ConfiguredCommand, config_group
 from .security.cli import (
     check_key_permissions,
     frame_limits_option,
@@ -35,9 +36,9 @@ def _setup_logging(level: str) -> None:
     setup_cli_logging(level)
 
 
-#: ``--log-level`` of the servers: one flag, also read from SHOAL_LOG_LEVEL
+#: ``--log-level`` of the servers: one flag; logging.level of shoal.config (SHOAL_LOG_LEVEL)
 _log_level = click.option(
-    "--log-level", default="info", show_default=True, envvar="SHOAL_LOG_LEVEL",
+    "--log-level", default="info", show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     help="Logging level of shoal's loggers [env: SHOAL_LOG_LEVEL].")  # fmt: skip
 
@@ -88,12 +89,12 @@ def main() -> None:
     """
 
 
-@main.command()
+@main.command(cls=ConfiguredCommand)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
               help="Port to listen on (0 picks a free one).")
-@click.option("--token", default=None, envvar="SHOAL_TOKEN",
+@click.option("--token", default=None,
               help="Shared secret every client and worker must present; 'auto' generates one"
                    " into --token-file [env: SHOAL_TOKEN].")
 @server_options
@@ -149,7 +150,7 @@ def _check_bind(address: str, security: object, token: str | None, insecure: boo
         raise click.ClickException(str(exc)) from None
 
 
-@main.command()
+@main.command(cls=ConfiguredCommand)
 @click.argument("scheduler_address")
 @click.option("--nthreads", default=1, show_default=True, type=int,
               help="Threads that run tasks in this worker.")
@@ -157,7 +158,7 @@ def _check_bind(address: str, security: object, token: str | None, insecure: boo
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface this worker listens on for peers fetching its data.")
 @click.option("--port", default=0, show_default=True, type=int, help="Port for peers (0: any).")
-@click.option("--token", default=None, envvar="SHOAL_TOKEN",
+@click.option("--token", default=None,
               help="Shared secret the scheduler expects [env: SHOAL_TOKEN].")
 @server_options
 @click.option("--memory-limit", default="auto", show_default=True,
@@ -304,6 +305,7 @@ def _add_certs_commands() -> None:
 
 
 _add_certs_commands()
+main.add_command(config_group)  # shoal config show
 
 
 _add_jobs_commands()

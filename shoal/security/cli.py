@@ -20,12 +20,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 def server_options(func: F) -> F:
     """``--tls-ca-file --tls-cert --tls-key --insecure --token-file --max-frame-bytes``."""
     options = [
-        click.option("--tls-ca-file", default=None, envvar=ENV_CA_FILE,
+        click.option("--tls-ca-file", default=None,
                      help=f"The cluster CA's certificate (PEM): TLS on, every peer must show a"
                           f" certificate it signed [env: {ENV_CA_FILE}]."),
-        click.option("--tls-cert", default=None, envvar=ENV_CERT,
+        click.option("--tls-cert", default=None,
                      help=f"This server's certificate (PEM, of its role) [env: {ENV_CERT}]."),
-        click.option("--tls-key", default=None, envvar=ENV_KEY,
+        click.option("--tls-key", default=None,
                      help=f"The private key of --tls-cert [env: {ENV_KEY}]."),
         click.option("--insecure", is_flag=True, default=False,
                      help="Allow listening beyond loopback with neither TLS nor a token"
