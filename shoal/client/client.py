@@ -85,8 +85,26 @@ def _client_security(address: str, security: Security | bool | None) -> Security
     if isinstance(security, Security):
         return security.for_role("client")
     if str(address).startswith("tls://"):
-        return Security.from_env()
+        return _security_from_config()
     return None
+
+
+def _security_from_config() -> Security | None:
+    """The client certificate of the configuration's ``[tls]`` settings (None when none is
+    set); some but not all is an error naming the missing keys and their variables."""
+    from ..config import SETTINGS, load_config
+    from ..security.credentials import Security, SecurityError
+
+    config = load_config()
+    keys = ("tls.ca_file", "tls.cert", "tls.key")
+    values = {key: config.get(key) for key in keys}
+    if not any(values.values()):
+        return None
+    missing = [f"{key} ({' or '.join((SETTINGS[key].env_var, *SETTINGS[key].meta.aliases))})"
+               for key in keys if not values[key]]  # fmt: skip
+    if missing:
+        raise SecurityError(f"TLS settings are incomplete: {', '.join(missing)} not set")
+    return Security(str(values["tls.ca_file"]), str(values["tls.cert"]), str(values["tls.key"]))
 
 
 def default_client() -> Client:
@@ -107,7 +125,7 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         address: str | None = None,
         *,
         asynchronous: bool = False,
-        timeout: float = 10.0,
+        timeout: float | None = None,
         name: str | None = None,
         token: str | None = None,
         set_as_default: bool = True,
@@ -116,15 +134,21 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
     ) -> None:
         """``security``: TLS credentials (`shoal.Security`, a client certificate) for a
         ``tls://`` scheduler; read from ``SHOAL_TLS_CA_FILE``, ``SHOAL_TLS_CERT`` and
-        ``SHOAL_TLS_KEY`` when not given. With no address, ``security=True`` (or
+        ``SHOAL_TLS_KEY`` (the ``[tls]`` settings of `shoal.config`) when not given.
+        ``timeout`` and ``token`` default to ``client.timeout`` and ``security.token``.
+        With no address, ``security=True`` (or
         `Security.temporary()`) starts a local cluster that speaks only TLS."""
         self.asynchronous = asynchronous
         self._security_arg = security
         #: the TLS credentials in use (None: plain TCP), known once connected
         self.security: Security | None = None
-        self.timeout = timeout
+        from ..config import load_config
+
+        # Keywords first, then SHOAL_* variables and shoal.toml (see shoal.config).
+        config = load_config()
+        self.timeout = timeout if timeout is not None else config.client.timeout
         self.name = name or f"client-{os.getpid()}"
-        self.token = token if token is not None else os.environ.get("SHOAL_TOKEN") or None
+        self.token = token if token is not None else config.security.token
         self.cluster: Any = None
         self._cluster_kwargs = cluster_kwargs
         self._address = address
