@@ -133,6 +133,10 @@ class JobsView:
             for per in queues.values():
                 per.setdefault("dead", 0)
             out["queues"] = dict(sorted(queues.items()))
+            # Run times per queue, over the latest succeeded jobs of the retained history.
+            from ..jobs.history import RECENT, run_time_summary
+
+            out["run_times"] = run_time_summary(broker.list("succeeded", limit=RECENT))
             if self._app is not None:
                 now = broker.clock()
                 for schedule in self._app.schedules.values():

@@ -163,11 +163,18 @@ class SchedulerCollector:
         jobs = GaugeMetricFamily("shoal_jobs", "Jobs of the attached shoal.jobs queue, by"
                                  " queue and status (dead: the dead-letter list)",
                                  labels=["queue", "status"])  # fmt: skip
+        run_times = GaugeMetricFamily("shoal_jobs_run_seconds", "Run times of the attached "
+                                      "queue's latest succeeded jobs, by queue and statistic",
+                                      labels=["queue", "stat"])  # fmt: skip
         if snapshot is not None:
             for queue, per in snapshot.get("queues", {}).items():
                 for status, n in per.items():
                     jobs.add_metric([queue, status], n)
+            for queue, stats in snapshot.get("run_times", {}).items():
+                for stat, value in stats.items():
+                    run_times.add_metric([queue, stat], value)
         yield jobs
+        yield run_times
 
 
 class WorkerCollector:

@@ -85,3 +85,32 @@ def test_cli_list_by_state(broker_url: str) -> None:
     out = runner.invoke(main, ["jobs", "list", broker_url, "--state", "scheduled"])
     assert out.exit_code == 0 and a.id in out.output and b.id not in out.output
     app.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_dashboard_view_has_run_times(app: JobQueue) -> None:
+    """The dashboard's jobs view (and its /metrics) sum up run times per queue from the
+    retained history."""
+    from shoal.dashboard.jobs import JobsView
+    from shoal.dashboard.metrics import SchedulerCollector
+
+    @app.job(queue="slow")
+    def nap(seconds: float) -> None:
+        import time
+
+        time.sleep(seconds)
+
+    handles = [nap.delay(0.05), nap.delay(0.15)]
+    with app.worker(queues=["slow"]):
+        for h in handles:
+            h.result(timeout=10)
+    assert all(0.04 <= (h.record.run_time or 0) < 5 for h in handles)
+    view = JobsView(app)
+    snapshot = view._collect()
+    stats = snapshot["run_times"]["slow"]
+    assert stats["n"] == 2 and stats["max"] >= 0.15 and stats["p50"] >= 0.05
+    assert snapshot["queues"]["slow"]["succeeded"] == 2
+    view._cached = snapshot
+    families = {f.name: f for f in SchedulerCollector(None, view)._jobs()}  # type: ignore[arg-type]
+    samples = {tuple(s.labels.values()): s.value for s in families["shoal_jobs_run_seconds"].samples}
+    assert samples[("slow", "n")] == 2 and samples[("slow", "max")] == stats["max"]

@@ -283,9 +283,9 @@ class RedisBroker(Broker):
     def list(self, status: Filter | None = None, queue: str | None = None,
              limit: int = 100) -> Records:
         r = self.redis
-        if status == "dead":
-            ids = self._do(lambda: r.zrevrange(self._k("dead"), 0, -1))
-        elif status in ("succeeded", "failed", "cancelled", None):
+        if status in ("dead", "succeeded", "failed", "cancelled"):
+            return self._list_finished(status, queue, limit)
+        if status is None:
             ids = self._do(lambda: r.zrevrange(self._k("finished"), 0, -1))
         elif status == "running":
             ids = self._do(lambda: r.zrange(self._k("leases"), 0, -1))
@@ -316,6 +316,29 @@ class RedisBroker(Broker):
                 out.append(record)
                 if len(out) >= limit:
                     return out
+        return out
+
+    def _list_finished(self, status: Filter, queue: str | None, limit: int) -> Records:
+        """Finished jobs in ``status``, newest first, read a page of the index at a time
+        (the history can be long; the dashboard asks for the latest often)."""
+        index = self._k("dead" if status == "dead" else "finished")
+        out: list[JobRecord] = []
+        now = self.clock()
+        start, page = 0, 500
+        while len(out) < limit:
+            ids = self._do(lambda: self.redis.zrevrange(index, start, start + page - 1))
+            if not ids:
+                break
+            start += page
+            for record in self.get_many(i.decode() for i in ids):
+                if record is None or record.expired(now):
+                    continue
+                if (queue is not None and record.queue != queue) or (
+                        status != "dead" and record.status != status):
+                    continue
+                out.append(record)
+                if len(out) >= limit:
+                    break
         return out
 
     def dead(self, limit: int = 100) -> Records:
