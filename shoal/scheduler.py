@@ -133,17 +133,24 @@ class Scheduler:
         name: str = "scheduler",
         validate: bool = False,
         handshake_timeout: float = 10.0,
-        worker_ttl: float = 30.0,
+        worker_ttl: float | None = None,
         dashboard_address: str | int | None = None,
         jobs: Any = None,
         security: Security | None = None,
         insecure: bool = False,
         frame_limits: dict[str, int] | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_fsync_interval: float = 0.05,
+        restart_grace: float = 30.0,
     ) -> None:
         """``security``: TLS credentials (the scheduler's certificate); the scheduler then
         listens at ``tls://``. Without TLS or a ``token`` it refuses to listen beyond
         loopback unless ``insecure``. ``frame_limits`` (role -> bytes) caps what each
-        authenticated client or worker may send in one frame (`SCHEDULER_FRAME_LIMITS`)."""
+        authenticated client or worker may send in one frame (`SCHEDULER_FRAME_LIMITS`).
+        ``journal``: a file recording every event that changes the state (`shoal.journal`),
+        fsynced every ``journal_fsync_interval`` s; started on an existing one, the scheduler
+        replays it, then gives clients ``restart_grace`` s to come back and hold their keys
+        again (workers come back with their results whenever they reconnect)."""
         scheme = "tls" if security is not None else "tcp"
         self.listen_address = f"{scheme}://{host}:{port}" if "://" not in host else host
         #: TLS credentials (None: plain TCP); the dashboard serves HTTPS with them
@@ -154,7 +161,8 @@ class Scheduler:
         self.name = name
         self.handshake_timeout = handshake_timeout
         #: a worker silent (no message, no heartbeat) this long is removed, its work moved
-        self.worker_ttl = worker_ttl
+        #: seconds of silence before a worker is removed (default: scheduler.worker_ttl)
+        self.worker_ttl = worker_ttl if worker_ttl is not None else _config().scheduler.worker_ttl
         self._last_seen: dict[str, float] = {}
         #: address -> futures resolved when that worker's connection ends (retirement)
         self._gone_waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -196,12 +204,25 @@ class Scheduler:
             parse_address(dashboard_address)  # a bad address fails here, not at start
         self._jobs = jobs
         self.dashboard: SchedulerDashboard | None = None
+        from .journal.server import ServerJournal  # the journal imports the core only
+
+        if not restart_grace >= 0:
+            raise ValueError(f"restart_grace must be >= 0 seconds, not {restart_grace!r}")
+        self.journal = (ServerJournal(journal, journal_fsync_interval)
+                        if journal is not None else None)  # fmt: skip
+        self.restart_grace = restart_grace
+        self._journal_stopping = asyncio.Event()
+        self._journal_task: asyncio.Task[None] | None = None
+        #: clients the replayed journal knew: gone unless they come back within the grace
+        self.replayed_clients: set[str] = set()
 
     # --------------------------------------------------------------- lifecycle
 
     async def start(self) -> Scheduler:
         check_bind(self.listen_address, tls=self.security is not None, token=self.token,
                    insecure=self.insecure, what="the scheduler")  # fmt: skip
+        if self.journal is not None:
+            self._restore()
         self._listener = await listen(
             self.listen_address, self._serve, name=self.name, token=self.token,
             handshake_timeout=self.handshake_timeout, roles={"client", "worker"},
@@ -214,12 +235,51 @@ class Scheduler:
                                max_frame_bytes=self.frame_limits.get("worker"))  # fmt: skip
         self.started = time.time()
         self._spawn(self._watch_workers())
+        if self.journal is not None:
+            self._journal_task = asyncio.ensure_future(
+                self.journal.run(self.state, self._journal_stopping))
+            if self.replayed_clients:
+                asyncio.get_running_loop().call_later(self.restart_grace, self._end_grace)
         apply_env_level()
         log_ring()
         logger.info("scheduler at %s", self.address)
         if self.dashboard_address is not None:
             await self._start_dashboard(self.dashboard_address)
         return self
+
+    def _restore(self) -> None:
+        """Rebuild the state from the journal; the workers it knew are gone until they
+        register again (with the results they hold, which are kept)."""
+        from .core.scheduler_records import FIRE_AND_FORGET
+        from .journal.replay import restart_events
+
+        assert self.journal is not None
+        stats = self.journal.open(self.state)
+        if stats is None:
+            return
+        self.replayed_clients = set(self.state.clients) - {FIRE_AND_FORGET}
+        # New clients get names the replayed ones do not have.
+        suffixes = [int(c.rpartition("-")[2]) for c in self.replayed_clients
+                    if c.rpartition("-")[2].isdigit()]  # fmt: skip
+        self._client_ids = itertools.count(max(suffixes, default=0) + 1)
+        self.journal.mark_restart(time.time())
+        self.state.restored = True
+        self._handle(restart_events(self.state, "the scheduler restarted"))
+        logger.info("restored %d tasks from journal %s; waiting %ss for %d clients to come"
+                    " back", len(self.state.tasks), self.journal.path, self.restart_grace,
+                    len(self.replayed_clients))  # fmt: skip
+
+    def _end_grace(self) -> None:
+        """Clients of the previous run that did not come back are gone: their holds end.
+        (A client that comes back holds its keys under a new name.)"""
+        if self._closing:
+            return
+        gone = sorted(c for c in self.replayed_clients if c not in self._clients)
+        self.replayed_clients.clear()
+        if gone:
+            logger.info("restart grace over: releasing the holds of %d clients of the previous"
+                        " run", len(gone))  # fmt: skip
+            self._handle([ClientDisconnected(f"restart-grace-{c}", c) for c in gone])
 
     async def _start_dashboard(self, address: str | int) -> None:
         from .dashboard.auth import DashboardRefused
@@ -274,10 +334,14 @@ class Scheduler:
     async def finished(self) -> None:
         await self._closed.wait()
 
-    async def close(self, close_workers: bool = True) -> None:
+    async def close(self, close_workers: bool | None = None) -> None:
+        """``close_workers`` (default: unless there is a journal, i.e. it will come back)
+        tells the workers to close too."""
         if self._closing:
             await self._closed.wait()
             return
+        if close_workers is None:
+            close_workers = self.journal is None
         self._closing = True
         logger.info("scheduler %s closing", self.address)
         # Say goodbye before the listener aborts the connections it still serves.
@@ -297,6 +361,11 @@ class Scheduler:
             await ext.close()
         if self._peers is not None:
             await self._peers.close()
+        if self._journal_task is not None:
+            self._journal_stopping.set()
+            await asyncio.gather(self._journal_task, return_exceptions=True)
+        if self.journal is not None:
+            self.journal.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -313,7 +382,10 @@ class Scheduler:
     # ------------------------------------------------------------ state driving
 
     def _handle(self, events: list[SchedulerEvent]) -> None:
-        self._dispatch(self.state.handle(events, time.time()))
+        now = time.time()
+        if self.journal is not None and not self._closing:
+            self.journal.record(now, events, self.state.restored)  # before: handle may edit specs
+        self._dispatch(self.state.handle(events, now))
 
     def _dispatch(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
@@ -644,3 +716,9 @@ class Scheduler:
         if not send.closed:
             send.send(Reply(msg.rid, len(self.state.workers)))
 
+
+def _config() -> Any:
+    """shoal.config's effective values, read only for keywords not given."""
+    from .config import load_config
+
+    return load_config()

@@ -15,6 +15,7 @@ a conftest (pytest may load several under the one name ``conftest``).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import shutil
@@ -78,6 +79,14 @@ def require() -> Callable[[object, str], None]:
 
 
 # ----------------------------------------------------------------- GC-stress mode
+
+
+# The suite never reads the developer's ~/.config/shoal/shoal.toml (or a SHOAL_CONFIG they
+# set): every process it starts sees an empty config file. tests/config sets its own.
+_EMPTY_CONFIG = tempfile.NamedTemporaryFile(prefix="shoal-empty-", suffix=".toml", delete=False)
+_EMPTY_CONFIG.close()
+os.environ["SHOAL_CONFIG"] = _EMPTY_CONFIG.name
+atexit.register(os.unlink, _EMPTY_CONFIG.name)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

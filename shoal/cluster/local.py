@@ -37,7 +37,7 @@ class LocalCluster:
         validate: bool = False,
         worker_start_timeout: float = 60.0,
         resources: dict[str, float] | None = None,
-        worker_ttl: float = 30.0,
+        worker_ttl: float | None = None,
         memory_fractions: MemoryFractions | None = None,
         dashboard_address: str | int | None = ":0",
         worker_dashboard_address: str | int | None = None,
@@ -45,7 +45,8 @@ class LocalCluster:
         security: Security | bool | None = None,
         insecure: bool = False,
     ) -> None:
-        """``security=True`` makes a temporary CA and a certificate per role
+        """``worker_ttl`` and ``memory_fractions`` default to ``scheduler.worker_ttl`` and
+        ``worker.memory_fractions`` of `shoal.config`. ``security=True`` makes a temporary CA and a certificate per role
         (`Security.temporary`); a `Security` that holds several roles' certificates (from
         `Security.from_directory`) gives each part its own. Everything then speaks TLS."""
         cores = os.cpu_count() or 1
@@ -66,7 +67,7 @@ class LocalCluster:
         #: bytes per worker (0: none); by default this machine's memory shared by the workers
         self.memory_limit = parse_memory_limit(memory_limit, n_workers)
         #: when workers spill, pause and are restarted (fractions of ``memory_limit``)
-        self.memory_fractions = memory_fractions or MemoryFractions()
+        self.memory_fractions = memory_fractions or _configured_fractions()
         self.validate = validate
         #: what each worker offers to tasks that ask for resources
         self.resources = dict(resources or {})
@@ -258,3 +259,15 @@ class LocalCluster:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._close()
+
+
+def _configured_fractions() -> MemoryFractions:
+    """``worker.memory_fractions`` of shoal.config; a bad one names its key and source."""
+    from ..config import ConfigError, load_config
+
+    config = load_config()
+    try:
+        return MemoryFractions.parse(config.worker.memory_fractions)
+    except ValueError as exc:
+        raise ConfigError(f"worker.memory_fractions = {config.worker.memory_fractions!r} from"
+                          f" {config.source('worker.memory_fractions')}: {exc}") from None

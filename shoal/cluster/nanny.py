@@ -309,8 +309,8 @@ class Nanny:
             cmd.append("--insecure")
         cmd += self.worker_args
         env = dict(os.environ if self.env is None else self.env)
-        if self.token:
-            env["SHOAL_TOKEN"] = self.token
+        if self.token:  # the configuration's own name: it wins over an inherited alias
+            env["SHOAL_SECURITY__TOKEN"] = self.token
         # glibc keeps freed memory (e.g. a spilled array's) unless told to hand it back; and
         # setting this also stops it raising its mmap threshold to the size of our arrays.
         env.setdefault("MALLOC_TRIM_THRESHOLD_", str(MALLOC_TRIM_THRESHOLD))

@@ -28,8 +28,10 @@ RESTART_EXIT_CODE = 75
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from ..config import load_config  # the token comes from our nanny's environment
+
     worker = Worker(args.scheduler, nthreads=args.nthreads, name=args.name, host=args.host,
-                    token=os.environ.get("SHOAL_TOKEN") or None,
+                    token=load_config().security.token,
                     memory_limit=args.memory_limit,
                     resources={k: float(v) for k, _, v in (item.partition("=") for item in
                                args.resources.split(",") if item)},

@@ -18,7 +18,6 @@ in-process `LocalCluster`) share its ring.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from collections import deque
@@ -83,16 +82,18 @@ def parse_level(text: str) -> int:
 
 
 def apply_env_level() -> None:
-    """Set the ``shoal`` logger's level from ``SHOAL_LOG_LEVEL`` if it is set. When nothing
+    """Set the ``shoal`` logger's level from ``logging.level`` (``SHOAL_LOG_LEVEL``) if set. When nothing
     would print the records (no handler on the way to the root logger), add one on stderr."""
-    text = os.environ.get(ENV_VAR)
+    from ..config import ConfigError, load_config
+
+    try:  # logging.level of shoal.config: SHOAL_LOGGING__LEVEL, SHOAL_LOG_LEVEL, shoal.toml
+        text = load_config().logging.level
+    except ConfigError as exc:  # the server fails on it where it matters; logging goes on
+        logging.getLogger("shoal").warning("ignoring the configuration's log level: %s", exc)
+        return
     if not text:
         return
-    try:
-        level = parse_level(text)
-    except ValueError as exc:
-        logging.getLogger("shoal").warning("ignoring %s: %s", ENV_VAR, exc)
-        return
+    level = parse_level(text)
     logger = logging.getLogger("shoal")
     logger.setLevel(level)
     with _lock:

@@ -117,11 +117,11 @@ class Worker:
         token: str | None = None,
         memory_limit: int = 0,
         resources: dict[str, float] | None = None,
-        connect_timeout: float = 10.0,
+        connect_timeout: float | None = None,
         in_process: bool = False,
         validate: bool = False,
-        heartbeat_interval: float = 0.5,
-        reconnect_timeout: float = 60.0,
+        heartbeat_interval: float | None = None,
+        reconnect_timeout: float | None = None,
         memory_fractions: MemoryFractions | None = None,
         spill_directory: str | None = None,
         previous_death: WorkerDeath | None = None,
@@ -135,6 +135,16 @@ class Worker:
         ``tls://`` and reaches the scheduler and its peers over TLS. Without TLS or a
         ``token`` it refuses to listen beyond loopback unless ``insecure``."""
         self.scheduler_address = scheduler_address
+        if connect_timeout is None or heartbeat_interval is None or reconnect_timeout is None:
+            from ..config import load_config  # keywords not given: shoal.config's values
+
+            config = load_config()
+            if connect_timeout is None:
+                connect_timeout = config.comm.connect_timeout
+            if heartbeat_interval is None:
+                heartbeat_interval = config.comm.heartbeat_interval
+            if reconnect_timeout is None:
+                reconnect_timeout = config.worker.death_timeout
         #: TLS credentials (None: plain TCP); its metrics server serves HTTPS with them
         self.security = security
         self.insecure = insecure
