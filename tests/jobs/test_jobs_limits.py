@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -150,16 +151,12 @@ def _rate_limit_run(url: str, tmp_path: Path, seconds: float) -> None:
     app._broker, app.url = None, url
     try:
         # A long lease: on a loaded machine a 1 s lease can lapse between heartbeats.
-        workers = [job_worker(url, "--concurrency", "2", lease=10.0) for _ in range(4)]
-        entered = [w.__enter__() for w in workers]
-        try:
+        with ExitStack() as workers:
+            for _ in range(4):
+                workers.enter_context(job_worker(url, "--concurrency", "2", lease=10.0))
             handles = jobs_testapp.rate_limited.enqueue_many([(db, i) for i in range(n)])
             for h in handles:
                 h.result(timeout=seconds * 3 + 30)
-        finally:
-            for w in workers:
-                w.__exit__(None, None, None)
-        assert len(entered) == 4
     finally:
         app.close()
         app._broker, app.url = old
