@@ -294,8 +294,18 @@ class Worker:
             except Exception as exc:
                 log.warning("job worker %s: could not renew leases (%s)", self.name, exc)
                 continue
-            with self._cond:
-                lost -= self._cancelled.keys()
+            if lost:
+                # A cancel also takes the lease: such a job stays held (a prefetched one
+                # must still be seen, and skipped, by its slot) and is not "lost".
+                try:
+                    found = self.broker.cancelled(list(lost))
+                except Exception:
+                    found = set()
+                deadline = time.monotonic() + self.cancel_grace
+                with self._cond:
+                    for job_id in found:
+                        self._cancelled.setdefault(job_id, deadline)
+                    lost -= self._cancelled.keys()
             if lost:
                 log.warning("job worker %s: lost the lease on %d jobs (%s)", self.name, len(lost),
                             ", ".join(sorted(lost)[:5]))

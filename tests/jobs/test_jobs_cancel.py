@@ -83,7 +83,9 @@ def test_job_ignoring_the_flag_is_stopped_after_the_grace(app: JobQueue, pool: s
     assert handle.status == "cancelled" and handle.attempts == 1
 
 
-def test_cancel_prefetched_job_never_runs(app: JobQueue, tmp_path: Path) -> None:
+@pytest.mark.parametrize("found_by", ["canceller", "heartbeat"])
+def test_cancel_prefetched_job_never_runs(app: JobQueue, found_by: str) -> None:
+    """Whether the canceller or a heartbeat (the cancel took the lease) sees it first."""
     release = threading.Event()
     ran: list[int] = []
 
@@ -93,11 +95,13 @@ def test_cancel_prefetched_job_never_runs(app: JobQueue, tmp_path: Path) -> None
         release.wait(20)
 
     first, second = hold.delay(1), hold.delay(2)
-    with app.worker(concurrency=1, prefetch=1, cancel_poll=0.05):
+    with app.worker(concurrency=1, prefetch=1,
+                    cancel_poll=0.05 if found_by == "canceller" else 60) as w:
         wait_until(lambda: second.status == "running" and first.status == "running",
                    message="both reserved (one prefetched)")
         assert second.cancel()
-        time.sleep(0.2)  # the worker learns of the cancel
+        wait_until(lambda: second.id in w._cancelled, timeout=10,
+                   message=f"the {found_by} saw the cancel")
         release.set()
         first.result(timeout=10)
         time.sleep(0.2)  # a slot would run the cancelled job now, if it were to
