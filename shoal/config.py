@@ -453,3 +453,9 @@ def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+if __name__ == "__main__":  # python -m shoal.config --markdown: the table of docs/configuration.md
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m shoal.config --markdown")
+    sys.stdout.write(reference_table())
