@@ -18,6 +18,7 @@ from .security.cli import (
     security_from_options,
     server_options,
 )
+from .journal.records import JournalError
 from .security.credentials import SecurityError
 from .security.policy import (
     SCHEDULER_FRAME_LIMITS,
@@ -110,10 +111,20 @@ def main() -> None:
               help="A shoal.jobs queue for the dashboard and /metrics to show: a broker URL"
                    " (sqlite:///jobs.db, redis://host) or MODULE:APP (which shows its"
                    " schedules too).")
+@click.option("--journal", default=None, type=click.Path(dir_okay=False),
+              help="Record every state change in this file; started on an existing journal,"
+                   " the scheduler replays it and carries on (see docs/journal.md).")
+@click.option("--journal-fsync-interval", default=0.05, show_default=True, type=float,
+              help="Seconds between fsyncs of the journal (the most a kill may lose).")
+@click.option("--restart-grace", default=30.0, show_default=True, type=float,
+              help="After a replay, seconds for the previous run's clients to come back"
+                   " before their holds end.")
 def scheduler(host: str, port: int, token: str | None, tls_ca_file: str | None,
               tls_cert: str | None, tls_key: str | None, insecure: bool,
               token_file: str | None, max_frame_bytes: str, log_level: str, worker_ttl: float,
-              dashboard_address: str, dashboard: bool, jobs_url: str | None) -> None:  # fmt: skip
+              dashboard_address: str, dashboard: bool, jobs_url: str | None,
+              journal: str | None, journal_fsync_interval: float,
+              restart_grace: float) -> None:  # fmt: skip
     """Run a scheduler; prints the address workers and clients connect to.
 
     Beyond loopback it needs TLS (--tls-*) or a token (--token, --token auto), or
@@ -132,12 +143,16 @@ def scheduler(host: str, port: int, token: str | None, tls_ca_file: str | None,
         server = Scheduler(host, port, token=token, worker_ttl=worker_ttl,
                            dashboard_address=dashboard_address if dashboard else None,
                            jobs=jobs_url, security=security, insecure=insecure,
-                           frame_limits=limits)  # fmt: skip
+                           frame_limits=limits, journal=journal,
+                           journal_fsync_interval=journal_fsync_interval,
+                           restart_grace=restart_grace)  # fmt: skip
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--dashboard-address") from None
+        hint = ("--journal-fsync-interval" if "fsync" in str(exc) else "--restart-grace"
+                if "restart_grace" in str(exc) else "--dashboard-address")  # fmt: skip
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     try:
         run(_serve_until_signal(server, "shoal scheduler listening at {address}"))
-    except (InsecureBindError, SecurityError) as exc:
+    except (InsecureBindError, SecurityError, JournalError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -130,6 +130,7 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         token: str | None = None,
         set_as_default: bool = True,
         security: Security | bool | None = None,
+        reconnect_timeout: float = 0.0,
         **cluster_kwargs: Any,
     ) -> None:
         """``security``: TLS credentials (`shoal.Security`, a client certificate) for a
@@ -137,7 +138,10 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         ``SHOAL_TLS_KEY`` (the ``[tls]`` settings of `shoal.config`) when not given.
         ``timeout`` and ``token`` default to ``client.timeout`` and ``security.token``.
         With no address, ``security=True`` (or
-        `Security.temporary()`) starts a local cluster that speaks only TLS."""
+        `Security.temporary()`) starts a local cluster that speaks only TLS.
+        ``reconnect_timeout``: seconds to keep reconnecting to a lost scheduler (one restarted
+        from its journal) before futures fail with `SchedulerGoneError` (0: fail at once);
+        see `shoal.client.reconnect`."""
         self.asynchronous = asynchronous
         self._security_arg = security
         #: the TLS credentials in use (None: plain TCP), known once connected
@@ -171,6 +175,10 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         self._function_cache: dict[int, tuple[weakref.ReferenceType[Any], bytes]] = {}
         self._comm: Comm | None = None
         self._send_batch: BatchedSend | None = None
+        from .reconnect import Reconnector
+
+        self._reconnector = Reconnector(self, reconnect_timeout)
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._peers: PeerPool | None = None
         self._callback_pool: ThreadPoolExecutor | None = None
@@ -271,6 +279,9 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         self.status = "closed"
 
     async def _stop_everything(self) -> None:
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            await asyncio.gather(self._reconnect_task, return_exceptions=True)
         if self._send_batch is not None:
             await self._send_batch.close()
         if self._reader is not None:
@@ -352,6 +363,12 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         self._write(msg)
 
     def _write(self, msg: Msg) -> None:
+        reconnector = self._reconnector
+        if reconnector.enabled:
+            reconnector.sent(msg)
+            if reconnector.held_back is not None and self.status == "running":
+                reconnector.held_back.append(msg)  # sent once connected again
+                return
         batch = self._send_batch
         if batch is not None and not batch.closed and self.status in ("running", "closing"):
             batch.send(msg)
@@ -427,7 +444,9 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         except CommClosedError as exc:
             reason = f"lost the scheduler at {self.scheduler_address}: {exc}"
         finally:
-            if self.status == "running":
+            if self.status == "running" and self._reconnector.enabled:
+                self._reconnector.lost(reason)
+            elif self.status == "running":
                 self._fail_pending("scheduler-gone", reason)
 
     def _current(self, key: str, generation: int) -> FutureState | None:
@@ -472,6 +491,8 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
             except Warning:  # a filter turned it into an error: it is still worth a log line
                 logger.warning("%s", msg.text)
         elif isinstance(msg, SchedulerClosing):
+            if self._reconnector.enabled:
+                return  # it may come back (a restart): reconnecting starts when it is gone
             self._fail_pending("scheduler-gone", f"the scheduler closed: {msg.reason}")
         else:
             handler = self._message_handlers.get(type(msg))

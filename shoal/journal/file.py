@@ -157,9 +157,10 @@ class JournalWriter:
 
     def replace(self, records: list[bytes]) -> None:
         """Make the journal exactly ``records`` (compaction); appending goes on after them."""
+        size = write_new(self.path, records)  # the old file stays whole if this fails
         self._file.close()
-        self.size = write_new(self.path, records)
         self._file = open(self.path, "ab")  # noqa: SIM115
+        self.size = size
 
     def close(self) -> None:
         if not self._file.closed:
