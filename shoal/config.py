@@ -33,8 +33,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - the dependency exists only there
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Config", "ConfigError", "Setting", "SETTINGS", "config_path", "load_config",
-           "reference_table"]  # fmt: skip
+__all__ = [
+    "SETTINGS",
+    "Config",
+    "ConfigError",
+    "Setting",
+    "config_path",
+    "load_config",
+    "reference_table",
+]  # fmt: skip
 
 ENV_PREFIX = "SHOAL_"
 #: the variable naming the config file (a missing file it names is an error)

@@ -98,16 +98,15 @@ def test_a_real_scheduler_listens_where_the_file_says_unless_a_flag_says_otherwi
     port = free_port()
     user_config(tmp_path, f"[scheduler]\nport = {port}\n[dashboard]\nenabled = false\n")
     env = clean_env(tmp_path)
-    with no_leaks(timeout=15):
-        # when shoal scheduler starts with no --port, it listens on that port
-        with shoal_process(env, "scheduler") as scheduler:
-            assert scheduler.address == f"tcp://127.0.0.1:{port}"
-            assert not any("dashboard at" in line for line in scheduler.stdout)
-        # and a flag beats the file (and SHOAL_SCHEDULER__PORT, which beats the file too)
-        env["SHOAL_SCHEDULER__PORT"] = "1"  # the environment says port 1, the flag says any
-        with shoal_process(env, "scheduler", "--port", "0") as scheduler:
-            assert scheduler.address != f"tcp://127.0.0.1:{port}"
-            assert not scheduler.address.endswith(":1")
+    # when shoal scheduler starts with no --port, it listens on that port
+    with no_leaks(timeout=15), shoal_process(env, "scheduler") as scheduler:
+        assert scheduler.address == f"tcp://127.0.0.1:{port}"
+        assert not any("dashboard at" in line for line in scheduler.stdout)
+    # and a flag beats the file (and SHOAL_SCHEDULER__PORT, which beats the file too)
+    env["SHOAL_SCHEDULER__PORT"] = "1"  # the environment says port 1, the flag says any
+    with no_leaks(timeout=15), shoal_process(env, "scheduler", "--port", "0") as scheduler:
+        assert scheduler.address != f"tcp://127.0.0.1:{port}"
+        assert not scheduler.address.endswith(":1")
 
 
 def test_an_env_variable_reaches_a_real_worker(tmp_path: Path) -> None:

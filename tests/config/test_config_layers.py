@@ -79,22 +79,22 @@ def test_user_config_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("toml", "env", "message"), [
-    ("[scheduler]\nport = 'x'\n", {}, r"scheduler.port = 'x' from file .*shoal.toml: expected"
-                                      r" an integer from 0 to 65535"),
+    ("[scheduler]\nport = 'x'\n", {}, (r"scheduler.port = 'x' from file .*shoal.toml: expected"
+                                      r" an integer from 0 to 65535")),
     ("[scheduler]\nport = 70000\n", {}, r"scheduler.port = 70000 from file"),
     ("[worker]\nnanny = 1\n", {}, r"worker.nanny = 1 from file .*: expected true or false"),
     ("", {"SHOAL_COMM__HEARTBEAT_INTERVAL": "0"},
-     r"comm.heartbeat_interval = '0' from env SHOAL_COMM__HEARTBEAT_INTERVAL: expected a"
-     r" number > 0"),
-    ("", {"SHOAL_LOG_LEVEL": "loud"}, r"logging.level = 'loud' from env SHOAL_LOG_LEVEL:"
-                                      r" expected one of debug, info"),
+     (r"comm.heartbeat_interval = '0' from env SHOAL_COMM__HEARTBEAT_INTERVAL: expected a"
+     r" number > 0")),
+    ("", {"SHOAL_LOG_LEVEL": "loud"}, (r"logging.level = 'loud' from env SHOAL_LOG_LEVEL:"
+                                      r" expected one of debug, info")),
     ("", {"SHOAL_WORKER__NTHREADS": ""}, r"worker.nthreads = '' from env"),
     ("[worker]\nnthreds = 2\n", {},
      r"unknown setting worker.nthreds in file .*\(did you mean worker.nthreads\?\)"),
     ("[workers]\nnthreads = 2\n", {}, r"unknown setting \[workers\] .*did you mean \[worker\]"),
     ("", {"SHOAL_SCHEDULER__PROT": "1"},
-     r"unknown setting SHOAL_SCHEDULER__PROT in the environment \(did you mean"
-     r" SHOAL_SCHEDULER__PORT\?\)"),
+     (r"unknown setting SHOAL_SCHEDULER__PROT in the environment \(did you mean"
+     r" SHOAL_SCHEDULER__PORT\?\)")),
     ("[scheduler\n", {}, r"cannot read config file"),
     ("worker = 3\n", {}, r"worker in file .* must be a table"),
 ])
