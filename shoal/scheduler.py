@@ -343,6 +343,13 @@ class Scheduler:
         if close_workers is None:
             close_workers = self.journal is None
         self._closing = True
+        # The journal ends here: what closing does to the state (clients and workers leave)
+        # is not recorded, so that a restart finds them as they were.
+        if self._journal_task is not None:
+            self._journal_stopping.set()
+            await asyncio.gather(self._journal_task, return_exceptions=True)
+        if self.journal is not None:
+            self.journal.close()
         logger.info("scheduler %s closing", self.address)
         # Say goodbye before the listener aborts the connections it still serves.
         for send in list(self._workers.values()):
@@ -361,11 +368,6 @@ class Scheduler:
             await ext.close()
         if self._peers is not None:
             await self._peers.close()
-        if self._journal_task is not None:
-            self._journal_stopping.set()
-            await asyncio.gather(self._journal_task, return_exceptions=True)
-        if self.journal is not None:
-            self.journal.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
