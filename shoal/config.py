@@ -23,7 +23,7 @@ import dataclasses
 import difflib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -40,6 +40,7 @@ __all__ = [
     "Setting",
     "config_path",
     "load_config",
+    "parse_resources",
     "reference_table",
 ]  # fmt: skip
 
@@ -69,6 +70,22 @@ class Meta:
     exclusive_minimum: bool = False
     #: masked by ``shoal config show``
     secret: bool = False
+    #: a further check of a string's form: raises ValueError saying what is wrong
+    form: Callable[[str], object] | None = None
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``"GPU=2,MEM=16e9"`` -> ``{"GPU": 2.0, "MEM": 16e9}``; ValueError naming a bad item."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, amount = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(amount)
+        except ValueError:
+            raise ValueError(f"{item!r} is not NAME=AMOUNT") from None
+    return out
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
@@ -113,6 +130,7 @@ class WorkerSettings:
     nanny: bool = setting(True, "Run the worker under a nanny that restarts it.",
                           flags=("shoal worker --nanny/--no-nanny",))
     resources: str = setting("", 'Resources the worker offers, "GPU=2,MEM=16e9".',
+                             form=parse_resources,
                              flags=("shoal worker --resources", "LocalCluster(resources=)"))
     death_timeout: float = setting(
         60.0, "Seconds a worker keeps trying to reach a lost scheduler before exiting.",
@@ -248,6 +266,11 @@ class Setting:
             raise self.error(value, source)
         if self.meta.choices:
             converted = str(converted).lower()
+        if self.meta.form is not None:
+            try:
+                self.meta.form(converted)
+            except ValueError as exc:
+                raise ConfigError(f"{self.key} = {value!r} from {source}: {exc}") from None
         low, high = self.meta.minimum, self.meta.maximum
         if low is not None and (converted < low or self.meta.exclusive_minimum and converted == low):
             raise self.error(value, source)

@@ -311,8 +311,9 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
 
     def __del__(self) -> None:
         # A finalizer neither locks nor waits: ask the client's own loop to close it.
-        loop_thread = self._loop_thread
-        if self.status == "running" and loop_thread is not None:
+        # (getattr: __init__ may have failed early, e.g. on a bad setting.)
+        loop_thread = getattr(self, "_loop_thread", None)
+        if getattr(self, "status", "") == "running" and loop_thread is not None:
             try:
                 loop_thread.loop.call_soon_threadsafe(self._close_on_own_loop)
             except Exception:  # noqa: BLE001 - interpreter shutdown, loop closed

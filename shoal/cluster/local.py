@@ -45,8 +45,9 @@ class LocalCluster:
         security: Security | bool | None = None,
         insecure: bool = False,
     ) -> None:
-        """``worker_ttl`` and ``memory_fractions`` default to ``scheduler.worker_ttl`` and
-        ``worker.memory_fractions`` of `shoal.config`. ``security=True`` makes a temporary CA and a certificate per role
+        """``worker_ttl``, ``memory_fractions`` and ``resources`` default to
+        ``scheduler.worker_ttl``, ``worker.memory_fractions`` and ``worker.resources`` of
+        `shoal.config`. ``security=True`` makes a temporary CA and a certificate per role
         (`Security.temporary`); a `Security` that holds several roles' certificates (from
         `Security.from_directory`) gives each part its own. Everything then speaks TLS."""
         cores = os.cpu_count() or 1
@@ -70,7 +71,7 @@ class LocalCluster:
         self.memory_fractions = memory_fractions or _configured_fractions()
         self.validate = validate
         #: what each worker offers to tasks that ask for resources
-        self.resources = dict(resources or {})
+        self.resources = dict(resources if resources is not None else _configured_resources())
         self.worker_ttl = worker_ttl
         self.worker_start_timeout = worker_start_timeout
         #: the scheduler's dashboard: ":0" a free port on ``host``, None none
@@ -271,3 +272,10 @@ def _configured_fractions() -> MemoryFractions:
     except ValueError as exc:
         raise ConfigError(f"worker.memory_fractions = {config.worker.memory_fractions!r} from"
                           f" {config.source('worker.memory_fractions')}: {exc}") from None
+
+
+def _configured_resources() -> dict[str, float]:
+    """``worker.resources`` of shoal.config (checked when it was read)."""
+    from ..config import load_config, parse_resources
+
+    return parse_resources(load_config().worker.resources)

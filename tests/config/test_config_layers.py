@@ -128,3 +128,11 @@ def test_the_documentation_lists_every_key_as_the_schema_says() -> None:
     assert reference_table() in text, "regenerate: python -m shoal.config --markdown"
     for key, item in SETTINGS.items():
         assert f"`{key}`" in text and item.env_var in text
+
+
+def test_resources_are_checked_when_read(tmp_path: Path) -> None:
+    env = {**write(tmp_path, "[worker]\nresources = 'GPU=2,MEM=1e9'\n")}
+    assert load_config(env).worker.resources == "GPU=2,MEM=1e9"
+    with pytest.raises(ConfigError, match=r"worker.resources = 'GPU' from env"
+                                          r" SHOAL_WORKER__RESOURCES: 'GPU' is not NAME=AMOUNT"):
+        load_config({**env, "SHOAL_WORKER__RESOURCES": "GPU"})
