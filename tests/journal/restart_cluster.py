@@ -88,7 +88,8 @@ class RestartableCluster:
     """A journaled scheduler (killed and restarted at will) and worker processes."""
 
     def __init__(self, directory: Path, n_workers: int = 3, nthreads: int = 2,
-                 fsync_interval: float = 0.05, restart_grace: float = 30.0) -> None:  # fmt: skip
+                 fsync_interval: float = 0.05, restart_grace: float = 30.0,
+                 journal: bool = True) -> None:  # fmt: skip
         self.directory = directory
         self.journal = directory / "scheduler.journal"
         self.port = free_port()
@@ -97,6 +98,7 @@ class RestartableCluster:
         self.nthreads = nthreads
         self.fsync_interval = fsync_interval
         self.restart_grace = restart_grace
+        self.use_journal = journal
         self.scheduler: ShoalProcess | None = None
         self.workers: list[ShoalProcess] = []
         self.dead: list[ShoalProcess] = []
@@ -112,11 +114,12 @@ class RestartableCluster:
     def start_scheduler(self, timeout: float = 30.0) -> float:
         """Start (or restart) the scheduler on the journal; returns the seconds it took."""
         started = time.monotonic()
+        journal = (["--journal", str(self.journal), "--journal-fsync-interval",
+                    str(self.fsync_interval), "--restart-grace", str(self.restart_grace)]
+                   if self.use_journal else [])  # fmt: skip
         self.scheduler = self._spawn(
-            ["scheduler", "--port", str(self.port), "--journal", str(self.journal),
-             "--journal-fsync-interval", str(self.fsync_interval),
-             "--restart-grace", str(self.restart_grace), "--no-dashboard",
-             "--log-level", "warning"], "shoal scheduler --journal")  # fmt: skip
+            ["scheduler", "--port", str(self.port), *journal, "--no-dashboard",
+             "--log-level", "warning"], "shoal scheduler")  # fmt: skip
         self.scheduler.wait_for_line(r"listening at (\S+)", timeout)
         return time.monotonic() - started
 
