@@ -136,8 +136,9 @@ def scheduler(host: str, port: int, token: str | None, tls_ca_file: str | None,
     security = security_from_options(tls_ca_file, tls_cert, tls_key)
     check_key_permissions(tls_key)
     limits = frame_limits_option(max_frame_bytes, SCHEDULER_FRAME_LIMITS)
-    _check_bind(f"{'tls' if security else 'tcp'}://{host}:{port}", security, token, insecure,
-                "the scheduler")  # fmt: skip
+    # A --token-file counts as a token here (it is read just below, with its own errors).
+    _check_bind(f"{'tls' if security else 'tcp'}://{host}:{port}", security,
+                token or token_file, insecure, "the scheduler")  # fmt: skip
     token = resolve_token(token, token_file, may_generate=True)
     try:
         server = Scheduler(host, port, token=token, worker_ttl=worker_ttl,

@@ -74,6 +74,20 @@ def test_token_auto_writes_a_private_token_file_and_the_scheduler_requires_it(
     assert result.returncode != 0 and "is readable by other users" in result.stderr
 
 
+def test_a_token_file_alone_lets_the_scheduler_bind_beyond_loopback(tmp_path: Path) -> None:
+    # The bind check used to run before the file was read: --token-file alone was refused
+    # (the Kubernetes manifests had to pass SHOAL_TOKEN instead).
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token-0123456789\n")
+    token_file.chmod(0o600)
+    with spawn_scheduler(host="0.0.0.0", extra_args=["--no-dashboard",
+                                                     "--token-file", str(token_file)]) as s:  # fmt: skip
+        port = s.address.rsplit(":", 1)[1]
+        with shoal.Client(f"tcp://127.0.0.1:{port}", token="file-token-0123456789",
+                          timeout=10) as client:  # fmt: skip
+            assert client.scheduler_info()["address"]
+
+
 def test_a_worker_reads_its_token_from_a_file(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
