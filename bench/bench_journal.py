@@ -119,8 +119,11 @@ def recovery(size: dict[str, int], kill: bool) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=0, help="repeats of the cost rows")
     args = parser.parse_args()
-    size = SIZES["quick" if args.quick else "full"]
+    size = dict(SIZES["quick" if args.quick else "full"])
+    if args.reps:
+        size["reps"] = args.reps
     rates = cost(size)
     print("| row | journal off (tasks/s) | journal on (tasks/s) | on / off |")
     print("|---|---:|---:|---:|")
