@@ -123,14 +123,14 @@ def test_cancel_racing_the_finish_ends_in_one_state(app: JobQueue) -> None:
         return i
 
     rng = random.Random(7)
-    handles = [quick.delay(i, rng.uniform(0.005, 0.05)) for i in range(40)]
+    handles = [quick.delay(i, rng.uniform(0.02, 0.12)) for i in range(40)]
     answers: dict[int, bool] = {}
     with app.worker(concurrency=4, cancel_grace=0.2, cancel_poll=0.02):
         # Cancel from the moment jobs finish: some cancels come first, some come late.
         wait_until(lambda: any(h.status == "succeeded" for h in handles[:4]), timeout=20,
                    message="the first jobs finished")
-        for i, h in enumerate(handles):
-            time.sleep(rng.uniform(0, 0.01))
+        for i, h in enumerate(handles):  # faster than the jobs run: they race near the front
+            time.sleep(rng.uniform(0, 0.004))
             answers[i] = h.cancel()
         wait_until(lambda: all(h.done() for h in handles), timeout=20, message="all finished")
         time.sleep(0.2)  # a refused ack must not come back as a retry
