@@ -14,6 +14,7 @@ started again on its journal: the time from the restart to the result, and the r
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -48,6 +49,12 @@ def add(x: Any, y: Any) -> Any:
     return x + y
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (robust to other load on the machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def row_a(client: shoal.Client, n: int) -> float:
     started = time.perf_counter()
     futures = client.map(noop, range(n), pure=False)
@@ -67,9 +74,13 @@ def row_b(client: shoal.Client, leaves: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-def cost(size: dict[str, int]) -> dict[str, dict[bool, list[float]]]:
+def cost(size: dict[str, int]) -> tuple[dict[str, dict[bool, list[float]]],
+                                        dict[str, dict[bool, list[float]]]]:  # fmt: skip
+    """Tasks/s of each row, and the scheduler process's CPU microseconds per task."""
     rates: dict[str, dict[bool, list[float]]] = {"a": {True: [], False: []},
                                                  "b": {True: [], False: []}}  # fmt: skip
+    cpu: dict[str, dict[bool, list[float]]] = {"a": {True: [], False: []},
+                                               "b": {True: [], False: []}}  # fmt: skip
     for rep in range(size["reps"]):
         for journal in ((False, True) if rep % 2 == 0 else (True, False)):
             with tempfile.TemporaryDirectory(prefix="shoal-bench-journal-") as d:
@@ -77,13 +88,20 @@ def cost(size: dict[str, int]) -> dict[str, dict[bool, list[float]]]:
                 try:
                     cluster.start_scheduler()
                     cluster.start_workers()
+                    assert cluster.scheduler is not None
+                    pid = cluster.scheduler.pid
                     with shoal.Client(cluster.address, set_as_default=False) as client:
                         row_a(client, size["a"] // 10)  # warm-up
+                        before = cpu_seconds(pid)
                         rates["a"][journal].append(row_a(client, size["a"]))
+                        middle = cpu_seconds(pid)
                         rates["b"][journal].append(row_b(client, size["b"]))
+                        after = cpu_seconds(pid)
+                        cpu["a"][journal].append((middle - before) / size["a"] * 1e6)
+                        cpu["b"][journal].append((after - middle) / (2 * size["b"] - 1) * 1e6)
                 finally:
                     cluster.close()
-    return rates
+    return rates, cpu
 
 
 def recovery(size: dict[str, int], kill: bool) -> dict[str, float]:
@@ -124,14 +142,19 @@ def main() -> None:
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.reps:
         size["reps"] = args.reps
-    rates = cost(size)
-    print("| row | journal off (tasks/s) | journal on (tasks/s) | on / off |")
-    print("|---|---:|---:|---:|")
+    rates, cpu = cost(size)
+    print("| row | journal off (tasks/s) | journal on (tasks/s) | on / off |"
+          " scheduler CPU/task off (us) | on (us) | on / off |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     names = {"a": f"(a) map {size['a']:,} no-op + gather",
              "b": f"(b) tree reduction, {size['b']:,} leaves"}  # fmt: skip
     for row in ("a", "b"):
         off, on = statistics.median(rates[row][False]), statistics.median(rates[row][True])
-        print(f"| {names[row]} | {off:,.0f} | {on:,.0f} | {on / off:.2f} |")
+        c_off, c_on = statistics.median(cpu[row][False]), statistics.median(cpu[row][True])
+        print(f"| {names[row]} | {off:,.0f} | {on:,.0f} | {on / off:.2f} | {c_off:.0f} |"
+              f" {c_on:.0f} | {c_on / c_off:.2f} |")
+        print(f"<!-- {row} tasks/s off {[round(x) for x in rates[row][False]]} on"
+              f" {[round(x) for x in rates[row][True]]} -->")
     n = size["width"] * size["depth"] + 1
     print(f"\nrecovery, {n:,}-task dependent graph, 3 workers x 2 threads, kill at 50%:")
     print("| run | total (s) | restart -> result (s) | recomputed tasks |")
