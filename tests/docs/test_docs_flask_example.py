@@ -8,14 +8,12 @@ import importlib.util
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-
-pytest.importorskip("flask")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flask_jobs.py"
 
@@ -29,7 +27,9 @@ def load_example() -> ModuleType:
 
 
 @pytest.fixture
-def web() -> Iterator[tuple[Any, Any]]:
+def web(require: Callable[[object, str], None]) -> Iterator[tuple[Any, Any]]:
+    require(importlib.util.find_spec("flask") is not None,
+            "flask is not installed (pip install -e '.[test]')")
     with tempfile.TemporaryDirectory(prefix="shoal-flask-") as workdir:
         app, jobs = load_example().build(f"sqlite:///{workdir}/jobs.db", secret=secrets.token_hex(32))
         app.config["TESTING"] = True

@@ -8,19 +8,30 @@ and leaves no process behind in its session.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-
 from docs_runnable import DOCS, Page, parse, runnable_pages
 
 PAGES = runnable_pages()
 TIMEOUT = 120.0
+#: libraries of the extras that some pages use (all in the ``test`` extra)
+OPTIONAL = ("dask", "pandas", "numpy", "joblib", "sklearn", "flask", "redis", "croniter")
+
+
+def missing_libraries(page: Page) -> list[str]:
+    imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", page.program, flags=re.MULTILINE))
+    return [name for name in OPTIONAL
+            if name in imported and importlib.util.find_spec(name) is None]  # fmt: skip
 
 
 def _session_alive(pgid: int) -> bool:
@@ -60,7 +71,9 @@ def _param(page: Page) -> object:
 
 
 @pytest.mark.parametrize("page", [_param(p) for p in PAGES])
-def test_page_runs(page: Page) -> None:
+def test_page_runs(page: Page, require: Callable[[object, str], None]) -> None:
+    missing = missing_libraries(page)
+    require(not missing, f"{page.path.name} needs {missing} (pip install -e '.[test]')")
     done = run_page(page)
     assert done.returncode == 0, (
         f"{page.path.relative_to(DOCS)}: its runnable blocks failed "
@@ -74,18 +87,15 @@ def test_the_guides_have_runnable_blocks() -> None:
         assert page in found, f"no runnable block found in docs/{page}"
 
 
-def test_a_marker_without_a_python_fence_is_an_error(tmp_path: object) -> None:
-    assert isinstance(tmp_path, os.PathLike)
-    bad = os.path.join(tmp_path, "bad.md")
-    with open(bad, "w") as f:
-        f.write("<!-- run -->\nprint('not in a fence')\n")
+def test_a_marker_without_a_python_fence_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.md"
+    bad.write_text("<!-- run -->\nprint('not in a fence')\n")
     with pytest.raises(ValueError, match="must come right before"):
-        parse(__import__("pathlib").Path(bad))
+        parse(bad)
 
 
-def test_a_failing_block_fails_with_the_pages_line_number(tmp_path: object) -> None:
-    assert isinstance(tmp_path, os.PathLike)
-    page_path = __import__("pathlib").Path(tmp_path) / "failing.md"
+def test_a_failing_block_fails_with_the_pages_line_number(tmp_path: Path) -> None:
+    page_path = tmp_path / "failing.md"
     page_path.write_text("# A page\n\ntext\n\n<!-- run -->\n```python\nx = 1\n"
                          "raise RuntimeError('drifted')\n```\n")
     done = run_page(parse(page_path))
