@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from docs_runnable import DOCS
@@ -52,3 +57,22 @@ def test_every_public_name_of_the_module_is_in_the_reference(
                 f"{library} is not installed (pip install -e '.[test]')")
     missing = public_names(module) - documented()
     assert not missing, f"not in docs/reference/: {sorted(missing)}"
+
+
+def test_the_site_builds_strict_and_renders_every_pinned_name(
+        require: Callable[[object, str], None]) -> None:
+    """``mkdocs build --strict`` (no broken link, no missing reference) into a temporary
+    directory; each pinned name of ``shoal`` is an anchor of the rendered reference page."""
+    require(importlib.util.find_spec("mkdocs") is not None
+            and importlib.util.find_spec("mkdocstrings_handlers") is not None,
+            "mkdocs is not installed (pip install -e '.[docs]')")
+    root = DOCS.parent
+    with tempfile.TemporaryDirectory(prefix="shoal-site-") as site:
+        built = subprocess.run(
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", site],
+            check=False, cwd=root, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+        assert built.returncode == 0, f"mkdocs build --strict failed:\n{built.stderr[-6000:]}"
+        page = Path(site, "reference", "shoal", "index.html").read_text()
+    missing = {n for n in PUBLIC if f'id="shoal.{n}"' not in page}
+    assert not missing, f"not rendered in the reference: {sorted(missing)}"
