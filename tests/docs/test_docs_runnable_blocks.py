@@ -101,3 +101,14 @@ def test_a_failing_block_fails_with_the_pages_line_number(tmp_path: Path) -> Non
     done = run_page(parse(page_path))
     assert done.returncode != 0
     assert "line 8" in done.stdout and "drifted" in done.stdout
+
+
+def test_blocks_of_a_page_join_in_order_and_a_slow_marker_marks_the_page(tmp_path: Path) -> None:
+    page_path = tmp_path / "two.md"
+    page_path.write_text("<!-- run -->\n```python\nx = 1\n```\n\n```python\nnot run\n```\n"
+                         "<!-- run: slow -->\n```python\nassert x == 1\n```\n")
+    page = parse(page_path)
+    assert [code for _, code in page.blocks] == ["x = 1", "assert x == 1"]
+    assert page.slow
+    assert page.program.splitlines()[2] == "x = 1"  # line 3 of the page is line 3 here
+    assert run_page(page).returncode == 0
