@@ -146,3 +146,28 @@ def test_the_cli_refuses_a_file_that_is_not_a_journal(tmp_path: Path) -> None:
     done = _cli_scheduler(path)
     assert done.returncode != 0 and "is not a shoal journal" in done.stderr
     assert path.read_text() == "precious data, not a journal\n"
+
+
+def test_the_cli_cuts_a_torn_tail_says_so_and_serves(tmp_path: Path) -> None:
+    from shoal.core.scheduler_events import KeysWanted
+    from shoal.journal import JournalWriter
+    from shoal.testing import spawn_scheduler
+
+    path = tmp_path / "journal"
+    writer = JournalWriter(path)
+    writer.append(1.0, [KeysWanted("w", "old-client-1", [])])
+    writer.flush()
+    whole = writer.size
+    writer.append(2.0, [KeysWanted("w", "old-client-2", [])])
+    writer.flush()
+    writer.close()
+    with open(path, "r+b") as f:
+        f.truncate(writer.size - 3)  # the kill came in the middle of the last write
+    with no_leaks(timeout=15), spawn_scheduler(extra_args=["--journal", str(path),
+                                                           "--no-dashboard"]) as scheduler:
+        line = wait_until(lambda: next((x for x in scheduler.stderr if "cut" in x), None),
+                          timeout=10, message="the log line about the cut")  # fmt: skip
+        assert f"cut {writer.size - 3 - whole} bytes at byte {whole}" in line
+        with shoal.Client(scheduler.address, set_as_default=False) as client:
+            assert client.nthreads() == {}  # it answers (no worker yet)
+    assert scan(path, repair=False).cut_bytes == 0
