@@ -406,7 +406,7 @@ def markdown(started: datetime.datetime, commit: str, dirty: bool,
         "",
         (f"`bench/bench_workers.py --sizes {args.sizes} --tasks {args.tasks} --idle {args.idle:g}"
          f"{' --tasks-at-every-size' if args.tasks_at_every_size else ''}"
-         f" --dask {args.dask} --dask-tasks {args.dask_tasks}"
+         f"{f' --dask {args.dask} --dask-tasks {args.dask_tasks}' if args.dask else ' --dask 0'}"
          f"{f' --shared-threads {args.shared_threads}' if args.shared_threads else ''}`:"
          f" {os.cpu_count()} cores shared with other engineers' runs, load average"
          f" {load_before[0]:.2f} before, {load_after[0]:.2f} after; {args.processes} host"
