@@ -94,6 +94,9 @@ logger = logging.getLogger("shoal.scheduler")
 
 #: Worker deaths the scheduler remembers (`Scheduler.deaths`), the latest ones.
 MAX_DEATHS = 1000
+#: After a restart, the longest the first workers back wait (seconds) for the others to come
+#: back before they get work (each brings back results the others would recompute).
+RESTART_SETTLE_S = 2.0
 #: Most values one scatter may ask targets for: the answer holds one list per value, so a
 #: count of 2**40 would make the scheduler build it until it runs out of memory.
 MAX_SCATTER_VALUES = 1_000_000
@@ -215,6 +218,11 @@ class Scheduler:
         self._journal_task: asyncio.Task[None] | None = None
         #: clients the replayed journal knew: gone unless they come back within the grace
         self.replayed_clients: set[str] = set()
+        #: after a replay, workers of the previous run not back yet, and the joins of those
+        #: back, held (up to `RESTART_SETTLE_S`) so that one worker back first does not
+        #: recompute what the others bring back
+        self._returning: set[str] = set()
+        self._deferred_joins: dict[str, WorkerJoined] = {}
 
     # --------------------------------------------------------------- lifecycle
 
@@ -240,6 +248,9 @@ class Scheduler:
                 self.journal.run(self.state, self._journal_stopping))
             if self.replayed_clients:
                 asyncio.get_running_loop().call_later(self.restart_grace, self._end_grace)
+            if self._returning:
+                asyncio.get_running_loop().call_later(min(RESTART_SETTLE_S, self.restart_grace),
+                                                      self._flush_joins)  # fmt: skip
         apply_env_level()
         log_ring()
         logger.info("scheduler at %s", self.address)
@@ -262,12 +273,26 @@ class Scheduler:
         suffixes = [int(c.rpartition("-")[2]) for c in self.replayed_clients
                     if c.rpartition("-")[2].isdigit()]  # fmt: skip
         self._client_ids = itertools.count(max(suffixes, default=0) + 1)
+        self._returning = set(self.state.workers)
         self.journal.mark_restart(time.time())
         self.state.restored = True
         self._handle(restart_events(self.state, "the scheduler restarted"))
         logger.info("restored %d tasks from journal %s; waiting %ss for %d clients to come"
                     " back", len(self.state.tasks), self.journal.path, self.restart_grace,
                     len(self.replayed_clients))  # fmt: skip
+
+    def _join_worker(self, event: WorkerJoined) -> None:
+        self._deferred_joins[event.address] = event
+        self._returning.discard(event.address)
+        if not self._returning:
+            self._flush_joins()  # else at the latest when the settling time is over
+
+    def _flush_joins(self) -> None:
+        self._returning.clear()
+        joins = list(self._deferred_joins.values())
+        self._deferred_joins.clear()
+        if joins and not self._closing:
+            self._handle([*joins])
 
     def _end_grace(self) -> None:
         """Clients of the previous run that did not come back are gone: their holds end.
@@ -527,9 +552,9 @@ class Scheduler:
         self._workers_changed.set()
         if reg.restarts_in_place:
             self._in_place.add(address)
-        self._handle([WorkerJoined(f"worker-join-{address}", address, reg.nthreads, reg.name,
-                                   reg.memory_limit, dict(reg.resources or {}), list(reg.keys),
-                                   list(reg.nbytes))])  # fmt: skip
+        self._join_worker(WorkerJoined(f"worker-join-{address}", address, reg.nthreads,
+                                       reg.name, reg.memory_limit, dict(reg.resources or {}),
+                                       list(reg.keys), list(reg.nbytes)))  # fmt: skip
         logger.info("worker %s (%s, %d threads) joined", address, reg.name, reg.nthreads)
         if reg.dashboard:
             self.worker_dashboards[address] = reg.dashboard
@@ -591,7 +616,8 @@ class Scheduler:
             self.worker_dashboards.pop(address, None)
             if self._peers is not None:
                 self._peers.forget(address)
-            if not self._closing:
+            deferred = self._deferred_joins.pop(address, None)
+            if not self._closing and deferred is None:
                 self._handle([WorkerLeft(f"worker-left-{address}", address, reason, graceful)])
                 # Clients fetching from it (it may be stopped, not closed) go elsewhere now.
                 for client_send in self._clients.values():
