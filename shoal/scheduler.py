@@ -223,6 +223,10 @@ class Scheduler:
         #: recompute what the others bring back
         self._returning: set[str] = set()
         self._deferred_joins: dict[str, WorkerJoined] = {}
+        #: after a replay, how many of the previous run's clients have not re-attached yet
+        #: (their resubmissions name tasks the journal's lost last interval may not know:
+        #: results of those that workers bring back are kept only if the task is known)
+        self._clients_expected = 0
 
     # --------------------------------------------------------------- lifecycle
 
@@ -248,7 +252,7 @@ class Scheduler:
                 self.journal.run(self.state, self._journal_stopping))
             if self.replayed_clients:
                 asyncio.get_running_loop().call_later(self.restart_grace, self._end_grace)
-            if self._returning:
+            if self._returning or self._clients_expected:
                 asyncio.get_running_loop().call_later(min(RESTART_SETTLE_S, self.restart_grace),
                                                       self._flush_joins)  # fmt: skip
         apply_env_level()
@@ -274,6 +278,7 @@ class Scheduler:
                     if c.rpartition("-")[2].isdigit()]  # fmt: skip
         self._client_ids = itertools.count(max(suffixes, default=0) + 1)
         self._returning = set(self.state.workers)
+        self._clients_expected = len(suffixes)
         self.journal.mark_restart(time.time())
         self.state.restored = True
         self._handle(restart_events(self.state, "the scheduler restarted"))
@@ -284,11 +289,17 @@ class Scheduler:
     def _join_worker(self, event: WorkerJoined) -> None:
         self._deferred_joins[event.address] = event
         self._returning.discard(event.address)
-        if not self._returning:
+        if not self._returning and not self._clients_expected:
             self._flush_joins()  # else at the latest when the settling time is over
+
+    def _client_back(self) -> None:
+        self._clients_expected = max(0, self._clients_expected - 1)
+        if not self._clients_expected and not self._returning:
+            self._flush_joins()
 
     def _flush_joins(self) -> None:
         self._returning.clear()
+        self._clients_expected = 0
         joins = list(self._deferred_joins.values())
         self._deferred_joins.clear()
         if joins and not self._closing:
@@ -459,6 +470,7 @@ class Scheduler:
         self._clients[client] = send
         self._handle([ClientConnected(f"connect-{client}", client)])
         logger.info("client %s connected from %s", client, comm.peer_address)
+        returning = self._clients_expected > 0  # its first batch re-attaches its keys
         try:
             while True:
                 events: list[SchedulerEvent] = []
@@ -472,6 +484,9 @@ class Scheduler:
                         events.append(event)
                 if events:
                     self._handle(events)
+                if returning:
+                    returning = False
+                    self._client_back()
         except CommClosedError:
             pass
         except Exception:
