@@ -298,6 +298,10 @@ class Scheduler:
             self._flush_joins()
 
     def _flush_joins(self) -> None:
+        if self._returning or self._clients_expected:
+            logger.warning("restart: %d workers and %d clients of the previous run not back"
+                           " after %ss; going on without them", len(self._returning),
+                           self._clients_expected, RESTART_SETTLE_S)  # fmt: skip
         self._returning.clear()
         self._clients_expected = 0
         joins = list(self._deferred_joins.values())

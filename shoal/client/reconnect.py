@@ -30,7 +30,7 @@ logger = logging.getLogger("shoal.client")
 
 #: Backoff between attempts: from the first to the last, doubling.
 FIRST_DELAY_S = 0.05
-MAX_DELAY_S = 2.0
+MAX_DELAY_S = 0.5
 
 
 class Reconnector:

@@ -57,10 +57,13 @@ def run_trial(directory: Path, seed: int, fsync_interval: float) -> dict[str, fl
             assert final.result(timeout=RESULT_DEADLINE) == expected(WIDTH, DEPTH), cluster.logs()
             recovered = time.monotonic() - killed_at
             runs = count_runs(tally)
+            assert cluster.scheduler is not None
+            late = [line for line in cluster.scheduler.stderr if "not back after" in line]
             assert client._reconnector.reconnects == 1
             del futures, final
         return {"tasks": n_tasks, "ran_before_kill": ran_before,
-                "recomputed": runs - n_tasks, "seconds_after_kill": recovered}
+                "recomputed": runs - n_tasks, "seconds_after_kill": recovered,
+                "late": late[0].split("restart: ")[-1] if late else ""}
     finally:
         cluster.close()
 
