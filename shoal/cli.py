@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from . import config
 from .config_cli import ConfiguredCommand, config_group
 from .security.cli import (
     check_key_permissions,
@@ -67,17 +68,11 @@ async def _serve_until_signal(server: Any, started: str,
 
 
 def parse_resources(text: str) -> dict[str, float]:
-    """``"GPU=2,MEM=16e9"`` -> ``{"GPU": 2.0, "MEM": 16e9}``; a bad item is a usage error."""
-    out: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, amount = item.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            out[name.strip()] = float(amount)
-        except ValueError:
-            raise click.BadParameter(f"{item!r} is not NAME=AMOUNT", param_hint="--resources") from None
-    return out
+    """`config.parse_resources`, a bad item being a usage error of ``--resources``."""
+    try:
+        return config.parse_resources(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resources") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

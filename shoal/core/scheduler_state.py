@@ -294,17 +294,7 @@ class SchedulerState:
                 self._report_to_client(ts, ev.client)
             elif holders:
                 # The key names its value: a pending computation of it is no longer needed.
-                running_on = ts.processing_on
-                if running_on is not None:
-                    self._unassign(ts)
-                    if running_on not in holders:
-                        self._free(running_on, ts.key)
-                self.unrunnable.discard(ts)
-                ts.waiting_on = EMPTY
-                ts.nbytes = nbytes
-                for ws in holders:
-                    self._add_replica(ts, ws)
-                self._to_memory(ts)  # reports to every client that wants it
+                self._accept_held(ts, holders, nbytes)  # reports to every client that wants it
             elif ts.state == "erred":
                 self._report_to_client(ts, ev.client)
             else:
@@ -333,7 +323,7 @@ class SchedulerState:
         # Dependents first: a result kept makes its inputs unneeded, rather than sent to run.
         for ts, nbytes in sorted(held, key=lambda pair: pair[0].priority, reverse=True):
             if ts.state in _NEEDS_INPUTS:
-                self._accept_held(ts, ws, nbytes)
+                self._accept_held(ts, [ws], nbytes)
             elif ts.state == "memory":
                 self._add_replica(ts, ws)
             else:
@@ -344,18 +334,20 @@ class SchedulerState:
                 self._try_schedule(ts)
         self._freed.add(ws)  # a new worker has room: give it queued work
 
-    def _accept_held(self, ts: TaskState, ws: WorkerRecord, nbytes: int) -> None:
-        """After a restart, ``ws`` came back holding ``ts``'s result: keep it (the key names
-        its value), rather than compute it again."""
+    def _accept_held(self, ts: TaskState, holders: list[WorkerRecord], nbytes: int) -> None:
+        """``holders`` hold ``ts``'s value (scattered under its key, or brought back by
+        workers after a restart): keep it (the key names its value) rather than compute it;
+        a pending computation of it is no longer needed."""
         running_on = ts.processing_on
         if running_on is not None:
             self._unassign(ts)
-            if running_on is not ws:
+            if running_on not in holders:
                 self._free(running_on, ts.key)
         self.unrunnable.discard(ts)
         ts.waiting_on = EMPTY
         ts.nbytes = nbytes
-        self._add_replica(ts, ws)
+        for ws in holders:
+            self._add_replica(ts, ws)
         self._to_memory(ts)
 
     def _handle_worker_left(self, ev: WorkerLeft) -> None:
