@@ -204,6 +204,9 @@ class Worker:
         self._peers: PeerPool | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = asyncio.Event()
+        #: the one run of `_close`: every `close` call waits on it, and cancelling a caller
+        #: (a timed-out start, say) does not stop it half-way
+        self._close_task: asyncio.Future[None] | None = None
         self._closing = False
         self.status = "created"
 
@@ -325,9 +328,14 @@ class Worker:
         await self._closed.wait()
 
     async def close(self, reason: str = "closed") -> None:
-        if self._closing:
-            await self._closed.wait()
-            return
+        if self._close_task is None:
+            self._closing = True  # at once, as before: loops and handlers stop now
+            self._close_task = asyncio.ensure_future(self._close(reason))
+        # Shielded: a caller cancelled half-way used to leave the worker half-closed (its
+        # listener open) and every later close waiting forever for it to finish.
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, reason: str) -> None:
         self._closing = True
         self.status = "closing"
         logger.info("worker %s closing: %s", self.address, reason)
