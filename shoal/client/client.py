@@ -70,7 +70,10 @@ __all__ = ["Client", "as_completed", "default_client", "wait"]
 
 logger = logging.getLogger("shoal.client")
 
-_default: weakref.ReferenceType[Client] | None = None
+#: clients made defaults, oldest first: the default is the newest still running, so closing
+#: one falls back to the one before it (as dask's default client does), not to none at all
+_defaults: list[weakref.ReferenceType[Client]] = []
+_defaults_lock = threading.Lock()
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
@@ -111,7 +114,12 @@ def default_client() -> Client:
     """The most recent open client in this process; inside a task, its worker's client."""
     from ..worker.context import task_client
 
-    client = task_client() or (_default() if _default is not None else None)
+    client = task_client()
+    if client is None:
+        with _defaults_lock:
+            running = [c for c in (ref() for ref in _defaults)
+                       if c is not None and c.status == "running"]  # fmt: skip
+        client = running[-1] if running else None
     if client is None or client.status != "running":
         raise ValueError("no shoal client is running: create one with shoal.Client()")
     return client
@@ -250,8 +258,8 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
             except (FutureLostError, RuntimeError, asyncio.TimeoutError):
                 self._dashboard_link = ""
         if self._set_as_default:
-            global _default
-            _default = weakref.ref(self)
+            with _defaults_lock:
+                _defaults.append(weakref.ref(self))
 
     def close(self, timeout: float | None = None) -> Any:
         """Close the connection, and the local cluster if this client started it."""
@@ -292,9 +300,8 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         if self.cluster is not None and self._address is None:
             await self.cluster._close()
         self._fail_pending("lost", "the client was closed")
-        global _default
-        if _default is not None and _default() is self:
-            _default = None
+        with _defaults_lock:
+            _defaults[:] = [ref for ref in _defaults if ref() not in (None, self)]
 
     def __enter__(self) -> Client:
         return self

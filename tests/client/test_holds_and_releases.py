@@ -131,16 +131,30 @@ def test_an_actor_handle_in_a_result_belongs_to_the_client_that_fetched_it(clien
     assert counter.incr().result(timeout=10) == 1
 
 
+def test_closing_a_newer_client_makes_the_older_one_the_default_again(
+    client: shoal.Client,
+) -> None:
+    # given a newer client, the process's default while it is open
+    newer = shoal.Client(client.scheduler_address)
+    assert shoal.get_client() is newer
+    # when it closes (a job that opened its own client, say), the older one is the default
+    # again: it used to leave no default at all, and get_client() failed in other threads
+    newer.close()
+    assert shoal.get_client() is client
+
+
 def _get_in(other: shoal.Client, name: str) -> shoal.Future:
     """Unpickle a queued future with ``other`` as the default client."""
     from shoal.client import client as client_module
 
-    previous = client_module._default
-    client_module._default = weakref.ref(other)
+    ref = weakref.ref(other)
+    with client_module._defaults_lock:
+        client_module._defaults.append(ref)  # the newest default
     try:
         [arrived] = shoal.Queue(name, client=other).get(timeout=10)
     finally:
-        client_module._default = previous
+        with client_module._defaults_lock:
+            client_module._defaults.remove(ref)
     assert arrived.client is other
     return arrived
 
