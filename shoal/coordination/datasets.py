@@ -47,7 +47,7 @@ class DatasetsMixin:
         futures, scattered = _split(datasets)
         if scattered:
             futures.update(zip(scattered, client.scatter([datasets[n] for n in scattered])))
-        client._sync(_publish(client, futures, scattered, override))
+        client._sync(_publish(client, futures, scattered, override, _inner(datasets, scattered)))
         return None
 
     def get_dataset(self, name: str, default: Any = NO_DEFAULT) -> Any:
@@ -85,11 +85,27 @@ def _split(datasets: dict[str, Any]) -> tuple[dict[str, Future], list[str]]:
     return futures, [n for n in datasets if n not in futures]
 
 
+def _inner(datasets: dict[str, Any], scattered: list[str]) -> dict[str, list[str]]:
+    """The keys of the futures inside each plain object (``publish_dataset(x=[f1, f2])``):
+    the dataset must hold them too, or they go once the publisher lets its futures go."""
+    from ..client.data import _collect_futures
+
+    inner: dict[str, list[str]] = {}
+    for name in scattered:
+        found: list[Future] = []
+        _collect_futures(datasets[name], found)
+        if found:
+            inner[name] = sorted({f.key for f in found})
+    return inner
+
+
 async def _publish(client: Client, futures: dict[str, Future], scattered: list[str],
-                   override: bool) -> None:  # fmt: skip
-    # The futures are alive until the scheduler has answered, so their keys are still held
-    # by this client when the scheduler starts holding them for the datasets.
-    msg = DatasetPublish(next_rid(), {n: f.key for n, f in futures.items()}, scattered, override)
+                   override: bool, inner: dict[str, list[str]]) -> None:  # fmt: skip
+    # The futures (and the objects holding inner ones) are alive until the scheduler has
+    # answered, so their keys are still held by this client when the scheduler starts
+    # holding them for the datasets.
+    msg = DatasetPublish(next_rid(), {n: f.key for n, f in futures.items()}, scattered, override,
+                         inner)  # fmt: skip
     await request(client, msg)
 
 
@@ -98,7 +114,7 @@ async def _publish_async(client: Client, datasets: dict[str, Any], override: boo
     if scattered:
         placed = await client.scatter([datasets[n] for n in scattered])
         futures.update(zip(scattered, placed))
-    await _publish(client, futures, scattered, override)
+    await _publish(client, futures, scattered, override, _inner(datasets, scattered))
 
 
 async def _get_async(client: Client, name: str, default: Any) -> Any:

@@ -260,7 +260,8 @@ class DatasetExtension(_Base):
 
     def _handle(self, client: str, msg: Msg, send: BatchedSend) -> None:
         if isinstance(msg, DatasetPublish):
-            error, effects = self.state.publish(msg.datasets, msg.scattered, msg.override)
+            error, effects = self.state.publish(msg.datasets, msg.scattered, msg.override,
+                                                 msg.inner)
             self._apply(effects)
             send.send(Reply(msg.rid, None, error))
         elif isinstance(msg, DatasetGet):

@@ -453,6 +453,8 @@ class Dataset:
     key: str
     #: the client published a plain object (scattered it): readers get the value back
     scattered: bool
+    #: keys of the futures inside that object: held with it, or they would be lost
+    inner: tuple[str, ...] = ()
 
 
 class DatasetState:
@@ -461,9 +463,10 @@ class DatasetState:
     def __init__(self) -> None:
         self.datasets: dict[str, Dataset] = {}
 
-    def publish(self, datasets: dict[str, str], scattered: list[str],
-                override: bool) -> tuple[str | None, list[Effect]]:  # fmt: skip
-        """Publish all of ``datasets`` (name -> key), or none; returns (error, effects)."""
+    def publish(self, datasets: dict[str, str], scattered: list[str], override: bool,
+                inner: dict[str, list[str]] | None = None) -> tuple[str | None, list[Effect]]:
+        """Publish all of ``datasets`` (name -> key), or none; returns (error, effects).
+        ``inner`` names the keys of futures inside a scattered object, held with it."""
         if not override:
             taken = sorted(n for n in datasets if n in self.datasets)
             if taken:
@@ -471,11 +474,15 @@ class DatasetState:
                 return f"KeyError: dataset {names} already published (use override=True)", []
         out: list[Effect] = []
         for name, key in datasets.items():
-            out.append(HoldKey(dataset_holder(name), key))
+            holder = dataset_holder(name)
+            keys = tuple((inner or {}).get(name, ()))
+            # New holds before the old ones go: a key in both must never drop to no holder.
+            out.append(HoldKey(holder, key))
+            out.extend(HoldKey(holder, k) for k in keys)
             old = self.datasets.get(name)
             if old is not None:
-                out.append(DropKey(dataset_holder(name), old.key))
-            self.datasets[name] = Dataset(key, name in scattered)
+                out.extend(_drops(name, old))
+            self.datasets[name] = Dataset(key, name in scattered, keys)
         return None, out
 
     def get(self, client: str, name: str) -> tuple[Dataset | None, list[Effect]]:
@@ -491,4 +498,9 @@ class DatasetState:
         dataset = self.datasets.pop(name, None)
         if dataset is None:
             return False, []
-        return True, [DropKey(dataset_holder(name), dataset.key)]
+        return True, _drops(name, dataset)
+
+
+def _drops(name: str, dataset: Dataset) -> list[Effect]:
+    holder = dataset_holder(name)
+    return [DropKey(holder, dataset.key), *(DropKey(holder, k) for k in dataset.inner)]

@@ -661,6 +661,8 @@ class DatasetPublish(Msg, tag="dataset-publish"):
     datasets: dict[str, str]
     scattered: list[str] = []
     override: bool = False
+    #: name -> keys of the futures inside a scattered object, held as long as the dataset
+    inner: dict[str, list[str]] = {}
 
 
 class DatasetGet(Msg, tag="dataset-get"):

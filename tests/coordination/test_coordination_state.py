@@ -227,6 +227,22 @@ def test_datasets_publish_get_unpublish() -> None:
     assert d.unpublish("x") == (False, [])
 
 
+def test_dataset_holds_the_futures_inside_a_published_object() -> None:
+    # given an object holding futures f1, f2 published under "z"
+    d = DatasetState()
+    _, effects = d.publish({"z": "obj1"}, ["z"], override=False, inner={"z": ["f1", "f2"]})
+    assert effects == [HoldKey("dataset:z", "obj1"), HoldKey("dataset:z", "f1"),
+                       HoldKey("dataset:z", "f2")]  # fmt: skip
+    # when it is replaced by one holding f2 and f3, then f2 is held before its old hold goes
+    _, effects = d.publish({"z": "obj2"}, ["z"], override=True, inner={"z": ["f2", "f3"]})
+    assert effects == [HoldKey("dataset:z", "obj2"), HoldKey("dataset:z", "f2"),
+                       HoldKey("dataset:z", "f3"), DropKey("dataset:z", "obj1"),
+                       DropKey("dataset:z", "f1"), DropKey("dataset:z", "f2")]  # fmt: skip
+    # and unpublishing drops every hold it has
+    assert d.unpublish("z") == (True, [DropKey("dataset:z", "obj2"), DropKey("dataset:z", "f2"),
+                                       DropKey("dataset:z", "f3")])  # fmt: skip
+
+
 # ------------------------------------------------------------ layer rule
 
 

@@ -97,6 +97,30 @@ def test_datasets_outlive_the_client_that_published_them(
     assert client.list_datasets() == ["table"]
 
 
+def test_futures_inside_a_published_object_outlive_the_publisher(
+    client: shoal.Client, connect: Callable[[], shoal.Client], datasets: DatasetExtension
+) -> None:
+    # given a client that publishes a list of futures, then lets them go and closes
+    publisher = connect()
+    futures = [publisher.submit(inc, i, key=f"inner-{i}") for i in range(3)]
+    publisher.publish_dataset(parts=futures)
+    del futures
+    gc.collect()
+    publisher.close()
+    state = client.cluster.scheduler.state
+    wait_until(lambda: all(state.tasks[f"inner-{i}"].who_wants.keys() == {"dataset:parts"}
+                           for i in range(3)), message="only the dataset holds the keys")  # fmt: skip
+    # when another client reads the dataset, then the futures inside still have their values
+    parts = client.get_dataset("parts")
+    assert [f.result(timeout=10) for f in parts] == [1, 2, 3]
+    # when it is unpublished and nobody holds them, then the keys go
+    del parts
+    gc.collect()
+    client.unpublish_dataset("parts")
+    wait_until(lambda: not any(f"inner-{i}" in state.tasks for i in range(3)),
+               message="the inner keys are released")  # fmt: skip
+
+
 def test_missing_and_taken_dataset_names(client: shoal.Client) -> None:
     with pytest.raises(KeyError, match="'nope'"):
         client.get_dataset("nope")
