@@ -552,8 +552,12 @@ class WorkerState:
             budget = self.transfer_limit - self.bytes_in_flight()
             if budget <= 0 and self.in_flight:
                 return
+        # Each key goes to the free holder given the fewest bytes so far this round, largest
+        # keys first (so the bytes come out even), so keys whose replicas are spread over
+        # several workers are fetched from all of them at once.
         by_peer: dict[str, list[WorkerTask]] = {}
-        for ts in list(self.fetch_candidates):
+        assigned: dict[str, int] = {}
+        for ts in sorted(self.fetch_candidates, key=lambda t: -t.nbytes):
             if ts.state != "fetch" or self.tasks.get(ts.key) is not ts:
                 self.fetch_candidates.discard(ts)
                 continue
@@ -563,7 +567,9 @@ class WorkerState:
                 continue
             free = [p for p in ts.who_has if p not in self.in_flight]
             if free:
-                by_peer.setdefault(free[0], []).append(ts)
+                peer = min(free, key=lambda p: assigned.get(p, 0))  # ties: the first listed
+                assigned[peer] = assigned.get(peer, 0) + ts.nbytes
+                by_peer.setdefault(peer, []).append(ts)
         for peer, wanted in by_peer.items():
             if len(self.in_flight) >= MAX_CONCURRENT_GATHERS:
                 break

@@ -289,6 +289,40 @@ def test_gathers_are_split_into_batches_of_bounded_size() -> None:
     assert executes(out) == ["x"]
 
 
+def test_keys_replicated_on_three_workers_are_fetched_from_all_three_at_once() -> None:
+    # given: nine inputs, each held by the same three peers
+    ws = make_worker("w1")
+    holders = ["p1", "p2", "p3"]
+    deps = {f"a{i}": holders for i in range(9)}
+
+    # when
+    out = ws.handle([compute_task("x", deps, nbytes={k: 1000 for k in deps})], now=0.0)
+
+    # then: one gather per peer, all three in flight together, three keys each
+    gathers = messages(out, GatherDep)
+    assert sorted(g.peer for g in gathers) == holders
+    assert sorted(len(g.keys) for g in gathers) == [3, 3, 3]
+    assert sorted(k for g in gathers for k in g.keys) == sorted(deps)
+    assert set(ws.in_flight) == set(holders)
+
+    out = ws.handle([gather_done(g.peer, {k: 1000 for k in g.keys}) for g in gathers], now=1.0)
+    assert executes(out) == ["x"]
+
+
+def test_spread_fetches_balance_bytes_not_key_counts() -> None:
+    # given: one big input and three small ones, all on p1 and p2
+    ws = make_worker("w1")
+    sizes = {"big": 3000, "s1": 1000, "s2": 1000, "s3": 1000}
+
+    # when
+    out = ws.handle([compute_task("x", {k: ["p1", "p2"] for k in sizes}, nbytes=sizes)], now=0.0)
+
+    # then: each peer carries 3000 bytes, whatever the order the keys were considered in
+    gathers = messages(out, GatherDep)
+    assert sorted(g.peer for g in gathers) == ["p1", "p2"]
+    assert sorted(g.total_nbytes for g in gathers) == [3000, 3000]
+
+
 def test_missing_data_with_another_holder_retries_it_and_tells_the_scheduler() -> None:
     # given: a is on p1 and p2; we asked p1
     ws = make_worker("w1")
@@ -306,9 +340,10 @@ def test_missing_data_with_another_holder_retries_it_and_tells_the_scheduler() -
 
 
 def test_gather_failed_reports_missing_data() -> None:
-    # given: a and b on p1 only, c on p1 and p2
+    # given: a and b on p1 only, c on p1 and p2 (and larger, so it is placed first: on p1)
     ws = make_worker("w1")
-    ws.handle([compute_task("x", {"a": ["p1"], "b": ["p1"], "c": ["p1", "p2"]})], now=0.0)
+    ws.handle([compute_task("x", {"a": ["p1"], "b": ["p1"], "c": ["p1", "p2"]},
+                            nbytes={"a": 8, "b": 8, "c": 16})], now=0.0)  # fmt: skip
     assert ws.in_flight.keys() == {"p1"}
 
     # when p1 cannot be reached
@@ -318,7 +353,7 @@ def test_gather_failed_reports_missing_data() -> None:
     # then: every key is reported missing on p1; c is asked from p2; a, b wait for news
     assert sorted(m.key for m in messages(out, MissingData)) == ["a", "b", "c"]
     assert {m.holder for m in messages(out, MissingData)} == {"p1"}
-    assert messages(out, GatherDep) == [GatherDep("p2", ["c"], 8)]
+    assert messages(out, GatherDep) == [GatherDep("p2", ["c"], 16)]
     assert state_of(ws, "a") == "fetch" and state_of(ws, "b") == "fetch"
 
     # when the scheduler says where a and b are now
