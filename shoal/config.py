@@ -190,6 +190,9 @@ class CommSettings:
     max_frame_bytes: int | None = setting(
         None, "Largest frame after the handshake, in bytes (none: 8 GiB); read by the"
         " protocol layer itself.", aliases=("SHOAL_MAX_FRAME_BYTES",), minimum=1)
+    shared_memory: bool = setting(
+        True, "Between processes of one host, send values with 1 MiB or more of buffers"
+        " through shared memory instead of the socket (docs/shared-memory.md).")
 
 
 @dataclass(frozen=True)

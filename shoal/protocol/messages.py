@@ -456,17 +456,39 @@ class Heartbeat(Msg, tag="heartbeat"):
 # ------------------------------------------------- anyone <-> worker (data plane)
 
 
+class SharedRef(msgspec.Struct, array_like=True, gc=False):
+    """A value whose out-of-band buffers sit in a shared-memory segment on the sender's host
+    (`shoal.comm.shm`): its pickle stream, and where each buffer lies in the segment."""
+
+    #: frame 0 of the value's `Serialized` (the pickle stream, small)
+    header: bytes
+    #: the segment's id at the holder's endpoint, and the secret that gets its fd
+    segment: int
+    token: bytes
+    #: (offset, length) of each out-of-band buffer, in frame order
+    offsets: list[int]
+    lengths: list[int]
+    #: bytes of the value as sent (header and buffers)
+    nbytes: int
+
+
 class GetData(Msg, tag="get-data"):
     """Ask a worker for data; answered with a `DataReply`."""
 
     rid: int
     keys: list[str]
+    #: the requester's `shoal.comm.shm.host_id` when it takes shared memory ("" if not)
+    host: str = ""
 
 
 class DataReply(Msg, tag="data"):
     rid: int
     data: dict[str, Serialized]
     missing: list[str] = []
+    #: values handed through shared memory (same host only), to pull from ``endpoint``
+    shared: dict[str, SharedRef] = {}
+    #: the answering worker's shared-memory endpoint when it shares the requester's host
+    endpoint: str = ""
 
 
 class UpdateData(Msg, tag="update-data"):
@@ -474,6 +496,8 @@ class UpdateData(Msg, tag="update-data"):
 
     rid: int
     data: dict[str, Serialized]
+    #: values whose segments the client pushed to the worker's endpoint (by token)
+    shared: dict[str, SharedRef] = {}
 
 
 class RunFunction(Msg, tag="run-function"):
