@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_core.py            # full run; writes bench/RESULTS.md
     .venv/bin/python bench/bench_core.py --quick    # small sizes, ~20 s smoke test, no write
+    .venv/bin/python bench/bench_core.py --only dataplane   # rows d, g, h, n only, no write
 
 Every system runs in its own fresh Python process (the driver, the client and the
 scheduler share that process in both shoal's and dask's LocalCluster), one after the
@@ -34,12 +35,16 @@ MIB = 2**20
 
 SIZES = {
     "full": dict(a_tasks=10_000, a_reps=3, a_warm=1_000, b_leaves=8_192, b_reps=3, b_warm=512,
-                 c_calls=200, c_warm=20, d_bytes=100_000_000, d_reps=5, e_reps=3,
-                 child_timeout=3600.0),
+                 c_calls=200, c_warm=20, d_bytes=100_000_000, d_reps=7, e_reps=3,
+                 h_bytes=1_000_000_000, h_reps=3, child_timeout=3600.0),
     "quick": dict(a_tasks=1_000, a_reps=1, a_warm=100, b_leaves=512, b_reps=1, b_warm=32,
                   c_calls=30, c_warm=5, d_bytes=10_000_000, d_reps=2, e_reps=1,
-                  child_timeout=120.0),
+                  h_bytes=100_000_000, h_reps=1, child_timeout=180.0),
 }
+#: The data-plane rows, run alone with ``--only dataplane``.
+DATAPLANE_ROWS = "d,g,h,n"
+#: Set to "false" by the TCP rows: same-host transfers then go over TCP, not shared memory.
+SHM_ENV = "SHOAL_COMM__SHARED_MEMORY"
 
 SYSTEMS = {
     "shoal": "shoal",
@@ -74,6 +79,27 @@ METHOD = """\
   `x` on both workers and `z` on B only (i.e. the bytes did move); MB/s = 100 / time.
   Median of the repeats after one warm-up run. The time includes scheduling the consumer,
   the fetch, deserialising `x` on B, the (cheap) consumer and returning its small result.
+  shoal runs (d) on a cluster of its own started with `SHOAL_COMM__SHARED_MEMORY=false`, so
+  the bytes go over TCP on loopback. Before each timed run, one sample of the raw socket
+  floor is taken (interleaved): two fresh processes with plain blocking sockets, the sender
+  `sendall`s a ready 100 MB buffer, the receiver `recv_into`s a buffer it allocated once,
+  then answers one byte; timed by the sender from its first byte to the answer, after one
+  untimed warm-up transfer on the same connection. "shoal over TCP / raw socket floor" is
+  the median of shoal's runs over the median of the floor's.
+- (g) as (d), on shoal's main cluster with default settings: same-host transfers go through
+  shared memory.
+- (h) a 1 GB float64 array `x` is made by a task on worker A (default settings); then
+  `nbytes_of(x)` (`x.nbytes` and the sum of every millionth element: transfer-dominated) is
+  submitted to run on B, and timed from that `submit` to its `result()`: scheduling, the
+  fetch of `x` to B, deserialising it and returning a small tuple. GB/s = 1 / that time,
+  median of the repeats after one warm-up; `who_has(x)` must show A and B afterwards. dask
+  runs it too (over TCP), for information.
+- (n) as (d) between Linux network namespaces: three "hosts" joined by veth pairs through a
+  bridge (`shoal.testing.netns.VirtualNetwork`, kernel backend, no added delay or loss,
+  MTU 1500): scheduler and the measuring client on host 0, worker A on host 1, worker B on
+  host 2, shared memory off (`shoal scheduler`/`shoal worker`, `dask scheduler`/`dask
+  worker` CLIs). The raw floor is measured from host 1 to host 2, interleaved with shoal's
+  runs. Skipped, saying why, without root or `ip`.
 - (e) start: from constructing the cluster + client to the first `submit(inc, 1).result()`;
   shutdown: from `close()` until it returned and every worker process had exited (polled
   with psutil). Median of the cycles after one warm-up cycle, each on a new cluster that
@@ -120,6 +146,10 @@ def consume(x: Any, z: Any) -> tuple[int, float]:
     return int(x.nbytes), float(x[:: 1 << 16].sum())
 
 
+def nbytes_of(x: Any) -> tuple[int, float]:
+    return int(x.nbytes), float(x[::1_000_000].sum())
+
+
 def where_am_i(_: Any = None) -> int:
     return os.getpid()
 
@@ -134,14 +164,22 @@ class TimeoutErr(Exception):
 class ShoalSystem:
     name = "shoal"
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "", env: dict[str, str] | None = None) -> None:
         import shoal
 
         self.shoal = shoal
         self.client: Any = None
+        self.address = address  #: a running scheduler's, else a LocalCluster of our own
+        self.env = env or {}  #: set while the cluster starts (its workers inherit it)
 
     def start(self) -> None:
-        self.client = self.shoal.Client(n_workers=2, threads_per_worker=1)
+        from dataplane import env
+
+        with env(**self.env):
+            if self.address:
+                self.client = self.shoal.Client(self.address, timeout=30)
+            else:
+                self.client = self.shoal.Client(n_workers=2, threads_per_worker=1)
 
     def close(self) -> None:
         self.client.close()
@@ -172,6 +210,8 @@ class ShoalSystem:
         return {k: sorted(v) for k, v in self.client.who_has(fs).items()}
 
     def n_scheduler_tasks(self) -> int:
+        if self.address:  # a remote scheduler: not inspected
+            return 0
         return len(self.client.cluster.scheduler.state.tasks)
 
     def prepare_d(self, a: str, b: str) -> None:
@@ -206,9 +246,15 @@ class ShoalSystem:
                                       allow_other_workers=False)
         return self.client.submit(consume, x, z, pure=False)
 
+    def on(self, worker: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self._restrict:
+            raise RuntimeError("this shoal has no submit(workers=...)")
+        return self.client.submit(fn, *args, pure=False, workers=[worker],
+                                  allow_other_workers=False)
+
 
 class DaskSystem:
-    def __init__(self, queuing: bool) -> None:
+    def __init__(self, queuing: bool, address: str = "") -> None:
         import dask
         import distributed
 
@@ -218,16 +264,22 @@ class DaskSystem:
             dask.config.set({"distributed.scheduler.worker-saturation": float("inf")})
         self.cluster: Any = None
         self.client: Any = None
+        self.address = address
 
     def start(self) -> None:
         d = self.distributed
+        if self.address:
+            self.client = d.Client(self.address, timeout=30)
+            self.client.wait_for_workers(2, timeout=60)
+            return
         self.cluster = d.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                       dashboard_address=None)
         self.client = d.Client(self.cluster)
 
     def close(self) -> None:
         self.client.close()
-        self.cluster.close()
+        if self.cluster is not None:
+            self.cluster.close()
         self.client = self.cluster = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -256,6 +308,8 @@ class DaskSystem:
         return {k: sorted(v) for k, v in self.client.who_has(fs).items()}
 
     def n_scheduler_tasks(self) -> int:
+        if self.cluster is None:
+            return 0
         return len(self.cluster.scheduler.tasks)
 
     def prepare_d(self, a: str, b: str) -> None:
@@ -270,6 +324,10 @@ class DaskSystem:
 
     def consumer(self, x: Any, z: Any, b: str) -> Any:
         return self.client.submit(consume, x, z, pure=False, workers=[b],
+                                  allow_other_workers=False)
+
+    def on(self, worker: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.submit(fn, *args, pure=False, workers=[worker],
                                   allow_other_workers=False)
 
 
@@ -529,7 +587,12 @@ def measure_b(sys_: Any, rec: Recorder, leaves: int, reps: int, warm: int) -> No
     rec.put("b", value=_median(rates), unit="tasks/s", samples=rates, tasks=2 * leaves - 1)
 
 
-def measure_d(sys_: Any, rec: Recorder, nbytes: int, reps: int) -> None:
+def measure_d(sys_: Any, rec: Recorder, nbytes: int, reps: int, row: str = "d",
+              floor: Callable[[], float] | None = None) -> None:
+    """Row (d) (and (g), (n)); with ``floor`` (one raw-socket sample, in seconds), a floor
+    sample is taken before each timed run, interleaved, and rows ``<row>_floor`` and
+    ``<row>_pct`` (median over median of the floor) are recorded too."""
+    floors: list[float] = []
     pids = sys_.worker_pids()
     a, b = sorted(pids)
     sys_.prepare_d(a, b)
@@ -545,6 +608,8 @@ def measure_d(sys_: Any, rec: Recorder, nbytes: int, reps: int) -> None:
             del x, z
             _settle(sys_, base=base)
             continue
+        if floor is not None and i > 0:
+            floors.append(nbytes / MB / floor())
         t0 = time.perf_counter()
         c = sys_.consumer(x, z, b)
         got = sys_.result(c, 300)
@@ -562,21 +627,76 @@ def measure_d(sys_: Any, rec: Recorder, nbytes: int, reps: int) -> None:
         _settle(sys_, base=base)
     if not rates:
         raise RuntimeError("no valid transfer run: " + "; ".join(notes))
-    rec.put("d", value=_median(rates), unit="MB/s", samples=rates, discarded=discarded,
+    rec.put(row, value=_median(rates), unit="MB/s", samples=rates, discarded=discarded,
             notes=notes, nbytes=nbytes, times=times)
+    if floors:
+        rec.put(f"{row}_floor", value=_median(floors), unit="MB/s", samples=floors)
+        rec.put(f"{row}_pct", value=100 * _median(rates) / _median(floors), unit="%")
+
+
+def measure_h(sys_: Any, rec: Recorder, nbytes: int, reps: int) -> None:
+    """Row (h): ``x`` made by a task on A; timed from submitting ``nbytes_of(x)`` on B to its
+    result (the fetch of ``x`` to B and a cheap task)."""
+    a, b = sorted(sys_.worker_pids())
+    sys_.prepare_d(a, b)
+    base = sys_.n_scheduler_tasks()
+    rates, times = [], []
+    for i in range(reps + 1):
+        x = sys_.on(a, make_array, nbytes, None)
+        sys_.wait([x], 300)
+        t0 = time.perf_counter()
+        got = sys_.result(sys_.on(b, nbytes_of, x), 300)
+        dt = time.perf_counter() - t0
+        assert got[0] == (nbytes // 8) * 8, got
+        where = sys_.who_has([x]).get(x.key, [])
+        if sorted(where) != sorted([a, b]):
+            raise RuntimeError(f"x is on {where} after the consumer ran; expected on A and B")
+        times.append(round(dt, 4))
+        if i > 0:
+            rates.append(nbytes / 1e9 / dt)
+        del x
+        _settle(sys_, base=base)
+    rec.put("h", value=_median(rates), unit="GB/s", samples=rates, nbytes=nbytes, times=times)
+
+
+def measure_d_tcp(rec: Recorder, nbytes: int, reps: int) -> None:
+    """Row (d) for shoal: on a cluster of its own with shared memory off (TCP between the
+    workers), interleaved with samples of the raw socket floor."""
+    from dataplane import floor_times
+
+    tcp = ShoalSystem(env={SHM_ENV: "false"})
+    tcp.start()
+    try:
+        tcp.result(tcp.submit(inc, 1), 60)
+        measure_d(tcp, rec, nbytes, reps, floor=lambda: floor_times(nbytes, 1)[0])
+    finally:
+        tcp.close()
+
+
+def netns_floor(nbytes: int, floor_ns: str) -> Callable[[], float]:
+    """One raw floor sample from host A's namespace to host B's (``NS_A,ADDR_A,NS_B,ADDR_B``)."""
+    from dataplane import floor_times
+
+    ns_a, _, ns_b, addr_b = floor_ns.split(",")
+    return lambda: floor_times(nbytes, 1, recv_host=addr_b,
+                               recv_prefix=["ip", "netns", "exec", ns_b],
+                               send_prefix=["ip", "netns", "exec", ns_a])[0]
 
 
 ONLY: set[str] = set()
 
 
-def child_main(system: str, out: str, quick: bool) -> int:
+def child_main(system: str, out: str, quick: bool, scheduler: str = "",
+               floor_ns: str = "") -> int:
+    """Measure one system; with ``scheduler``, only row (n), against that scheduler (and its
+    two workers) on other network namespaces."""
     cfg = SIZES["quick" if quick else "full"]
     rec = Recorder(out)
     sys_: Any
     if system == "shoal":
-        sys_ = ShoalSystem()
+        sys_ = ShoalSystem(scheduler)
     elif system == "dask":
-        sys_ = DaskSystem(queuing=True)
+        sys_ = DaskSystem(queuing=True, address=scheduler)
     elif system == "dask-noqueue":
         sys_ = DaskSystem(queuing=False)
     elif system == "ray":
@@ -603,6 +723,20 @@ def child_main(system: str, out: str, quick: bool) -> int:
             other = (_busy_cpu_seconds() - busy0) - (_tree_cpu_seconds() - ours0)
             rec.put("_load", rows=rec.emitted[first:], quiet=quiet,
                     others_pct=max(0.0, 100 * other / (max(wall, 1e-3) * (os.cpu_count() or 1))))
+
+    if scheduler:
+        try:
+            sys_.start()
+        except BaseException as exc:
+            rec.put("n", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            return 1
+        try:
+            floor = netns_floor(cfg["d_bytes"], floor_ns) if system == "shoal" else None
+            guarded("n", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"], row="n",
+                                           floor=floor))
+        finally:
+            sys_.close()
+        return 0
 
     if (not quick and (not ONLY or "e" in ONLY)
             and not guarded("e_start", lambda: measure_e(sys_, rec, cfg["e_reps"]))):
@@ -644,8 +778,14 @@ def child_main(system: str, out: str, quick: bool) -> int:
             steps.append(("f_sched_after_a", f_after_a))
         steps.append(("b", lambda: measure_b(sys_, rec, cfg["b_leaves"], cfg["b_reps"],
                                              cfg["b_warm"])))
+        if system == "shoal":
+            steps.append(("d", lambda: measure_d_tcp(rec, cfg["d_bytes"], cfg["d_reps"])))
+            steps.append(("g", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"],
+                                                 row="g")))
         if system != "ray":
-            steps.append(("d", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"])))
+            if system != "shoal":
+                steps.append(("d", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"])))
+            steps.append(("h", lambda: measure_h(sys_, rec, cfg["h_bytes"], cfg["h_reps"])))
         for name, fn in steps:
             if ONLY and name[0] not in ONLY:
                 continue
@@ -684,7 +824,14 @@ ROWS = [
     ("a", "(a) 10,000 no-op tasks, map+gather", "tasks/s", "hi", 2.0, ">= 2x"),
     ("b", "(b) tree reduction, 16,383 tasks", "tasks/s", "hi", 2.0, ">= 2x"),
     ("c", "(c) submit+result latency, idle", "ms", "lo", 0.1, "<= 0.1x"),
-    ("d", "(d) 100 MB array worker A -> B", "MB/s", "hi", 2.0, ">= 2x"),
+    ("d", "(d) 100 MB array worker A -> B over TCP", "MB/s", "hi", 2.0, ">= 2x"),
+    ("d_floor", "(d) raw socket floor, 100 MB, loopback", "MB/s", "hi", None, "information"),
+    ("d_pct", "(d) shoal over TCP / raw socket floor", "%", "hi", None, ">= 50%"),
+    ("g", "(g) 100 MB worker A -> B, shared memory", "MB/s", "hi", None, ">= 4,962 (2x 2,481)"),
+    ("h", "(h) 1 GB worker A -> B, shared memory", "GB/s", "hi", None, ">= 5 (aim 10)"),
+    ("n", "(n) 100 MB A -> B, network namespaces (veth)", "MB/s", "hi", 2.0, ">= 2x"),
+    ("n_floor", "(n) raw socket floor, namespaces", "MB/s", "hi", None, "information"),
+    ("n_pct", "(n) shoal over TCP / raw socket floor", "%", "hi", None, ">= 50%"),
     ("e_start_cold", "(e) start to first result, 1st in process", "s", "lo", 0.5, "<= 0.5x"),
     ("e_start", "(e) start to first result, later starts", "s", "lo", 0.5, "<= 0.5x"),
     ("e_stop", "(e) shutdown", "s", "lo", 0.5, "<= 0.5x"),
@@ -697,9 +844,17 @@ ROWS = [
 ]
 
 
+#: Rows whose target is an absolute figure of shoal's (the others compare with dask).
+ABSOLUTE = {"d_pct": 50.0, "n_pct": 50.0, "g": 2 * 2481.0, "h": 5.0}
+
+
 def _fmt(v: float | None, unit: str) -> str:
     if v is None:
         return "—"
+    if unit == "GB/s":
+        return f"{v:.2f}"
+    if unit == "%":
+        return f"{v:.0f}%"
     if unit == "tasks/s" or unit == "MB/s":
         return f"{v:,.0f}"
     if unit == "ms":
@@ -717,8 +872,10 @@ def build_table(results: dict[str, dict[str, Any]], quick: bool) -> tuple[list[s
     for key, label, unit, better, target, ttext in ROWS:
         if ONLY and not any(key in results[s] for s in systems):
             continue
-        if quick and key == "d":
+        if quick and key[0] in "dgn":
             label = label.replace("100 MB", f"{SIZES['quick']['d_bytes'] / MB:.0f} MB")
+        if quick and key == "h":
+            label = label.replace("1 GB", f"{SIZES['quick']['h_bytes'] / MB:.0f} MB")
         if quick and key == "a":
             label = label.replace("10,000", f"{SIZES['quick']['a_tasks']:,}")
         if quick and key == "b":
@@ -727,7 +884,16 @@ def build_table(results: dict[str, dict[str, Any]], quick: bool) -> tuple[list[s
         dask_vals = [vals[s] for s in ("dask", "dask-noqueue") if vals.get(s) is not None]
         best = (max(dask_vals) if better == "hi" else min(dask_vals)) if dask_vals else None
         sv = vals.get("shoal")
-        if sv is None or best is None or best == 0:
+        if target is None:  # an absolute target of shoal's, or information only
+            ratio = f"{sv / best:.2f}x" if sv is not None and best else "—"
+            if key not in ABSOLUTE:
+                met = "information"
+            elif sv is None:
+                failed = results.get("shoal", {}).get(key, {}).get("error")
+                met = "NOT MET (shoal failed)" if failed else "no figure"
+            else:
+                met = "met" if sv >= ABSOLUTE[key] else "NOT MET"
+        elif sv is None or best is None or best == 0:
             ratio, met = "—", "no figure"
             if sv is None and results.get("shoal", {}).get(key, {}).get("error"):
                 met = "NOT MET (shoal failed)"
@@ -847,7 +1013,7 @@ def run_child(system: str, quick: bool, log_dir: Path) -> tuple[dict[str, Any], 
                 elif "error" in d:
                     print(f"    {d['row']}: ERROR {d['error']}", flush=True)
                 else:
-                    print(f"    {d['row']}: {_fmt(d['value'], d['unit'])} {d['unit']}", flush=True)
+                    print(f"    {d['row']}: {_fmt(d['value'], d['unit'])} {d['unit'].strip('%')}", flush=True)
             seen = len(lines)
             if rc is not None:
                 break
@@ -900,6 +1066,81 @@ def run_child(system: str, quick: bool, log_dir: Path) -> tuple[dict[str, Any], 
     return results, problems
 
 
+def run_netns(systems: list[str], quick: bool,
+              log_dir: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Row (n): for shoal and dask (default), three network namespaces joined by veth links
+    through a bridge (no added delay or loss): the scheduler and the measuring child on
+    host 0, worker A on host 1, worker B on host 2, shared memory off. The raw floor is
+    measured from host 1 to host 2, interleaved with shoal's runs."""
+    from dataplane import env, netns_unavailable
+
+    results: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    why = netns_unavailable()
+    if why:
+        print(f"--- (n) network namespaces: skipped: {why}", flush=True)
+        return results, problems
+    from shoal.testing.netns import VirtualNetwork
+
+    cfg = SIZES["quick" if quick else "full"]
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    for system in [s for s in systems if s in ("shoal", "dask")]:
+        print(f"--- {SYSTEMS[system]}, network namespaces", flush=True)
+        out = log_dir / f"{system}-netns.jsonl"
+        out.write_text("")
+        log = log_dir / f"{system}-netns.log"
+        wait_quiet(0 if quick else 900)
+        try:
+            with (env(**{SHM_ENV: "false"}), open(log, "wb") as logf,
+                  VirtualNetwork(3, delay=(0.0, 0.0), loss=0.0, backend="kernel") as net):
+                h0, h1, h2 = net.hosts
+                if system == "shoal":
+                    address = net.spawn_scheduler(0).address
+                    for h in (1, 2):
+                        net.spawn_worker(h, address)
+                else:
+                    address = f"tcp://{h0.address}:8786"
+                    net.popen(0, [dask_cli, "scheduler", "--host", h0.address, "--port", "8786",
+                                  "--no-dashboard"], stdout=logf, stderr=subprocess.STDOUT)
+                    for h in (h1, h2):
+                        net.popen(h.index, [dask_cli, "worker", address, "--host", h.address,
+                                            "--nthreads", "1", "--no-dashboard"],
+                                  stdout=logf, stderr=subprocess.STDOUT)
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system,
+                       "--out", str(out), "--scheduler", address,
+                       "--floor-ns", f"{h1.netns},{h1.address},{h2.netns},{h2.address}",
+                       *(["--quick"] if quick else [])]
+                proc = net.popen(0, cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO))
+                try:
+                    proc.wait(cfg["child_timeout"])
+                except subprocess.TimeoutExpired:
+                    problems.append(f"{system} (netns): timed out after "
+                                    f"{cfg['child_timeout']:.0f} s; killed")
+        except Exception as exc:  # noqa: BLE001 - reported with the others
+            problems.append(f"{system} (netns): {type(exc).__name__}: {exc}\n"
+                            + traceback.format_exc())
+        res: dict[str, Any] = {}
+        load: dict[str, Any] = {}
+        for ln in out.read_text().splitlines():
+            d = json.loads(ln)
+            if d["row"] == "_load":
+                load = d
+                continue
+            res[d["row"]] = d
+            if "error" in d:
+                problems.append(f"{system} (netns): {d['row']} failed: {d['error']}\n"
+                                + d.get("traceback", ""))
+            else:
+                print(f"    {d['row']}: {_fmt(d['value'], d['unit'])} {d['unit'].strip('%')}", flush=True)
+        for d in res.values():
+            d["others_pct"], d["quiet"] = load.get("others_pct"), load.get("quiet", "")
+        if not res:
+            problems.append(f"{system} (netns): no result; last lines of its output:\n"
+                            + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+        results[system] = res
+    return results, problems
+
+
 def write_results(path: Path, text: str) -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     marker = "## Core benchmark"
@@ -927,10 +1168,18 @@ def parent_main(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         for s in systems:
+            if ONLY and ONLY <= {"n"}:  # row (n) runs on clusters of its own
+                break
             r, p = run_child(s, args.quick, Path(tmp))
             results[s] = r
             problems += p
             time.sleep(1.0)  # let the machine quiet down between systems
+        if not ONLY or "n" in ONLY:
+            r_ns, p_ns = run_netns(systems, args.quick, Path(tmp))
+            for s, rows_ in r_ns.items():
+                results.setdefault(s, {"_run": {"wall": 0.0, "other_pct": 0.0, "quiet": ""}})
+                results[s].update(rows_)
+            problems += p_ns
     elapsed = time.perf_counter() - t_start
     pg = subprocess.run(["pgrep", "-af", "shoal.cluster.worker_process|distributed"],
                         capture_output=True, text=True, check=False)
@@ -954,7 +1203,7 @@ def parent_main(args: argparse.Namespace) -> int:
     print()
     print_rich(header, rows, title)
     met = sum(r[-2] == "met" for r in rows)
-    summary = f"{met} of {len(rows)} targets met."
+    summary = f"{met} of {sum(r[-2] != 'information' for r in rows)} targets met."
     print(summary)
     if problems:
         print("\nPROBLEMS:")
@@ -970,8 +1219,12 @@ def parent_main(args: argparse.Namespace) -> int:
             if "samples" in d:
                 xs = ", ".join(_fmt(x, d["unit"]) for x in d["samples"])
                 extra = ""
-                if key == "d":
-                    extra = f"; discarded runs: {d.get('discarded', 0)}"
+                if d["unit"] in ("MB/s", "GB/s"):
+                    extra = (f"; median {_fmt(d['value'], d['unit'])}, spread"
+                             f" {_fmt(min(d['samples']), d['unit'])}-"
+                             f"{_fmt(max(d['samples']), d['unit'])}")
+                if key in ("d", "g", "n"):
+                    extra += f"; discarded runs: {d.get('discarded', 0)}"
                     if d.get("notes"):
                         extra += " (" + "; ".join(d["notes"]) + ")"
                 if key == "c":
@@ -1030,14 +1283,18 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
-    p.add_argument("--only", default="", help="comma list of rows to run, e.g. d or a,b"
-                   " (for checks; implies --no-write unless --write)")
+    p.add_argument("--only", default="", help="comma list of rows to run, e.g. d or a,b, or"
+                   f" 'dataplane' for {DATAPLANE_ROWS} (for checks; implies --no-write unless"
+                   " --write)")
+    p.add_argument("--scheduler", default="", help=argparse.SUPPRESS)
+    p.add_argument("--floor-ns", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
-    ONLY.update(x.strip() for x in args.only.split(",") if x.strip())
+    ONLY.update(x.strip() for x in args.only.replace("dataplane", DATAPLANE_ROWS).split(",")
+                if x.strip())
     if ONLY and not args.write:
         args.no_write = True
     if args.child:
-        return child_main(args.child, args.out, args.quick)
+        return child_main(args.child, args.out, args.quick, args.scheduler, args.floor_ns)
     return parent_main(args)
 
 
