@@ -85,6 +85,7 @@ from .protocol.messages import (
 from .comm.rpc import PeerPool, next_rid
 
 from .security.policy import SCHEDULER_FRAME_LIMITS, check_bind
+from .utils.loop_monitor import LoopMonitor, watch_loop
 
 if TYPE_CHECKING:
     from .dashboard.server import SchedulerDashboard
@@ -187,6 +188,8 @@ class Scheduler:
         self._closing = False
         #: address -> the latest heartbeat (for metrics and the dashboard)
         self.heartbeats: dict[str, Heartbeat] = {}
+        #: the watchdog of the scheduler's event loop (shared with what else runs on it)
+        self.loop_monitor: LoopMonitor | None = None
         #: worker processes that died, as their nannies told (the latest `MAX_DEATHS`)
         self.deaths: collections.deque[WorkerDeath] = collections.deque(maxlen=MAX_DEATHS)
         #: services beside task scheduling (locks, queues, datasets...), see `Extension`
@@ -241,6 +244,7 @@ class Scheduler:
             security=self.security, frame_limits=self.frame_limits,
         )  # fmt: skip
         self.address = self._listener.address
+        self.loop_monitor = watch_loop(self._loop_owner)  # released by `close`
         # Workers answer `run` on these connections: they get the same cap as on theirs.
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
                                      os.getpid()), security=self.security,
@@ -414,7 +418,13 @@ class Scheduler:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current),
                              return_exceptions=True)  # fmt: skip
+        if self.loop_monitor is not None:
+            self.loop_monitor.release(self._loop_owner)
         self._closed.set()
+
+    @property
+    def _loop_owner(self) -> str:
+        return f"scheduler {self.name}"
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

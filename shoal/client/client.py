@@ -57,6 +57,7 @@ from ..protocol.refs import collecting
 from ..protocol.serialize import Serialized, dumps_function, serialize, serialize_call
 from ..comm.rpc import PeerPool, next_rid
 from ..utils.loop import LoopThread
+from ..utils.loop_monitor import LoopMonitor, watch_loop
 
 #: ``make(args, kwargs, key)`` -> the spec of one call (see `Client._spec_maker`)
 SpecMaker = Callable[[tuple[Any, ...], dict[str, Any], "str | None"], TaskSpec]
@@ -194,6 +195,8 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         #: the scheduler's dashboard URL once known ("" when it serves none)
         self._dashboard_link: str | None = None
         self._loop_thread: LoopThread | None = None
+        #: the watchdog of the client's event loop (its own thread's, or the caller's)
+        self.loop_monitor: LoopMonitor | None = None
         #: why the scheduler connection ended, once it has (set on the loop thread)
         self._scheduler_lost: str | None = None
         #: handlers of other scheduler messages, by type (e.g. topic messages for `Sub`)
@@ -224,6 +227,7 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         from ..cluster.local import LocalCluster
 
         self.loop = asyncio.get_running_loop()
+        self.loop_monitor = watch_loop(f"client {self.name}")  # released by _stop_everything
         address = self._address
         security = self._security_arg
         if address is None:
@@ -302,6 +306,9 @@ class Client(DataMixin, ClusterMixin, DatasetsMixin):
         self._fail_pending("lost", "the client was closed")
         with _defaults_lock:
             _defaults[:] = [ref for ref in _defaults if ref() not in (None, self)]
+        if self.loop_monitor is not None:
+            self.loop_monitor.release(f"client {self.name}")
+            self.loop_monitor = None
 
     def __enter__(self) -> Client:
         return self

@@ -29,6 +29,9 @@ __all__ = ["DataMixin"]
 #: fetch rounds in a row that bring nothing before a fetch gives up
 _FUTILE_ROUNDS = 8
 
+#: values received together smaller than this (bytes) are unpickled on the event loop
+UNPICKLE_INLINE_BYTES = 1 << 20
+
 #: rounds of new targets for values that no worker took before a scatter gives up
 _SCATTER_ROUNDS = 3
 
@@ -54,7 +57,13 @@ class DataMixin:
         for st in states:
             await _until_done(st, None)
         values = await self._fetch_async(_fetchable(states, errors))
-        return _rebuild(futures, self._unpack(states, values, errors))
+        if sum(ser.nbytes for ser in values.values()) < UNPICKLE_INLINE_BYTES:
+            return _rebuild(futures, self._unpack(states, values, errors))
+        # Big values are unpickled off the loop (the caller's, which serves everything
+        # else meanwhile); a thread hop costs more than small ones take.
+        unpacked = await asyncio.get_running_loop().run_in_executor(
+            None, self._unpack, states, values, errors)  # fmt: skip
+        return _rebuild(futures, unpacked)
 
     def _unpack(self, states: list[FutureState], values: dict[str, Serialized],
                 errors: str) -> dict[str, Any]:  # fmt: skip

@@ -451,6 +451,9 @@ class Heartbeat(Msg, tag="heartbeat"):
     #: bytes of data this worker fetched from peers, and sent to peers and clients, so far
     bytes_in: int = 0
     bytes_out: int = 0
+    #: the longest its event loop was blocked since the previous heartbeat, seconds
+    #: (`shoal.utils.loop_monitor`; 0.0 under 20 ms)
+    loop_lag: float = 0.0
 
 
 # ------------------------------------------------- anyone <-> worker (data plane)

@@ -347,6 +347,11 @@ class WorkerMemory:
         #: None without a limit, and in-process (the RSS is not the worker's alone)
         self.monitor = (MemoryMonitor(self.data, limit, f)
                         if limit and not in_process else None)  # fmt: skip
+        if self.monitor is not None:
+            self.monitor.trim = self._trim
+        #: the worker's loop (`run`), whose executor trims; a trim in flight
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._trimming = False
         self._proc = psutil.Process(os.getpid())
         #: result sizes by key prefix (`expected_result`), and the last results' sizes
         self._results: dict[str, int] = {}
@@ -449,10 +454,30 @@ class WorkerMemory:
         if state is not None and state.paused != self.monitor.paused and not worker._closing:
             worker._handle([PauseEvent("memory-monitor", self.monitor.paused)])
 
+    def _trim(self) -> None:
+        """`trim_memory`, on the loop's executor: it walks the whole heap (milliseconds for
+        a big one) and the monitor calls it under its lock, from the event loop too."""
+        loop = self._loop
+        if self._trimming or loop is None:
+            return
+        self._trimming = True
+
+        def trim() -> None:
+            try:
+                trim_memory()
+            finally:
+                self._trimming = False
+
+        try:
+            loop.call_soon_threadsafe(loop.run_in_executor, None, trim)
+        except RuntimeError:  # the loop closed: the worker is going away
+            self._trimming = False
+
     async def run(self, worker: Worker) -> None:
         """Read the RSS every ``interval`` and act on it, until cancelled."""
         if self.monitor is None:
             return
+        self._loop = asyncio.get_running_loop()
         while True:
             self.monitor.check(self.read_rss())
             self._sync_pause(worker)

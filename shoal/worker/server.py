@@ -77,6 +77,7 @@ from ..comm.rpc import PeerPool, next_rid
 from .context import TaskContext, running
 from .task_client import TaskClients
 from ..diagnostics.logs import apply_env_level, log_ring
+from ..utils.loop_monitor import LoopMonitor, watch_loop
 
 from ..security.policy import WORKER_FRAME_LIMITS, check_bind
 
@@ -90,6 +91,18 @@ logger = logging.getLogger("shoal.worker")
 #: tasks) keep their thread while the next tasks start. The state machine bounds the tasks
 #: holding a slot; this only has to be more than will ever wait at once.
 SECEDED_THREADS = 1024
+
+#: A fetch of values in memory at least this big (together) is answered from a thread
+#: (pickling or copying them may take long); smaller ones inline, where a thread hop would
+#: cost more than the work.
+OFF_LOOP_BYTES = 256 * 1024
+
+#: Threads that answer fetches off the event loop (`Worker._serve_get_data`): two, so that
+#: one big read from disk does not hold up every other.
+DATA_THREADS = 2
+
+#: Seconds a closing worker waits for its store to close (its spill thread to finish a write).
+CLOSE_STORE_TIMEOUT = 60.0
 
 #: Over TLS, the certificate roles that may send each request to a worker's listener: the
 #: scheduler forwards `run` and asks for logs, clients scatter and call actors; fetching
@@ -195,6 +208,11 @@ class Worker:
         #: the client tasks get from `shoal.get_client()`, made on first use
         self.task_clients = TaskClients(scheduler_address, token, self.name, connect_timeout,
                                         security)  # fmt: skip
+        #: answers fetches of big or spilled values, off the event loop (`_serve_get_data`)
+        self._data_pool = ThreadPoolExecutor(DATA_THREADS,
+                                             thread_name_prefix=f"shoal-{self.name}-data")  # fmt: skip
+        #: the watchdog of this worker's event loop (shared with what else runs on it)
+        self.loop_monitor: LoopMonitor | None = None
         self._done: collections.deque[Outcome] = collections.deque()
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -231,6 +249,7 @@ class Worker:
         self._peers = PeerPool(Hello(PROTOCOL_VERSION, "peer", self.name, self.token,
                                      os.getpid()), self.connect_timeout,
                                security=self.security)  # fmt: skip
+        self.loop_monitor = watch_loop(f"worker {self.name}")  # released by `_close`
         try:
             await self._register(timeout=self.connect_timeout)
         except BaseException:
@@ -301,16 +320,21 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         """Tell the scheduler we are alive, and how busy, every ``heartbeat_interval``."""
         usage = process_usage()  # shared by the workers of this process
+        last = time.monotonic()
         while not self._closing:
             await asyncio.sleep(self.heartbeat_interval)
             send = self._scheduler
             if send is None or send.closed or self.state is None:
                 continue
             rss, cpu = usage.read()
+            now, monitor = time.monotonic(), self.loop_monitor
+            lag = monitor.max_lag_since(last) if monitor is not None else 0.0
+            last = now
             send.send(Heartbeat(len(self.state.executing), len(self.state.ready), rss,
                                 cpu, self.data.spilled_bytes,
                                 self.data.memory_bytes, self.state.paused,
-                                bytes_in=self.bytes_in, bytes_out=self.bytes_out))  # fmt: skip
+                                bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                                loop_lag=lag))  # fmt: skip
             self.heartbeats_sent += 1
 
     def scheduler_traffic(self) -> dict[str, int]:
@@ -360,7 +384,16 @@ class Worker:
                              return_exceptions=True)  # fmt: skip
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        self.memory.close()  # drops the data, removes the spilled files
+        self._data_pool.shutdown(wait=False, cancel_futures=True)
+        # Drops the data and removes the spilled files, off the loop: it waits for the spill
+        # thread, which may be writing a GB.
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.memory.close), CLOSE_STORE_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.warning("worker %s: the store did not close within %ss", self.name,
+                           CLOSE_STORE_TIMEOUT)  # fmt: skip
+        if self.loop_monitor is not None:
+            self.loop_monitor.release(f"worker {self.name}")
         self.status = "closed"
         self._closed.set()
 
@@ -610,10 +643,7 @@ class Worker:
                                        type(msg).__name__)  # fmt: skip
                         return
                     if isinstance(msg, GetData):
-                        if self.memory.monitor is not None and self.data.disk_bytes(msg.keys):
-                            self._spawn(self._get_data_from_disk(msg, send))
-                        else:
-                            send.send(self._get_data(msg))
+                        self._serve_get_data(msg, send)
                     elif isinstance(msg, UpdateData):
                         send.send(self._update_data(msg))
                     elif isinstance(msg, RunFunction):
@@ -631,17 +661,42 @@ class Worker:
         finally:
             await send.close()
 
-    async def _get_data_from_disk(self, msg: GetData, send: BatchedSend) -> None:
-        """`_get_data` for keys read back from disk to be sent: room first for them, as for a
-        task, but for a short while only (the peer waits; its reply holds no room of ours)."""
-        reserved = await self.memory.reserve_async(self.data.disk_bytes(msg.keys), timeout=2.0)
+    def _serve_get_data(self, msg: GetData, send: BatchedSend) -> None:
+        """Answer ``msg`` inline when that is quick (small values in memory), else from a
+        thread: reading a spilled value back takes seconds per GB, and copying or pickling
+        a big one takes long too; the loop meanwhile answers heartbeats and other fetches.
+        Replies may then go out in another order than the requests: each carries its rid."""
+        in_memory, on_disk = self.data.sizes(msg.keys)
+        if on_disk and self.memory.monitor is not None:
+            self._spawn(self._get_data_from_disk(msg, send, on_disk))
+        elif on_disk or in_memory >= OFF_LOOP_BYTES:
+            self._spawn(self._get_data_off_loop(msg, send))
+        else:
+            send.send(self._get_data(msg))
+
+    async def _get_data_from_disk(self, msg: GetData, send: BatchedSend, nbytes: int) -> None:
+        """`_get_data_off_loop` for keys read back from disk to be sent (``nbytes`` once
+        read): room first for them, as for a task, but for a short while only (the peer
+        waits; its reply holds no room of ours)."""
+        reserved = await self.memory.reserve_async(nbytes, timeout=2.0)
         try:
-            reply = self._get_data(msg)
-            if not send.closed:
-                send.send(reply)
-            del reply
+            await self._get_data_off_loop(msg, send)
         finally:
             self.memory.release(reserved)
+
+    async def _get_data_off_loop(self, msg: GetData, send: BatchedSend) -> None:
+        """`_get_data` on the worker's data threads; the reply is sent from the loop."""
+        if self._closing:
+            return  # (its pool is shut down)
+        loop = asyncio.get_running_loop()
+        try:
+            reply = await loop.run_in_executor(self._data_pool, self._get_data, msg)
+        except Exception:  # noqa: BLE001 - the peer must hear back, not wait for its deadline
+            logger.exception("worker %s: answering a fetch of %s", self.name, msg.keys[:5])
+            reply = DataReply(msg.rid, {}, list(msg.keys))
+        if not send.closed:
+            send.send(reply)
+        del reply  # not kept by this task's frame: it may hold a GB
 
     def _get_data(self, msg: GetData) -> DataReply:
         data: dict[str, Serialized] = {}

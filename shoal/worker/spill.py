@@ -18,7 +18,12 @@ Invariants (under ``_lock``; checked by `validate`):
 - ``memory_bytes`` is the sum of the sizes of the values in ``fast``, ``spilled_bytes`` the
   sum of the file sizes of the entries in ``slow``;
 - every entry of ``slow`` has its file; a file of an entry no longer in ``slow`` lives only
-  while a task thread holds it (`hold`) and is removed when the last one lets go.
+  while a task thread or a peer's read holds it (`hold`, `peek`) and is removed when the
+  last one lets go (a big one by the spill thread, soon after).
+
+No disk I/O happens under ``_lock`` but removing small files and making the directory: the
+event loop takes it for every lookup, so a spilled value is read, written or (when big)
+removed outside it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ logger = logging.getLogger("shoal.spill")
 __all__ = ["Lazy", "Packed", "SpillBuffer", "Spilled", "read_frames", "write_frames"]
 
 _COUNT = struct.Struct("<I")
+#: Spilled files at least this big are removed by the spill thread, not by the caller.
+BIG_FILE_BYTES = 64 * 2**20
 
 
 class Lazy:
@@ -196,6 +203,8 @@ class SpillBuffer(MutableMapping[str, Any]):
         #: keys whose values cannot be pickled: they stay in memory
         self._unspillable: set[str] = set()
         self._files = itertools.count()
+        #: big files of deleted keys, for the spill thread to remove (`_remove_file`)
+        self._trash: list[str] = []
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         #: threads in `wait_for_room`, told when bytes leave memory
@@ -223,9 +232,21 @@ class SpillBuffer(MutableMapping[str, Any]):
                 self.fast.move_to_end(key)
                 return self.fast[key]
             entry = self.slow[key]
+            entry.holds += 1
+        # Read outside the lock, as in `peek`.
+        try:
             value = Spilled(entry).load()
-            self._unspill(key, entry, value)
-            return value
+        except BaseException:
+            self._let_go(entry)
+            raise
+        size = self._sizeof(value)
+        with self._lock:
+            entry.holds -= 1
+            if self.slow.get(key) is entry:
+                self._unspill(key, entry, value, size)
+            elif not entry.live and entry.holds == 0:
+                self._remove_file(entry)
+        return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         size = self._sizeof(value)
@@ -259,12 +280,25 @@ class SpillBuffer(MutableMapping[str, Any]):
 
     def peek(self, key: str) -> Any:
         """``key``'s value for a peer to copy: a spilled one as a `Packed` of its frames,
-        read from disk but left there (a peer's read says nothing of our own next use)."""
+        read from disk but left there (a peer's read says nothing of our own next use).
+        The file is read outside the lock (its entry held meanwhile, as by `hold`): reading
+        1 GB takes seconds, and the event loop takes the lock for every lookup."""
         with self._lock:
             if key in self.fast:
                 return self.fast[key]
             entry = self.slow[key]
+            entry.holds += 1
+        try:
             return Packed(Serialized(read_frames(entry.path)))
+        finally:
+            self._let_go(entry)
+
+    def _let_go(self, entry: _OnDisk) -> None:
+        """A reader is done with ``entry``'s file: remove it if its key let go of it too."""
+        with self._lock:
+            entry.holds -= 1
+            if not entry.live and entry.holds == 0:
+                self._remove_file(entry)
 
     def hold(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of those of ``keys`` that are here, for a task about to run: spilled
@@ -298,7 +332,7 @@ class SpillBuffer(MutableMapping[str, Any]):
                 if value is not None and room and self.slow.get(key) is entry:
                     self._unspill(key, entry, value, size)
                 elif not entry.live and entry.holds == 0:
-                    _unlink(entry.path)
+                    self._remove_file(entry)
             elif value is not None and self.fast.get(key) is lazy:
                 self.memory_bytes += size - self._sizes[key]
                 self._sizes[key] = size
@@ -325,6 +359,19 @@ class SpillBuffer(MutableMapping[str, Any]):
         """Bytes those of ``keys`` that are on disk take once read back (for `peek`)."""
         with self._lock:
             return sum(self.slow[k].nbytes for k in keys if k in self.slow)
+
+    def sizes(self, keys: Iterable[str]) -> tuple[int, int]:
+        """Bytes those of ``keys`` that are here take in memory, and on disk once read back
+        (what sending them costs, for the worker to choose where to do it)."""
+        in_memory = on_disk = 0
+        with self._lock:
+            for key in keys:
+                size = self._sizes.get(key)
+                if size is not None:
+                    in_memory += size
+                elif key in self.slow:
+                    on_disk += self.slow[key].nbytes
+        return in_memory, on_disk
 
     def spillable_bytes(self) -> int:
         """Bytes in memory that could still be spilled."""
@@ -390,15 +437,25 @@ class SpillBuffer(MutableMapping[str, Any]):
         self.spilled_bytes -= entry.disk_bytes
         entry.live = False
         if entry.holds == 0:
-            _unlink(entry.path)
+            self._remove_file(entry)
         return True
+
+    def _remove_file(self, entry: _OnDisk) -> None:
+        """Remove a spilled file no longer needed (under the lock). A big one goes to the
+        spill thread: freeing 1 GB of extents takes ~50 ms, too long for the event loop
+        (which deletes keys) or for holding the lock."""
+        if entry.disk_bytes >= BIG_FILE_BYTES and self._thread is not None and not self._closed:
+            self._trash.append(entry.path)
+            self._wake.notify()
+        else:
+            _unlink(entry.path)
 
     def _unspill(self, key: str, entry: _OnDisk, value: Any, size: int | None = None) -> None:
         del self.slow[key]
         self.spilled_bytes -= entry.disk_bytes
         entry.live = False
         if entry.holds == 0:
-            _unlink(entry.path)
+            self._remove_file(entry)
         self._keep(key, value, self._sizeof(value) if size is None else size)
         self.unspill_count += 1
         self._maybe_spill()
@@ -473,13 +530,19 @@ class SpillBuffer(MutableMapping[str, Any]):
         many bytes in memory. The value stays readable in ``fast`` while it is written."""
         while True:
             with self._lock:
+                trash, self._trash = self._trash, []
+            for old in trash:  # big files of deleted keys (`_remove_file`)
+                _unlink(old)
+            with self._lock:
                 key = self._victim()
-                while key is None and not self._closed:
+                while key is None and not self._trash and not self._closed:
                     self._room.notify_all()  # as much room as there will be
                     self._wake.wait()
                     key = self._victim()
-                if self._closed or key is None:
-                    return
+                if self._closed:
+                    return  # (`close` removes every file, the trash's too)
+                if key is None:
+                    continue  # files to remove
                 try:
                     path = self._path()
                 except OSError as exc:
