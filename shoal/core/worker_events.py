@@ -76,6 +76,14 @@ class ExecuteFailed(WorkerEvent):
 
 
 @dataclass(slots=True)
+class ExecuteSkipped(WorkerEvent):
+    """A task handed ahead (`Execute` behind a running one) was taken back before any thread
+    started it (`Revoke`): its run ended without running."""
+
+    key: str
+
+
+@dataclass(slots=True)
 class DataPut(WorkerEvent):
     """Data was put on this worker directly (scatter)."""
 
@@ -119,7 +127,21 @@ class GatherDep:
 
 @dataclass(slots=True)
 class Execute:
-    """Run task ``key`` on a thread and report `ExecuteDone` or `ExecuteFailed`."""
+    """Run task ``key`` on a thread and report `ExecuteDone` or `ExecuteFailed`.
+
+    ``lane`` is the thread slot's run queue: a new lane starts a thread; a lane already
+    running gets ``key`` queued behind its tasks (handed ahead), and the thread that finishes
+    one starts the next itself, without a round trip through the event loop."""
+
+    key: str
+    #: not part of what is asked (which thread runs it is the server's business): not compared
+    lane: int = field(default=0, compare=False)
+
+
+@dataclass(slots=True)
+class Revoke:
+    """Take task ``key``, handed ahead, out of its lane if no thread took it yet, and report
+    `ExecuteSkipped`; if a thread took it, its run reports as usual."""
 
     key: str
 
@@ -143,4 +165,4 @@ class ToScheduler:
     msg: Msg
 
 
-WorkerInstruction = GatherDep | Execute | Rejoin | ReleaseData | ToScheduler
+WorkerInstruction = GatherDep | Execute | Revoke | Rejoin | ReleaseData | ToScheduler

@@ -45,7 +45,20 @@ Invariants (checked by `validate_state`):
   gather is in flight (or was put here meanwhile and left the gather);
 - a key in memory is kept for a reason: the scheduler counts on it, or a task here needs it;
 - unless ``paused`` (memory is short: `PauseEvent`), no task is left ready while a thread
-  slot is free.
+  slot is free;
+- every task holding a slot in a lane is its lane's head; the tasks queued behind a head
+  (handed ahead: state ``executing`` or ``cancelled``, they hold no slot) are at most
+  ``lookahead`` per lane, and every busy task is holding a slot, seceded, or queued.
+
+Tasks back to back: each thread slot is a lane, a run queue the server's thread works
+through. With ``lookahead`` > 0, once every slot is busy, up to ``lookahead`` ready tasks per
+lane are handed ahead (`Execute` with the lane of a running task), so the thread that
+finishes one task starts the next itself. The outcomes come back in the lane's order, so
+the head ending passes its slot to the next in the lane. A task queued but not started is
+taken back with `Revoke` (freed, another spec asked for, the worker pauses, a seceded task
+waits to rejoin); it ends with `ExecuteSkipped`, or with its run's outcome if a thread
+took it first: never run unknown, never lost. A head that secedes leaves its lane, which
+goes on (on another thread) with the next task.
 """
 
 from __future__ import annotations
@@ -69,6 +82,7 @@ from .worker_events import (
     Execute,
     ExecuteDone,
     ExecuteFailed,
+    ExecuteSkipped,
     FreeKeysEvent,
     GatherDep,
     GatherDone,
@@ -78,6 +92,7 @@ from .worker_events import (
     Rejoin,
     RejoinEvent,
     ReleaseData,
+    Revoke,
     SecedeEvent,
     ToScheduler,
     WorkerEvent,
@@ -98,7 +113,7 @@ class WorkerTask:
     """The worker's record of one key (a task to run, or an input to fetch)."""
 
     __slots__ = ("key", "state", "priority", "compute", "dependencies", "dependents",
-                 "waiting_for", "who_has", "nbytes", "wanted", "run")  # fmt: skip
+                 "waiting_for", "who_has", "nbytes", "wanted", "run", "lane")  # fmt: skip
 
     def __init__(self, key: str, state: WTaskStateName) -> None:
         self.key = key
@@ -118,6 +133,8 @@ class WorkerTask:
         self.nbytes = 0
         #: the scheduler counts on this worker to keep the key (computed, reported, scattered)
         self.wanted = False
+        #: the lane (thread slot's run queue) it is in: its head, or queued behind it
+        self.lane: int | None = None
 
     def __repr__(self) -> str:
         return f"<WorkerTask {self.key!r} {self.state}>"
@@ -127,7 +144,7 @@ class WorkerState:
     """What one worker holds, runs and fetches. Mutate only through `handle`."""
 
     def __init__(self, address: str, nthreads: int, validate: bool = False,
-                 transfer_limit: int | None = None) -> None:  # fmt: skip
+                 transfer_limit: int | None = None, lookahead: int = 0) -> None:  # fmt: skip
         self.address = address
         self.nthreads = max(1, nthreads)
         self.tasks: dict[str, WorkerTask] = {}
@@ -138,6 +155,13 @@ class WorkerState:
         self.long_running: set[WorkerTask] = set()
         #: long-running tasks waiting for a slot again, first come first served
         self.rejoining: list[WorkerTask] = []
+        #: tasks handed ahead per lane, behind the running one (0: none, start one at a time)
+        self.lookahead = max(0, lookahead)
+        #: lane -> its tasks in run order: the head holds a slot, the rest are queued
+        self.lanes: dict[int, list[WorkerTask]] = {}
+        self._next_lane = 0
+        #: queued tasks taken back (`Revoke`), until they end (`ExecuteSkipped` or an outcome)
+        self.revoking: set[WorkerTask] = set()
         self.in_flight: dict[str, list[str]] = {}  # peer -> keys being fetched
         #: tasks that were put in "fetch" (some may have moved on since; pruned lazily)
         self.fetch_candidates: set[WorkerTask] = set()
@@ -192,6 +216,7 @@ class WorkerState:
                 # so this is a late or reordered message): as if it had been freed first.
                 ts.state = "cancelled"
                 ts.compute = msg
+                self._revoke(ts)
             return
         elif ts.state in ("ready", "waiting"):
             ts.wanted = True
@@ -235,6 +260,7 @@ class WorkerState:
             if ts.state in ("executing", "long-running", "cancelled"):
                 ts.state = "cancelled"
                 ts.compute = None  # a new spec waiting for the run to end goes too
+                self._revoke(ts)  # handed ahead and not started: take it back
             elif ts.state in ("waiting", "ready"):
                 self._drop_run(ts)
             elif ts.state in ("memory", "fetch"):
@@ -347,6 +373,23 @@ class WorkerState:
         # comes as a new ComputeTask.
         self._drop_run(ts)
 
+    def _handle_execute_skipped(self, ev: ExecuteSkipped) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts not in self.revoking:
+            return  # from before a reconnect
+        self._stop_running(ts)
+        if ts.state == "cancelled":
+            if ts.compute is not None:  # another spec waited for this run to end
+                self._release_dependencies(ts)
+                self._compute_here(ts, ts.compute)
+            else:
+                self._drop_run(ts)
+        else:
+            # Still wanted (taken back for a pause or a rejoin, or asked for again after a
+            # free): ready again, its inputs linked again (some may have gone meanwhile).
+            assert ts.compute is not None
+            self._compute_here(ts, ts.compute)
+
     def _handle_data_put(self, ev: DataPut) -> None:
         for key, nbytes in ev.nbytes.items():
             ts = self.tasks.get(key)
@@ -370,6 +413,8 @@ class WorkerState:
             return  # already seceded, or no longer running
         self.executing.discard(ts)
         self.long_running.add(ts)
+        if ts.lane is not None:
+            self._leave_lane(ts)  # its lane goes on with the next task queued there
         if ts.state == "executing":
             ts.state = "long-running"
             # The scheduler stops counting it against our threads, and sends more work.
@@ -384,10 +429,14 @@ class WorkerState:
             return
         if ts not in self.rejoining:
             self.rejoining.append(ts)
+            if len(self.executing) >= self.nthreads:
+                self._revoke_queued()  # a slot frees as soon as a lane's running task ends
 
     def _handle_pause(self, ev: PauseEvent) -> None:
         # Resuming needs nothing more: `handle` starts what waited, fetches and tasks.
         self.paused = ev.paused
+        if ev.paused:
+            self._revoke_queued()  # start nothing new: not even what was handed ahead
 
     # ------------------------------------------------------------ mechanics
 
@@ -397,9 +446,37 @@ class WorkerState:
         ran, ts.run = ts.run, None
         self.executing.discard(ts)
         self.long_running.discard(ts)
+        self.revoking.discard(ts)
+        if ts.lane is not None:
+            self._leave_lane(ts)
         if ts in self.rejoining:
             self.rejoining.remove(ts)
         return ran
+
+    def _leave_lane(self, ts: WorkerTask) -> None:
+        """``ts`` ended, seceded or was skipped: out of its lane. If it was the head (and held
+        the slot, already let go), the next task queued there holds the slot now: its
+        lane's thread starts it next."""
+        assert ts.lane is not None
+        lane = self.lanes[ts.lane]
+        head = lane[0] is ts
+        lane.remove(ts)
+        if not lane:
+            del self.lanes[ts.lane]
+        elif head:
+            self.executing.add(lane[0])
+        ts.lane = None
+
+    def _revoke(self, ts: WorkerTask) -> None:
+        """Take ``ts`` back if it is queued in a lane (no thread may have started it)."""
+        if ts.lane is not None and ts not in self.revoking and self.lanes[ts.lane][0] is not ts:
+            self.revoking.add(ts)
+            self._out.append(Revoke(ts.key))
+
+    def _revoke_queued(self) -> None:
+        for lane in self.lanes.values():
+            for ts in lane[1:]:
+                self._revoke(ts)
 
     def _compute_here(self, ts: WorkerTask, msg: ComputeTask) -> None:
         """Make ``ts`` a task to run here: link its inputs, ready it once it has them all."""
@@ -535,14 +612,42 @@ class WorkerState:
             self._out.append(Rejoin(back.key))
         # Paused: tasks already started still get their slot back (above), new ones wait.
         while self.ready and not self.paused and len(self.executing) < self.nthreads:
+            ts = self._pop_ready()
+            if ts is None:
+                break
+            self._next_lane += 1
+            self.lanes[self._next_lane] = []
+            self.executing.add(ts)
+            self._hand(ts, self._next_lane)
+        if not self.lookahead or self.paused or self.rejoining:
+            return
+        # Every slot is busy: hand tasks ahead, to the lanes with the fewest queued. Few
+        # (``lookahead``), as a task that comes later with a higher priority waits behind them.
+        while self.ready:
+            short = [(len(tasks), lane) for lane, tasks in self.lanes.items()
+                     if len(tasks) <= self.lookahead]  # fmt: skip
+            if not short:
+                break
+            ts = self._pop_ready()
+            if ts is None:
+                break
+            self._hand(ts, min(short)[1])
+
+    def _pop_ready(self) -> WorkerTask | None:
+        while self.ready:
             _, key = heapq.heappop(self.ready)
             ts = self.tasks.get(key)
-            if ts is None or ts.state != "ready":
-                continue  # freed while it was queued
-            ts.state = "executing"
-            ts.run = ts.compute
-            self.executing.add(ts)
-            self._out.append(Execute(key))
+            if ts is not None and ts.state == "ready":
+                return ts
+            # freed (or asked for with another spec) while it was queued: skipped
+        return None
+
+    def _hand(self, ts: WorkerTask, lane: int) -> None:
+        ts.state = "executing"
+        ts.run = ts.compute
+        ts.lane = lane
+        self.lanes[lane].append(ts)
+        self._out.append(Execute(ts.key, lane))
 
     def _start_fetches(self) -> None:
         if self.paused or len(self.in_flight) >= MAX_CONCURRENT_GATHERS:
@@ -600,12 +705,28 @@ class WorkerState:
     def validate_state(self) -> None:
         busy = [t for t in self.tasks.values()
                 if t.state in ("executing", "long-running", "cancelled")]  # fmt: skip
+        queued = set()
+        for lane_id, lane in self.lanes.items():
+            assert lane and lane[0] in self.executing, (lane_id, lane)
+            assert len(lane) <= 1 + self.lookahead, (lane_id, lane)
+            for ts in lane:
+                assert ts.lane == lane_id and self.tasks.get(ts.key) is ts, (lane_id, ts)
+            queued.update(lane[1:])
         assert len(self.executing) <= self.nthreads, self.executing
         assert not self.executing & self.long_running, self.executing & self.long_running
-        assert set(busy) == self.executing | self.long_running, (busy, self.executing,
-                                                                 self.long_running)  # fmt: skip
+        assert not queued & (self.executing | self.long_running), queued
+        assert set(busy) == self.executing | self.long_running | queued, (
+            busy, self.executing, self.long_running, queued)
+        assert self.revoking <= queued | self.executing, self.revoking
+        for ts in self.revoking:
+            assert ts.lane is not None, ts
+        for ts in queued:
+            assert ts.state in ("executing", "cancelled"), ts
         for ts in self.executing:
             assert ts.state in ("executing", "cancelled"), ts
+            assert ts.lane is None or self.lanes[ts.lane][0] is ts, ts
+        for ts in self.long_running:
+            assert ts.lane is None, ts
         for ts in self.long_running:
             assert ts.state in ("long-running", "cancelled"), ts
         assert len(set(self.rejoining)) == len(self.rejoining), self.rejoining
@@ -615,7 +736,7 @@ class WorkerState:
         assert len(flying) == len(set(flying)), flying
         for key in flying:
             assert self.tasks[key].state == "flight", self.tasks[key]
-        queued = {key for _, key in self.ready}
+        in_heap = {key for _, key in self.ready}
         memory = 0
         for key, ts in self.tasks.items():
             assert ts.key == key
@@ -627,7 +748,7 @@ class WorkerState:
                 assert ts.waiting_for, ts
                 assert ts.waiting_for == {d for d in ts.dependencies if d.state != "memory"}, ts
             if ts.state == "ready":
-                assert key in queued, ts
+                assert key in in_heap, ts
             if ts.state in ("waiting", "ready", "executing", "long-running"):
                 assert ts.compute is not None, ts
             if ts.state in ("executing", "long-running", "cancelled"):
@@ -679,6 +800,7 @@ _HANDLERS: dict[type[WorkerEvent], Callable[[WorkerState, Any], None]] = {
     GatherFailed: WorkerState._handle_gather_failed,
     ExecuteDone: WorkerState._handle_execute_done,
     ExecuteFailed: WorkerState._handle_execute_failed,
+    ExecuteSkipped: WorkerState._handle_execute_skipped,
     DataPut: WorkerState._handle_data_put,
     SecedeEvent: WorkerState._handle_secede,
     RejoinEvent: WorkerState._handle_rejoin,

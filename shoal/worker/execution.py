@@ -12,8 +12,8 @@ import sys
 import threading
 import traceback
 import warnings
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..protocol.refs import providing
@@ -163,3 +163,128 @@ def sizeof(obj: object) -> int:
         return sys.getsizeof(obj)
     except TypeError:
         return 64
+
+
+class TaskRun:
+    """One task handed to a lane: what its thread needs to run it."""
+
+    __slots__ = ("key", "function", "args", "deps", "need")
+
+    def __init__(self, key: str, function: bytes, args: Serialized, deps: dict[str, Any],
+                 need: int) -> None:  # fmt: skip
+        self.key = key
+        self.function = function
+        self.args = args
+        #: its inputs (spilled ones as handles, read back on the thread)
+        self.deps = deps
+        #: bytes it will allocate: room is reserved for them before it starts
+        self.need = need
+
+
+class Lane:
+    """A thread slot's run queue (see `WorkerState`): one thread at a time works through it."""
+
+    __slots__ = ("id", "runs", "generation", "current")
+
+    def __init__(self, lane_id: int) -> None:
+        self.id = lane_id
+        self.runs: deque[TaskRun] = deque()
+        #: bumped when its thread's task secedes: that thread lets the lane go
+        self.generation = 0
+        #: the key its thread runs now
+        self.current: str | None = None
+
+
+class Lanes:
+    """The worker's lanes, shared by the event loop (which hands tasks and takes them back)
+    and the task threads (which take the next task of their lane when they finish one).
+
+    A lane has a thread while it has tasks; `hand` starts one for a lane that has none
+    (``start``, e.g. an executor's submit), counted in ``threads_started``: tasks handed
+    behind a running one start without it. All under one lock, held briefly, never while
+    a task runs."""
+
+    def __init__(self, start: Callable[[Lane, int], None]) -> None:
+        self._start = start
+        self._lock = threading.Lock()
+        self._lanes: dict[int, Lane] = {}
+        #: lanes whose thread's task seceded, by that key: their thread starts again once
+        #: the state machine has heard of it (`resume`)
+        self._detached: dict[str, Lane] = {}
+        #: threads started for lanes (loop -> thread hand-offs), for tests and benchmarks
+        self.threads_started = 0
+
+    def hand(self, lane_id: int, run: TaskRun) -> None:
+        """Queue ``run`` in its lane (from the loop); start a thread if the lane has none."""
+        with self._lock:
+            lane = self._lanes.get(lane_id)
+            if lane is not None:
+                lane.runs.append(run)
+                return
+            lane = self._lanes[lane_id] = Lane(lane_id)
+            lane.runs.append(run)
+            self.threads_started += 1
+        self._start(lane, lane.generation)
+
+    def take(self, lane: Lane, generation: int) -> TaskRun | None:
+        """The lane's next task, for its thread; None when the thread should end (the lane
+        is empty, and gone, or its last task seceded and the lane went on without it)."""
+        with self._lock:
+            if lane.generation != generation:
+                return None
+            if not lane.runs:
+                lane.current = None
+                if self._lanes.get(lane.id) is lane:
+                    del self._lanes[lane.id]
+                return None
+            run = lane.runs.popleft()
+            lane.current = run.key
+            return run
+
+    def revoke(self, key: str) -> bool:
+        """Take ``key`` out of its lane, if no thread took it yet."""
+        with self._lock:
+            for lane in self._lanes.values():
+                for run in lane.runs:
+                    if run.key == key:
+                        lane.runs.remove(run)
+                        return True
+        return False
+
+    def detach(self, key: str) -> None:
+        """Task ``key`` secedes (called from its thread): its thread lets its lane go."""
+        with self._lock:
+            for lane in self._lanes.values():
+                if lane.current == key:
+                    lane.generation += 1
+                    lane.current = None
+                    self._detached[key] = lane
+                    return
+
+    def resume(self, key: str) -> None:
+        """The state machine heard that ``key`` seceded: its lane goes on, on a new thread
+        (not before: the next task would run while ``key`` still holds the slot)."""
+        with self._lock:
+            lane = self._detached.pop(key, None)
+            if lane is None or self._lanes.get(lane.id) is not lane:
+                return
+            if not lane.runs:
+                del self._lanes[lane.id]
+                return
+            self.threads_started += 1
+        self._start(lane, lane.generation)
+
+    def clear(self) -> None:
+        """Drop every task not started (the state machine that handed them is gone); the
+        threads finish what they run and end."""
+        with self._lock:
+            for lane in self._lanes.values():
+                lane.runs.clear()
+                lane.generation += 1
+            self._lanes.clear()  # a new state machine numbers its lanes from scratch
+            self._detached.clear()
+
+    def __len__(self) -> int:
+        """Tasks handed and not started."""
+        with self._lock:
+            return sum(len(lane.runs) for lane in self._lanes.values())

@@ -33,6 +33,7 @@ from ..core.worker_events import (
     Execute,
     ExecuteDone,
     ExecuteFailed,
+    ExecuteSkipped,
     FreeKeysEvent,
     GatherDep,
     GatherDone,
@@ -41,13 +42,15 @@ from ..core.worker_events import (
     Rejoin,
     RejoinEvent,
     ReleaseData,
+    Revoke,
     SecedeEvent,
     ToScheduler,
     WorkerEvent,
     WorkerInstruction,
 )
 from ..core.worker_state import WorkerState
-from .execution import FunctionCache, Outcome, install_warning_capture, pack_exception, run_task
+from .execution import (FunctionCache, Lane, Lanes, Outcome, TaskRun, install_warning_capture,
+                        pack_exception, run_task)  # fmt: skip
 from .memory import MemoryFractions, WorkerMemory
 from .process_usage import process_usage
 from ..protocol.messages import (
@@ -91,6 +94,11 @@ logger = logging.getLogger("shoal.worker")
 #: tasks) keep their thread while the next tasks start. The state machine bounds the tasks
 #: holding a slot; this only has to be more than will ever wait at once.
 SECEDED_THREADS = 1024
+
+#: Tasks handed ahead per thread slot, behind the running one, so that the thread that ends
+#: one starts the next itself (see `WorkerState`). Small: a task that comes later with a
+#: higher priority waits behind them.
+LOOKAHEAD = 2
 
 #: A fetch of values in memory at least this big (together) is answered from a thread
 #: (pickling or copying them may take long); smaller ones inline, where a thread hop would
@@ -213,7 +221,11 @@ class Worker:
                                              thread_name_prefix=f"shoal-{self.name}-data")  # fmt: skip
         #: the watchdog of this worker's event loop (shared with what else runs on it)
         self.loop_monitor: LoopMonitor | None = None
-        self._done: collections.deque[Outcome] = collections.deque()
+        #: what task threads tell the loop, in the order it happened: outcomes, secedes,
+        #: rejoins, revoked tasks (one queue: a lane's next outcome never overtakes them)
+        self._done: collections.deque[Outcome | WorkerEvent] = collections.deque()
+        #: the thread slots' run queues
+        self._lanes = Lanes(self._start_lane)
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: Any = None
@@ -382,6 +394,7 @@ class Worker:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current),
                              return_exceptions=True)  # fmt: skip
+        self._lanes.clear()  # tasks handed ahead do not start
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._data_pool.shutdown(wait=False, cancel_futures=True)
@@ -398,8 +411,16 @@ class Worker:
         self._closed.set()
 
     def _new_state(self) -> WorkerState:
+        self._lanes.clear()  # what the old state handed ahead is not the new one's
         return WorkerState(self.address, self.nthreads, validate=self.validate,
-                           transfer_limit=self.memory.transfer_limit)  # fmt: skip
+                           transfer_limit=self.memory.transfer_limit,
+                           lookahead=LOOKAHEAD)  # fmt: skip
+
+    @property
+    def thread_starts(self) -> int:
+        """Threads started for lanes so far: tasks handed to a thread through the event loop
+        (those handed ahead start on the thread that ends the one before, uncounted)."""
+        return self._lanes.threads_started
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -479,7 +500,10 @@ class Worker:
 
     def _run_instruction(self, ins: WorkerInstruction) -> None:
         if isinstance(ins, Execute):
-            self._execute(ins.key)
+            self._execute(ins.key, ins.lane)
+        elif isinstance(ins, Revoke):
+            if self._lanes.revoke(ins.key):
+                self._tell_loop(ExecuteSkipped(f"revoke-{ins.key}", ins.key))
         elif isinstance(ins, ToScheduler):
             if self._scheduler is not None and not self._scheduler.closed:
                 self._scheduler.send(ins.msg)
@@ -496,7 +520,7 @@ class Worker:
 
     # ---------------------------------------------------------------- execution
 
-    def _execute(self, key: str) -> None:
+    def _execute(self, key: str, lane: int) -> None:
         assert self.state is not None
         ts = self.state.tasks[key]
         compute = ts.compute
@@ -506,16 +530,29 @@ class Worker:
         # What it will allocate: the inputs it reads back or unpickles, and its result.
         need = sum(v.nbytes for v in deps.values() if isinstance(v, Lazy))
         need += self.memory.expected_result(key)
-        self._executor.submit(self._run_in_thread, key, compute.function, compute.args, deps,
-                              need)  # fmt: skip
+        self._lanes.hand(lane, TaskRun(key, compute.function, compute.args, deps, need))
 
-    def _run_in_thread(self, key: str, function: bytes, args: Serialized,
-                       deps: dict[str, Any], need: int = 0) -> None:  # fmt: skip
+    def _start_lane(self, lane: Lane, generation: int) -> None:
+        try:
+            self._executor.submit(self._run_lane, lane, generation)
+        except RuntimeError:  # the executor shut down: the worker is closing
+            pass
+
+    def _run_lane(self, lane: Lane, generation: int) -> None:
+        """A task thread: run the lane's tasks back to back, until it has none left (or the
+        task running seceded: the lane goes on without this thread)."""
+        run = self._lanes.take(lane, generation)
+        while run is not None:
+            self._tell_loop(self._run_in_thread(run))
+            run = self._lanes.take(lane, generation)
+
+    def _run_in_thread(self, run: TaskRun) -> Outcome:
+        key, deps = run.key, run.deps
         reserved = 0
         try:
             # Room first, under the spill line, for what the task will allocate (the store
             # spills meanwhile): acting on a poll after the allocation would be too late.
-            reserved = self.memory.reserve(need)
+            reserved = self.memory.reserve(run.need)
             with running(TaskContext(self, key)):
                 self.data.wait_to_load(deps)  # room first for inputs coming back from disk
                 for dep, value in deps.items():
@@ -523,14 +560,14 @@ class Worker:
                         deps[dep] = value.load()
                         # Back into the store, so the next task that needs it need not load it.
                         self.data.loaded(dep, value, deps[dep])
-                outcome = run_task(key, function, args, deps, self.functions, time.time)
+                outcome = run_task(key, run.function, run.args, deps, self.functions, time.time)
         except BaseException as exc:  # noqa: BLE001 - an input that cannot be unpickled
             # (`run_task` itself never raises.) Whatever it is, the run must end with an
             # outcome: without one the task's future hangs and its thread slot is lost.
             outcome = Outcome(key)
             outcome.exception, outcome.traceback, outcome.text = pack_exception(exc)
+        run.deps = {}  # the inputs it read back from disk can go now
         if outcome.ok:
-            deps.clear()  # the inputs it read back from disk can go now
             # Backpressure: a result waits (on this thread) for room, not in memory's way.
             try:
                 self.data.wait_for_room(outcome.nbytes)
@@ -538,22 +575,34 @@ class Worker:
                 logger.exception("waiting for room for %s", key)
         # The result is allocated (in the RSS) or the run failed: the reservation goes.
         self.memory.release(reserved)
-        self._done.append(outcome)
+        return outcome
+
+    def _tell_loop(self, item: Outcome | WorkerEvent) -> None:
+        """Queue what a thread (or a revoke) has to tell the state machine; wake the loop
+        once for all that is queued meanwhile."""
+        self._done.append(item)
         if not self._drain_scheduled:
             self._drain_scheduled = True
-            assert self._loop is not None
+            loop = self._loop
+            if loop is None:
+                return
             try:
-                self._loop.call_soon_threadsafe(self._drain_outcomes)
+                loop.call_soon_threadsafe(self._drain_outcomes)
             except RuntimeError:  # the loop closed under us: the worker is going away
                 pass
 
     def _drain_outcomes(self) -> None:
         self._drain_scheduled = False
         events: list[WorkerEvent] = []
+        seceded: list[str] = []
         stored = 0
         while self._done:
             out = self._done.popleft()
-            if out.ok:
+            if not isinstance(out, Outcome):
+                events.append(out)
+                if isinstance(out, SecedeEvent):
+                    seceded.append(out.key)
+            elif out.ok:
                 stored += out.nbytes
                 self.data[out.key] = out.value
                 self.memory.note_result(out.key, out.nbytes)
@@ -567,11 +616,15 @@ class Worker:
         if events and not self._closing:
             self.memory.check_now(self, stored)  # results stored: spill or pause now if need be
             self._handle(events)
+        # The state machine knows these seceded: their lanes go on with their next task.
+        for key in seceded:
+            self._lanes.resume(key)
 
     # ------------------------------------------------- seceding (from task threads)
 
     def secede_task(self, key: str) -> None:
         """Task ``key`` (calling from its thread) gives its thread slot back."""
+        self._lanes.detach(key)  # this thread runs no more of its lane's tasks
         self._from_thread(SecedeEvent(f"secede-{key}", key))
 
     def rejoin_task(self, key: str) -> None:
@@ -588,17 +641,11 @@ class Worker:
             self._from_thread(RejoinEvent(f"rejoin-{key}", key))
 
     def _from_thread(self, event: WorkerEvent) -> None:
-        loop = self._loop
-        if loop is None or self._closing:
+        if self._loop is None or self._closing:
             return
-        try:
-            loop.call_soon_threadsafe(self._handle_unless_closing, [event])
-        except RuntimeError:  # the loop closed under us: the worker is going away
-            pass
-
-    def _handle_unless_closing(self, events: list[WorkerEvent]) -> None:
-        if not self._closing:
-            self._handle(events)
+        # Through the outcomes' queue, in order with them: a lane's next outcome must not
+        # reach the state machine before the secede of the task that ran before it.
+        self._tell_loop(event)
 
     # ------------------------------------------------------------- data plane
 
