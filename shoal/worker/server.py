@@ -71,11 +71,14 @@ from ..protocol.messages import (
     RestartWorker,
     Reply,
     RunFunction,
+    SharedRef,
     UpdateData,
     WorkerDeath,
 )
 from ..protocol.serialize import Serialized, deserialize, serialize
 from .spill import Lazy, Packed, SpillBuffer
+from .shared import WorkerShm
+from ..comm.shm import SharedValue
 from ..comm.rpc import PeerPool, next_rid
 from .context import TaskContext, running
 from .task_client import TaskClients
@@ -197,6 +200,8 @@ class Worker:
         self.memory = WorkerMemory(self.name, memory_limit, memory_fractions, spill_directory,
                                    in_process)  # fmt: skip
         self.data: SpillBuffer = self.memory.data
+        #: same-host shared memory (docs/shared-memory.md); its broker starts with us
+        self.shm = WorkerShm(self.data, enabled=not in_process)
         #: how the process this one replaces died (from its nanny), told on registering
         self.previous_death = previous_death
         self.functions = FunctionCache()
@@ -253,6 +258,11 @@ class Worker:
             frame_limits=self.frame_limits,
         )  # fmt: skip
         self.address = self._listener.address
+        if self.shm.enabled:
+            from ..config import load_config
+
+            if load_config().comm.shared_memory:
+                self.shm.start()
         apply_env_level()
         log_ring()
         if self.dashboard_address is not None:
@@ -405,6 +415,7 @@ class Worker:
         except asyncio.TimeoutError:
             logger.warning("worker %s: the store did not close within %ss", self.name,
                            CLOSE_STORE_TIMEOUT)  # fmt: skip
+        await asyncio.to_thread(self.shm.stop)  # after the data: no segment left to export
         if self.loop_monitor is not None:
             self.loop_monitor.release(f"worker {self.name}")
         self.status = "closed"
@@ -656,9 +667,15 @@ class Worker:
         reserved = await self.memory.reserve_async(ins.total_nbytes)
         try:
             try:
-                reply = await self._peers.request(ins.peer, GetData(next_rid(), ins.keys),
-                                                  timeout=max(30.0, ins.total_nbytes / 50e6))  # fmt: skip
-            except (OSError, asyncio.TimeoutError) as exc:
+                reply = await self._peers.request(
+                    ins.peer, GetData(next_rid(), ins.keys, host=self.shm.wants()),
+                    timeout=max(30.0, ins.total_nbytes / 50e6))  # fmt: skip
+                held: dict[str, SharedValue] = {}
+                if isinstance(reply, DataReply) and reply.shared:
+                    # A holder gone since its reply fails the pull, within its deadline.
+                    held = await asyncio.get_running_loop().run_in_executor(
+                        None, self.shm.receive, reply.endpoint, reply.shared)  # fmt: skip
+            except (OSError, asyncio.TimeoutError) as exc:  # PullError is an OSError
                 logger.info("could not fetch %d keys from %s: %s", len(ins.keys), ins.peer, exc)
                 self._handle([GatherFailed(stimulus, ins.peer, ins.keys, str(exc))])
                 return
@@ -669,6 +686,9 @@ class Worker:
             for key, ser in reply.data.items():
                 self.data.setdefault(key, Packed(ser))
                 nbytes[key] = ser.nbytes
+            for key, value in held.items():
+                self.shm.keep(key, value, replace=False)  # backed by the holder's segment
+                nbytes[key] = value.nbytes
             self.bytes_in += sum(nbytes.values())
         finally:
             self.memory.release(reserved)
@@ -746,23 +766,46 @@ class Worker:
         del reply  # not kept by this task's frame: it may hold a GB
 
     def _get_data(self, msg: GetData) -> DataReply:
+        """Safe on any thread (the store is locked); a same-host requester gets big values
+        as segments, which may copy them into one first (`WorkerShm.ref_for`)."""
         data: dict[str, Serialized] = {}
         missing: list[str] = []
+        shared: dict[str, SharedRef] = {}
+        same_host = self.shm.same_host(msg.host)
         for key in msg.keys:
             if key not in self.data:
                 missing.append(key)
                 continue
             try:
+                if same_host:
+                    ref, ser = self.shm.ref_for(key)
+                    if ref is not None:
+                        shared[key] = ref
+                        continue
+                    if ser is not None:
+                        data[key] = ser
+                        continue
                 value = self.data.peek(key)  # a spilled value: its frames, from disk
                 data[key] = value.ser if isinstance(value, Packed) else serialize(value, key)
+            except KeyError:  # released meanwhile
+                missing.append(key)
             except (TypeError, OSError) as exc:
                 logger.error("cannot send %s: %s", key, exc)
                 missing.append(key)
         self.bytes_out += sum(ser.nbytes for ser in data.values())
-        return DataReply(msg.rid, data, missing)
+        self.bytes_out += sum(ref.nbytes for ref in shared.values())
+        return DataReply(msg.rid, data, missing, shared,
+                         self.shm.endpoint if same_host else "")  # fmt: skip
 
     def _update_data(self, msg: UpdateData) -> Reply:
         nbytes = {}
+        if msg.shared:
+            if self.shm.broker is None:
+                return Reply(msg.rid, error="this worker takes no shared memory")
+            try:
+                nbytes.update(self.shm.claim(msg.shared))
+            except (LookupError, OSError, ValueError) as exc:
+                return Reply(msg.rid, error=f"scattered segments: {exc}")
         for key, ser in msg.data.items():
             self.data[key] = Packed(ser)
             nbytes[key] = ser.nbytes

@@ -200,6 +200,10 @@ class SpillBuffer(MutableMapping[str, Any]):
         self.spill_count = 0
         self.unspill_count = 0
         self.spilled_bytes_total = 0
+        #: keys whose value in memory is backed by a shared-memory segment (a handle with
+        #: ``close()``, `shoal.comm.shm.SharedValue`): closed when the key is dropped,
+        #: replaced or spilled
+        self._segments: dict[str, Any] = {}
         #: keys whose values cannot be pickled: they stay in memory
         self._unspillable: set[str] = set()
         self._files = itertools.count()
@@ -299,6 +303,44 @@ class SpillBuffer(MutableMapping[str, Any]):
             entry.holds -= 1
             if not entry.live and entry.holds == 0:
                 self._remove_file(entry)
+
+    def segment(self, key: str) -> Any:
+        """The shared-memory segment backing ``key``'s value in memory, or None."""
+        with self._lock:
+            return self._segments.get(key)
+
+    def put_shared(self, key: str, value: Any, segment: Any, replace: bool = True) -> bool:
+        """Store ``value`` (made from ``segment``'s mapping) under ``key``, backed by
+        ``segment``. Unless ``replace``, a key already here is kept and False returned (the
+        caller closes ``segment``)."""
+        size = self._sizeof(value)
+        with self._lock:
+            if self._closed or (not replace and (key in self.fast or key in self.slow)):
+                return False
+            self._drop(key)
+            self._keep(key, value, size)
+            self._segments[key] = segment
+            self._maybe_spill()
+            return True
+
+    def share(self, key: str, old: Any, new: Any, segment: Any) -> bool:
+        """Swap ``key``'s value ``old`` for ``new``, the same value made from ``segment``'s
+        mapping (so that the private copy can go), if the store still holds ``old`` in
+        memory; else False (the caller closes ``segment``)."""
+        size = self._sizeof(new)
+        with self._lock:
+            if self._closed or self.fast.get(key) is not old or key in self._segments:
+                return False
+            self.memory_bytes += size - self._sizes[key]
+            self._sizes[key] = size
+            self.fast[key] = new
+            self._segments[key] = segment
+            return True
+
+    def _close_segment(self, key: str) -> None:
+        segment = self._segments.pop(key, None)
+        if segment is not None:
+            segment.close()
 
     def hold(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of those of ``keys`` that are here, for a task about to run: spilled
@@ -412,6 +454,7 @@ class SpillBuffer(MutableMapping[str, Any]):
         with self._lock:
             assert not set(self.fast) & set(self.slow), set(self.fast) & set(self.slow)
             assert set(self._sizes) == set(self.fast)
+            assert set(self._segments) <= set(self.fast), set(self._segments) - set(self.fast)
             assert self.memory_bytes == sum(self._sizes.values())
             assert self.spilled_bytes == sum(e.disk_bytes for e in self.slow.values())
             for entry in self.slow.values():
@@ -425,6 +468,7 @@ class SpillBuffer(MutableMapping[str, Any]):
         self.memory_bytes += size
 
     def _drop(self, key: str) -> bool:
+        self._close_segment(key)
         if key in self.fast:
             del self.fast[key]
             self.memory_bytes -= self._sizes.pop(key)
@@ -575,6 +619,7 @@ class SpillBuffer(MutableMapping[str, Any]):
                 return
             del self.fast[key]
             self.memory_bytes -= self._sizes.pop(key)
+            self._close_segment(key)  # on disk now: the mapping and fd go
             self.slow[key] = _OnDisk(path, size, disk_bytes)
             self.spilled_bytes += disk_bytes
             self.spill_count += 1

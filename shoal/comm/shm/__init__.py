@@ -4,6 +4,7 @@
 (pull and push); `values`: a value's buffers in a segment, as a `SharedRef` on the wire.
 """
 
+from . import segments as segments
 from .broker import Broker as Broker
 from .broker import PullError as PullError
 from .broker import pull as pull

@@ -210,3 +210,11 @@ class Segment:
 def new_token() -> bytes:
     """A segment's secret: whoever shows it may have the fd."""
     return secrets.token_bytes(16)
+
+
+def close_fd(fd: int) -> None:
+    """Close a received segment fd we will not use."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
