@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import Any
 
 from .execution import sizeof as default_sizeof
+from ..protocol.framing import allocate
 from ..protocol.serialize import Buffer, SerializationError, Serialized, deserialize, serialize
 
 logger = logging.getLogger("shoal.spill")
@@ -138,8 +139,10 @@ def read_frames(path: str) -> list[Buffer]:
         lengths = struct.unpack(f"<{count}Q", _read_exactly(f, 8 * count))
         frames: list[Buffer] = []
         for length in lengths:
-            buf = bytearray(length)
-            view = memoryview(buf)
+            # A big frame gets a fresh mapping: ``bytearray`` zeroes it with the GIL held
+            # (0.4 s per GB, a stall for the event loop), the kernel zeroes it lazily.
+            buf = allocate(length)
+            view = buf
             while view.nbytes:
                 got = f.readinto(view)
                 if not got:
