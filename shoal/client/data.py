@@ -15,9 +15,19 @@ import hashlib
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
+from ..comm import shm
 from ..comm.rpc import next_rid
 from ..exceptions import FutureLostError
-from ..protocol.messages import DataReply, GetData, Scattered, ScatterTargets, UpdateData, WhoHas
+from ..protocol.messages import (
+    DataReply,
+    GetData,
+    Reply,
+    Scattered,
+    ScatterTargets,
+    SharedRef,
+    UpdateData,
+    WhoHas,
+)
 from ..protocol.serialize import Serialized, serialize
 from .future import Future, FutureState, receive, wait
 
@@ -38,6 +48,26 @@ _SCATTER_ROUNDS = 3
 
 class DataMixin:
     """Gather and scatter methods of `Client` (kept apart from the client's own code)."""
+
+    #: our host id when shared memory is on (None: not read yet; "": off)
+    _shm_host: str | None = None
+    #: worker address -> its shared-memory endpoint ("": not on our host, or off)
+    _shm_endpoints: dict[str, str] | None = None
+    #: bytes gathered and scattered through shared memory (counted, not timed, by tests)
+    bytes_in_shared = 0
+    bytes_out_shared = 0
+
+    def _shared_memory_host(self) -> str:
+        """Our host id if values may go through shared memory (docs/shared-memory.md)."""
+        if self._shm_host is None:
+            from ..config import load_config
+
+            host = shm.host_id() if load_config().comm.shared_memory else ""
+            if host:
+                shm.segments.raise_fd_limit()  # each mapped value holds an fd (Python < 3.13)
+            self._shm_host = host
+            self._shm_endpoints = {}
+        return self._shm_host
 
     # ---------------------------------------------------------------- gather
 
@@ -121,13 +151,22 @@ class DataMixin:
             limit = client.timeout * 6
             if deadline is not None:
                 limit = max(0.001, min(limit, deadline - loop.time()))
+            host = self._shared_memory_host() if shm.can_hold() else ""
             replies = await asyncio.gather(
-                *(peers.request(w, GetData(next_rid(), keys), limit) for w, keys in by_worker.items()),
+                *(peers.request(w, GetData(next_rid(), keys, host=host), limit)
+                  for w, keys in by_worker.items()),
                 return_exceptions=True,
             )  # fmt: skip
             progressed = False
             for (worker, keys), reply in zip(by_worker.items(), replies):
                 if isinstance(reply, DataReply):
+                    if reply.shared:  # same host: map the holder's segments (no copy)
+                        try:
+                            reply.data.update(await loop.run_in_executor(
+                                None, _pull_shared, reply.endpoint, reply.shared))
+                            self.bytes_in_shared += sum(r.nbytes for r in reply.shared.values())
+                        except OSError as exc:  # the holder died or let go: try elsewhere
+                            why = f"{worker}: {exc!r}"
                     for key, ser in reply.data.items():
                         if todo.pop(key, None) is not None:
                             out[key] = ser
@@ -204,13 +243,14 @@ class DataMixin:
             for i, where in zip(todo, targets):
                 for w in where:
                     per_worker.setdefault(w, {})[futures[i].key] = packed[i]
+            shared = await self._scatter_shared(per_worker, limit)
             replies = await asyncio.gather(
-                *(peers.request(w, UpdateData(next_rid(), data), limit)
+                *(peers.request(w, UpdateData(next_rid(), data, shared.get(w, {})), limit)
                   for w, data in per_worker.items()),
                 return_exceptions=True)  # fmt: skip
             failed = set()
             for w, reply in zip(per_worker, replies):
-                if isinstance(reply, BaseException):
+                if isinstance(reply, BaseException) or (isinstance(reply, Reply) and reply.error):
                     failed.add(w)
                     failures.append(f"{w}: {reply!r}")
             for i, where in zip(todo, targets):
@@ -228,6 +268,60 @@ class DataMixin:
             [f.key for f in futures], [held[i] for i in range(len(futures))],
             [p.nbytes for p in packed], generations=[f._state.generation for f in futures]))
 
+    async def _scatter_shared(self, per_worker: dict[str, dict[str, Serialized]],
+                              limit: float) -> dict[str, dict[str, SharedRef]]:  # fmt: skip
+        """Move the big values bound for workers on our host into segments and push them to
+        those workers (taking them out of ``per_worker``): worker -> the refs its UpdateData
+        claims them by. One segment per value, whatever the number of workers; ours closes
+        once pushed (the workers hold theirs). A worker the push fails for gets the socket."""
+        if not self._shared_memory_host():
+            return {}
+        big = {key for data in per_worker.values() for key, ser in data.items()
+               if shm.buffer_bytes(ser) >= shm.SHM_MIN_BYTES}  # fmt: skip
+        if not big:
+            return {}
+        endpoints = {w: await self._shm_endpoint(w, limit) for w, data in per_worker.items()
+                     if big.intersection(data)}  # fmt: skip
+        endpoints = {w: e for w, e in endpoints.items() if e}
+        if not endpoints:
+            return {}
+        loop = asyncio.get_running_loop()
+        sers = {key: ser for w in endpoints for key, ser in per_worker[w].items() if key in big}
+        # Copying a big value takes a while: not on the client's loop.
+        segments = await loop.run_in_executor(None, _make_segments, sers)
+        out: dict[str, dict[str, SharedRef]] = {}
+        try:
+            for w, endpoint in endpoints.items():
+                refs = {key: ref for key, (_seg, ref) in segments.items() if key in per_worker[w]}
+                items = [(ref.token, segments[key][0].segment.fd) for key, ref in refs.items()]
+                try:
+                    await loop.run_in_executor(None, shm.push, endpoint, items, limit)
+                except OSError:
+                    continue  # the socket then
+                for key in refs:
+                    del per_worker[w][key]
+                out[w] = refs
+                self.bytes_out_shared += sum(ref.nbytes for ref in refs.values())
+        finally:
+            for seg, _ref in segments.values():
+                seg.close()
+        return out
+
+    async def _shm_endpoint(self, worker: str, limit: float) -> str:
+        """``worker``'s shared-memory endpoint if it is on our host (asked once, by an
+        empty GetData carrying our host id), else ""."""
+        client = cast("Client", self)
+        endpoints = self._shm_endpoints
+        assert endpoints is not None and client._peers is not None
+        if worker not in endpoints:
+            try:
+                reply = await client._peers.request(
+                    worker, GetData(next_rid(), [], host=self._shared_memory_host()), limit)
+            except (OSError, asyncio.TimeoutError):
+                return ""  # not remembered: the scatter's own request tells what is wrong
+            endpoints[worker] = reply.endpoint if isinstance(reply, DataReply) else ""
+        return endpoints[worker]
+
 
 # --------------------------------------------------------------------- helpers
 
@@ -242,6 +336,40 @@ async def _until_done(state: FutureState, timeout: float | None) -> None:
         await asyncio.wait_for(waiter, timeout)
     except asyncio.TimeoutError:
         raise TimeoutError(f"{state.key} did not finish within {timeout}s") from None
+
+
+def _pull_shared(endpoint: str, refs: dict[str, SharedRef]) -> dict[str, Serialized]:
+    """Map the segments of ``refs`` from ``endpoint``: each value's frames, its buffers views
+    of the mapping (no copy; copy-on-write if written). The fds close at once: the mapping
+    lives as long as the values made from it."""
+    items = list(refs.items())
+    fds = shm.pull(endpoint, [(ref.segment, ref.token) for _, ref in items])
+    out: dict[str, Serialized] = {}
+    for i, (key, ref) in enumerate(items):
+        try:
+            held = shm.adopt(ref, fds[i], None)
+        except (OSError, ValueError) as exc:
+            for fd in fds[i + 1:]:
+                shm.segments.close_fd(fd)
+            raise shm.PullError(f"bad segment from {endpoint}: {exc}") from exc
+        out[key] = held.serialized()
+        held.close()
+    return out
+
+
+def _make_segments(sers: dict[str, Serialized]) -> dict[str, tuple[shm.SharedValue, SharedRef]]:
+    """A sealed segment for each value, and the ref a worker it is pushed to claims it by."""
+    out: dict[str, tuple[shm.SharedValue, SharedRef]] = {}
+    try:
+        for key, ser in sers.items():
+            held = shm.share(ser, key, None)
+            out[key] = held, SharedRef(held.header, 0, shm.segments.new_token(), held.offsets,
+                                       held.lengths, held.nbytes)  # fmt: skip
+    except BaseException:
+        for held, _ref in out.values():
+            held.close()
+        raise
+    return out
 
 
 def _hash_frames(ser: Serialized) -> str:
