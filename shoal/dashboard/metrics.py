@@ -110,6 +110,9 @@ class SchedulerCollector:
         yield GaugeMetricFamily("shoal_clients", "Clients connected", value=len(state.clients))
         yield GaugeMetricFamily("shoal_scheduler_uptime_seconds", "Seconds since the"
                                 " scheduler started", value=max(0.0, time.time() - s.started))  # fmt: skip
+        yield GaugeMetricFamily("shoal_scheduler_event_loop_lag_max_seconds", "Longest the"
+                                " scheduler's event loop was blocked since it started",
+                                value=s.loop_monitor.max_lag if s.loop_monitor else 0.0)  # fmt: skip
         yield from self._jobs()
 
     def _workers(self) -> Iterator[Metric]:
@@ -134,6 +137,9 @@ class SchedulerCollector:
             "processing": GaugeMetricFamily("shoal_worker_processing_tasks", "Tasks the"
                                             " scheduler assigned to the worker", labels=labels),
             "keys": GaugeMetricFamily("shoal_worker_keys", "Results held", labels=labels),
+            "lag": GaugeMetricFamily("shoal_worker_event_loop_lag_seconds", "Longest the"
+                                     " worker's event loop was blocked between its last two"
+                                     " heartbeats", labels=labels),
         }  # fmt: skip
         transfer = CounterMetricFamily("shoal_worker_transfer_bytes", "Bytes of data fetched"
                                        " from (in) and sent to (out) peers and clients",
@@ -152,6 +158,7 @@ class SchedulerCollector:
             fams["ready"].add_metric(lv, beat.ready)
             fams["processing"].add_metric(lv, len(w.processing))
             fams["keys"].add_metric(lv, len(w.has_what))
+            fams["lag"].add_metric(lv, getattr(beat, "loop_lag", 0.0))
             transfer.add_metric([*lv, "in"], getattr(beat, "bytes_in", 0))
             transfer.add_metric([*lv, "out"], getattr(beat, "bytes_out", 0))
         yield GaugeMetricFamily("shoal_workers", "Workers connected", value=len(s.state.workers))
@@ -217,6 +224,10 @@ class WorkerCollector:
         yield GaugeMetricFamily("shoal_worker_paused", "1 while memory pauses new tasks",
                                 value=1 if st is not None and getattr(st, "paused", False)
                                 else 0)  # fmt: skip
+        monitor = getattr(w, "loop_monitor", None)
+        yield GaugeMetricFamily("shoal_worker_event_loop_lag_max_seconds", "Longest the"
+                                " worker's event loop was blocked since it started",
+                                value=monitor.max_lag if monitor is not None else 0.0)  # fmt: skip
 
 
 def scheduler_registry(scheduler: Scheduler, jobs: JobsView | None) -> CollectorRegistry:
