@@ -11,7 +11,9 @@ all died is computed again, and the fetch waits for the new result.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
@@ -347,11 +349,22 @@ def _pull_shared(endpoint: str, refs: dict[str, SharedRef]) -> dict[str, Seriali
     out: dict[str, Serialized] = {}
     for i, (key, ref) in enumerate(items):
         try:
-            held = shm.adopt(ref, fds[i], None)
+            try:
+                held = shm.adopt(ref, os.dup(fds[i]), None)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                    raise
+                # Out of fds (each mapping keeps one on Python < 3.13) or address space:
+                # a copy still beats failing the fetch.
+                fd, fds[i] = fds[i], -1
+                out[key] = shm.values.read_copy(ref, fd)
+                continue
         except (OSError, ValueError) as exc:
-            for fd in fds[i + 1:]:
-                shm.segments.close_fd(fd)
+            for fd in fds[i:]:
+                if fd >= 0:
+                    shm.segments.close_fd(fd)
             raise shm.PullError(f"bad segment from {endpoint}: {exc}") from exc
+        shm.segments.close_fd(fds[i])
         out[key] = held.serialized()
         held.close()
     return out

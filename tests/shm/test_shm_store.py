@@ -96,3 +96,21 @@ def test_received_value_is_counted_and_spilled_without_its_segment(
     finally:
         holder.close()
         other.stop()
+
+
+def test_holder_gone_between_reply_and_pull(store: tuple[SpillBuffer, WorkerShm]) -> None:
+    """The holder answered with a ref, then went away (its broker with it): the pull fails
+    (a failed gather for the worker), it does not hang, and nothing is stored."""
+    data, worker = store
+    holder = SpillBuffer(name="holder")
+    other = WorkerShm(holder, enabled=True)
+    other.start()
+    holder["x"] = np.ones(MB)
+    ref, _ = other.ref_for("x")
+    endpoint = other.endpoint
+    holder.close()
+    other.stop()
+    assert ref is not None
+    with pytest.raises(shm.PullError):
+        worker.receive(endpoint, {"x": ref})
+    assert "x" not in data

@@ -140,3 +140,15 @@ def test_messages_carry_shared_refs() -> None:
         codec = Codec()
         (back,) = codec.decode([memoryview(bytes(p)) for p in codec.encode([msg])])
         assert back == msg
+
+
+def test_read_copy_when_a_segment_cannot_be_mapped(broker: shm.Broker) -> None:
+    array = np.arange(1 << 18, dtype="f8")
+    held = shm.share(serialize(array), "k", broker)
+    try:
+        ref = held.ref()
+        (fd,) = shm.pull(broker.endpoint, [(ref.segment, ref.token)])
+        copy = shm.values.read_copy(ref, fd)
+        assert np.array_equal(deserialize(copy), array)
+    finally:
+        held.close()

@@ -9,6 +9,7 @@ from .broker import Broker as Broker
 from .broker import PullError as PullError
 from .broker import pull as pull
 from .broker import push as push
+from . import values as values
 from .segments import host_id as host_id
 from .values import SHM_MIN_BYTES as SHM_MIN_BYTES
 from .values import SharedValue as SharedValue

@@ -10,10 +10,11 @@ at the worker's `Broker`. `close` lets all go; views already made keep the mappi
 from __future__ import annotations
 
 import mmap
+import os
 from typing import TYPE_CHECKING
 
 from ...protocol.messages import SharedRef
-from ...protocol.serialize import Serialized
+from ...protocol.serialize import Buffer, Serialized
 from .segments import Segment, fd_budget, layout, _count, _MMAP_DUPS
 
 if TYPE_CHECKING:
@@ -112,6 +113,29 @@ def adopt(ref: SharedRef, fd: int, broker: Broker | None) -> SharedValue:
     except BaseException:
         segment.close()
         raise
+
+
+def read_copy(ref: SharedRef, fd: int) -> Serialized:
+    """``ref``'s value read out of segment ``fd`` into private buffers (a copy), for when it
+    cannot be mapped (out of fds or address space); closes ``fd``."""
+    try:
+        size = os.fstat(fd).st_size
+        frames: list[Buffer] = [ref.header]
+        for off, n in zip(ref.offsets, ref.lengths):
+            if off < 0 or n < 0 or off + n > size:
+                raise ValueError("shared value does not fit its segment")
+            buf = bytearray(n)
+            view = memoryview(buf)
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [view[done:]], off + done)
+                if not got:
+                    raise OSError("segment is shorter than its ref")
+                done += got
+            frames.append(buf)
+        return Serialized(frames)
+    finally:
+        os.close(fd)
 
 
 def can_hold() -> bool:
