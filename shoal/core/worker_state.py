@@ -466,6 +466,7 @@ class WorkerState:
         elif head:
             self.executing.add(lane[0])
         ts.lane = None
+        self.revoking.discard(ts)  # a thread took it before the `Revoke`: no skip to come
 
     def _revoke(self, ts: WorkerTask) -> None:
         """Take ``ts`` back if it is queued in a lane (no thread may have started it)."""

@@ -16,6 +16,7 @@ from shoal.core.worker_events import (
     ComputeTaskEvent,
     DataPut,
     Execute,
+    ExecuteSkipped,
     FreeKeysEvent,
     GatherDep,
     GatherDone,
@@ -24,6 +25,7 @@ from shoal.core.worker_events import (
     Rejoin,
     RejoinEvent,
     ReleaseData,
+    Revoke,
     SecedeEvent,
     ToScheduler,
     WorkerEvent,
@@ -782,7 +784,12 @@ def test_validate_state_catches_a_broken_invariant() -> None:
 
 class WorkerSim:
     """Plays the scheduler, the peers, the thread pool and the data store around a validating
-    `WorkerState`, at random, and checks that the instructions make sense for all of them."""
+    `WorkerState`, at random, and checks that the instructions make sense for all of them.
+
+    The threads are the server's lanes (tasks handed ahead, ``lookahead`` > 0): a thread
+    that ends a task starts the next of its lane at once, and what threads tell the state
+    (outcomes, secedes, rejoins, revoked tasks) waits in a queue (``pending``) delivered
+    later, in order, as the server's loop does."""
 
     ADDRESS = "w0"
 
@@ -791,11 +798,23 @@ class WorkerSim:
         # few peers (the same ones again and again), or many (more gathers than allowed at once)
         self.PEERS = [f"p{i}" for i in range(self.rng.choice([3, 30]))]
         self.nthreads = self.rng.randint(1, 3)
-        self.ws = WorkerState(self.ADDRESS, self.nthreads, validate=True)
+        self.ws = WorkerState(self.ADDRESS, self.nthreads, validate=True,
+                              lookahead=self.rng.choice([0, 1, 2]))  # fmt: skip
         #: keys in the server's data store
         self.store: set[str] = set()
-        #: keys handed to the thread pool and not yet reported back
+        #: keys a thread runs now (started, not yet ended)
         self.running: set[str] = set()
+        #: the server's lanes: tasks handed and not started; a lane is here while it has a
+        #: thread, or waits for one (its running task seceded: ``detached``)
+        self.lanes: dict[int, deque[str]] = {}
+        #: running key -> the lane its thread works through
+        self.lane_of: dict[str, int] = {}
+        #: seceded key -> its lane, until the state hears of it and the lane goes on
+        self.detached: dict[str, int] = {}
+        #: keys whose thread seceded at some point
+        self.asked_to_secede: set[str] = set()
+        #: what the threads told the loop, not delivered yet: (event, stored key or None)
+        self.pending: list[tuple[WorkerEvent, str | None]] = []
         #: running keys whose thread gave its slot back (seceded), not yet rejoined
         self.seceded: set[str] = set()
         #: seceded keys whose thread is blocked until the worker says `Rejoin`
@@ -831,11 +850,22 @@ class WorkerSim:
                 self.seceded.discard(inst.key)
             elif isinstance(inst, Execute):
                 assert inst.key not in self.running, f"second run of {inst.key} at once"
+                assert not any(inst.key in q for q in self.lanes.values()), "handed twice"
                 ts = self.ws.tasks[inst.key]
                 assert ts.compute is not None
                 for dep in ts.compute.who_has:
                     assert dep in self.store, f"{inst.key} started without its input {dep}"
-                self.running.add(inst.key)
+                if inst.lane in self.lanes:
+                    self.lanes[inst.lane].append(inst.key)
+                else:  # a lane without a thread: one starts, and runs it
+                    self.lanes[inst.lane] = deque()
+                    self.running.add(inst.key)
+                    self.lane_of[inst.key] = inst.lane
+            elif isinstance(inst, Revoke):
+                for queue in self.lanes.values():
+                    if inst.key in queue:
+                        queue.remove(inst.key)
+                        self.pending.append((ExecuteSkipped(self.fresh("skip"), inst.key), None))
             elif isinstance(inst, GatherDep):
                 assert inst.peer not in self.gathers, f"two gathers from {inst.peer}"
                 assert inst.keys
@@ -861,7 +891,8 @@ class WorkerSim:
                 elif isinstance(msg, MissingData):
                     pass
                 elif isinstance(msg, LongRunning):
-                    assert msg.key in self.seceded, f"{msg.key} seceded without asking"
+                    # (its thread may have ended since: the event reaches the state later)
+                    assert msg.key in self.asked_to_secede, f"{msg.key} seceded without asking"
                 else:  # pragma: no cover
                     raise TypeError(f"unexpected message {msg}")
         assert len(self.running - self.seceded) <= self.nthreads, "more threads than slots"
@@ -936,10 +967,40 @@ class WorkerSim:
         self.running.discard(key)
         self.seceded.discard(key)
         if self.rng.random() < 0.15:
-            self.handle(execute_failed(key, stimulus_id=self.fresh("failed")))
+            self.pending.append((execute_failed(key, stimulus_id=self.fresh("failed")), None))
         else:
-            self.store.add(key)  # the server stores the result before it reports
-            self.handle(execute_done(key, self.rng.randint(1, 100), self.fresh("done")))
+            self.pending.append((execute_done(key, self.rng.randint(1, 100), self.fresh("done")),
+                                 key))  # fmt: skip
+        lane = self.lane_of.pop(key, None)
+        if lane is not None:
+            self.next_in_lane(lane)
+        if self.rng.random() < 0.5:
+            self.deliver()
+
+    def next_in_lane(self, lane: int) -> None:
+        """The lane's thread ended a task (or the lane goes on after a secede): it starts the
+        next task there itself, or ends."""
+        queue = self.lanes[lane]
+        if not queue:
+            del self.lanes[lane]
+            return
+        key = queue.popleft()
+        assert key not in self.running, f"second run of {key} at once"
+        self.running.add(key)
+        self.lane_of[key] = lane
+
+    def deliver(self) -> None:
+        """The loop drains what the threads told it, in order, in one batch."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        for _, stored in batch:
+            if stored is not None:
+                self.store.add(stored)  # the server stores the result before it reports
+        self.handle(*(event for event, _ in batch))
+        for event, _ in batch:
+            if isinstance(event, SecedeEvent) and event.key in self.detached:
+                self.next_in_lane(self.detached.pop(event.key))
 
     def finish_gather(self, fail_rate: float = 0.15) -> None:
         if not self.gathers:
@@ -988,13 +1049,17 @@ class WorkerSim:
         if candidates and self.rng.random() < 0.6:
             key = self.rng.choice(candidates)
             self.seceded.add(key)
-            self.handle(SecedeEvent(self.fresh("secede"), key))
+            self.asked_to_secede.add(key)
+            lane = self.lane_of.pop(key, None)
+            if lane is not None:  # its thread lets the lane go: it waits for the state
+                self.detached[key] = lane
+            self.pending.append((SecedeEvent(self.fresh("secede"), key), None))
             return
         candidates = sorted(self.seceded - self.blocked)
         if candidates:
             key = self.rng.choice(candidates)
             self.blocked.add(key)
-            self.handle(RejoinEvent(self.fresh("rejoin"), key))
+            self.pending.append((RejoinEvent(self.fresh("rejoin"), key), None))
 
     def step(self) -> None:
         r = self.rng.random()
@@ -1002,8 +1067,10 @@ class WorkerSim:
             self.compute()
         elif r < 0.30:
             self.secede()
-        elif r < 0.50:
+        elif r < 0.45:
             self.finish_run()
+        elif r < 0.50:
+            self.deliver()
         elif r < 0.75:
             self.finish_gather()
         elif r < 0.88:
@@ -1017,7 +1084,9 @@ class WorkerSim:
         """No more failures: every fetch succeeds, every run ends; the scheduler answers
         every fetch that has no holder with a good one."""
         for _ in range(10_000):
-            if self.running - self.blocked:
+            if self.pending:
+                self.deliver()
+            elif self.running - self.blocked:
                 self.finish_run()
             elif self.gathers:
                 self.finish_gather(fail_rate=0.0)
@@ -1033,7 +1102,9 @@ class WorkerSim:
         for key in self.computing:
             assert key in self.answered, (key, self.ws.tasks.get(key))
         assert not self.running, f"threads never let go on: {self.running}"
+        assert not self.lanes and not self.detached, (self.lanes, self.detached)
         assert not self.ws.executing and not self.ws.long_running and not self.ws.in_flight
+        assert not self.ws.lanes and not self.ws.revoking, (self.ws.lanes, self.ws.revoking)
 
     def free_everything(self) -> None:
         keys = sorted(set(self.ws.tasks) | set(self.computing) | self.held)
