@@ -632,6 +632,11 @@ class WorkerState:
             ts = self._pop_ready()
             if ts is None:
                 break
+            if ts.compute is not None and ts.compute.resources:
+                # Not ahead: it waits for the first slot that frees, not behind one lane's
+                # task (the scheduler placed it here for resources it counts as busy now).
+                heapq.heappush(self.ready, (ts.priority, ts.key))
+                break
             self._hand(ts, min(short)[1])
 
     def _pop_ready(self) -> WorkerTask | None:

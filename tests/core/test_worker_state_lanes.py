@@ -194,3 +194,15 @@ def test_a_seceded_task_waiting_to_rejoin_takes_back_the_tasks_handed_ahead() ->
 def test_a_skip_from_before_a_restart_is_ignored() -> None:
     ws = worker()
     assert ws.handle([skipped("ghost")], now=1.0) == []
+
+
+def test_a_task_with_resources_is_not_handed_ahead() -> None:
+    ws = worker()
+    gpu = ComputeTask("g", DUMMY_FUNCTION, Serialized([b""]), {}, {}, (0, 1), {"GPU": 1.0})
+    out = ws.handle([compute_task("a", priority=(0, 0)), ComputeTaskEvent("gpu", gpu),
+                     compute_task("b", priority=(0, 2))], now=1.0)  # fmt: skip
+    # it waits for a free slot (and, in priority order, so does what comes after it)
+    assert [k for k, _ in executes(out)] == ["a"]
+    out = ws.handle([execute_done("a")], now=2.0)
+    assert [k for k, _ in executes(out)] == ["g", "b"]
+    assert lane_keys(ws)[-1] == ["g", "b"]
