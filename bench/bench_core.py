@@ -85,7 +85,9 @@ METHOD = """\
   `sendall`s a ready 100 MB buffer, the receiver `recv_into`s a buffer it allocated once,
   then answers one byte; timed by the sender from its first byte to the answer, after one
   untimed warm-up transfer on the same connection. "shoal over TCP / raw socket floor" is
-  the median of shoal's runs over the median of the floor's.
+  the median of shoal's runs over the median of the floor's. dask's runs are interleaved
+  with floor samples the same way (its column of the floor rows), so both run under the
+  same conditions.
 - (g) as (d), on shoal's main cluster with default settings: same-host transfers go through
   shared memory.
 - (h) a 1 GB float64 array `x` is made by a task on worker A (default settings); then
@@ -98,8 +100,8 @@ METHOD = """\
   bridge (`shoal.testing.netns.VirtualNetwork`, kernel backend, no added delay or loss,
   MTU 1500): scheduler and the measuring client on host 0, worker A on host 1, worker B on
   host 2, shared memory off (`shoal scheduler`/`shoal worker`, `dask scheduler`/`dask
-  worker` CLIs). The raw floor is measured from host 1 to host 2, interleaved with shoal's
-  runs. Skipped, saying why, without root or `ip`.
+  worker` CLIs). The raw floor is measured from host 1 to host 2, interleaved with each
+  system's runs. Skipped, saying why, without root or `ip`.
 - (e) start: from constructing the cluster + client to the first `submit(inc, 1).result()`;
   shutdown: from `close()` until it returned and every worker process had exited (polled
   with psutil). Median of the cycles after one warm-up cycle, each on a new cluster that
@@ -705,6 +707,7 @@ def child_main(system: str, out: str, quick: bool, scheduler: str = "",
         raise SystemExit(f"unknown system {system}")
     import numpy  # noqa: F401  (same imports in the driver of every system)
     import psutil  # noqa: F401
+    from dataplane import floor_times
 
     def guarded(name: str, fn: Callable[[], None]) -> bool:
         quiet = wait_quiet(0 if quick else 240, quiet_windows=1)
@@ -731,7 +734,7 @@ def child_main(system: str, out: str, quick: bool, scheduler: str = "",
             rec.put("n", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
             return 1
         try:
-            floor = netns_floor(cfg["d_bytes"], floor_ns) if system == "shoal" else None
+            floor = netns_floor(cfg["d_bytes"], floor_ns)
             guarded("n", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"], row="n",
                                            floor=floor))
         finally:
@@ -783,8 +786,10 @@ def child_main(system: str, out: str, quick: bool, scheduler: str = "",
             steps.append(("g", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"],
                                                  row="g")))
         if system != "ray":
-            if system != "shoal":
-                steps.append(("d", lambda: measure_d(sys_, rec, cfg["d_bytes"], cfg["d_reps"])))
+            if system != "shoal":  # with the floor interleaved too: the same conditions
+                steps.append(("d", lambda: measure_d(
+                    sys_, rec, cfg["d_bytes"], cfg["d_reps"],
+                    floor=lambda: floor_times(cfg["d_bytes"], 1)[0])))
             steps.append(("h", lambda: measure_h(sys_, rec, cfg["h_bytes"], cfg["h_reps"])))
         for name, fn in steps:
             if ONLY and name[0] not in ONLY:
@@ -1071,7 +1076,7 @@ def run_netns(systems: list[str], quick: bool,
     """Row (n): for shoal and dask (default), three network namespaces joined by veth links
     through a bridge (no added delay or loss): the scheduler and the measuring child on
     host 0, worker A on host 1, worker B on host 2, shared memory off. The raw floor is
-    measured from host 1 to host 2, interleaved with shoal's runs."""
+    measured from host 1 to host 2, interleaved with each system's runs."""
     from dataplane import env, netns_unavailable
 
     results: dict[str, dict[str, Any]] = {}
