@@ -145,7 +145,7 @@ def allocate_part(nbytes: int) -> memoryview:
     # The views handed out refer to this holder (their exporter), so it lives exactly as
     # long as the last of them, and its finalizer then recycles the mapping.
     holder = (ctypes.c_char * len(mapping)).from_buffer(mapping)
-    weakref.finalize(holder, _recycle, mapping)
+    weakref.finalize(holder, _recycle, mapping).atexit = False  # nothing to do at exit
     return memoryview(holder).cast("B")[:nbytes]
 
 
@@ -155,7 +155,8 @@ class FrameReader:
     Call ``get_buffer()``, write received bytes at its start, then call
     ``buffer_updated(nbytes)``, which returns the frames completed by those bytes (each a
     list of parts). Large parts are memoryviews over their own writable buffer (see
-    `allocate`); small ones are read-only copies, so a part never changes once returned.
+    `allocate_part`: reused once released); small ones are read-only copies, so a part
+    never changes once returned.
 
     Raises `ProtocolError` on a bad prefix; the reader is then unusable and the connection
     must be closed.
