@@ -48,10 +48,12 @@ MMAP_PART_BYTES = 32 * 1024 * 1024
 #: Receive buffers of large parts are kept for reuse once nothing refers to them: a fresh
 #: mapping's pages fault in (the kernel zeroes them) as the bytes arrive, and on a VM whose
 #: host takes back free memory that costs ~3 ms per MB: 0.3 s for 100 MB, 10x the transfer.
-#: At most this many buffers, each at most `POOL_PART_BYTES`, for at most `POOL_MAX_AGE` s
-#: (checked at the next large allocation, or by `trim_pool`).
-POOL_BUFFERS = 2
+#: Parts from `POOL_MIN_PART_BYTES` to `POOL_PART_BYTES` are pooled, at most `POOL_BYTES`
+#: in all, each for at most `POOL_MAX_AGE` s (checked at the next large allocation, or by
+#: `trim_pool`).
+POOL_MIN_PART_BYTES = 4 * 1024 * 1024
 POOL_PART_BYTES = 128 * 1024 * 1024
+POOL_BYTES = 256 * 1024 * 1024
 POOL_MAX_AGE = 30.0
 
 _HUGE_PAGE = 2 * 1024 * 1024
@@ -85,14 +87,18 @@ def frame_prefix(parts: Sequence[Buffer]) -> bytes:
 def allocate(nbytes: int) -> memoryview:
     """A writable, zeroed buffer for one large part (see `MMAP_PART_BYTES`)."""
     if nbytes >= MMAP_PART_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
-        mapping = mmap.mmap(-1, nbytes, flags=_MAP_PRIVATE_ANONYMOUS)
-        if _MADV_HUGEPAGE is not None:
-            try:
-                mapping.madvise(_MADV_HUGEPAGE)
-            except OSError:  # huge pages disabled: small pages still work
-                pass
-        return memoryview(mapping)
+        return memoryview(_new_mapping(nbytes))
     return memoryview(bytearray(nbytes))
+
+
+def _new_mapping(nbytes: int) -> mmap.mmap:
+    mapping = mmap.mmap(-1, nbytes, flags=_MAP_PRIVATE_ANONYMOUS)
+    if _MADV_HUGEPAGE is not None:
+        try:
+            mapping.madvise(_MADV_HUGEPAGE)
+        except OSError:  # huge pages disabled: small pages still work
+            pass
+    return mapping
 
 
 # Free buffers, newest last, as (when freed, mapping). Appended by finalizers (deque
@@ -102,7 +108,11 @@ _pool: deque[tuple[float, mmap.mmap]] = deque()
 
 def _recycle(mapping: mmap.mmap) -> None:
     """Runs when the last view of a part's buffer goes: keep its mapping for the next."""
-    if len(_pool) < POOL_BUFFERS:
+    try:
+        held = sum(len(m) for _, m in _pool)
+    except RuntimeError:  # another thread changed the pool meanwhile: let this one go
+        return
+    if held + len(mapping) <= POOL_BYTES:
         _pool.append((time.monotonic(), mapping))
     # else dropped: unmapped when the last reference (this call's) goes
 
@@ -135,13 +145,11 @@ def allocate_part(nbytes: int) -> memoryview:
     """A writable buffer for one large part whose every byte the caller will overwrite
     (its contents are undefined): a pooled one when one fits, else a fresh mapping as
     `allocate` makes. The buffer goes back to the pool when its last view goes."""
-    if nbytes < MMAP_PART_BYTES or nbytes > POOL_PART_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
+    if not POOL_MIN_PART_BYTES <= nbytes <= POOL_PART_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
         return allocate(nbytes)
     mapping = _take(nbytes)
     if mapping is None:  # sized in huge pages: few sizes, so few ctypes array types (cached)
-        fresh = allocate(-(-nbytes // _HUGE_PAGE) * _HUGE_PAGE).obj
-        assert isinstance(fresh, mmap.mmap)
-        mapping = fresh
+        mapping = _new_mapping(-(-nbytes // _HUGE_PAGE) * _HUGE_PAGE)
     # The views handed out refer to this holder (their exporter), so it lives exactly as
     # long as the last of them, and its finalizer then recycles the mapping.
     holder = (ctypes.c_char * len(mapping)).from_buffer(mapping)

@@ -17,6 +17,7 @@ SIZE = MMAP_PART_BYTES + 12_345
 
 @pytest.fixture(autouse=True)
 def empty_pool() -> Iterator[None]:
+    gc.collect()  # parts left by earlier tests recycle now, not in the middle of a test
     framing._pool.clear()
     yield
     framing._pool.clear()
@@ -57,6 +58,13 @@ def test_a_released_part_buffer_is_reused_for_the_next_large_part() -> None:
     assert bytes(second[-3:]) == b"\x02\x02\x02"
 
 
+def test_mid_sized_parts_are_pooled_and_small_ones_are_not() -> None:
+    mid = allocate_part(framing.POOL_MIN_PART_BYTES)
+    assert isinstance(mid.obj, ctypes.Array)
+    small = allocate_part(framing.POOL_MIN_PART_BYTES - 1)
+    assert isinstance(small.obj, bytearray)
+
+
 def test_a_pooled_buffer_is_not_used_for_a_much_smaller_part() -> None:
     big = allocate_part(SIZE + SIZE // 2)
     del big
@@ -67,10 +75,10 @@ def test_a_pooled_buffer_is_not_used_for_a_much_smaller_part() -> None:
 
 
 def test_the_pool_is_bounded() -> None:
-    views = [allocate_part(SIZE) for _ in range(framing.POOL_BUFFERS + 2)]
+    views = [allocate_part(SIZE) for _ in range(10)]  # 10 x 34 MiB (in huge pages)
     del views
     gc.collect()
-    assert len(framing._pool) == framing.POOL_BUFFERS
+    assert len(framing._pool) == framing.POOL_BYTES // (34 * 2**20)
     huge = allocate_part(framing.POOL_PART_BYTES + 1)  # too big to pool: a plain mapping
     assert not isinstance(huge.obj, ctypes.Array)
 
