@@ -299,6 +299,8 @@ class DataMixin:
                 try:
                     await loop.run_in_executor(None, shm.push, endpoint, items, limit)
                 except OSError:
+                    assert self._shm_endpoints is not None
+                    self._shm_endpoints.pop(w, None)  # asked again next time (restarted?)
                     continue  # the socket then
                 for key in refs:
                     del per_worker[w][key]

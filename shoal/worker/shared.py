@@ -116,7 +116,8 @@ class WorkerShm:
                     del self._promoting[key]
 
     def _sent(self, segment: SharedValue) -> SharedRef:
-        self.bytes_out += segment.nbytes
+        with self._lock:  # two data threads may answer at once
+            self.bytes_out += segment.nbytes
         return segment.ref()
 
     def _promote(self, key: str) -> tuple[SharedRef | None, Serialized | None]:
@@ -144,7 +145,8 @@ class WorkerShm:
         if not self.data.share(key, value, new, held):
             held.close()  # dropped or replaced meanwhile
             return None, ser
-        self.promotions += 1
+        with self._lock:
+            self.promotions += 1
         return self._sent(held), None
 
     # -------------------------------------------------------- receiver side

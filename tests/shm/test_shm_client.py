@@ -132,13 +132,15 @@ def test_sigkill_leaves_no_segment(victim: str) -> None:
         x = client.submit(make, N, workers=[a], allow_other_workers=True)
         assert client.submit(total, x, workers=[b]).result(timeout=60) == SUM
         assert on(client, b)["in"] >= N * 8
-        pid = on(client, a if victim == "holder" else b)["pid"]
+        dead = a if victim == "holder" else b
+        pid = on(client, dead)["pid"]
         assert isinstance(pid, int)
         os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: dead not in client.scheduler_info()["workers"], timeout=30,
+                   message="the scheduler still lists the killed worker")  # fmt: skip
         # Whoever is left (and the nanny's new worker) still computes with x.
         z = client.submit(total, x, 1, pure=False)
         assert z.result(timeout=60) == SUM
         del x, z
-        wait_until(lambda: pid not in processes(client), timeout=30,
-                   message="the killed worker is still listed")  # fmt: skip
+        assert pid not in processes(client)
         wait_no_segments(client)
