@@ -114,3 +114,15 @@ def test_holder_gone_between_reply_and_pull(store: tuple[SpillBuffer, WorkerShm]
     with pytest.raises(shm.PullError):
         worker.receive(endpoint, {"x": ref})
     assert "x" not in data
+
+
+def test_over_the_fd_cap_values_go_through_the_socket(
+        store: tuple[SpillBuffer, WorkerShm], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from shoal.comm.shm import segments
+
+    data, worker = store
+    data["x"] = np.ones(MB)
+    monkeypatch.setattr(segments, "_budget", segments.open_fds())  # no fd left to spend
+    assert worker.wants() == ""  # a fetch asks for no segment
+    ref, ser = worker.ref_for("x")
+    assert ref is None and data.segment("x") is None and worker.promotions == 0
