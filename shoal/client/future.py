@@ -224,7 +224,14 @@ class Future:
         if error is not None:
             raise error
         values = await self.client._fetch_async([state], timeout)
-        return receive(self.client, values[self.key])
+        packed = values[self.key]
+        from .data import UNPICKLE_INLINE_BYTES  # (data imports this module)
+
+        if packed.nbytes < UNPICKLE_INLINE_BYTES:
+            return receive(self.client, packed)
+        # A big value is unpickled off the loop, which serves everything else meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(None, receive, self.client,
+                                                                packed)  # fmt: skip
 
     async def _wait_async(self, timeout: float | None = None) -> None:
         if not self._state.done():

@@ -158,9 +158,13 @@ def test_the_async_client_unpickles_big_values_off_its_loop_and_small_ones_on_it
             # when they are gathered
             [got_big] = await client.gather([big])
             [got_small] = await client.gather([small])
+            # and when they are awaited one by one
+            awaited_big, awaited_small = await big, await small
         # then the big one was unpickled on another thread, the small one on the loop
         assert len(got_big.payload) == 2 * 2**20 and got_big.thread != loop_thread
         assert got_small.thread == loop_thread
+        assert len(awaited_big.payload) == 2 * 2**20 and awaited_big.thread != loop_thread
+        assert awaited_small.thread == loop_thread
 
     with no_leaks(timeout=10):
         asyncio.run(main())
