@@ -48,7 +48,8 @@ def test_sub_get_times_out_and_close_unsubscribes(
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         sub.get(timeout=0.2)
-    assert 0.2 <= time.monotonic() - start < 0.2 + 10  # waited its timeout, did not hang
+    # waited its timeout (asyncio may fire a timer a little early: seen 0.19975 s), no hang
+    assert 0.15 <= time.monotonic() - start < 0.2 + 10
     assert "t" in coordination.state.topics
     sub.close()
     wait_until(lambda: "t" not in coordination.state.topics, message="unsubscribed")
