@@ -80,7 +80,7 @@ METHOD = """\
   Median of the repeats after one warm-up run. The time includes scheduling the consumer,
   the fetch, deserialising `x` on B, the (cheap) consumer and returning its small result.
   shoal runs (d) on a cluster of its own started with `SHOAL_COMM__SHARED_MEMORY=false`, so
-  the bytes go over TCP on loopback. Before each timed run, one sample of the raw socket
+  the bytes go over TCP on loopback (its main cluster idles meanwhile). Before each timed run, one sample of the raw socket
   floor is taken (interleaved): two fresh processes with plain blocking sockets, the sender
   `sendall`s a ready 100 MB buffer, the receiver `recv_into`s a buffer it allocated once,
   then answers one byte; timed by the sender from its first byte to the answer, after one
