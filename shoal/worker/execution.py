@@ -273,15 +273,15 @@ class Lanes:
             lane.current = run.key
             return run
 
-    def revoke(self, key: str) -> bool:
-        """Take ``key`` out of its lane, if no thread took it yet."""
+    def revoke(self, key: str) -> TaskRun | None:
+        """Take ``key`` out of its lane, if no thread took it yet: its run, or None."""
         with self._lock:
             for lane in self._lanes.values():
                 for run in lane.runs:
                     if run.key == key:
                         lane.runs.remove(run)
-                        return True
-        return False
+                        return run
+        return None
 
     def detach(self, key: str) -> None:
         """Task ``key`` secedes (called from its thread): its thread lets its lane go."""
@@ -306,15 +306,18 @@ class Lanes:
             self.threads_started += 1
         self._start(lane, lane.generation)
 
-    def clear(self) -> None:
-        """Drop every task not started (the state machine that handed them is gone); the
-        threads finish what they run and end."""
+    def clear(self) -> list[TaskRun]:
+        """Drop every task not started (the state machine that handed them is gone), and
+        return them; the threads finish what they run and end."""
+        dropped: list[TaskRun] = []
         with self._lock:
             for lane in self._lanes.values():
+                dropped += lane.runs
                 lane.runs.clear()
                 lane.generation += 1
             self._lanes.clear()  # a new state machine numbers its lanes from scratch
             self._detached.clear()
+        return dropped
 
     def __len__(self) -> int:
         """Tasks handed and not started."""

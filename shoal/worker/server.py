@@ -404,7 +404,8 @@ class Worker:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current),
                              return_exceptions=True)  # fmt: skip
-        self._lanes.clear()  # tasks handed ahead do not start
+        for run in self._lanes.clear():  # tasks handed ahead do not start
+            self._let_go(run)
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._data_pool.shutdown(wait=False, cancel_futures=True)
@@ -422,7 +423,8 @@ class Worker:
         self._closed.set()
 
     def _new_state(self) -> WorkerState:
-        self._lanes.clear()  # what the old state handed ahead is not the new one's
+        for run in self._lanes.clear():  # what the old state handed ahead is not the new one's
+            self._let_go(run)
         return WorkerState(self.address, self.nthreads, validate=self.validate,
                            transfer_limit=self.memory.transfer_limit,
                            lookahead=LOOKAHEAD)  # fmt: skip
@@ -513,7 +515,9 @@ class Worker:
         if isinstance(ins, Execute):
             self._execute(ins.key, ins.lane)
         elif isinstance(ins, Revoke):
-            if self._lanes.revoke(ins.key):
+            run = self._lanes.revoke(ins.key)
+            if run is not None:
+                self._let_go(run)
                 self._tell_loop(ExecuteSkipped(f"revoke-{ins.key}", ins.key))
         elif isinstance(ins, ToScheduler):
             if self._scheduler is not None and not self._scheduler.closed:
@@ -542,6 +546,13 @@ class Worker:
         need = sum(v.nbytes for v in deps.values() if isinstance(v, Lazy))
         need += self.memory.expected_result(key)
         self._lanes.hand(lane, TaskRun(key, compute.function, compute.args, deps, need))
+
+    def _let_go(self, run: TaskRun) -> None:
+        """A run handed ahead will not start: its spilled inputs' files may go."""
+        for dep, value in run.deps.items():
+            if isinstance(value, Lazy):
+                self.data.loaded(dep, value, None)
+        run.deps = {}
 
     def _start_lane(self, lane: Lane, generation: int) -> None:
         try:

@@ -78,8 +78,9 @@ def test_a_revoked_task_is_taken_out_unless_a_thread_took_it() -> None:
     lane, generation = threads.started[0]
     taken = lanes.take(lane, generation)
     assert taken is not None and taken.key == "a"
-    assert lanes.revoke("a") is False  # started
-    assert lanes.revoke("b") is True and len(lanes) == 0
+    assert lanes.revoke("a") is None  # started
+    revoked = lanes.revoke("b")
+    assert revoked is not None and revoked.key == "b" and len(lanes) == 0
     assert lanes.take(lane, generation) is None
 
 
@@ -108,7 +109,7 @@ def test_clear_drops_what_no_thread_took() -> None:
     lanes.hand(1, run("a"))
     lanes.hand(1, run("b"))
     lane, generation = threads.started[0]
-    lanes.clear()
+    assert [r.key for r in lanes.clear()] == ["a", "b"]
     assert lanes.take(lane, generation) is None and len(lanes) == 0
     lanes.hand(1, run("c"))  # a new state machine's lane 1 is a new lane
     assert lanes.threads_started == 2
