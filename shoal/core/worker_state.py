@@ -668,7 +668,7 @@ class WorkerState:
         # several workers are fetched from all of them at once.
         by_peer: dict[str, list[WorkerTask]] = {}
         assigned: dict[str, int] = {}
-        for ts in sorted(self.fetch_candidates, key=lambda t: -t.nbytes):
+        for ts in sorted(self.fetch_candidates, key=lambda t: (-t.nbytes, t.key)):
             if ts.state != "fetch" or self.tasks.get(ts.key) is not ts:
                 self.fetch_candidates.discard(ts)
                 continue
