@@ -416,14 +416,16 @@ def _rebuild(obj: Any, values: dict[str, Any]) -> Any:
 
 
 def _fetchable(states: list[FutureState], errors: str) -> list[FutureState]:
+    # A state may be pending again here (its holders were lost after it finished): not an
+    # error, `_fetch_async` waits for it to finish again.
     if errors == "raise":
         for st in states:
             if st.status != "finished":
                 error = st.exception_object()
-                assert error is not None
-                st.emit_warnings()
-                raise error
-    return [st for st in states if st.status == "finished"]
+                if error is not None:
+                    st.emit_warnings()
+                    raise error
+    return [st for st in states if st.status == "finished" or st.exception_object() is None]
 
 
 def _scatter_shape(data: Any, futures: list[Future]) -> Any:
